@@ -1,0 +1,251 @@
+"""The actor runtime: a small library that robot integrators embed in their own control loop.
+
+    client = FleetClient("learner.example:50051", job_id="demo", actor_id="robot-7",
+                         credential=token, observation_specs=[...], action_specs=[...], tasks=["reach-v3"])
+    run = client.connect()                      # handshake, first verified policy
+    client.on_new_policy(lambda w: print("v", w.version, "ready"))
+    while True:
+        client.swap_if_ready()                  # only between episodes
+        ep = client.begin_episode("reach-v3")
+        ...  ep.record(obs, action, reward, intervened=operator_has_control)
+        ep.end("success")
+
+Contract:
+- stateless: everything not yet acknowledged lives in the spool folder; restart with the same
+  folder and the runtime resends it (exactly-once on the learner by (episode_id, seq));
+- every step recorded carries the version of the policy that ran the episode (fixed at
+  ``begin_episode``); the runtime never swaps weights inside an episode;
+- weights are used only after their sha256 was verified;
+- no call blocks on the network: recording writes to the spool, a background sender ships it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Callable, Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from actor.sender import Sender
+from actor.spool import Spool
+from actor.weight_client import VerifiedWeights, WeightClient
+from fleetloop.codec import PROTOCOL_VERSION, encode
+from fleetloop.errors import FleetloopError, InvalidArgument, Unavailable
+from fleetloop.logs import event, get_logger
+from fleetloop.v1 import fleetloop_pb2 as pb
+from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
+
+log = get_logger("actor")
+_OUTCOMES = {"success": pb.SUCCESS, "failure": pb.FAILURE, "timeout": pb.TIMEOUT, "aborted": pb.ABORTED}
+_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def channel_options(max_message_bytes: int = 16 << 20) -> list[tuple[str, int]]:
+    """gRPC channel options shared by actors: message limits, keepalive, reconnect backoff."""
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5_000)]
+
+
+def _error_from_rpc(err: grpc.RpcError) -> FleetloopError:
+    from fleetloop import errors
+    for cls in errors.FleetloopError.__subclasses__():
+        if cls.code == err.code().name:
+            return cls(err.details() or err.code().name)
+    return FleetloopError(f"{err.code().name}: {err.details()}")
+
+
+class EpisodeRecorder:
+    """Records one episode's steps and spools them in chunks of ``chunk_steps``."""
+
+    def __init__(self, client: "FleetClient", task_id: str, episode_id: str, version: int) -> None:
+        self.client, self.task_id, self.episode_id, self.version = client, task_id, episode_id, version
+        self.chunk_steps = client.run_config.chunk_steps
+        self.seq = 0
+        self.steps = 0
+        self.intervention_steps = 0
+        self.total_reward = 0.0
+        self._buf: dict[str, list] = {"obs": [], "act": [], "rew": [], "int": []}
+        self._first_step = 0
+        self._t_first = 0.0
+        self.closed = False
+
+    def record(self, obs: np.ndarray | Mapping[str, np.ndarray], action: np.ndarray | Mapping[str, np.ndarray],
+               reward: float, intervened: bool) -> None:
+        """Add one step: the observation the action was chosen on, the action executed, the reward
+        received, and whether the operator (not the policy) chose it."""
+        if self.closed:
+            raise InvalidArgument(f"episode {self.episode_id} is already closed", field="episode_id", value=self.episode_id)
+        if not self._buf["rew"]:
+            self._t_first = time.time()
+        self._buf["obs"].append(obs)
+        self._buf["act"].append(action)
+        self._buf["rew"].append(float(reward))
+        self._buf["int"].append(bool(intervened))
+        self.steps += 1
+        self.intervention_steps += int(bool(intervened))
+        self.total_reward += float(reward)
+        if len(self._buf["rew"]) >= self.chunk_steps:
+            self._flush(end=None)
+
+    def end(self, outcome: str, total_reward: float | None = None) -> None:
+        """Close the episode with ``success`` / ``failure`` / ``timeout`` / ``aborted``."""
+        if outcome not in _OUTCOMES:
+            raise InvalidArgument(f"outcome {outcome!r} is not one of {sorted(_OUTCOMES)}", field="outcome", value=outcome)
+        end = pb.EpisodeEnd(outcome=_OUTCOMES[outcome], length=self.steps,
+                            total_reward=self.total_reward if total_reward is None else total_reward)
+        self._flush(end=end)
+        self.closed = True
+        self.client._episode_closed(self, outcome)
+
+    def _stack(self, items: list, specs) -> dict[str, np.ndarray]:
+        if isinstance(items[0], Mapping):
+            return {s.name: np.stack([np.asarray(i[s.name]) for i in items]) for s in specs}
+        return {specs[0].name: np.stack([np.asarray(i) for i in items])}
+
+    def _flush(self, end: pb.EpisodeEnd | None) -> None:
+        n = len(self._buf["rew"])
+        if n == 0 and end is None:
+            return
+        chunk = pb.EpisodeChunk(job_id=self.client.job_id, actor_id=self.client.actor_id, episode_id=self.episode_id,
+                                seq=self.seq, task_id=self.task_id, behavior_version=self.version,
+                                first_step=self._first_step, produced_at=self._t_first or time.time())
+        obs_specs, act_specs = self.client.observation_specs, self.client.action_specs
+        if n:
+            for name, arr in self._stack(self._buf["obs"], obs_specs).items():
+                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, chunk.observations[name])
+            for name, arr in self._stack(self._buf["act"], act_specs).items():
+                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, chunk.actions[name])
+        encode(np.asarray(self._buf["rew"], np.float32), chunk.rewards)
+        encode(np.asarray(self._buf["int"], np.bool_), chunk.interventions)
+        if end is not None:
+            chunk.end.CopyFrom(end)
+        self.client.spool.put(self.episode_id, self.seq, chunk.SerializeToString())
+        self.seq += 1
+        self._first_step += n
+        self._buf = {"obs": [], "act": [], "rew": [], "int": []}
+
+
+class FleetClient:
+    """Connection to one learner for one actor. Thread-safe for one control loop."""
+
+    def __init__(self, learner: str, job_id: str, actor_id: str, observation_specs: Sequence, action_specs: Sequence,
+                 tasks: Sequence[str], credential: str | None = None, spool_dir: str | None = None,
+                 capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float = 120.0,
+                 send_experience: bool = True) -> None:
+        self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
+        self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
+        self.tasks, self.credential = list(tasks), credential
+        self.capabilities = dict(capabilities or {})
+        self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
+        self.metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
+        self.spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
+        self.channel = grpc.insecure_channel(learner, options=channel_options())
+        self.stub = pb_grpc.LearnerStub(self.channel)
+        self._stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience",
+                                                  request_serializer=lambda b: b, response_deserializer=pb.Ack.FromString)
+        self.run_config: pb.RunConfig | None = None
+        self.current: VerifiedWeights | None = None
+        self.learner_version = -1
+        self._callbacks: list[Callable[[VerifiedWeights], None]] = []
+        self._open: EpisodeRecorder | None = None
+        self.episodes: dict[str, int] = {}
+        self.sender = Sender(lambda it: self._stream(it, metadata=self.metadata), self.spool, job_id, actor_id,
+                             max_inflight=max_inflight, on_ack=self._on_ack)
+        self.weights: WeightClient | None = None
+
+    # -- connection --------------------------------------------------------------------------
+    def connect(self) -> pb.RunConfig:
+        """Handshake (retrying while the learner is unavailable), fetch and verify the fleet's
+        policy, start the background sender and weight follower. Raises a FleetloopError for a
+        refusal (protocol/spec mismatch, bad credential, unknown job)."""
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job_id, actor_id=self.actor_id, kind=pb.ROBOT,
+                                  observation_specs=self.observation_specs, action_specs=self.action_specs, tasks=self.tasks,
+                                  capabilities=self.capabilities)
+        deadline = time.monotonic() + self.connect_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                resp = self.stub.Handshake(req, metadata=self.metadata, timeout=10.0)
+                break
+            except grpc.RpcError as err:
+                if err.code() not in _RETRY:
+                    raise _error_from_rpc(err) from None
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"learner {self.learner} unreachable for {self.connect_timeout_s:.0f} s: {err.details()}",
+                                      field="learner", value=self.learner) from None
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+        self.run_config = resp.run_config
+        self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified)
+        if resp.HasField("current_policy") and resp.current_policy.size_bytes:
+            self.current = self.weights.fetch_now(resp.current_policy)
+            self.weights.current_version = self.current.version
+        event(log, "connected", job=self.job_id, actor=self.actor_id, version=self.version, learner=self.learner,
+              spooled=len(self.spool))
+        if self.send_experience:
+            self.sender.start()
+        self.weights.start()
+        return self.run_config
+
+    def _on_ack(self, ack: pb.Ack) -> None:
+        self.learner_version = ack.learner_version
+
+    def _on_verified(self, weights: VerifiedWeights) -> None:
+        for cb in list(self._callbacks):
+            cb(weights)
+
+    def on_new_policy(self, callback: Callable[[VerifiedWeights], None]) -> None:
+        """Call ``callback`` (from a background thread) when a new verified version is ready to swap in."""
+        self._callbacks.append(callback)
+
+    @property
+    def version(self) -> int:
+        """Version of the policy this actor runs (-1 before the first)."""
+        return -1 if self.current is None else self.current.version
+
+    def swap_if_ready(self) -> VerifiedWeights | None:
+        """Between episodes only: adopt the newest verified version, if one is pending. Returns it."""
+        if self._open is not None:
+            raise InvalidArgument(f"cannot swap weights inside episode {self._open.episode_id}", field="episode_id",
+                                  value=self._open.episode_id)
+        new = self.weights.pending() if self.weights else None
+        if new is None:
+            return None
+        self.current = new
+        self.weights.current_version = new.version
+        event(log, "swapped", job=self.job_id, actor=self.actor_id, version=new.version)
+        return new
+
+    # -- episodes ----------------------------------------------------------------------------
+    def begin_episode(self, task_id: str, episode_id: str | None = None) -> EpisodeRecorder:
+        """Open an episode on ``task_id`` run by the current policy version."""
+        if self.run_config is None:
+            raise InvalidArgument("connect() first", field="state", value="disconnected")
+        if self._open is not None:
+            raise InvalidArgument(f"episode {self._open.episode_id} is still open", field="episode_id", value=self._open.episode_id)
+        if task_id not in self.run_config.task_ids:
+            raise InvalidArgument(f"task {task_id!r} is not a task of job {self.job_id!r}", field="task_id", value=task_id)
+        rec = EpisodeRecorder(self, task_id, episode_id or f"{self.actor_id}-{uuid.uuid4().hex[:16]}", max(self.version, 0))
+        self._open = rec
+        return rec
+
+    def _episode_closed(self, rec: EpisodeRecorder, outcome: str) -> None:
+        self._open = None
+        self.episodes[outcome] = self.episodes.get(outcome, 0) + 1
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every spooled chunk is acknowledged; False on timeout."""
+        return self.spool.wait_empty(timeout)
+
+    def close(self, flush_timeout: float = 10.0) -> None:
+        """Flush (bounded), stop background threads, close the channel. The spool keeps the rest."""
+        if self.send_experience:
+            self.flush(flush_timeout)
+        self.sender.stop()
+        if self.weights is not None:
+            self.weights.stop()
+        self.channel.close()

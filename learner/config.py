@@ -1,0 +1,103 @@
+"""Learner configuration (pydantic). Every field is constrained and documented.
+
+Loaded from a TOML/YAML/JSON file or built in code; ``FLEETLOOP_LEARNER_*`` environment variables
+override top-level scalar fields for deployments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from learner.sampler import SamplerConfig
+from learner.staleness import StalenessConfig
+
+
+class SpecModel(BaseModel):
+    """One per-step tensor spec (mirrors ``fleetloop.v1.TensorSpec``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Tensor name as used in chunk maps, e.g. 'state' or 'action'.")
+    dtype: Literal["float32", "float16", "float64", "int64", "int32", "uint8", "bool"] = Field(
+        "float32", description="Element type.")
+    shape: list[int] = Field(description="Per-step shape (no time dimension).", min_length=0)
+    low: list[float] = Field(default_factory=list, description="Inclusive lower bounds (actions); empty = none.")
+    high: list[float] = Field(default_factory=list, description="Inclusive upper bounds (actions); empty = none.")
+
+
+def _default_obs() -> list[SpecModel]:
+    return [SpecModel(name="state", dtype="float32", shape=[39])]
+
+
+def _default_act() -> list[SpecModel]:
+    return [SpecModel(name="action", dtype="float32", shape=[4], low=[-1.0] * 4, high=[1.0] * 4)]
+
+
+class LearnerConfig(BaseModel):
+    """Everything one learner (one job) needs. Defaults run the Meta-World demo on one machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field("demo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                        description="Job this learner serves; chunks for any other job are refused (NOT_FOUND).")
+    host: str = Field("127.0.0.1", description="Interface the gRPC server binds (0.0.0.0 in a cluster).")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (reported by the learner).")
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="Prometheus /metrics HTTP port; None disables it, 0 picks a free one.")
+    state_dir: Path = Field(Path("runs/learner"), description="Where the ingest log, weights and checkpoints live.")
+    tasks: list[str] = Field(default_factory=lambda: ["reach-v3", "push-v3", "drawer-open-v3"], min_length=1,
+                             description="Task ids of the job, in the order the policy indexes them.")
+    observation_specs: list[SpecModel] = Field(default_factory=_default_obs, description="Per-step observation specs.")
+    action_specs: list[SpecModel] = Field(default_factory=_default_act, description="Per-step action specs.")
+    policy_factory: str = Field("fleetloop.policies:mlp_policy", description="Policy plug-in, 'module:function'.")
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    initial_weights: Path | None = Field(None, description="safetensors file to start from (e.g. the pretrained policy).")
+    algorithm: str = Field("hg_dagger", description="Algorithm plug-in name (see learner.algorithms.ALGORITHMS).")
+    algorithm_params: dict[str, Any] = Field(default_factory=dict, description="Algorithm config fields.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Online/offline mix (SOP adaptive sampler).")
+    staleness: StalenessConfig | None = Field(None, description="Staleness bound and policy; None = the algorithm's default.")
+    offline_dataset: Path | None = Field(None, description="Demonstrations folder (fleetloop-demos/v1) for the offline buffers.")
+    batch_size: int = Field(256, ge=1, le=65536, description="Samples per learner step.")
+    publish_every: int = Field(25, ge=1, description="Publish new weights every K learner steps (SOP: K=25).")
+    min_publish_interval_s: float = Field(0.0, ge=0, description="Never publish more often than this (0 = no limit).")
+    max_updates_per_s: float | None = Field(None, gt=0, description="Cap on learner steps per second (None = as fast as possible).")
+    min_online_steps: int = Field(0, ge=0, description="Do not train until this many online steps arrived (0 = train on demos at once).")
+    max_ingest_steps_per_s: float | None = Field(None, gt=0, description="Ingest rate above which acks ask actors to back off (None = never).")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between atomic checkpoints.")
+    keep_versions: int = Field(8, ge=2, description="Weight versions kept in memory for fetches (older ones served from disk).")
+    online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
+    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per experience chunk asked of actors.")
+    max_episode_steps: int = Field(200, ge=1, description="Episode step limit (TIMEOUT past it).")
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted (and sent).")
+    weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")
+    robot_tokens: list[str] = Field(default_factory=list,
+                                    description="Accepted robot credentials; empty = authentication disabled (local only).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
+    grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each stream holds one thread).")
+    seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
+    fsync_log: bool = Field(False, description="fsync the ingest log before every ack (slower; survives power loss).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks must be unique, got {v}")
+        return v
+
+    @property
+    def obs_dim(self) -> int:
+        """Flattened size of the first observation spec (the MLP policy's input)."""
+        n = 1
+        for d in self.observation_specs[0].shape:
+            n *= d
+        return n
+
+    @property
+    def act_dim(self) -> int:
+        """Flattened size of the first action spec."""
+        n = 1
+        for d in self.action_specs[0].shape:
+            n *= d
+        return n

@@ -1,0 +1,329 @@
+"""LearnerCore: one job's learner, independent of gRPC and Ray (both wrap it).
+
+Owns the replay store, ingest path, staleness gate, sampler, algorithm, weight store and
+checkpoints. ``train_step`` is one learner step: plan a batch with the sampler, gate it for
+staleness, update the algorithm, feed per-(task, source) losses back to the sampler, and every
+``publish_every`` steps publish new weights (version + 1).
+
+Restart path (invariant 5): load the newest intact checkpoint (algorithm, optimizer, sampler, step),
+then replay the ingest log into fresh buffers and ledger; the weight store continues its version
+counter from disk, so versions only increase and staleness stays measured against them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fleetloop.dataset import iter_episodes
+from fleetloop.logs import event, get_logger
+from fleetloop.policies import build_policy
+from fleetloop.weights import state_dict_to_blob
+from learner.algorithms import make_algorithm
+from learner.batch import Batch
+from learner.checkpoint import load_latest, save_checkpoint
+from learner.config import LearnerConfig
+from learner.ingest import Ingestor
+from learner.ingest_log import IngestLog
+from learner.metrics import LearnerMetrics
+from learner.replay import ReplayStore
+from learner.sampler import AdaptiveSampler
+from learner.specs import to_proto_specs
+from learner.staleness import StalenessGate
+from learner.weight_store import WeightStore
+
+log = get_logger("learner")
+SOURCES = ("online", "offline")
+
+
+def pick_device(requested: str) -> torch.device:
+    """CUDA when requested or (auto and available), else CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class LearnerCore:
+    """See module docstring. Thread-safe: gRPC threads ingest while one thread trains."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        self.cfg = config
+        self.job = config.job_id
+        self.device = pick_device(config.device)
+        self.metrics = LearnerMetrics(self.job)
+        self.obs_specs = to_proto_specs(config.observation_specs)
+        self.act_specs = to_proto_specs(config.action_specs)
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        policy = build_policy(config.policy_factory, config.policy_kwargs, config.obs_dim, config.act_dim, len(config.tasks))
+        if config.initial_weights is not None:
+            from safetensors.torch import load_file
+            policy.load_state_dict(load_file(str(config.initial_weights)))
+        self.algorithm = make_algorithm(config.algorithm, policy.to(self.device), config.algorithm_params, self.device)
+        self.gate = StalenessGate(config.staleness or self.algorithm.default_staleness())
+        self.metrics.staleness_bound.labels(self.job).set(self.gate.config.bound)
+        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.online_capacity)
+        self.sampler = AdaptiveSampler(config.tasks, config.sampler)
+        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
+        self.ingest_log = IngestLog(state_dir / "ingest.log", fsync=config.fsync_log)
+        self.ingestor = Ingestor(self.job, config.tasks, self.obs_specs, self.act_specs, self.replay, self.gate,
+                                 self.ingest_log, self.metrics)
+        self.ckpt_dir = state_dir / "checkpoints"
+        self.step = 0
+        self._last_publish = 0.0
+        self._last_ckpt = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rate_window = (time.monotonic(), 0)
+        self.offline_steps = self._load_offline()
+        self._restore()
+
+    # -- start-up ----------------------------------------------------------------------------
+    def _load_offline(self) -> int:
+        if self.cfg.offline_dataset is None:
+            return 0
+        n = 0
+        for ep in iter_episodes(self.cfg.offline_dataset, tasks=self.cfg.tasks):
+            self.replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions)
+            n += len(ep)
+        event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.offline_dataset))
+        return n
+
+    def _restore(self) -> None:
+        restored = load_latest(self.ckpt_dir)
+        if restored is not None:
+            step, state = restored
+            self.algorithm.load_state_dict(state["algorithm"])
+            self.sampler.load_state_dict(state["sampler"])
+            self.step = int(state["step"])
+            event(log, "checkpoint_restored", job=self.job, step=self.step)
+        replayed = 0
+        from fleetloop.v1 import fleetloop_pb2
+        version = self.version
+        for payload in self.ingest_log.replay():
+            chunk = fleetloop_pb2.EpisodeChunk.FromString(payload)
+            self.ingestor.ingest(chunk, len(payload), version, durable=False)
+            replayed += 1
+        if replayed:
+            event(log, "ingest_log_replayed", job=self.job, chunks=replayed)
+        if self.weights.latest is None:
+            self.publish()  # version 0: the initial (e.g. pretrained) policy
+        else:
+            if restored is None:  # weights survived but no checkpoint: continue from the newest weights
+                from fleetloop.weights import load_verified
+                latest = self.weights.latest
+                self.algorithm.policy.load_state_dict(load_verified(self.weights.blob(latest.version), latest.sha256))
+            self.metrics.version.labels(self.job).set(self.version)
+            self._sync_fleet_metric()
+
+    # -- versions ----------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Newest published version (-1 before the first publish)."""
+        latest = self.weights.latest
+        return -1 if latest is None else latest.version
+
+    def publish(self) -> int:
+        """Serialise the policy, store it as the next version, announce it. Returns the version."""
+        t0 = time.perf_counter()
+        blob = state_dict_to_blob(self.algorithm.policy_state_dict())
+        info = self.weights.publish(blob, self.step)
+        dt = time.perf_counter() - t0
+        self.metrics.publish_seconds.labels(self.job).observe(dt)
+        self.metrics.published_bytes.labels(self.job).inc(info.size_bytes)
+        self.metrics.version.labels(self.job).set(info.version)
+        self._sync_fleet_metric()
+        self._last_publish = time.monotonic()
+        event(log, "published", job=self.job, version=info.version, step=self.step, bytes=info.size_bytes,
+              sha256=info.sha256[:12], seconds=dt)
+        return info.version
+
+    def pin(self, version: int | None) -> None:
+        """Pin the fleet to a version (roll back) or unpin (None)."""
+        self.weights.pin(version)
+        self._sync_fleet_metric()
+        event(log, "pinned", job=self.job, version=version)
+
+    def _sync_fleet_metric(self) -> None:
+        fv = self.weights.fleet_version()
+        if fv is not None:
+            self.metrics.fleet_version.labels(self.job).set(fv.version)
+
+    # -- training ----------------------------------------------------------------------------
+    def _available(self) -> dict[tuple[str, str], int]:
+        avail = {}
+        for task in self.cfg.tasks:
+            for source in SOURCES:
+                avail[(task, source)] = self.replay.size(task, source, **self.algorithm.eligible(source))
+        return avail
+
+    def train_step(self) -> dict[str, float] | None:
+        """One learner step; None when there is nothing eligible to train on yet."""
+        t0 = time.perf_counter()
+        with self.ingestor.lock:
+            online_total = sum(self.replay.size(t, "online") for t in self.cfg.tasks)
+            if online_total < self.cfg.min_online_steps:
+                return None
+            avail = self._available()
+            if not any(avail.values()):
+                return None
+            plan = self.sampler.plan(self.cfg.batch_size, avail, self.rng)
+            parts, keys = [], []
+            for (task, source), n in plan.items():
+                if n <= 0:
+                    continue
+                s = self.replay.sample(task, source, n, self.rng, **self.algorithm.eligible(source))
+                parts.append((task, source, s))
+                keys.append((task, source))
+        version = max(self.version, 0)
+        batch, groups = self._assemble(parts, version)
+        if batch is None:
+            return None
+        result = self.algorithm.update(batch.to(self.device))
+        for (task, source), idx in groups.items():
+            kept = idx[idx >= 0]
+            if kept.size:
+                self.sampler.observe(task, source, float(np.mean(result.per_sample_loss[kept])))
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.metrics.learner_steps.labels(self.job).inc()
+        self.metrics.update_seconds.labels(self.job).observe(dt)
+        if self.step % self.cfg.publish_every == 0 and \
+                time.monotonic() - self._last_publish >= self.cfg.min_publish_interval_s:
+            self.publish()
+        if time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_every_s:
+            self.checkpoint()
+        return {"loss": float(result.loss), **result.stats}
+
+    def _assemble(self, parts, version: int) -> tuple[Batch | None, dict[tuple[str, str], np.ndarray]]:
+        """Concatenate sampled parts, apply the staleness gate, record staleness. Returns the batch
+        and, per (task, source), the batch indices of its kept samples."""
+        if not parts:
+            return None, {}
+        task_index = {t: i for i, t in enumerate(self.cfg.tasks)}
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "rewards", "interventions", "versions", "task", "source")}
+        spans = {}
+        offset = 0
+        for task, source, s in parts:
+            n = len(s["rewards"])
+            for k in ("obs", "actions", "rewards", "interventions", "versions"):
+                cols[k].append(s[k])
+            cols["task"].append(np.full(n, task_index[task], np.int64))
+            cols["source"].append(np.full(n, 0 if source == "online" else 1, np.uint8))
+            spans[(task, source)] = (offset, offset + n)
+            offset += n
+        arrays = {k: np.concatenate(v) for k, v in cols.items()}
+        keep, weights, staleness = self.gate.at_training(version, arrays["versions"], arrays["interventions"], arrays["source"])
+        online = arrays["source"] == 0
+        for s in staleness[online & keep]:
+            self.metrics.staleness.labels(self.job).observe(float(s))
+        dropped = int((~keep).sum())
+        if dropped:
+            self.metrics.dropped_samples.labels(self.job, "stale_at_training").inc(dropped)
+        if not keep.any():
+            return None, {}
+        new_index = np.cumsum(keep) - 1
+        groups = {}
+        for key, (a, b) in spans.items():
+            groups[key] = np.where(keep[a:b], new_index[a:b], -1)
+        sel = {k: v[keep] for k, v in arrays.items()}
+        batch = Batch.from_numpy(obs=sel["obs"], actions=sel["actions"], task=sel["task"], interventions=sel["interventions"],
+                                 source=sel["source"], versions=sel["versions"], rewards=sel["rewards"], weights=weights[keep])
+        return batch, groups
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        """Atomically checkpoint algorithm, optimizer, sampler and step."""
+        path = save_checkpoint(self.ckpt_dir, self.step, {
+            "algorithm": self.algorithm.state_dict(), "sampler": self.sampler.state_dict(), "step": self.step,
+            "version": self.version})
+        self._last_ckpt = time.monotonic()
+        event(log, "checkpointed", job=self.job, version=self.version, step=self.step, path=path.name)
+        return path
+
+    # -- loop --------------------------------------------------------------------------------
+    def start_training(self) -> None:
+        """Run :meth:`train_step` continuously in a background thread until :meth:`stop`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fleetloop-train", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        min_dt = 1.0 / self.cfg.max_updates_per_s if self.cfg.max_updates_per_s else 0.0
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                out = self.train_step()
+            except Exception as exc:  # never let one bad step kill the learner; log and continue
+                event(log, "train_step_failed", level=40, job=self.job, version=self.version, error=repr(exc)[:300])
+                out = None
+                self._stop.wait(1.0)
+            wait = (0.05 if out is None else 0.0) + max(0.0, min_dt - (time.perf_counter() - t0))
+            if wait > 0:
+                self.metrics.idle_seconds.labels(self.job).inc(wait)
+                self._stop.wait(wait)
+
+    def stop(self, checkpoint: bool = True) -> None:
+        """Stop training, checkpoint (optionally) and close the log."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if checkpoint:
+            self.checkpoint()
+        self.ingest_log.close()
+
+    # -- backpressure ------------------------------------------------------------------------
+    def backoff_ms(self) -> int:
+        """Backpressure hint for acks: when ``max_ingest_steps_per_s`` is set and the fleet sends
+        faster over the current 5 s window, the time (ms) the excess needs at the allowed rate."""
+        rate = self.cfg.max_ingest_steps_per_s
+        if not rate:
+            return 0
+        now = time.monotonic()
+        total = self.ingestor.steps_total
+        t0, s0 = self._rate_window
+        if now - t0 > 5.0:
+            self._rate_window = (now, total)
+            t0, s0 = now, total
+        excess = (total - s0) - rate * (now - t0)
+        return int(min(5000.0, max(0.0, excess / rate * 1000.0)))
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """JSON-able snapshot for progress views, reports and the control plane."""
+        with self.ingestor.lock:
+            tasks = {}
+            for task in self.cfg.tasks:
+                tally = self.ingestor.tally[task]
+                tasks[task] = {
+                    "steps": tally.steps, "intervention_steps": tally.intervention_steps,
+                    "episodes": dict(tally.episodes),
+                    "online_buffer": self.replay.size(task, "online"),
+                    "offline_buffer": self.replay.size(task, "offline"),
+                    "online_share": self.sampler.online_share(task),
+                }
+            actors = {a: {"version": v, "last_seen": t} for a, (v, t) in self.ingestor.actor_versions.items()}
+            episodes_total = self.ingestor.episodes_total
+        fv = self.weights.fleet_version()
+        return {
+            "job": self.job, "version": self.version, "fleet_version": None if fv is None else fv.version,
+            "pinned": self.weights.pinned, "step": self.step, "tasks": tasks, "actors": actors,
+            "episodes_total": episodes_total, "staleness_bound": self.gate.config.bound,
+            "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
+        }
+
+    def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
+        """Episode records with global index >= ``index`` (as far as retained); returns (next_index, records)."""
+        with self.ingestor.lock:
+            total = self.ingestor.episodes_total
+            recs = list(self.ingestor.episodes)
+        first = total - len(recs)
+        start = max(index, first)
+        return total, [vars(r) for r in recs[start - first:]]

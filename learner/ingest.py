@@ -1,0 +1,195 @@
+"""Ingest: validate an EpisodeChunk, store it exactly once, account for it.
+
+Path of a chunk: ``validate`` (pure; InvalidArgument / NotFound naming field and value) ->
+ledger check (duplicate? ack without storing) -> staleness gate at ingest -> ingest log append
+(the durability point) -> replay store -> ledger record -> episode accounting -> ack.
+
+Invariants: every stored step carries its behaviour version; a (episode_id, seq) pair is stored at
+most once, also across restarts (the log is replayed through the same path with ``durable=False``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fleetloop.codec import check_finite, decode, decode_map
+from fleetloop.errors import InvalidArgument, NotFound
+from learner.ingest_log import IngestLog, Ledger
+from learner.metrics import LearnerMetrics
+from learner.replay import ReplayStore
+from learner.staleness import StalenessGate
+
+OUTCOMES = {1: "success", 2: "failure", 3: "timeout", 4: "aborted"}
+_MAX_ID = 128
+
+
+@dataclass
+class DecodedChunk:
+    """A validated chunk as numpy arrays (obs/actions flattened to [T, dim])."""
+
+    actor_id: str
+    episode_id: str
+    seq: int
+    task_id: str
+    behavior_version: int
+    first_step: int
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    interventions: np.ndarray
+    outcome: str | None
+    produced_at: float
+
+    @property
+    def steps(self) -> int:
+        return int(self.rewards.shape[0])
+
+
+@dataclass
+class EpisodeRecord:
+    """One finished episode as the learner saw it."""
+
+    time: float
+    actor_id: str
+    episode_id: str
+    task_id: str
+    outcome: str
+    steps: int
+    intervention_steps: int
+    behavior_version: int
+
+
+def _check_id(value: str, name: str) -> None:
+    if not value or len(value) > _MAX_ID:
+        raise InvalidArgument(f"{name} {value!r} must be 1..{_MAX_ID} characters", field=name, value=value)
+
+
+def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_version: int) -> DecodedChunk:
+    """Check every field of ``chunk`` against the job; return it decoded. Pure, no state."""
+    if chunk.job_id != job_id:
+        raise NotFound(f"unknown job {chunk.job_id!r} (this learner serves {job_id!r})", field="job_id", value=chunk.job_id)
+    _check_id(chunk.actor_id, "actor_id")
+    _check_id(chunk.episode_id, "episode_id")
+    if chunk.task_id not in tasks:
+        raise InvalidArgument(f"task_id {chunk.task_id!r} is not a task of job {job_id!r} ({sorted(tasks)})",
+                              field="task_id", value=chunk.task_id)
+    if chunk.behavior_version > latest_version:
+        raise InvalidArgument(f"behavior_version {chunk.behavior_version} is newer than the learner's {latest_version}",
+                              field="behavior_version", value=chunk.behavior_version)
+    rewards = decode(chunk.rewards, "rewards")
+    if rewards.ndim != 1 or rewards.dtype != np.float32:
+        raise InvalidArgument(f"rewards must be float32 [T], got {rewards.dtype} {list(rewards.shape)}",
+                              field="rewards", value=list(rewards.shape))
+    steps = rewards.shape[0]
+    if steps == 0 and not chunk.HasField("end"):
+        raise InvalidArgument("chunk has no steps and no episode end", field="rewards.shape", value=[0])
+    check_finite(rewards, "rewards")
+    inter = decode(chunk.interventions, "interventions")
+    if inter.shape != (steps,) or inter.dtype != np.bool_:
+        raise InvalidArgument(f"interventions must be bool [{steps}], got {inter.dtype} {list(inter.shape)}",
+                              field="interventions", value=list(inter.shape))
+    obs = decode_map(chunk.observations, obs_specs, steps, "observations")
+    acts = decode_map(chunk.actions, act_specs, steps, "actions")
+    outcome = None
+    if chunk.HasField("end"):
+        outcome = OUTCOMES.get(int(chunk.end.outcome))
+        if outcome is None:
+            raise InvalidArgument(f"end.outcome {int(chunk.end.outcome)} is not one of {sorted(OUTCOMES)}",
+                                  field="end.outcome", value=int(chunk.end.outcome))
+    first_obs = obs[obs_specs[0].name].reshape(steps, -1).astype(np.float32, copy=False)
+    first_act = acts[act_specs[0].name].reshape(steps, -1).astype(np.float32, copy=False)
+    return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
+                        int(chunk.first_step), first_obs, first_act, rewards, inter, outcome, float(chunk.produced_at))
+
+
+@dataclass
+class _OpenEpisode:
+    steps: int = 0
+    interventions: int = 0
+
+
+@dataclass
+class TaskTally:
+    """Running per-task totals."""
+
+    steps: int = 0
+    intervention_steps: int = 0
+    episodes: dict[str, int] = field(default_factory=dict)
+
+
+class Ingestor:
+    """Stores validated chunks exactly once. Thread-safe (one lock around the store path)."""
+
+    def __init__(self, job_id: str, tasks: list[str], obs_specs, act_specs, replay: ReplayStore, gate: StalenessGate,
+                 log: IngestLog, metrics: LearnerMetrics) -> None:
+        self.job_id, self.tasks = job_id, set(tasks)
+        self.obs_specs, self.act_specs = list(obs_specs), list(act_specs)
+        self.replay, self.gate, self.log, self.m = replay, gate, log, metrics
+        self.ledger = Ledger()
+        self.lock = threading.Lock()
+        self._episode_keys: dict[str, int] = {}
+        self._open: dict[str, _OpenEpisode] = {}
+        self.tally = {t: TaskTally() for t in tasks}
+        self.episodes: deque[EpisodeRecord] = deque(maxlen=100_000)
+        self.episodes_total = 0
+        self.steps_total = 0
+        self.actor_versions: dict[str, tuple[int, float]] = {}
+
+    def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
+        """Validate and store ``chunk``; returns True if it was a duplicate (not stored again).
+
+        With ``durable`` the serialised chunk (``raw`` or re-serialised) is appended to the log
+        before anything is stored; replay from the log passes ``durable=False``.
+        """
+        with self.lock:
+            if self.ledger.seen(chunk.episode_id, int(chunk.seq)):
+                self.m.duplicates.labels(self.job_id).inc()
+                return True
+        decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
+        with self.lock:
+            if self.ledger.seen(decoded.episode_id, decoded.seq):  # raced with a resend on another stream
+                self.m.duplicates.labels(self.job_id).inc()
+                return True
+            if durable:
+                self.log.append(raw if raw is not None else chunk.SerializeToString())
+            self._store(decoded, learner_version)
+            self.ledger.record(decoded.episode_id, decoded.seq)
+        self.m.ingested_chunks.labels(self.job_id).inc()
+        self.m.ingested_bytes.labels(self.job_id).inc(nbytes)
+        if durable and decoded.produced_at > 0:
+            self.m.step_to_store.labels(self.job_id).observe(max(0.0, time.time() - decoded.produced_at))
+        return False
+
+    def _store(self, c: DecodedChunk, learner_version: int) -> None:
+        autonomous = bool((~c.interventions).any())
+        decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous)
+        key = self._episode_keys.setdefault(c.episode_id, len(self._episode_keys))
+        if c.steps and decision.admit:
+            self.replay.add_online(c.task_id, c.obs, c.actions, c.rewards, c.interventions, c.behavior_version, key, c.first_step)
+            self.m.ingested_steps.labels(self.job_id, c.task_id).inc(c.steps)
+        elif c.steps:
+            self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps)
+        n_inter = int(c.interventions.sum())
+        ep = self._open.setdefault(c.episode_id, _OpenEpisode())
+        ep.steps += c.steps
+        ep.interventions += n_inter
+        tally = self.tally[c.task_id]
+        tally.steps += c.steps
+        self.steps_total += c.steps
+        tally.intervention_steps += n_inter
+        if tally.steps:
+            self.m.intervention_ratio.labels(self.job_id, c.task_id).set(tally.intervention_steps / tally.steps)
+        self.actor_versions[c.actor_id] = (c.behavior_version, time.time())
+        self.m.actor_version.labels(self.job_id, c.actor_id).set(c.behavior_version)
+        if c.outcome is not None:
+            self._open.pop(c.episode_id, None)
+            tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1
+            self.episodes.append(EpisodeRecord(time.time(), c.actor_id, c.episode_id, c.task_id, c.outcome,
+                                               ep.steps, ep.interventions, c.behavior_version))
+            self.episodes_total += 1
+            self.m.episodes.labels(self.job_id, c.task_id, c.outcome).inc()

@@ -1,0 +1,114 @@
+"""Append-only ingest log: the durability point of acknowledged experience.
+
+Contract: a chunk is acknowledged only after its record is appended (and flushed to the OS; with
+``fsync=True`` also fsynced). On restart the learner replays the log to rebuild its buffers and its
+exactly-once ledger, so no acknowledged step is lost and none is stored twice.
+
+Record format: ``b"FLR1"`` | u32 little-endian payload length | u32 crc32(payload) | payload, where
+the payload is a serialised ``fleetloop.v1.EpisodeChunk``. A torn tail (crash mid-append) fails the
+length or CRC check; :meth:`IngestLog.replay` stops there and truncates it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+_MAGIC = b"FLR1"
+_HEADER = struct.Struct("<4sII")
+
+
+class IngestLog:
+    """Single-writer append-only log (thread-safe appends)."""
+
+    def __init__(self, path: Path, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._fh = None
+
+    def replay(self) -> Iterator[bytes]:
+        """Yield every intact payload in order; truncate a torn tail. Call before the first append."""
+        if not self.path.exists():
+            return
+        good_end = 0
+        with open(self.path, "rb") as fh:
+            while True:
+                header = fh.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    break
+                magic, length, crc = _HEADER.unpack(header)
+                if magic != _MAGIC:
+                    break
+                payload = fh.read(length)
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    break
+                good_end = fh.tell()
+                yield payload
+        if good_end < self.path.stat().st_size:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+
+    def append(self, payload: bytes) -> None:
+        """Append one record; returns once it is flushed (and fsynced if configured)."""
+        record = _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+        with self._lock:
+            if self._fh is None:
+                self._fh = open(self.path, "ab")
+            self._fh.write(record)
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+
+    def size_bytes(self) -> int:
+        """Current size of the log file."""
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def close(self) -> None:
+        """Flush, fsync and close."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                self._fh = None
+
+
+class Ledger:
+    """Exactly-once bookkeeping: which (episode_id, seq) pairs are stored.
+
+    Per episode a contiguous high-water mark plus a set of out-of-order seqs, so memory stays
+    O(episodes) when actors send in order (they do: the spool resends in sequence order).
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+        self._extra: dict[str, set[int]] = {}
+
+    def seen(self, episode_id: str, seq: int) -> bool:
+        """True if this pair was recorded before."""
+        if seq < self._next.get(episode_id, 0):
+            return True
+        return seq in self._extra.get(episode_id, ())
+
+    def record(self, episode_id: str, seq: int) -> None:
+        """Mark the pair stored (idempotent)."""
+        nxt = self._next.get(episode_id, 0)
+        if seq < nxt:
+            return
+        extra = self._extra.setdefault(episode_id, set())
+        extra.add(seq)
+        while nxt in extra:
+            extra.discard(nxt)
+            nxt += 1
+        self._next[episode_id] = nxt
+        if not extra:
+            del self._extra[episode_id]
+
+    def __len__(self) -> int:
+        return len(self._next)

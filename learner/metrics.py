@@ -1,0 +1,49 @@
+"""Prometheus metrics of one learner, named ``fleetloop_learner_*``.
+
+Each learner owns a private CollectorRegistry (so tests can run several in one process); the
+``/metrics`` endpoint serves that registry. Counters end in ``_total``, times in ``_seconds``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+
+
+class LearnerMetrics:
+    """All learner metrics; label ``job`` on every series."""
+
+    def __init__(self, job: str) -> None:
+        self.registry = CollectorRegistry()
+        r, j = self.registry, ["job"]
+        self.job = job
+        self.ingested_steps = Counter("fleetloop_learner_ingested_steps_total", "Steps stored in the replay store.", j + ["task"], registry=r)
+        self.ingested_bytes = Counter("fleetloop_learner_ingested_bytes_total", "Serialized chunk bytes received and stored.", j, registry=r)
+        self.ingested_chunks = Counter("fleetloop_learner_ingested_chunks_total", "Chunks stored.", j, registry=r)
+        self.duplicates = Counter("fleetloop_learner_duplicate_chunks_total", "Resent chunks recognised and not stored again.", j, registry=r)
+        self.rejected = Counter("fleetloop_learner_rejected_chunks_total", "Chunks refused, by reason.", j + ["reason"], registry=r)
+        self.staleness = Histogram("fleetloop_learner_staleness_versions", "Learner version minus behaviour version of online samples at training time.",
+                                   j, buckets=STALENESS_BUCKETS, registry=r)
+        self.staleness_bound = Gauge("fleetloop_learner_staleness_bound_versions", "Configured staleness bound.", j, registry=r)
+        self.dropped_samples = Counter("fleetloop_learner_dropped_samples_total", "Samples dropped before training, by reason.", j + ["reason"], registry=r)
+        self.version = Gauge("fleetloop_learner_policy_version", "Newest published policy version.", j, registry=r)
+        self.fleet_version = Gauge("fleetloop_learner_fleet_policy_version", "Version actors are told to run (pin or newest).", j, registry=r)
+        self.learner_steps = Counter("fleetloop_learner_steps_total", "Learner (gradient) steps.", j, registry=r)
+        self.update_seconds = Histogram("fleetloop_learner_update_seconds", "Time of one learner step (sample + update).", j, registry=r)
+        self.publish_seconds = Histogram("fleetloop_learner_publish_seconds", "Time to serialise, hash and store a version.", j, registry=r)
+        self.published_bytes = Counter("fleetloop_learner_published_bytes_total", "Bytes of published weight blobs.", j, registry=r)
+        self.served_bytes = Counter("fleetloop_learner_weight_served_bytes_total", "Weight bytes sent to actors.", j, registry=r)
+        self.actor_version = Gauge("fleetloop_learner_actor_policy_version", "Behaviour version last reported by each actor.", j + ["actor"], registry=r)
+        self.episodes = Counter("fleetloop_learner_episodes_total", "Episodes ended, by task and outcome.", j + ["task", "outcome"], registry=r)
+        self.intervention_ratio = Gauge("fleetloop_learner_intervention_ratio", "Share of online steps taken by the operator.", j + ["task"], registry=r)
+        self.buffer_steps = Gauge("fleetloop_learner_buffer_steps", "Steps held, by task and source.", j + ["task", "source"], registry=r)
+        self.online_share = Gauge("fleetloop_learner_sampler_online_share", "Sampler online share w_on per task.", j + ["task"], registry=r)
+        self.step_to_store = Histogram("fleetloop_learner_ingest_latency_seconds", "Chunk produced on the actor -> stored on the learner.", j,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.idle_seconds = Counter("fleetloop_learner_idle_seconds_total", "Time the training loop waited for data or throttling.", j, registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the /metrics HTTP server; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

@@ -1,0 +1,129 @@
+"""The learner as a Ray actor, and how to start one.
+
+``start_learner(config)`` connects to Ray (a local ``ray.init`` by default, ``ray_address`` for a
+cluster), places one :class:`RayLearner` actor (with a GPU when the cluster has one and the config
+allows CUDA, else one CPU), and returns a :class:`LearnerHandle` with its gRPC and metrics
+addresses. Inside the actor, a gRPC server (ingest + weights) and a training thread run over one
+:class:`~learner.core.LearnerCore`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from fleetloop.logs import event, get_logger
+from learner.config import LearnerConfig
+
+log = get_logger("learner.ray")
+
+
+class _RayLearnerImpl:
+    """Body of the Ray actor (kept a plain class so it can also run in-process for tests)."""
+
+    def __init__(self, config_json: str) -> None:
+        from learner.core import LearnerCore
+        from learner.server import LearnerServicer, build_server
+
+        cfg = LearnerConfig.model_validate_json(config_json)
+        self.core = LearnerCore(cfg)
+        self.servicer = LearnerServicer(self.core)
+        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
+        self.server.start()
+        self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "0.0.0.0") \
+            if cfg.metrics_port is not None else None
+        self.core.start_training()
+        self.host = cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
+        event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
+              metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
+
+    def address(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+
+    def status(self) -> dict[str, Any]:
+        return self.core.status()
+
+    def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
+        return self.core.episodes_since(index)
+
+    def pin(self, version: int | None) -> None:
+        self.core.pin(version)
+
+    def publish_now(self) -> int:
+        return self.core.publish()
+
+    def checkpoint(self) -> str:
+        return str(self.core.checkpoint())
+
+    def stop(self) -> dict[str, Any]:
+        self.server.stop(grace=2.0).wait(5.0)
+        self.core.stop(checkpoint=True)
+        return self.core.status()
+
+
+RayLearner = ray.remote(max_restarts=0)(_RayLearnerImpl)
+
+
+@dataclass
+class LearnerHandle:
+    """A running learner: the Ray actor handle and where to reach it."""
+
+    actor: Any
+    host: str
+    port: int
+    metrics_port: int | None
+    pid: int
+
+    @property
+    def target(self) -> str:
+        """gRPC target for actors (host:port)."""
+        return f"{self.host}:{self.port}"
+
+    def status(self) -> dict[str, Any]:
+        return ray.get(self.actor.status.remote(), timeout=30)
+
+    def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
+        return ray.get(self.actor.episodes_since.remote(index), timeout=30)
+
+    def pin(self, version: int | None) -> None:
+        ray.get(self.actor.pin.remote(version), timeout=30)
+
+    def stop(self) -> dict[str, Any]:
+        """Stop serving and training, checkpoint, and end the Ray actor."""
+        try:
+            final = ray.get(self.actor.stop.remote(), timeout=60)
+        finally:
+            ray.kill(self.actor)
+        return final
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None) -> None:
+    """Connect to Ray once: a local instance by default (auth disabled, no dashboard)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        if temp_dir:
+            kwargs["_temp_dir"] = temp_dir
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def start_learner(config: LearnerConfig, ray_address: str | None = None, num_cpus: int | None = None,
+                  temp_dir: str | None = None) -> LearnerHandle:
+    """Start one job's learner on Ray; GPU when the cluster has one and ``config.device`` allows."""
+    ensure_ray(ray_address, num_cpus, temp_dir)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = config.device != "cpu" and gpus >= 1
+    opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0, "name": f"fleetloop-learner-{config.job_id}",
+                            "max_concurrency": 4}
+    cfg = config.model_copy(update={"device": "cuda" if use_gpu else ("cpu" if config.device == "auto" else config.device)})
+    actor = RayLearner.options(**opts).remote(cfg.model_dump_json())
+    addr = ray.get(actor.address.remote(), timeout=300)
+    return LearnerHandle(actor, addr["host"], addr["port"], addr["metrics_port"], addr["pid"])

@@ -1,0 +1,299 @@
+"""Per-task replay store: an online FIFO ring buffer and an offline demonstration buffer per task.
+
+Layout: for every task id of the job, two :class:`_Buffer` s of preallocated numpy arrays, one row
+per step with fields ``obs`` [obs_dim] f32, ``actions`` [act_dim] f32, ``rewards`` f32,
+``interventions`` bool, ``versions`` i64 (behaviour policy version; -1 for demos),
+``episode_keys`` i64, ``steps`` i64 (step index within the episode) and ``insert_times`` f64 (wall
+clock at insertion, for latency metrics).
+
+Invariants:
+
+- ONLINE buffers are FIFO rings: when full, the oldest steps are evicted first and counted in
+  ``evicted``. OFFLINE buffers never evict: demonstrations are a fixed set the store must hold in
+  full, so overflowing one raises :class:`~fleetloop.errors.ResourceExhausted` (raise
+  ``offline_capacity``).
+- Appending a chunk of T steps is amortised O(T): arrays grow geometrically up to the capacity
+  (memory is only taken as data arrives), then wrap.
+- An *intervention index* (a second FIFO ring of the slots holding intervention steps) gives O(1)
+  intervention counts and O(n) uniform sampling of intervention frames. It stays exact under
+  eviction because eviction is FIFO: the evicted intervention steps are always the oldest ones in
+  the index, so eviction just advances its head.
+- ``sample`` draws uniformly *with replacement* and returns copies.
+
+Thread-safety: every public method takes an internal lock, so an ingest thread may add while the
+training thread samples. Samples are copies, never views of the ring.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Literal
+
+import numpy as np
+
+from fleetloop.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+Source = Literal["online", "offline"]
+FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
+_MIN_ALLOC = 1024
+
+
+class _Buffer:
+    """One ring buffer with an intervention index (internal; not locked, not validated)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, evict: bool) -> None:
+        self.capacity, self.evict = capacity, evict
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.size = 0          # live steps
+        self.written = 0       # steps ever written; the slot of write number w is w % capacity
+        self.evicted = 0       # steps evicted (or never stored because a chunk exceeded the capacity)
+        self.added = 0         # steps ever offered to add()
+        self.iv_size = 0       # live intervention steps
+        self.iv_written = 0    # intervention steps ever indexed
+        self.alloc = 0
+        self.data: dict[str, np.ndarray] = {}
+        self.iv_slots = np.zeros(0, dtype=np.int64)
+        self._grow(min(capacity, _MIN_ALLOC))
+
+    def _grow(self, alloc: int) -> None:
+        # Only called before the ring wraps (alloc < capacity), so slots [0, alloc) are in order.
+        shapes = {"obs": (alloc, self.obs_dim), "actions": (alloc, self.act_dim)}
+        dtypes = {"obs": np.float32, "actions": np.float32, "rewards": np.float32, "interventions": np.bool_,
+                  "versions": np.int64, "episode_keys": np.int64, "steps": np.int64, "insert_times": np.float64}
+        new = {k: np.zeros(shapes.get(k, (alloc,)), dtype=dtypes[k]) for k in FIELDS}
+        for k, old in self.data.items():
+            new[k][: self.alloc] = old
+        iv = np.zeros(alloc, dtype=np.int64)
+        iv[: self.alloc] = self.iv_slots
+        self.data, self.iv_slots, self.alloc = new, iv, alloc
+
+    def _put(self, arr: np.ndarray, start: int, values: np.ndarray) -> None:
+        """Write ``values`` at ring position ``start`` (mod capacity), splitting at the wrap point."""
+        start %= self.capacity
+        n = values.shape[0]
+        first = min(n, self.capacity - start)
+        arr[start:start + first] = values[:first]
+        if first < n:
+            arr[: n - first] = values[first:]
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        t = rows["obs"].shape[0]
+        if not self.evict and self.size + t > self.capacity:
+            raise OverflowError
+        self.added += t
+        if t > self.capacity:  # only the newest `capacity` steps can be kept
+            self.evicted += t - self.capacity
+            rows = {k: v[t - self.capacity:] for k, v in rows.items()}
+            t = self.capacity
+        overflow = self.size + t - self.capacity
+        if overflow > 0:
+            oldest = self.written - self.size
+            gone = (oldest + np.arange(overflow)) % self.capacity
+            k = int(np.count_nonzero(self.data["interventions"][gone]))
+            self.iv_size -= k
+            self.size -= overflow
+            self.evicted += overflow
+        need = min(self.capacity, self.written + t)
+        if need > self.alloc:
+            self._grow(min(self.capacity, max(need, 2 * self.alloc)))
+        for key, values in rows.items():
+            self._put(self.data[key], self.written, values)
+        iv_new = (self.written + np.flatnonzero(rows["interventions"])) % self.capacity
+        if iv_new.size:
+            self._put(self.iv_slots, self.iv_written, iv_new)
+            self.iv_written += iv_new.size
+            self.iv_size += iv_new.size
+        self.written += t
+        self.size += t
+
+    def sample_slots(self, n: int, rng: np.random.Generator, interventions_only: bool) -> np.ndarray:
+        if interventions_only:
+            pos = (self.iv_written - self.iv_size + rng.integers(0, self.iv_size, n)) % self.capacity
+            return self.iv_slots[pos]
+        return (self.written - self.size + rng.integers(0, self.size, n)) % self.capacity
+
+    def ordered(self) -> dict[str, np.ndarray]:
+        """Copies of the live steps, oldest first."""
+        slots = (self.written - self.size + np.arange(self.size)) % self.capacity
+        return {k: v[slots] for k, v in self.data.items()}
+
+
+class ReplayStore:
+    """Online (FIFO ring) and offline (demo) step buffers per task; see the module docstring."""
+
+    def __init__(
+        self,
+        task_ids: list[str],
+        obs_dim: int,
+        act_dim: int,
+        online_capacity: int = 200_000,
+        offline_capacity: int = 200_000,
+    ) -> None:
+        if not task_ids or len(set(task_ids)) != len(task_ids):
+            raise InvalidArgument(f"task_ids must be non-empty and unique, got {task_ids}", field="task_ids", value=task_ids)
+        for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("online_capacity", online_capacity),
+                        ("offline_capacity", offline_capacity)):
+            if int(v) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {v}", field=name, value=v)
+        self.task_ids = list(task_ids)
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.online_capacity, self.offline_capacity = int(online_capacity), int(offline_capacity)
+        self._buffers: dict[tuple[str, str], _Buffer] = {}
+        for task in self.task_ids:
+            self._buffers[(task, "online")] = _Buffer(self.obs_dim, self.act_dim, self.online_capacity, evict=True)
+            self._buffers[(task, "offline")] = _Buffer(self.obs_dim, self.act_dim, self.offline_capacity, evict=False)
+        self._lock = threading.Lock()
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _buffer(self, task_id: str, source: str) -> _Buffer:
+        try:
+            return self._buffers[(task_id, source)]
+        except KeyError:
+            if source not in ("online", "offline"):
+                raise InvalidArgument(f"source must be 'online' or 'offline', got {source!r}", field="source", value=source) from None
+            raise InvalidArgument(f"unknown task {task_id!r}; this job's tasks are {self.task_ids}",
+                                  field="task_id", value=task_id) from None
+
+    def _rows(self, obs, actions, rewards, interventions) -> dict[str, np.ndarray]:
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise InvalidArgument(f"obs must be [T, {self.obs_dim}], got shape {obs.shape}", field="obs", value=obs.shape)
+        t = obs.shape[0]
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (t, self.act_dim):
+            raise InvalidArgument(f"actions must be [{t}, {self.act_dim}], got shape {actions.shape}", field="actions", value=actions.shape)
+        rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
+        interventions = np.asarray(interventions, dtype=np.bool_).reshape(-1)
+        for name, arr in (("rewards", rewards), ("interventions", interventions)):
+            if arr.shape != (t,):
+                raise InvalidArgument(f"{name} must have shape ({t},), got {arr.shape}", field=name, value=arr.shape)
+        for name, arr in (("obs", obs), ("actions", actions), ("rewards", rewards)):
+            if not np.isfinite(arr).all():
+                raise InvalidArgument(f"{name} contains NaN or inf", field=name, value="non-finite")
+        return {"obs": obs, "actions": actions, "rewards": rewards, "interventions": interventions}
+
+    # -- writes -------------------------------------------------------------------------------------
+    def add_online(
+        self,
+        task_id: str,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        interventions: np.ndarray,
+        behavior_version: int,
+        episode_key: int,
+        first_step: int,
+        now: float | None = None,
+    ) -> None:
+        """Append a chunk of T online steps (step indices ``first_step .. first_step+T-1``).
+
+        Every step records ``behavior_version`` (invariant 1) and the insertion time ``now``
+        (default ``time.time()``). Full ring: the oldest steps are evicted. Bad shapes or non-finite
+        values raise InvalidArgument before anything is stored.
+        """
+        buf = self._buffer(task_id, "online")
+        rows = self._rows(obs, actions, rewards, interventions)
+        t = rows["obs"].shape[0]
+        rows["versions"] = np.full(t, int(behavior_version), dtype=np.int64)
+        rows["episode_keys"] = np.full(t, int(episode_key), dtype=np.int64)
+        rows["steps"] = np.arange(int(first_step), int(first_step) + t, dtype=np.int64)
+        rows["insert_times"] = np.full(t, time.time() if now is None else float(now), dtype=np.float64)
+        with self._lock:
+            buf.add(rows)
+
+    def add_offline(
+        self,
+        task_id: str,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        interventions: np.ndarray,
+        episode_key: int = -1,
+        now: float | None = None,
+    ) -> None:
+        """Append one demonstration episode (step indices 0..T-1, behaviour version -1).
+
+        Raises ResourceExhausted naming the task if the offline buffer would overflow.
+        """
+        buf = self._buffer(task_id, "offline")
+        rows = self._rows(obs, actions, rewards, interventions)
+        t = rows["obs"].shape[0]
+        rows["versions"] = np.full(t, -1, dtype=np.int64)
+        rows["episode_keys"] = np.full(t, int(episode_key), dtype=np.int64)
+        rows["steps"] = np.arange(t, dtype=np.int64)
+        rows["insert_times"] = np.full(t, time.time() if now is None else float(now), dtype=np.float64)
+        with self._lock:
+            try:
+                buf.add(rows)
+            except OverflowError:
+                raise ResourceExhausted(
+                    f"offline buffer of task {task_id!r} holds {buf.size} of {buf.capacity} steps; "
+                    f"cannot add {t} more (raise offline_capacity)", field="offline_capacity", value=buf.capacity) from None
+
+    # -- reads --------------------------------------------------------------------------------------
+    def size(self, task_id: str, source: Source, interventions_only: bool = False) -> int:
+        """Live steps of one buffer (only intervention steps if ``interventions_only``). O(1)."""
+        buf = self._buffer(task_id, source)
+        with self._lock:
+            return buf.iv_size if interventions_only else buf.size
+
+    def sample(
+        self, task_id: str, source: Source, n: int, rng: np.random.Generator, interventions_only: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """``n`` steps drawn uniformly with replacement: a dict with the keys of :data:`FIELDS`.
+
+        ``interventions_only`` samples among intervention steps only. FailedPrecondition naming the
+        task and source if there is nothing eligible to sample (and ``n > 0``).
+        """
+        buf = self._buffer(task_id, source)
+        if n < 0:
+            raise InvalidArgument(f"n must be >= 0, got {n}", field="n", value=n)
+        with self._lock:
+            avail = buf.iv_size if interventions_only else buf.size
+            if avail == 0 and n > 0:
+                what = "intervention steps" if interventions_only else "steps"
+                raise FailedPrecondition(f"task {task_id!r} has no {source} {what} to sample", field="task_id", value=task_id)
+            slots = buf.sample_slots(n, rng, interventions_only) if n else np.zeros(0, dtype=np.int64)
+            return {k: v[slots] for k, v in buf.data.items()}
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per task: ``{online,offline}_{steps,interventions}``, ``online_evicted``, ``online_added``, ``offline_added``."""
+        with self._lock:
+            out = {}
+            for task in self.task_ids:
+                on, off = self._buffers[(task, "online")], self._buffers[(task, "offline")]
+                out[task] = {
+                    "online_steps": on.size, "online_interventions": on.iv_size, "online_evicted": on.evicted,
+                    "online_added": on.added,
+                    "offline_steps": off.size, "offline_interventions": off.iv_size, "offline_added": off.added,
+                }
+            return out
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def export(self, task_id: str, source: Source) -> dict[str, np.ndarray]:
+        """Copies of one buffer's live steps, oldest first (for checkpoints; restore by re-adding)."""
+        buf = self._buffer(task_id, source)
+        with self._lock:
+            return buf.ordered()
+
+    def restore(self, task_id: str, source: Source, arrays: dict[str, np.ndarray], evicted: int = 0) -> None:
+        """Append steps exported by :meth:`export` (all :data:`FIELDS` required), keeping their
+        versions, episode keys, step indices and insertion times; ``evicted`` is added to the count."""
+        buf = self._buffer(task_id, source)
+        missing = [k for k in FIELDS if k not in arrays]
+        if missing:
+            raise InvalidArgument(f"restore of {task_id!r}/{source} lacks fields {missing}", field="arrays", value=missing)
+        rows = self._rows(arrays["obs"], arrays["actions"], arrays["rewards"], arrays["interventions"])
+        t = rows["obs"].shape[0]
+        for k, dt in (("versions", np.int64), ("episode_keys", np.int64), ("steps", np.int64), ("insert_times", np.float64)):
+            rows[k] = np.asarray(arrays[k], dtype=dt).reshape(-1)
+            if rows[k].shape != (t,):
+                raise InvalidArgument(f"{k} must have shape ({t},), got {rows[k].shape}", field=k, value=rows[k].shape)
+        with self._lock:
+            try:
+                buf.add(rows)
+            except OverflowError:
+                raise ResourceExhausted(f"restore of {t} steps overflows {task_id!r}/{source} (capacity {buf.capacity})",
+                                        field=f"{source}_capacity", value=buf.capacity) from None
+            buf.evicted += int(evicted)

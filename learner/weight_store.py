@@ -1,0 +1,146 @@
+"""WeightStore: versioned, content-addressed policy weights.
+
+Invariants:
+- versions increase by exactly one per publish and never repeat (also across restarts: the store
+  reloads its index from disk);
+- a version's bytes are a safetensors blob whose sha256 is its identity; blobs are written
+  atomically (write, fsync, rename) before they are announced;
+- the *fleet version* is what actors should run: the newest version, or the operator's pin.
+
+Subscribers block in :meth:`wait_for_change` with a timeout (never unbounded), so a server stream
+notices cancellation promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fleetloop.dataset import atomic_write
+from fleetloop.errors import NotFound
+from fleetloop.weights import sha256_hex
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Metadata of one published version."""
+
+    version: int
+    sha256: str
+    size_bytes: int
+    learner_step: int
+    published_at: float
+
+
+class WeightStore:
+    """Keeps every version on disk (``DIR/v<version>.safetensors`` + ``index.json``) and the newest
+    ``keep_in_memory`` blobs in memory for fast fan-out."""
+
+    def __init__(self, root: Path, keep_in_memory: int = 8) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._keep = keep_in_memory
+        self._cond = threading.Condition()
+        self._blobs: OrderedDict[int, bytes] = OrderedDict()
+        self._index: dict[int, VersionInfo] = {}
+        self._pinned: int | None = None
+        self._load_index()
+
+    # -- persistence -------------------------------------------------------------------------
+    def _index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def _load_index(self) -> None:
+        path = self._index_path()
+        if not path.exists():
+            return
+        data = json.loads(path.read_text())
+        for item in data.get("versions", []):
+            info = VersionInfo(**item)
+            if (self.root / f"v{info.version}.safetensors").exists():
+                self._index[info.version] = info
+        self._pinned = data.get("pinned")
+
+    def _save_index(self) -> None:
+        data = {"versions": [asdict(v) for v in sorted(self._index.values(), key=lambda v: v.version)],
+                "pinned": self._pinned}
+        atomic_write(self._index_path(), json.dumps(data).encode())
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(self, blob: bytes, learner_step: int) -> VersionInfo:
+        """Store ``blob`` as the next version and wake subscribers. Returns its metadata."""
+        with self._cond:
+            version = (max(self._index) + 1) if self._index else 0
+            info = VersionInfo(version, sha256_hex(blob), len(blob), learner_step, time.time())
+            atomic_write(self.root / f"v{version}.safetensors", blob)
+            self._index[version] = info
+            self._blobs[version] = blob
+            while len(self._blobs) > self._keep:
+                self._blobs.popitem(last=False)
+            self._save_index()
+            self._cond.notify_all()
+            return info
+
+    def pin(self, version: int | None) -> None:
+        """Pin the fleet to ``version`` (roll back / hold), or unpin with None."""
+        with self._cond:
+            if version is not None and version not in self._index:
+                raise NotFound(f"unknown policy version {version}", field="version", value=version)
+            self._pinned = version
+            self._save_index()
+            self._cond.notify_all()
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def latest(self) -> VersionInfo | None:
+        """Newest published version, or None before the first publish."""
+        with self._cond:
+            return self._index[max(self._index)] if self._index else None
+
+    @property
+    def pinned(self) -> int | None:
+        """The pinned version, if any."""
+        return self._pinned
+
+    def fleet_version(self) -> VersionInfo | None:
+        """What actors should run: the pinned version if set, else the newest."""
+        with self._cond:
+            if self._pinned is not None:
+                return self._index[self._pinned]
+            return self._index[max(self._index)] if self._index else None
+
+    def info(self, version: int) -> VersionInfo:
+        """Metadata of ``version``; NotFound names it."""
+        try:
+            return self._index[version]
+        except KeyError:
+            raise NotFound(f"unknown policy version {version}", field="version", value=version) from None
+
+    def versions(self) -> list[VersionInfo]:
+        """All versions, oldest first."""
+        with self._cond:
+            return sorted(self._index.values(), key=lambda v: v.version)
+
+    def blob(self, version: int) -> bytes:
+        """The bytes of ``version`` (memory, else disk)."""
+        info = self.info(version)
+        with self._cond:
+            cached = self._blobs.get(version)
+        if cached is not None:
+            return cached
+        return (self.root / f"v{info.version}.safetensors").read_bytes()
+
+    def wait_for_change(self, known: tuple[int, bool] | None, timeout: float) -> VersionInfo | None:
+        """Block until the fleet version differs from ``known`` = (version, pinned) or ``timeout``
+        passes; returns the current fleet version (which may equal ``known`` after a timeout)."""
+        def current() -> tuple[int, bool] | None:
+            fv = self.fleet_version()
+            return None if fv is None else (fv.version, self._pinned is not None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: current() != known, timeout=timeout)
+        return self.fleet_version()
