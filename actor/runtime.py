@@ -58,6 +58,11 @@ def _error_from_rpc(err: grpc.RpcError) -> FleetloopError:
     return FleetloopError(f"{err.code().name}: {err.details()}")
 
 
+def _np_dtype(spec) -> np.dtype:
+    from fleetloop.codec import _DTYPES
+    return _DTYPES.get(int(spec.dtype), np.dtype("<f4"))
+
+
 class EpisodeRecorder:
     """Records one episode's steps and spools them in chunks of ``chunk_steps``."""
 
@@ -79,6 +84,8 @@ class EpisodeRecorder:
         received, and whether the operator (not the policy) chose it."""
         if self.closed:
             raise InvalidArgument(f"episode {self.episode_id} is already closed", field="episode_id", value=self.episode_id)
+        if len(self._buf["rew"]) >= self.chunk_steps:  # flush lazily so the last chunk always has steps
+            self._flush(end=None)
         if not self._buf["rew"]:
             self._t_first = time.time()
         self._buf["obs"].append(obs)
@@ -88,8 +95,6 @@ class EpisodeRecorder:
         self.steps += 1
         self.intervention_steps += int(bool(intervened))
         self.total_reward += float(reward)
-        if len(self._buf["rew"]) >= self.chunk_steps:
-            self._flush(end=None)
 
     def end(self, outcome: str, total_reward: float | None = None) -> None:
         """Close the episode with ``success`` / ``failure`` / ``timeout`` / ``aborted``."""
@@ -114,11 +119,13 @@ class EpisodeRecorder:
                                 seq=self.seq, task_id=self.task_id, behavior_version=self.version,
                                 first_step=self._first_step, produced_at=self._t_first or time.time())
         obs_specs, act_specs = self.client.observation_specs, self.client.action_specs
-        if n:
-            for name, arr in self._stack(self._buf["obs"], obs_specs).items():
-                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, chunk.observations[name])
-            for name, arr in self._stack(self._buf["act"], act_specs).items():
-                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, chunk.actions[name])
+        for specs, items, target in ((obs_specs, self._buf["obs"], chunk.observations), (act_specs, self._buf["act"], chunk.actions)):
+            if n:
+                arrays = self._stack(items, specs)
+            else:  # an episode ended before any step: empty tensors, still well-formed
+                arrays = {s.name: np.zeros((0, *s.shape), dtype=_np_dtype(s)) for s in specs}
+            for name, arr in arrays.items():
+                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, target[name])
         encode(np.asarray(self._buf["rew"], np.float32), chunk.rewards)
         encode(np.asarray(self._buf["int"], np.bool_), chunk.interventions)
         if end is not None:

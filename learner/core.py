@@ -82,6 +82,7 @@ class LearnerCore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rate_window = (time.monotonic(), 0)
+        self.staleness_max = 0
         self.offline_steps = self._load_offline()
         self._restore()
 
@@ -222,8 +223,11 @@ class LearnerCore:
         arrays = {k: np.concatenate(v) for k, v in cols.items()}
         keep, weights, staleness = self.gate.at_training(version, arrays["versions"], arrays["interventions"], arrays["source"])
         online = arrays["source"] == 0
-        for s in staleness[online & keep]:
+        observed = staleness[online & keep]
+        for s in observed:
             self.metrics.staleness.labels(self.job).observe(float(s))
+        if observed.size:
+            self.staleness_max = max(self.staleness_max, int(observed.max()))
         dropped = int((~keep).sum())
         if dropped:
             self.metrics.dropped_samples.labels(self.job, "stale_at_training").inc(dropped)
@@ -316,8 +320,23 @@ class LearnerCore:
             "job": self.job, "version": self.version, "fleet_version": None if fv is None else fv.version,
             "pinned": self.weights.pinned, "step": self.step, "tasks": tasks, "actors": actors,
             "episodes_total": episodes_total, "staleness_bound": self.gate.config.bound,
+            "staleness_max": self.staleness_max, "ingested_steps": self.ingestor.steps_total,
             "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
         }
+
+    def audit(self) -> dict[str, Any]:
+        """Exactly-once audit of the online buffers: stored steps, and steps stored more than once
+        (same episode and step index). ``duplicates_stored`` must be 0."""
+        with self.ingestor.lock:
+            stored, dups = {}, 0
+            for task in self.cfg.tasks:
+                arr = self.replay.export(task, "online")
+                keys = arr["episode_keys"].astype(np.int64) * (1 << 32) + arr["steps"].astype(np.int64)
+                stored[task] = int(keys.size)
+                dups += int(keys.size - np.unique(keys).size)
+            stats = self.replay.stats()
+            return {"stored_steps": stored, "duplicates_stored": dups,
+                    "evicted": {t: stats[t]["online_evicted"] for t in self.cfg.tasks}}
 
     def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
         """Episode records with global index >= ``index`` (as far as retained); returns (next_index, records)."""

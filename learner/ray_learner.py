@@ -53,6 +53,9 @@ class _RayLearnerImpl:
     def pin(self, version: int | None) -> None:
         self.core.pin(version)
 
+    def audit(self) -> dict[str, Any]:
+        return self.core.audit()
+
     def publish_now(self) -> int:
         return self.core.publish()
 
@@ -91,6 +94,9 @@ class LearnerHandle:
 
     def pin(self, version: int | None) -> None:
         ray.get(self.actor.pin.remote(version), timeout=30)
+
+    def audit(self) -> dict[str, Any]:
+        return ray.get(self.actor.audit.remote(), timeout=60)
 
     def stop(self) -> dict[str, Any]:
         """Stop serving and training, checkpoint, and end the Ray actor."""

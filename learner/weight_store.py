@@ -1,6 +1,8 @@
 """WeightStore: versioned, content-addressed policy weights.
 
 Invariants:
+- retention: version 0 (the initial policy), a pinned version and the newest ``keep_on_disk``
+  versions stay fetchable; older ones are deleted (their numbers are never reused);
 - versions increase by exactly one per publish and never repeat (also across restarts: the store
   reloads its index from disk);
 - a version's bytes are a safetensors blob whose sha256 is its identity; blobs are written
@@ -40,10 +42,12 @@ class WeightStore:
     """Keeps every version on disk (``DIR/v<version>.safetensors`` + ``index.json``) and the newest
     ``keep_in_memory`` blobs in memory for fast fan-out."""
 
-    def __init__(self, root: Path, keep_in_memory: int = 8) -> None:
+    def __init__(self, root: Path, keep_in_memory: int = 8, keep_on_disk: int = 100) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._keep = keep_in_memory
+        self._keep_disk = keep_on_disk
+        self._next_version = 0
         self._cond = threading.Condition()
         self._blobs: OrderedDict[int, bytes] = OrderedDict()
         self._index: dict[int, VersionInfo] = {}
@@ -64,26 +68,38 @@ class WeightStore:
             if (self.root / f"v{info.version}.safetensors").exists():
                 self._index[info.version] = info
         self._pinned = data.get("pinned")
+        self._next_version = int(data.get("next_version", max(self._index, default=-1) + 1))
 
     def _save_index(self) -> None:
         data = {"versions": [asdict(v) for v in sorted(self._index.values(), key=lambda v: v.version)],
-                "pinned": self._pinned}
+                "pinned": self._pinned, "next_version": self._next_version}
         atomic_write(self._index_path(), json.dumps(data).encode())
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, blob: bytes, learner_step: int) -> VersionInfo:
         """Store ``blob`` as the next version and wake subscribers. Returns its metadata."""
         with self._cond:
-            version = (max(self._index) + 1) if self._index else 0
+            version = self._next_version
+            self._next_version += 1
             info = VersionInfo(version, sha256_hex(blob), len(blob), learner_step, time.time())
             atomic_write(self.root / f"v{version}.safetensors", blob)
             self._index[version] = info
             self._blobs[version] = blob
             while len(self._blobs) > self._keep:
                 self._blobs.popitem(last=False)
+            self._prune()
             self._save_index()
             self._cond.notify_all()
             return info
+
+    def _prune(self) -> None:
+        """Keep version 0, the pinned version and the newest ``keep_on_disk`` versions on disk."""
+        old = sorted(self._index)[:-self._keep_disk]
+        for v in old:
+            if v in (0, self._pinned):
+                continue
+            del self._index[v]
+            (self.root / f"v{v}.safetensors").unlink(missing_ok=True)
 
     def pin(self, version: int | None) -> None:
         """Pin the fleet to ``version`` (roll back / hold), or unpin with None."""

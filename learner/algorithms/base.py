@@ -15,6 +15,7 @@ Adding an algorithm: subclass :class:`Algorithm`, set ``name`` and ``Config`` (a
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -86,12 +87,15 @@ class Algorithm(abc.ABC):
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.policy.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything to resume: ``policy``, ``optimizer``, ``step``, and ``name``/``config`` for checks."""
+        """Everything to resume: ``policy``, ``optimizer``, ``step``, and ``name``/``config`` for checks.
+
+        A snapshot on the CPU: no tensor is shared with the live model or optimizer, so later updates
+        do not change it (it can be written out asynchronously)."""
         return {
             "name": self.name,
             "config": self.config.model_dump(mode="json"),
             "policy": self.policy_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),
             "step": self.step,
         }
 
@@ -101,8 +105,19 @@ class Algorithm(abc.ABC):
             raise InvalidArgument(f"checkpoint is for algorithm {state.get('name')!r}, not {self.name!r}",
                                   field="algorithm", value=state.get("name"))
         self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # never alias the caller's tensors
         self.step = int(state.get("step", 0))
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}

@@ -1,0 +1,81 @@
+"""``fleetloop actor``: one stateless robot process (Meta-World simulated robot + scripted operator)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+
+from actor.envs import make_env
+from actor.envs.metaworld_env import ACT_DIM, OBS_DIM
+from actor.metrics import ActorMetrics
+from actor.operators import NoOperator, ScriptedExpertOperator
+from actor.policy_runner import PolicyRunner
+from actor.robot_loop import run_robot
+from actor.runtime import FleetClient
+from fleetloop.codec import make_spec
+from fleetloop.logs import event, get_logger
+
+log = get_logger("actor.main")
+
+
+def robot_specs() -> tuple[list, list]:
+    """Observation/action specs of the built-in Meta-World robot."""
+    return ([make_spec("state", "float32", [OBS_DIM])],
+            [make_spec("action", "float32", [ACT_DIM], [-1.0] * ACT_DIM, [1.0] * ACT_DIM)])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``fleetloop actor``."""
+    p.add_argument("--learner", required=True, help="learner gRPC target HOST:PORT")
+    p.add_argument("--job", default="demo", help="job id")
+    p.add_argument("--actor-id", default=None, help="actor id (default: robot-<pid>)")
+    p.add_argument("--task", "--tasks", dest="tasks", required=True, help="comma-separated task ids this robot runs")
+    p.add_argument("--token", default=os.environ.get("FLEETLOOP_ROBOT_TOKEN"), help="robot credential (or $FLEETLOOP_ROBOT_TOKEN)")
+    p.add_argument("--spool", default=None, help="spool folder (default /tmp/fleetloop-spool-<actor-id>)")
+    p.add_argument("--operator", choices=["scripted", "none"], default="scripted", help="who may take over")
+    p.add_argument("--deviation-threshold", type=float, default=0.5, help="scripted operator: takeover deviation")
+    p.add_argument("--patience", type=int, default=3, help="scripted operator: consecutive deviating steps before takeover")
+    p.add_argument("--hold-steps", type=int, default=20, help="scripted operator: steps of each correction")
+    p.add_argument("--stall-k", type=int, default=0, help="scripted operator: no-progress steps before takeover (0 = off)")
+    p.add_argument("--hz", type=float, default=0.0, help="real-time pacing (e.g. 30); 0 = as fast as possible")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this long (default: run until signalled)")
+    p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")
+    p.add_argument("--seed", type=int, default=None, help="seed of this robot's episode layouts")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port (0 = any free one)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Connect, run episodes until the deadline / signal, flush the spool, exit 0."""
+    actor_id = args.actor_id or f"robot-{os.getpid()}"
+    tasks = [t for t in args.tasks.split(",") if t]
+    obs_specs, act_specs = robot_specs()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
+                         spool_dir=args.spool, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
+    run = client.connect()
+    metrics = ActorMetrics(actor_id)
+    if args.metrics_port is not None:
+        event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port))
+    seed = args.seed if args.seed is not None else os.getpid()
+    envs = {t: make_env(t, seed=seed + i, max_episode_steps=run.max_episode_steps) for i, t in enumerate(tasks)}
+    runner = PolicyRunner(run, OBS_DIM, ACT_DIM)
+
+    def make_operator(env):
+        if args.operator == "none":
+            return NoOperator()
+        return ScriptedExpertOperator(env, deviation_threshold=args.deviation_threshold, patience_k=args.patience,
+                                      hold_steps=args.hold_steps, stall_k=args.stall_k, seed=seed)
+
+    deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
+    stats = run_robot(client, runner, envs, make_operator, seed, deadline=deadline, max_episodes=args.episodes,
+                      hz=args.hz, metrics=metrics, should_stop=stop.is_set)
+    flushed = client.flush(timeout=30.0)
+    client.close(flush_timeout=0)
+    event(log, "actor_done", actor=actor_id, version=runner.version, episodes=stats.episodes, steps=stats.steps,
+          interventions=stats.intervention_steps, flushed=flushed, spooled=len(client.spool))
+    return 0 if flushed else 3

@@ -1,0 +1,168 @@
+"""``fleetloop`` command line: the composition root.
+
+Subcommands: ``demo`` (the main job), ``learner``, ``actor``, ``demos record``, ``pretrain``,
+``eval``, ``bench ingest`` / ``bench weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+DEFAULT_TASKS = "reach-v3,push-v3,drawer-open-v3,door-open-v3"
+
+
+def _cmd_actor(args: argparse.Namespace) -> int:
+    from actor.main import main
+    return main(args)
+
+
+def _cmd_learner(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from learner.config import LearnerConfig
+    from learner.ray_learner import start_learner
+    from services.config_files import load_config
+
+    cfg = load_config(LearnerConfig, args.config) if args.config else LearnerConfig()
+    updates = {k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+                                 "state_dir": args.state_dir}.items() if v is not None}
+    cfg = LearnerConfig.model_validate({**cfg.model_dump(), **updates})
+    handle = start_learner(cfg, ray_address=args.ray_address)
+    print(json.dumps({"target": handle.target, "metrics_port": handle.metrics_port, "job": cfg.job_id}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    print(json.dumps(handle.stop(), default=str)[:2000], flush=True)
+    return 0
+
+
+def _cmd_demos_record(args: argparse.Namespace) -> int:
+    from actor.demos import record_demos
+    counts = record_demos(args.tasks.split(","), args.episodes, Path(args.out), seed=args.seed, action_noise=args.noise,
+                          max_episode_steps=args.max_steps)
+    print(json.dumps(counts))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from learner.pretrain import pretrain
+    info = pretrain(Path(args.dataset), args.tasks.split(","), Path(args.out), steps=args.steps, seed=args.seed)
+    print(json.dumps(info))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from services.evaluation import evaluate_file
+    res = evaluate_file(Path(args.weights), args.tasks.split(","), args.trials, workers=args.workers)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import DemoOptions, run_demo
+    opts = DemoOptions(robots=args.robots, tasks=args.tasks.split(","), minutes=args.minutes, out=Path(args.out),
+                       seed=args.seed, demos_per_task=args.demos_per_task, pretrain_steps=args.pretrain_steps,
+                       eval_trials=args.eval_trials, hz=args.hz, live=not args.no_live, demos=args.demos)
+    report = run_demo(opts)
+    return 0 if report["overall"]["duplicates_stored"] == 0 else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.runner import run_bench
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleetloop", description="Fleet post-training: actors -> gRPC -> Ray learner -> weights -> actors.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="the main job: a simulated Meta-World fleet improving one policy online")
+    d.add_argument("--robots", type=int, default=4, help="number of simulated robots")
+    d.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World v3 task ids")
+    d.add_argument("--minutes", type=float, default=8.0, help="length of the online phase")
+    d.add_argument("--out", default="runs/demo", help="output folder (report.json, report.png, logs, state)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--demos", default=None, help="existing demo dataset (default: record into OUT/demos)")
+    d.add_argument("--demos-per-task", type=int, default=4, help="scripted demonstrations recorded per task")
+    d.add_argument("--pretrain-steps", type=int, default=1500, help="behaviour-cloning steps of the initial policy")
+    d.add_argument("--eval-trials", type=int, default=50, help="evaluation trials per task (pretrained and final)")
+    d.add_argument("--hz", type=float, default=0.0, help="robot pacing (0 = as fast as the CPU allows)")
+    d.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    d.set_defaults(func=_cmd_demo)
+
+    lr = sub.add_parser("learner", help="run a learner (gRPC server + training) on Ray until signalled")
+    lr.add_argument("--config", default=None, help="TOML/YAML/JSON LearnerConfig file")
+    lr.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start Ray locally)")
+    lr.add_argument("--host", default=None)
+    lr.add_argument("--port", type=int, default=None)
+    lr.add_argument("--metrics-port", type=int, default=None)
+    lr.add_argument("--state-dir", default=None)
+    lr.set_defaults(func=_cmd_learner)
+
+    from actor.main import add_arguments
+    ac = sub.add_parser("actor", help="run one stateless simulated robot actor")
+    add_arguments(ac)
+    ac.set_defaults(func=_cmd_actor)
+
+    dm = sub.add_parser("demos", help="offline demonstrations")
+    dsub = dm.add_subparsers(dest="demos_cmd", required=True)
+    rec = dsub.add_parser("record", help="record scripted-expert demonstrations into a dataset folder")
+    rec.add_argument("--tasks", default=DEFAULT_TASKS)
+    rec.add_argument("--episodes", type=int, default=4, help="successful episodes per task")
+    rec.add_argument("--out", required=True)
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--noise", type=float, default=0.1, help="Gaussian noise on executed expert actions")
+    rec.add_argument("--max-steps", type=int, default=200)
+    rec.set_defaults(func=_cmd_demos_record)
+
+    pt = sub.add_parser("pretrain", help="behaviour-clone the initial policy from a demo dataset")
+    pt.add_argument("--dataset", required=True)
+    pt.add_argument("--tasks", default=DEFAULT_TASKS)
+    pt.add_argument("--out", required=True, help="output safetensors file")
+    pt.add_argument("--steps", type=int, default=1500)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.set_defaults(func=_cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a weights file on held-out seeds (no operator)")
+    ev.add_argument("--weights", required=True)
+    ev.add_argument("--tasks", default=DEFAULT_TASKS)
+    ev.add_argument("--trials", type=int, default=50)
+    ev.add_argument("--workers", type=int, default=2)
+    ev.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bi = bsub.add_parser("ingest", help="ingest throughput vs raw gRPC of the same bytes")
+    bi.add_argument("--actors", default="1,4", help="comma-separated actor counts")
+    bi.add_argument("--seconds", type=float, default=5.0, help="measurement time per configuration")
+    bi.add_argument("--chunk-steps", type=int, default=50)
+    bi.add_argument("--out", required=True)
+    bi.set_defaults(func=_cmd_bench)
+    bw = bsub.add_parser("weights", help="weight delivery (publish -> all actors verified) vs raw gRPC")
+    bw.add_argument("--size-mb", type=float, default=10.0)
+    bw.add_argument("--actors", type=int, default=1)
+    bw.add_argument("--repeats", type=int, default=3)
+    bw.add_argument("--out", required=True)
+    bw.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""``fleetloop demo``: the main job on one machine.
+
+1. record scripted demonstrations (unless a dataset is given or already there);
+2. behaviour-clone the initial policy (``pretrain``) and evaluate it (held-out seeds, no operator);
+3. start Ray locally and the learner (HG-DAgger, SOP adaptive sampler) seeded with that policy
+   and the demos;
+4. start N simulated robots as separate ``fleetloop actor`` processes (scripted HG-DAgger operator)
+   for ``minutes``, with a live view of per-task success, interventions, version, staleness, ingest;
+5. stop the fleet (every spool flushed), audit exactly-once storage, stop the learner
+   (checkpoint), evaluate the final policy, write ``report.json`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleetloop.dataset import task_counts
+from fleetloop.logs import event, get_logger
+from services.live_view import LiveView
+
+log = get_logger("demo")
+
+
+class DemoOptions(BaseModel):
+    """Options of ``fleetloop demo`` (see ``fleetloop demo --help``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    robots: int = Field(4, ge=1, le=64, description="Simulated robots (one process each).")
+    tasks: list[str] = Field(min_length=1, description="Meta-World v3 task ids; one multi-task policy learns them all.")
+    minutes: float = Field(8.0, gt=0, le=24 * 60, description="Length of the online phase.")
+    out: Path = Field(Path("runs/demo"), description="Output folder.")
+    seed: int = Field(0, description="Seed for demos, pretraining and robot layouts.")
+    demos: str | None = Field(None, description="Existing demo dataset; default OUT/demos (recorded if missing).")
+    demos_per_task: int = Field(4, ge=1, description="Scripted demonstrations per task.")
+    pretrain_steps: int = Field(1500, ge=0, description="Behaviour-cloning steps of the initial policy.")
+    eval_trials: int = Field(50, ge=1, description="Evaluation trials per task, before and after.")
+    hz: float = Field(0.0, ge=0, description="Robot pacing; 0 = as fast as the CPU allows.")
+    live: bool = Field(True, description="Live terminal view (else one log line per update).")
+    publish_every: int = Field(50, ge=1, description="Learner steps between published versions.")
+    max_updates_per_s: float = Field(40.0, gt=0, description="Learner step rate cap (leaves CPU to the simulated fleet).")
+
+
+def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
+    from actor.demos import record_demos
+    from learner.pretrain import pretrain
+
+    demos = Path(o.demos) if o.demos else o.out / "demos"
+    have = task_counts(demos)
+    missing = [t for t in o.tasks if have.get(t, 0) < o.demos_per_task]
+    if missing:
+        print(f"[1/5] recording {o.demos_per_task} scripted demonstrations for {', '.join(missing)} -> {demos}", flush=True)
+        record_demos(missing, o.demos_per_task, demos, seed=o.seed)
+    else:
+        print(f"[1/5] demonstrations found in {demos}", flush=True)
+    pretrained = o.out / "pretrained.safetensors"
+    print(f"[2/5] behaviour-cloning the initial policy ({o.pretrain_steps} steps) -> {pretrained}", flush=True)
+    pretrain(demos, o.tasks, pretrained, steps=o.pretrain_steps, seed=o.seed)
+    return demos, pretrained
+
+
+def _spawn_robots(o: DemoOptions, target: str, job: str, token: str) -> list[tuple[subprocess.Popen, Path]]:
+    logs = o.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLEETLOOP_ROBOT_TOKEN": token, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = []
+    for i in range(o.robots):
+        tasks = o.tasks[i % len(o.tasks):] + o.tasks[:i % len(o.tasks)]
+        stats = logs / f"robot-{i}.stats.json"
+        cmd = [sys.executable, "-m", "services.cli", "actor", "--learner", target, "--job", job, "--actor-id", f"robot-{i}",
+               "--tasks", ",".join(tasks), "--spool", str(o.out / "spool" / f"robot-{i}"), "--minutes", str(o.minutes),
+               "--seed", str(o.seed * 1000 + i * 7919), "--hz", str(o.hz)]
+        fh = open(logs / f"robot-{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()), stats))
+    return procs
+
+
+def run_demo(o: DemoOptions) -> dict:
+    """Run the whole demo; returns the report dict (also written to OUT/report.json)."""
+    import torch
+
+    from learner.config import LearnerConfig
+    from learner.ray_learner import start_learner
+    from services.evaluation import evaluate_file
+    from services.report import write_report
+
+    torch.set_num_threads(1)
+    o.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    demos, pretrained = _prepare_offline(o)
+    print(f"[3/5] evaluating the pretrained policy ({o.eval_trials} held-out trials per task, no operator)", flush=True)
+    pre_eval = evaluate_file(pretrained, o.tasks, o.eval_trials)
+    print("      pretrained success: " + ", ".join(f"{t} {pre_eval[t]['success_rate']:.2f}" for t in o.tasks), flush=True)
+
+    state_dir = o.out / "learner"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(o.out / "spool", ignore_errors=True)
+    token = secrets.token_urlsafe(24)
+    job = "demo"
+    cfg = LearnerConfig(job_id=job, state_dir=state_dir, tasks=o.tasks, initial_weights=pretrained, offline_dataset=demos,
+                        publish_every=o.publish_every, min_publish_interval_s=1.0, max_updates_per_s=o.max_updates_per_s,
+                        robot_tokens=[token], metrics_port=0, seed=o.seed)
+    print(f"[4/5] starting Ray, the learner and {o.robots} robots for {o.minutes:g} min", flush=True)
+    ray_tmp = f"/tmp/fl-ray-{os.getpid()}"
+    handle = start_learner(cfg, num_cpus=2, temp_dir=ray_tmp)
+    event(log, "learner_up", job=job, target=handle.target, metrics_port=handle.metrics_port)
+    robots = _spawn_robots(o, handle.target, job, token)
+    t0 = time.time()
+    episodes: list[dict] = []
+    versions: list[tuple[float, int]] = []
+    index = 0
+    view = LiveView(o.tasks, o.minutes * 60, live=o.live)
+    try:
+        with view:
+            while any(p.poll() is None for p, _ in robots):
+                time.sleep(2.0)
+                status = handle.status()
+                index, new = handle.episodes_since(index)
+                episodes.extend(new)
+                if not versions or versions[-1][1] != status["version"]:
+                    versions.append((time.time(), status["version"]))
+                view.update(status, episodes, time.time() - t0, sum(p.poll() is None for p, _ in robots))
+                if time.time() - t0 > o.minutes * 60 + 120:  # robots overdue: stop them
+                    for p, _ in robots:
+                        if p.poll() is None:
+                            p.terminate()
+    finally:
+        for p, _ in robots:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        index, new = handle.episodes_since(index)
+        episodes.extend(new)
+        audit = handle.audit()
+        final = handle.stop()
+    wall = time.time() - t0
+    robot_rc = [p.returncode for p, _ in robots]
+    print(f"[5/5] evaluating the final policy v{final['version']} ({o.eval_trials} held-out trials per task)", flush=True)
+    final_weights = state_dir / "weights" / f"v{final['version']}.safetensors"
+    final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials)
+    overall = {"policy_version": final["version"], "learner_steps": final["step"], "wall_seconds": wall,
+               "total_seconds": time.monotonic() - t_start, "staleness_max": final["staleness_max"],
+               "staleness_bound": final["staleness_bound"], "duplicates_stored": audit["duplicates_stored"],
+               "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
+               "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"]}
+    report = write_report(o.out, o.tasks, pre_eval, final_eval, episodes, t0, overall, versions)
+    (o.out / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    _print_summary(report, o.out)
+    return report
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="fleetloop demo: evaluation on held-out seeds, no operator")
+    for col in ("task", "pretrained", "final", "fleet episodes", "intervention share"):
+        t.add_column(col, justify="right")
+    for task, r in report["tasks"].items():
+        t.add_row(task, f"{r['pretrained_success']:.2f}", f"{r['final_success']:.2f}", str(r["episodes"]),
+                  f"{r['intervention_share']:.2f}")
+    ov = report["overall"]
+    t.add_row("mean", f"{ov['mean_pretrained_success']:.2f}", f"{ov['mean_final_success']:.2f}", str(ov["episodes"]), "")
+    Console().print(t)
+    print(f"policy v{ov['policy_version']}, staleness max {ov['staleness_max']}, duplicates stored {ov['duplicates_stored']}, "
+          f"online {ov['wall_seconds']:.0f} s, total {ov['total_seconds']:.0f} s -> {out / 'report.json'}, {out / 'report.png'}")
