@@ -190,7 +190,7 @@ class LearnerCore:
         result = self.algorithm.update(batch.to(self.device))
         for (task, source), idx in groups.items():
             kept = idx[idx >= 0]
-            if kept.size:
+            if kept.size and np.isfinite(result.per_sample_loss[kept]).all():
                 self.sampler.observe(task, source, float(np.mean(result.per_sample_loss[kept])))
         self.step += 1
         dt = time.perf_counter() - t0
@@ -328,14 +328,16 @@ class LearnerCore:
         """Exactly-once audit of the online buffers: stored steps, and steps stored more than once
         (same episode and step index). ``duplicates_stored`` must be 0."""
         with self.ingestor.lock:
-            stored, dups = {}, 0
+            stored, dups, mixed = {}, 0, 0
             for task in self.cfg.tasks:
                 arr = self.replay.export(task, "online")
                 keys = arr["episode_keys"].astype(np.int64) * (1 << 32) + arr["steps"].astype(np.int64)
                 stored[task] = int(keys.size)
                 dups += int(keys.size - np.unique(keys).size)
+                pairs = np.unique(np.stack([arr["episode_keys"], arr["versions"]], axis=1), axis=0) if keys.size else np.zeros((0, 2))
+                mixed += int(pairs.shape[0] - np.unique(pairs[:, 0]).size)
             stats = self.replay.stats()
-            return {"stored_steps": stored, "duplicates_stored": dups,
+            return {"stored_steps": stored, "duplicates_stored": dups, "episodes_with_mixed_versions": mixed,
                     "evicted": {t: stats[t]["online_evicted"] for t in self.cfg.tasks}}
 
     def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:

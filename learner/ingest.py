@@ -167,9 +167,20 @@ class Ingestor:
 
     def _store(self, c: DecodedChunk, learner_version: int) -> None:
         autonomous = bool((~c.interventions).any())
-        decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous)
+        decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous,
+                                       has_expert_steps=bool(c.interventions.any()), num_steps=c.steps)
         key = self._episode_keys.setdefault(c.episode_id, len(self._episode_keys))
-        if c.steps and decision.admit:
+        if c.steps and decision.admit and decision.expert_only:
+            # stale chunk: keep the operator's corrections (expert labels do not go stale), drop the rest
+            idx = np.flatnonzero(c.interventions)
+            for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
+                if run.size:
+                    a, b = int(run[0]), int(run[-1]) + 1
+                    self.replay.add_online(c.task_id, c.obs[a:b], c.actions[a:b], c.rewards[a:b], c.interventions[a:b],
+                                           c.behavior_version, key, c.first_step + a)
+            self.m.ingested_steps.labels(self.job_id, c.task_id).inc(idx.size)
+            self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps - idx.size)
+        elif c.steps and decision.admit:
             self.replay.add_online(c.task_id, c.obs, c.actions, c.rewards, c.interventions, c.behavior_version, key, c.first_step)
             self.m.ingested_steps.labels(self.job_id, c.task_id).inc(c.steps)
         elif c.steps:
