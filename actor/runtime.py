@@ -168,7 +168,9 @@ class FleetClient:
     def connect(self) -> pb.RunConfig:
         """Handshake (retrying while the learner is unavailable), fetch and verify the fleet's
         policy, start the background sender and weight follower. Raises a FleetloopError for a
-        refusal (protocol/spec mismatch, bad credential, unknown job)."""
+        refusal (protocol/spec mismatch, bad credential, unknown job). Idempotent."""
+        if self.run_config is not None:
+            return self.run_config
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job_id, actor_id=self.actor_id, kind=pb.ROBOT,
                                   observation_specs=self.observation_specs, action_specs=self.action_specs, tasks=self.tasks,
                                   capabilities=self.capabilities)

@@ -129,6 +129,8 @@ class WeightClient:
                     if self._stop.is_set():
                         return
                     self._handle(ann)
+            except ValueError:  # channel closed under us: the client is shutting down
+                return
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     return
