@@ -22,6 +22,16 @@ from learner.config import LearnerConfig
 log = get_logger("learner.ray")
 
 
+def _unnice() -> None:
+    """Undo a worker niceness Ray may have applied (the learner must not starve beside its fleet)."""
+    try:
+        current = os.nice(0)
+        if current > 0:
+            os.nice(-current)
+    except OSError:
+        pass
+
+
 class _RayLearnerImpl:
     """Body of the Ray actor (kept a plain class so it can also run in-process for tests)."""
 
@@ -30,6 +40,7 @@ class _RayLearnerImpl:
         from learner.server import LearnerServicer, build_server
 
         cfg = LearnerConfig.model_validate_json(config_json)
+        _unnice()
         self.core = LearnerCore(cfg)
         self.servicer = LearnerServicer(self.core)
         self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
@@ -112,6 +123,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at nice 15; a learner that shares the machine with robots would starve.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
