@@ -321,6 +321,7 @@ def raw_ingest_client(idx: int, target: str, messages: list[bytes], window: int,
         end_by = time.monotonic() + hard_deadline_s
         ready_q.put({"idx": idx, "ready": True})
         go.wait(hard_deadline_s)
+        cpu0 = cpu_seconds()
         window_sem = threading.Semaphore(window)
         sent = [0]
 
@@ -338,7 +339,7 @@ def raw_ingest_client(idx: int, target: str, messages: list[bytes], window: int,
             window_sem.release()
             acked += 1
         channel.close()
-        result_q.put({"idx": idx, "sent": sent[0], "acked": acked})
+        result_q.put({"idx": idx, "sent": sent[0], "acked": acked, "cpu_s": round(cpu_seconds() - cpu0, 3)})
     except Exception as exc:  # report, never hang the parent
         result_q.put({"idx": idx, "error": repr(exc)[:500]})
         ready_q.put({"idx": idx, "error": repr(exc)[:500]})

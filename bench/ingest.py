@@ -163,7 +163,14 @@ def measure_fleetloop(k: int, seconds: float, warmup: float, chunk_steps: int, t
             "server_cpu_us_per_chunk": (s1["cpu"] - s0["cpu"]) / chunks * 1e6 if chunks else None,
             "mean_produce_to_store_s": (s1["lat_sum"] - s0["lat_sum"]) / lat_n if lat_n else None,
             "loadavg_1m_at_end": load_average(),
+            "client_cpu_us_per_chunk": _client_cpu_per_message(actors, "acked_chunks"),
             "actors": sorted(actors, key=lambda a: a["idx"])}
+
+
+def _client_cpu_per_message(reports: list[dict[str, Any]], count_key: str) -> float | None:
+    """CPU time of the client processes (go -> stop, all threads) per acknowledged message, in us."""
+    n = sum(r.get(count_key, 0) for r in reports)
+    return sum(r.get("cpu_s", 0.0) for r in reports) / n * 1e6 if n else None
 
 
 def measure_raw(k: int, seconds: float, warmup: float, chunk_steps: int) -> dict[str, Any]:
@@ -194,6 +201,7 @@ def measure_raw(k: int, seconds: float, warmup: float, chunk_steps: int) -> dict
             "server_cpu_us_per_message": (c1 - c0) / msgs * 1e6 if msgs else None,
             "message_bytes": [len(m) for m in messages[0]], "bytes_per_step": bytes_per_step,
             "loadavg_1m_at_end": load_average(),
+            "client_cpu_us_per_chunk": _client_cpu_per_message(clients, "acked"),
             "clients": sorted(clients, key=lambda c: c["idx"])}
 
 
@@ -221,8 +229,12 @@ def run_ingest(actor_counts: list[int], seconds: float, chunk_steps: int) -> dic
                      row("chunks/s", "msg/s", k, fl["chunks_per_s"], raw["messages_per_s"], "higher"),
                      row("throughput", "MB/s", k, fl["mb_per_s"], raw["mb_per_s"], "higher"),
                      row("server CPU per chunk", "us", k, fl["server_cpu_us_per_chunk"], raw["server_cpu_us_per_message"],
-                         "lower", "CPU time of the serving process / messages")]
+                         "lower", "CPU time of the serving process / messages"),
+                     row("client CPU per chunk", "us", k, fl["client_cpu_us_per_chunk"], raw["client_cpu_us_per_chunk"],
+                         "lower", "CPU time of the actor / raw client processes / acked messages")]
     notes = [f"{chunk_steps} steps per chunk, ~{runs[0]['raw_grpc']['message_bytes'][0]} bytes per chunk" if runs else "",
-             "fleetloop: bytes/steps stored on the learner; raw: bytes received by a bytes-in/bytes-out gRPC handler"]
+             "fleetloop: bytes/steps stored on the learner; raw: bytes received by a bytes-in/bytes-out gRPC handler",
+             "fleetloop actors also record the episode (EpisodeRecorder) and spool every chunk to disk; raw clients "
+             "resend prepared bytes: the client CPU row shows that share"]
     return {"bench": "ingest", "machine": machine_info(), "config": config, "rows": rows, "runs": runs,
             "notes": [n for n in notes if n]}
