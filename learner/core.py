@@ -141,6 +141,7 @@ class LearnerCore:
         self.metrics.published_bytes.labels(self.job).inc(info.size_bytes)
         self.metrics.version.labels(self.job).set(info.version)
         self._sync_fleet_metric()
+        self.refresh_gauges()
         self._last_publish = time.monotonic()
         event(log, "published", job=self.job, version=info.version, step=self.step, bytes=info.size_bytes,
               sha256=info.sha256[:12], seconds=dt)
@@ -151,6 +152,13 @@ class LearnerCore:
         self.weights.pin(version)
         self._sync_fleet_metric()
         event(log, "pinned", job=self.job, version=version)
+
+    def refresh_gauges(self) -> None:
+        """Update buffer-size and sampler-share gauges (called on publish and on status)."""
+        for task in self.cfg.tasks:
+            for source in SOURCES:
+                self.metrics.buffer_steps.labels(self.job, task, source).set(self.replay.size(task, source))
+            self.metrics.online_share.labels(self.job, task).set(self.sampler.online_share(task))
 
     def _sync_fleet_metric(self) -> None:
         fv = self.weights.fleet_version()
@@ -302,6 +310,7 @@ class LearnerCore:
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """JSON-able snapshot for progress views, reports and the control plane."""
+        self.refresh_gauges()
         with self.ingestor.lock:
             tasks = {}
             for task in self.cfg.tasks:

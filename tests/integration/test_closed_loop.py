@@ -77,3 +77,12 @@ def test_versions_increase_and_reach_robots(ray_learner, tmp_path):
     assert len(seen) >= 2 and seen == sorted(seen) and len(set(seen)) == len(seen)
     assert ray_learner.status()["version"] >= seen[-1]
     r.client.close(flush_timeout=0)
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ray_learner.metrics_port}/metrics", timeout=10).read().decode()
+    for name in ("fleetloop_learner_ingested_steps_total", "fleetloop_learner_staleness_versions_bucket",
+                 "fleetloop_learner_policy_version", "fleetloop_learner_update_seconds_count",
+                 "fleetloop_learner_publish_seconds_count", "fleetloop_learner_published_bytes_total",
+                 "fleetloop_learner_actor_policy_version", "fleetloop_learner_episodes_total",
+                 "fleetloop_learner_intervention_ratio", "fleetloop_learner_buffer_steps",
+                 "fleetloop_learner_dropped_samples_total", "fleetloop_learner_duplicate_chunks_total"):
+        assert name in text, name
