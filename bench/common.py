@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -76,13 +75,6 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (the raw server binds it right away)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -202,13 +194,30 @@ def collect(queue, n: int, timeout: float, accept: Callable[[Any], bool] = lambd
     return got
 
 
-def child_setup() -> None:
-    """First thing in every child: quiet logs (warnings still shown)."""
+class Lifeline:
+    """A child's reasons to go on: its parent (the bench) is alive and its hard deadline has not passed.
+    Children check it in every loop, so none outlives a bench that was killed."""
+
+    def __init__(self, hard_deadline_s: float) -> None:
+        self.ppid = os.getppid()
+        self.end_by = time.monotonic() + hard_deadline_s
+
+    def ok(self) -> bool:
+        return os.getppid() == self.ppid and time.monotonic() < self.end_by
+
+
+def child_setup(hard_deadline_s: float) -> Lifeline:
+    """First thing in every child: leave Ctrl-C to the parent (it stops the children in order),
+    quiet logs (warnings still shown); returns the child's :class:`Lifeline`."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["FLEETLOOP_LOG_LEVEL"] = "WARNING"
     from fleetloop.logs import get_logger
 
     get_logger("bench")
     logging.getLogger("fleetloop").setLevel(logging.WARNING)
+    return Lifeline(hard_deadline_s)
 
 
 # -- the learner, in this process -----------------------------------------------------------------
@@ -268,7 +277,7 @@ class RawServer:
                                                              response_serializer=lambda b: b),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port("127.0.0.1:0")  # a free port, bound at once (no race)
         if self.port == 0:
             raise RuntimeError("raw baseline server could not bind a loopback port")
         self.target = f"127.0.0.1:{self.port}"
@@ -307,35 +316,37 @@ def raw_channel(target: str):
     return grpc.insecure_channel(target, options=channel_options())
 
 
-def raw_ingest_client(idx: int, target: str, messages: list[bytes], window: int, ready_q, go, stop, result_q,
+def raw_ingest_client(idx: int, target: str, messages: list[bytes], window: int, ready_q, active, stop, result_q,
                       hard_deadline_s: float) -> None:
-    """Child process: stream ``messages`` (cycled) to ``RawServer.Ingest`` with at most ``window``
-    unacknowledged, from ``go`` until ``stop``; the same flow control as the actor's Sender."""
+    """Child process: stream ``messages`` (cycled) to ``RawServer.Ingest`` whenever ``active`` is set,
+    until ``stop``, with at most ``window`` unacknowledged: the flow control of the actor's Sender."""
     try:
-        child_setup()
+        life = child_setup(hard_deadline_s)
         import grpc
 
         channel = raw_channel(target)
         grpc.channel_ready_future(channel).result(timeout=30)
         call_factory = channel.stream_stream(RAW_INGEST, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        end_by = time.monotonic() + hard_deadline_s
-        ready_q.put({"idx": idx, "ready": True})
-        go.wait(hard_deadline_s)
-        cpu0 = cpu_seconds()
         window_sem = threading.Semaphore(window)
         sent = [0]
 
         def requests():
             i = 0
-            while not stop.is_set() and time.monotonic() < end_by:
+            while not stop.is_set() and life.ok():
+                if not active.is_set():
+                    active.wait(0.2)
+                    continue
                 if not window_sem.acquire(timeout=0.5):
                     continue
                 yield messages[i % len(messages)]
                 i += 1
                 sent[0] = i
 
+        cpu0 = cpu_seconds()
+        call = call_factory(requests())
+        ready_q.put({"idx": idx, "ready": True})
         acked = 0
-        for _ack in call_factory(requests()):
+        for _ack in call:
             window_sem.release()
             acked += 1
         channel.close()
@@ -349,7 +360,7 @@ def raw_download_client(idx: int, target: str, cmd_q, ready_q, report_q, hard_de
     """Child process: for each round number received on ``cmd_q``, download ``RawServer.Download``
     fully and report (round, start, end, end+sha256) on the system-wide monotonic clock."""
     try:
-        child_setup()
+        life = child_setup(hard_deadline_s)
         import hashlib
         import queue as queue_mod
 
@@ -359,8 +370,7 @@ def raw_download_client(idx: int, target: str, cmd_q, ready_q, report_q, hard_de
         grpc.channel_ready_future(channel).result(timeout=30)
         call = channel.unary_stream(RAW_DOWNLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         ready_q.put({"idx": idx, "ready": True})
-        end_by = time.monotonic() + hard_deadline_s
-        while time.monotonic() < end_by:
+        while life.ok():
             try:
                 rnd = cmd_q.get(timeout=0.5)
             except queue_mod.Empty:
@@ -405,8 +415,8 @@ def print_table(result: dict[str, Any]) -> None:
 
     m = result["machine"]
     table = Table(title=f"fleetloop bench {result['bench']}: fleetloop vs raw gRPC (same run)",
-                  caption=f"{m['cpus_usable']} CPUs, {m['platform']}, Python {m['python']}, grpcio {m['packages'].get('grpcio')}; "
-                          "ratio = fleetloop / raw")
+                  caption=f"{m['cpus_usable']} CPUs, {m['platform']}, Python {m['python']}, "
+                          f"grpcio {m['packages'].get('grpcio')}; ratio = fleetloop / raw")
     for col, just in (("metric", "left"), ("unit", "left"), ("actors", "right"), ("fleetloop", "right"),
                       ("raw gRPC", "right"), ("ratio", "right"), ("better", "left")):
         table.add_column(col, justify=just)

@@ -15,12 +15,17 @@ fleetloop path (per actor count K):
   (after a buffer-size check under the ingest lock), and ``max_updates_per_s=0.1`` makes the
   training loop sleep ~10 s between those checks (see ``bench.common.start_learner_in_process``).
 
-raw baseline (same K, same run, same window lengths):
+raw baseline (same K, same run, same total window):
   a generic stream-stream gRPC handler with identity serializers (bench.common.RawServer) in this
   process; K client processes send the very same serialized ``EpisodeChunk`` bytes (built with the
   real ``EpisodeRecorder``) with the same flow control as the actor's Sender (at most
   ``max_inflight`` = 32 unacknowledged messages); each message is acknowledged with 2 bytes.
   Reported: messages/s, MB/s and equivalent steps/s (bytes / bytes per step of the same episode).
+
+Both paths are up at once and take turns (fleetloop slice, raw slice, fleetloop slice, ...): the
+measurement time is split into up to 5 alternating slices of >= 1.5 s each, each after a short
+warm-up and after the other path's traffic has drained, so a shared machine's changing load hits
+both alike. Rates are totals over all slices; per-slice ratios are kept to show the spread.
 
 ratio = fleetloop / raw (higher is better; 1.0 = fleetloop adds nothing over the transport).
 """
@@ -31,7 +36,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.common import (EPISODE_STEPS, JOB, MB, TASK, Children, RawServer, child_setup, collect, cpu_seconds,
                           load_average, log_progress, machine_info, quiet_fleetloop_logs, ratio, raw_ingest_client, row,
@@ -77,11 +82,12 @@ def episode_messages(chunk_steps: int, actor_id: str, seed: int, steps: int = EP
 
 
 # -- child: one fleetloop actor -----------------------------------------------------------------
-def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, go, stop, result_q, hard_deadline_s: float) -> None:
-    """Child process: connect with the real runtime and record synthetic episodes until ``stop``."""
+def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, active, stop, result_q, hard_deadline_s: float) -> None:
+    """Child process: connect with the real runtime, then record synthetic episodes whenever
+    ``active`` is set (whole episodes; paused between them otherwise) until ``stop``."""
     client = None
     try:
-        child_setup()
+        life = child_setup(hard_deadline_s)
         from actor.main import robot_specs
         from actor.runtime import FleetClient
 
@@ -92,12 +98,13 @@ def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, go, stop, result
         obs, act, rew = synthetic_episode(1000 + idx)
         rewards = [float(r) for r in rew]
         ready_q.put({"idx": idx, "ready": True})
-        go.wait(hard_deadline_s)
-        end_by = time.monotonic() + hard_deadline_s
         episodes = steps = 0
         waited = 0.0
         cpu0 = cpu_seconds()
-        while not stop.is_set() and time.monotonic() < end_by:
+        while not stop.is_set() and life.ok():
+            if not active.is_set():
+                active.wait(0.2)
+                continue
             ep = client.begin_episode(TASK)
             for t in range(EPISODE_STEPS):
                 ep.record(obs[t], act[t], rewards[t], False)
@@ -105,7 +112,7 @@ def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, go, stop, result
             episodes += 1
             steps += EPISODE_STEPS
             t0 = time.monotonic()
-            while len(client.spool) > BACKLOG and not stop.is_set():
+            while len(client.spool) > BACKLOG and not stop.is_set() and life.ok():
                 time.sleep(0.002)
             waited += time.monotonic() - t0
         result_q.put({"idx": idx, "episodes": episodes, "steps_recorded": steps, "acked_chunks": client.sender.acked,
@@ -121,88 +128,106 @@ def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, go, stop, result
 
 
 # -- measurements ------------------------------------------------------------------------------
-def _learner_snapshot(core) -> dict[str, float]:
+def _learner_counters(core) -> dict[str, float]:
     reg, labels = core.metrics.registry, {"job": JOB}
-    return {"t": time.monotonic(), "cpu": cpu_seconds(), "steps": float(core.status()["ingested_steps"]),
+    return {"steps": float(core.status()["ingested_steps"]),
             "bytes": reg.get_sample_value("fleetloop_learner_ingested_bytes_total", labels) or 0.0,
-            "chunks": reg.get_sample_value("fleetloop_learner_ingested_chunks_total", labels) or 0.0,
+            "messages": reg.get_sample_value("fleetloop_learner_ingested_chunks_total", labels) or 0.0,
             "lat_sum": reg.get_sample_value("fleetloop_learner_ingest_latency_seconds_sum", labels) or 0.0,
             "lat_count": reg.get_sample_value("fleetloop_learner_ingest_latency_seconds_count", labels) or 0.0}
 
 
-def measure_fleetloop(k: int, seconds: float, warmup: float, chunk_steps: int, tmp: Path) -> dict[str, Any]:
-    impl = start_learner_in_process(tmp / f"learner-k{k}", chunk_steps)
+def _raw_counters(server: RawServer) -> dict[str, float]:
+    messages, nbytes = server.counters()
+    return {"messages": float(messages), "bytes": float(nbytes)}
+
+
+def _slice(active, counters: Callable[[], dict[str, float]], warm: float, seconds: float) -> dict[str, float]:
+    """Let one path run: ``warm`` seconds unmeasured, then ``seconds`` measured; then pause it and
+    wait until its in-flight traffic has drained (its message counter stands still)."""
+    active.set()
     try:
-        target = f"127.0.0.1:{impl.port}"
-        with Children() as children:
-            ctx = children.ctx
-            ready_q, result_q, go, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
-            try:
-                hard = READY_TIMEOUT_S + warmup + seconds + 60
-                for i in range(k):
-                    children.start(fleet_actor, i, target, str(tmp / f"spool-k{k}-{i}"), ready_q, go, stop, result_q, hard,
-                                   name=f"bench-actor-{i}")
-                wait_ready(ready_q, k, READY_TIMEOUT_S, children, "fleetloop actors")
-                go.set()
-                time.sleep(warmup)
-                s0 = _learner_snapshot(impl.core)
-                time.sleep(seconds)
-                s1 = _learner_snapshot(impl.core)
-            finally:
-                stop.set()
-            actors = collect(result_q, k, 30.0)
+        time.sleep(warm)
+        t0, c0, a = time.monotonic(), cpu_seconds(), counters()
+        time.sleep(seconds)
+        t1, c1, b = time.monotonic(), cpu_seconds(), counters()
     finally:
-        stop_learner_in_process(impl)
-    dt = s1["t"] - s0["t"]
-    chunks = s1["chunks"] - s0["chunks"]
-    lat_n = s1["lat_count"] - s0["lat_count"]
-    return {"window_s": dt, "steps": s1["steps"] - s0["steps"], "chunks": chunks, "bytes": s1["bytes"] - s0["bytes"],
-            "steps_per_s": (s1["steps"] - s0["steps"]) / dt, "chunks_per_s": chunks / dt,
-            "mb_per_s": (s1["bytes"] - s0["bytes"]) / dt / MB,
-            "server_cpu_util": (s1["cpu"] - s0["cpu"]) / dt,
-            "server_cpu_us_per_chunk": (s1["cpu"] - s0["cpu"]) / chunks * 1e6 if chunks else None,
-            "mean_produce_to_store_s": (s1["lat_sum"] - s0["lat_sum"]) / lat_n if lat_n else None,
-            "loadavg_1m_at_end": load_average(),
-            "client_cpu_us_per_chunk": _client_cpu_per_message(actors, "acked_chunks"),
-            "actors": sorted(actors, key=lambda a: a["idx"])}
+        active.clear()
+    out = {k: b[k] - a[k] for k in a}
+    out.update(window_s=t1 - t0, server_cpu_s=c1 - c0)
+    last, quiet_since, give_up = counters()["messages"], time.monotonic(), time.monotonic() + 10.0
+    while time.monotonic() - quiet_since < 0.2 and time.monotonic() < give_up:
+        time.sleep(0.05)
+        now = counters()["messages"]
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return out
+
+
+def _totals(slices: list[dict[str, float]], bytes_per_step: float | None = None) -> dict[str, Any]:
+    tot = {k: sum(s[k] for s in slices) for k in slices[0]}
+    dt, msgs = tot["window_s"], tot["messages"]
+    steps = tot["steps"] if bytes_per_step is None else tot["bytes"] / bytes_per_step
+    out = {"window_s": dt, "messages": msgs, "bytes": tot["bytes"], "steps": steps,
+           "steps_per_s": steps / dt, "messages_per_s": msgs / dt, "mb_per_s": tot["bytes"] / dt / MB,
+           "server_cpu_util": tot["server_cpu_s"] / dt,
+           "server_cpu_us_per_message": tot["server_cpu_s"] / msgs * 1e6 if msgs else None,
+           "slices": slices}
+    if "lat_count" in tot:
+        out["mean_produce_to_store_s"] = tot["lat_sum"] / tot["lat_count"] if tot["lat_count"] else None
+    return out
 
 
 def _client_cpu_per_message(reports: list[dict[str, Any]], count_key: str) -> float | None:
-    """CPU time of the client processes (go -> stop, all threads) per acknowledged message, in us."""
+    """CPU time of the client processes (ready -> stop, all threads) per acknowledged message, in us."""
     n = sum(r.get(count_key, 0) for r in reports)
     return sum(r.get("cpu_s", 0.0) for r in reports) / n * 1e6 if n else None
 
 
-def measure_raw(k: int, seconds: float, warmup: float, chunk_steps: int) -> dict[str, Any]:
+def measure(k: int, seconds: float, warmup: float, chunk_steps: int, tmp: Path) -> dict[str, Any]:
+    """Both paths for ``k`` clients, in alternating slices; returns {'fleetloop', 'raw_grpc', 'ratio'}."""
     messages = [episode_messages(chunk_steps, f"bench-raw-{i}", 1000 + i) for i in range(k)]
-    episode_bytes = sum(len(m) for m in messages[0])
-    bytes_per_step = episode_bytes / EPISODE_STEPS
-    with RawServer() as server, Children() as children:
-        ctx = children.ctx
-        ready_q, result_q, go, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
-        try:
-            hard = READY_TIMEOUT_S + warmup + seconds + 60
-            for i in range(k):
-                children.start(raw_ingest_client, i, server.target, messages[i], MAX_INFLIGHT, ready_q, go, stop, result_q,
-                               hard, name=f"bench-raw-client-{i}")
-            wait_ready(ready_q, k, READY_TIMEOUT_S, children, "raw gRPC clients")
-            go.set()
-            time.sleep(warmup)
-            t0, c0, (m0, b0) = time.monotonic(), cpu_seconds(), server.counters()
-            time.sleep(seconds)
-            t1, c1, (m1, b1) = time.monotonic(), cpu_seconds(), server.counters()
-        finally:
-            stop.set()
-        clients = collect(result_q, k, 30.0)
-    dt = t1 - t0
-    msgs, nbytes = m1 - m0, b1 - b0
-    return {"window_s": dt, "messages": msgs, "bytes": nbytes, "messages_per_s": msgs / dt, "mb_per_s": nbytes / dt / MB,
-            "equiv_steps_per_s": nbytes / bytes_per_step / dt, "server_cpu_util": (c1 - c0) / dt,
-            "server_cpu_us_per_message": (c1 - c0) / msgs * 1e6 if msgs else None,
-            "message_bytes": [len(m) for m in messages[0]], "bytes_per_step": bytes_per_step,
-            "loadavg_1m_at_end": load_average(),
-            "client_cpu_us_per_chunk": _client_cpu_per_message(clients, "acked"),
-            "clients": sorted(clients, key=lambda c: c["idx"])}
+    bytes_per_step = sum(len(m) for m in messages[0]) / EPISODE_STEPS
+    n_slices = max(1, min(5, int(seconds / 1.5)))
+    fl_slices, raw_slices = [], []
+    impl = start_learner_in_process(tmp / f"learner-k{k}", chunk_steps)
+    try:
+        with RawServer() as server, Children() as children:
+            ctx = children.ctx
+            ready_q, result_q = ctx.Queue(), ctx.Queue()
+            fl_active, raw_active, stop = ctx.Event(), ctx.Event(), ctx.Event()
+            try:
+                hard = READY_TIMEOUT_S + 2 * (warmup + seconds) + 10 * n_slices + 60
+                for i in range(k):
+                    children.start(fleet_actor, i, f"127.0.0.1:{impl.port}", str(tmp / f"spool-k{k}-{i}"), ready_q,
+                                   fl_active, stop, result_q, hard, name=f"bench-actor-{i}")
+                    children.start(raw_ingest_client, i, server.target, messages[i], MAX_INFLIGHT, ready_q, raw_active,
+                                   stop, result_q, hard, name=f"bench-raw-client-{i}")
+                wait_ready(ready_q, 2 * k, READY_TIMEOUT_S, children, "actors and raw gRPC clients")
+                for n in range(n_slices):
+                    warm = warmup if n == 0 else min(warmup, 0.5)
+                    fl_slices.append(_slice(fl_active, lambda: _learner_counters(impl.core), warm, seconds / n_slices))
+                    raw_slices.append(_slice(raw_active, lambda: _raw_counters(server), warm, seconds / n_slices))
+            finally:
+                stop.set()
+                fl_active.set()
+                raw_active.set()
+            reports = collect(result_q, 2 * k, 30.0)
+    finally:
+        stop_learner_in_process(impl)
+    actors = sorted((r for r in reports if "acked_chunks" in r), key=lambda r: r["idx"])
+    clients = sorted((r for r in reports if "acked" in r), key=lambda r: r["idx"])
+    fl = _totals(fl_slices)
+    fl.update(client_cpu_us_per_message=_client_cpu_per_message(actors, "acked_chunks"), actors=actors,
+              loadavg_1m_at_end=load_average())
+    raw = _totals(raw_slices, bytes_per_step)
+    raw.update(client_cpu_us_per_message=_client_cpu_per_message(clients, "acked"), clients=clients,
+               message_bytes=[len(m) for m in messages[0]], bytes_per_step=bytes_per_step)
+    by_slice = [ratio(f["steps"] / f["window_s"], r["bytes"] / bytes_per_step / r["window_s"])
+                for f, r in zip(fl_slices, raw_slices)]
+    return {"actors": k, "fleetloop": fl, "raw_grpc": raw,
+            "ratio": {key: ratio(fl[key], raw[key]) for key in ("steps_per_s", "messages_per_s", "mb_per_s")}
+            | {"steps_per_s_by_slice": by_slice}}
 
 
 def run_ingest(actor_counts: list[int], seconds: float, chunk_steps: int) -> dict[str, Any]:
@@ -212,25 +237,23 @@ def run_ingest(actor_counts: list[int], seconds: float, chunk_steps: int) -> dic
               "episode_steps": EPISODE_STEPS, "obs": f"state float32[{OBS_DIM}]", "action": f"action float32[{ACT_DIM}]",
               "task": TASK, "max_inflight": MAX_INFLIGHT, "actor_backlog_chunks": BACKLOG,
               "training": "off: min_online_steps=10**12 (train_step returns at once), max_updates_per_s=0.1 (loop sleeps ~10 s)",
-              "clients": "separate processes (multiprocessing spawn)", "mb": "10^6 bytes"}
+              "clients": "separate processes (multiprocessing spawn)", "mb": "10^6 bytes",
+              "slices": max(1, min(5, int(seconds / 1.5))), "order": "fleetloop, raw, fleetloop, raw, ..."}
     runs, rows = [], []
     with quiet_fleetloop_logs(), tempfile.TemporaryDirectory(prefix="fleetloop-bench-ingest-") as tmp:
         for k in actor_counts:
-            log_progress(f"ingest: fleetloop, {k} actor(s), {seconds:g} s (+{warmup:g} s warm-up)")
-            fl = measure_fleetloop(k, seconds, warmup, chunk_steps, Path(tmp))
-            log_progress(f"ingest: raw gRPC, {k} client(s), {seconds:g} s (+{warmup:g} s warm-up)")
-            raw = measure_raw(k, seconds, warmup, chunk_steps)
-            runs.append({"actors": k, "fleetloop": fl, "raw_grpc": raw,
-                         "ratio": {"steps_per_s": ratio(fl["steps_per_s"], raw["equiv_steps_per_s"]),
-                                   "mb_per_s": ratio(fl["mb_per_s"], raw["mb_per_s"]),
-                                   "chunks_per_s": ratio(fl["chunks_per_s"], raw["messages_per_s"])}})
-            rows += [row("steps/s", "steps/s", k, fl["steps_per_s"], raw["equiv_steps_per_s"], "higher",
+            log_progress(f"ingest: {k} actor(s) / raw client(s), {seconds:g} s each path in alternating slices "
+                         f"(+{warmup:g} s warm-up)")
+            run = measure(k, seconds, warmup, chunk_steps, Path(tmp))
+            runs.append(run)
+            fl, raw = run["fleetloop"], run["raw_grpc"]
+            rows += [row("steps/s", "steps/s", k, fl["steps_per_s"], raw["steps_per_s"], "higher",
                          "raw: bytes / bytes per step"),
-                     row("chunks/s", "msg/s", k, fl["chunks_per_s"], raw["messages_per_s"], "higher"),
+                     row("chunks/s", "msg/s", k, fl["messages_per_s"], raw["messages_per_s"], "higher"),
                      row("throughput", "MB/s", k, fl["mb_per_s"], raw["mb_per_s"], "higher"),
-                     row("server CPU per chunk", "us", k, fl["server_cpu_us_per_chunk"], raw["server_cpu_us_per_message"],
+                     row("server CPU per chunk", "us", k, fl["server_cpu_us_per_message"], raw["server_cpu_us_per_message"],
                          "lower", "CPU time of the serving process / messages"),
-                     row("client CPU per chunk", "us", k, fl["client_cpu_us_per_chunk"], raw["client_cpu_us_per_chunk"],
+                     row("client CPU per chunk", "us", k, fl["client_cpu_us_per_message"], raw["client_cpu_us_per_message"],
                          "lower", "CPU time of the actor / raw client processes / acked messages")]
     notes = [f"{chunk_steps} steps per chunk, ~{runs[0]['raw_grpc']['message_bytes'][0]} bytes per chunk" if runs else "",
              "fleetloop: bytes/steps stored on the learner; raw: bytes received by a bytes-in/bytes-out gRPC handler",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from bench.common import log_progress, print_table, write_json
@@ -43,6 +45,22 @@ def plan(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:
     raise ValueError(f"unknown benchmark {args.bench_cmd!r} (ingest | weights)")
 
 
+def _with_sigterm_as_exit(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``job`` with SIGTERM raising SystemExit, so the benches' cleanup (children stopped by pid,
+    servers stopped, temp folders removed) also runs when the bench is terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        return job()
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _exit)
+    try:
+        return job()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``fleetloop bench``: run, print the table, write ``args.out``; 0 on success, 2 on a bad argument."""
     try:
@@ -50,7 +68,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fleetloop bench: {exc}", file=sys.stderr)
         return 2
-    result = job()
+    result = _with_sigterm_as_exit(job)
     print_table(result)
     path = write_json(result, args.out)
     log_progress(f"wrote {path}")

@@ -11,7 +11,7 @@ fleetloop path:
   round (excluded), then ``repeats`` rounds with a fresh blob each; median and max reported. Run
   with 1 actor, and with N actors when N > 1.
 
-raw baselines (same run, same blobs):
+raw baselines (same run, same blobs, rounds alternating with fleetloop's so both see the same load):
   a unary-stream gRPC handler with identity serializers (bench.common.RawServer) streams the blob in
   1 MiB chunks to 1 client process, and to N client processes at once; timed from the moment the
   bench tells the clients to start until the last one has the whole blob (the sha256 of the
@@ -56,7 +56,7 @@ def weight_actor(idx: int, target: str, ready_q, report_q, stop, hard_deadline_s
     """Child process: follow announcements with a (timestamping) WeightClient until ``stop``."""
     client = channel = None
     try:
-        child_setup()
+        life = child_setup(hard_deadline_s)
         import threading
 
         import grpc
@@ -99,7 +99,8 @@ def weight_actor(idx: int, target: str, ready_q, report_q, stop, hard_deadline_s
         if not client.subscribed.wait(60):
             raise TimeoutError("no announcement on SubscribeWeights within 60 s")
         ready_q.put({"idx": idx, "ready": True})
-        stop.wait(hard_deadline_s)
+        while not stop.wait(0.5) and life.ok():
+            pass
     except Exception as exc:  # report, never hang the parent
         ready_q.put({"idx": idx, "error": repr(exc)[:500]})
         report_q.put({"idx": idx, "error": repr(exc)[:500]})
@@ -115,70 +116,66 @@ def _round_timeout(size_bytes: int) -> float:
     return 60.0 + size_bytes / (5 * MB)
 
 
-def measure_fleetloop(core, target: str, n: int, blobs: list[bytes], step0: int) -> dict[str, Any]:
-    """Publish each blob and wait for all ``n`` actors to verify it; the first round is warm-up."""
-    rounds = []
-    with Children() as children:
-        ctx = children.ctx
-        ready_q, report_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-        try:
-            hard = READY_TIMEOUT_S + sum(_round_timeout(len(b)) for b in blobs)
-            for i in range(n):
-                children.start(weight_actor, i, target, ready_q, report_q, stop, hard, name=f"bench-weights-{i}")
-            wait_ready(ready_q, n, READY_TIMEOUT_S, children, "fleetloop weight clients")
-            for r, blob in enumerate(blobs):
-                t0 = time.monotonic()
-                info = core.weights.publish(blob, step0 + r)
-                t_pub = time.monotonic()
-                reps = collect(report_q, n, _round_timeout(len(blob)), accept=lambda m, v=info.version: m["version"] == v)
-                if len(reps) < n:
-                    raise TimeoutError(f"version {info.version}: {len(reps)} of {n} actors verified it in time")
-                rounds.append({"round": r, "warmup": r == 0, "version": info.version, "bytes": info.size_bytes,
-                               "delivery_s": max(m["verified"] for m in reps) - t0,
-                               "publish_s": t_pub - t0,
-                               "announce_s": max(m["announced"] for m in reps) - t_pub,
-                               "fetch_s": median([m["fetched"] - m["fetch_start"] for m in reps]),
-                               "verify_s": median([m["verified"] - m["fetched"] for m in reps]),
-                               "handoff_s": median([m["fetch_start"] - m["announced"] for m in reps])})
-        finally:
-            stop.set()
-    return _summary(rounds)
+def _fleetloop_round(core, report_q, n: int, blob: bytes, step: int) -> dict[str, Any]:
+    """Publish ``blob`` and wait until all ``n`` actors verified it."""
+    t0 = time.monotonic()
+    info = core.weights.publish(blob, step)
+    t_pub = time.monotonic()
+    reps = collect(report_q, n, _round_timeout(len(blob)), accept=lambda m: m["version"] == info.version)
+    if len(reps) < n:
+        raise TimeoutError(f"version {info.version}: {len(reps)} of {n} actors verified it in time")
+    return {"version": info.version, "bytes": info.size_bytes,
+            "delivery_s": max(m["verified"] for m in reps) - t0,
+            "publish_s": t_pub - t0,
+            "after_publish_s": max(m["verified"] for m in reps) - t_pub,
+            "announce_s": max(m["announced"] for m in reps) - t_pub,
+            "fetch_s": median([m["fetched"] - m["fetch_start"] for m in reps]),
+            "verify_s": median([m["verified"] - m["fetched"] for m in reps]),
+            "handoff_s": median([m["fetch_start"] - m["announced"] for m in reps])}
 
 
-def measure_raw(server: RawServer, n: int, blobs: list[bytes]) -> dict[str, Any]:
-    """Stream each blob to ``n`` client processes at once; the first round is warm-up."""
+def _raw_round(server: RawServer, cmd_qs: list, report_q, rnd: int, blob: bytes) -> dict[str, Any]:
+    """Tell every raw client to download ``blob``; wait until all have it."""
     import hashlib
 
-    rounds = []
+    server.blob = blob
+    digest = hashlib.sha256(blob).hexdigest()
+    t0 = time.monotonic()
+    for q in cmd_qs:
+        q.put(rnd)
+    reps = collect(report_q, len(cmd_qs), _round_timeout(len(blob)), accept=lambda m: m["round"] == rnd)
+    if len(reps) < len(cmd_qs):
+        raise TimeoutError(f"raw round {rnd}: {len(reps)} of {len(cmd_qs)} clients finished in time")
+    if any(m["sha256"] != digest or m["bytes"] != len(blob) for m in reps):
+        raise RuntimeError(f"raw round {rnd}: a client received different bytes")
+    return {"bytes": len(blob), "delivery_s": max(m["received"] for m in reps) - t0,
+            "delivery_plus_sha256_s": max(m["hashed"] for m in reps) - t0,
+            "start_s": max(m["start"] for m in reps) - t0}
+
+
+def measure(core, target: str, server: RawServer, n: int, blobs: list[bytes], step0: int) -> tuple[dict, dict]:
+    """``n`` fleetloop actors and ``n`` raw clients, all up at once; for each blob a fleetloop round
+    then a raw round (paired under the same machine load). The first blob is a warm-up round."""
+    fl_rounds, raw_rounds = [], []
     with Children() as children:
         ctx = children.ctx
-        ready_q, report_q = ctx.Queue(), ctx.Queue()
+        ready_q, fl_q, raw_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
         cmd_qs = [ctx.Queue() for _ in range(n)]
         try:
-            hard = READY_TIMEOUT_S + sum(_round_timeout(len(b)) for b in blobs)
+            hard = READY_TIMEOUT_S + 2 * sum(_round_timeout(len(b)) for b in blobs)
             for i in range(n):
-                children.start(raw_download_client, i, server.target, cmd_qs[i], ready_q, report_q, hard,
+                children.start(weight_actor, i, target, ready_q, fl_q, stop, hard, name=f"bench-weights-{i}")
+                children.start(raw_download_client, i, server.target, cmd_qs[i], ready_q, raw_q, hard,
                                name=f"bench-raw-download-{i}")
-            wait_ready(ready_q, n, READY_TIMEOUT_S, children, "raw gRPC download clients")
+            wait_ready(ready_q, 2 * n, READY_TIMEOUT_S, children, "weight clients and raw gRPC download clients")
             for r, blob in enumerate(blobs):
-                server.blob = blob
-                digest = hashlib.sha256(blob).hexdigest()
-                t0 = time.monotonic()
-                for q in cmd_qs:
-                    q.put(r)
-                reps = collect(report_q, n, _round_timeout(len(blob)), accept=lambda m, r=r: m["round"] == r)
-                if len(reps) < n:
-                    raise TimeoutError(f"raw round {r}: {len(reps)} of {n} clients finished in time")
-                if any(m["sha256"] != digest or m["bytes"] != len(blob) for m in reps):
-                    raise RuntimeError(f"raw round {r}: a client received different bytes")
-                rounds.append({"round": r, "warmup": r == 0, "bytes": len(blob),
-                               "delivery_s": max(m["received"] for m in reps) - t0,
-                               "delivery_plus_sha256_s": max(m["hashed"] for m in reps) - t0,
-                               "start_s": max(m["start"] for m in reps) - t0})
+                fl_rounds.append({"round": r, "warmup": r == 0, **_fleetloop_round(core, fl_q, n, blob, step0 + r)})
+                raw_rounds.append({"round": r, "warmup": r == 0, **_raw_round(server, cmd_qs, raw_q, r, blob)})
         finally:
+            stop.set()
             for q in cmd_qs:
                 q.put(None)
-    return _summary(rounds)
+    return _summary(fl_rounds), _summary(raw_rounds)
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -209,25 +206,26 @@ def run_weights(size_mb: float, actors: int, repeats: int) -> dict[str, Any]:
     with quiet_fleetloop_logs(), tempfile.TemporaryDirectory(prefix="fleetloop-bench-weights-") as tmp:
         impl = start_learner_in_process(Path(tmp) / "learner")
         try:
-            target = f"127.0.0.1:{impl.port}"
-            step = 1
-            for n in counts:
-                log_progress(f"weights: fleetloop, {n} actor(s), {repeats} repeat(s) of {size_mb:g} MB")
-                fl[n] = measure_fleetloop(impl.core, target, n, blobs, step)
-                step += len(blobs)
+            with RawServer(chunk_bytes=CHUNK_BYTES) as server:
+                step = 1
+                for n in counts:
+                    log_progress(f"weights: {n} actor(s) / raw client(s), 1 warm-up + {repeats} round(s) of "
+                                 f"{size_mb:g} MB, fleetloop and raw alternating")
+                    fl[n], raw[n] = measure(impl.core, f"127.0.0.1:{impl.port}", server, n, blobs, step)
+                    step += len(blobs)
         finally:
             stop_learner_in_process(impl)
-        with RawServer(chunk_bytes=CHUNK_BYTES) as server:
-            for n in counts:
-                log_progress(f"weights: raw gRPC, {n} client(s), {repeats} repeat(s) of {size_mb:g} MB")
-                raw[n] = measure_raw(server, n, blobs)
     rows = []
     for n in counts:
         rows += [row("publish -> all verified, median", "s", n, fl[n]["delivery_median_s"], raw[n]["delivery_median_s"], "lower",
                      "raw: transfer only"),
                  row("publish -> all verified, max", "s", n, fl[n]["delivery_max_s"], raw[n]["delivery_max_s"], "lower"),
+                 row("announce -> all verified, median", "s", n, fl[n]["after_publish_median_s"], raw[n]["delivery_median_s"],
+                     "lower", "fleetloop without the publish call (sha256 + fsync'd write)"),
                  row("delivery rate (per actor), median", "MB/s", n, fl[n]["mb_per_s_median"], raw[n]["mb_per_s_median"],
                      "higher")]
+    rows.append(row("download only (FetchWeights), median", "s", 1, fl[1]["fetch_median_s"], raw[1]["delivery_median_s"],
+                    "lower", "fleetloop: fetch_blob alone, no announce/verify"))
     if actors > 1:
         rows.append(row(f"{actors}-actor time / 1-actor time", "x", f"{actors}/1",
                         ratio(fl[actors]["delivery_median_s"], fl[1]["delivery_median_s"]),
