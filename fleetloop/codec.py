@@ -7,6 +7,7 @@ Contract: a :class:`Tensor` is ``dtype`` + ``shape`` + row-major little-endian `
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -70,7 +71,7 @@ def decode(tensor, field: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"negative dimension in shape {list(shape)}", field=f"{field}.shape", value=shape)
     dt = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize
     if len(tensor.data) != expected:
         raise InvalidArgument(
             f"data is {len(tensor.data)} bytes but dtype {dtype_name(code)} shape {list(shape)} needs {expected}",
