@@ -79,7 +79,10 @@ def _spawn_robots(o: DemoOptions, target: str, job: str, token: str) -> list[tup
                "--tasks", ",".join(tasks), "--spool", str(o.out / "spool" / f"robot-{i}"), "--minutes", str(o.minutes),
                "--seed", str(o.seed * 1000 + i * 7919), "--hz", str(o.hz)]
         fh = open(logs / f"robot-{i}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd()), stats))
+        # On one machine the simulated robots yield the CPU to the learner (nice 10): in a real fleet
+        # robots never compete with the cloud learner for cores.
+        procs.append((subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                       preexec_fn=lambda: os.nice(10)), stats))
     return procs
 
 

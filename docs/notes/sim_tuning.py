@@ -9,7 +9,8 @@ intervention frames + demos) -> evaluate again. Two HG-DAgger modes:
 * ``--mode online``: a single-process simulation of the fleet: R robots in lockstep, the learner
   interleaved (``--train-per-tick`` steps per tick of all robots), weights published every
   ``--publish-every`` learner steps and swapped by a robot only at its episode boundary; stops after
-  ``--online-seconds`` of wall time (evaluation time excluded).
+  ``--online-seconds`` of process CPU time (robust to other load on the machine; evaluation
+  excluded). Single-threaded, so CPU seconds are wall seconds on an idle core.
 
 Batches mix like the learner's sampler: tasks uniform, then online (intervention frames) with
 probability ``--online-share`` when the task has any, else offline demos.
@@ -201,7 +202,7 @@ def hg_online(a, policy, opt, tasks, off, on, rng, eval_envs, log) -> None:
     for r, rb in enumerate(robots):
         start(rb, r)
     learner_steps, episodes, successes, int_steps, all_steps = 0, 0, 0, 0, 0
-    clock, last_eval, last_tick = 0.0, 0.0, time.time()
+    clock, last_eval, last_tick, wall0 = 0.0, 0.0, time.process_time(), time.time()
     while clock < a.online_seconds:
         for r, rb in enumerate(robots):
             d = rb["op"].decide(rb["obs"], act(rb["policy"], rb["obs"], rb["task"]), rb["t"])
@@ -219,16 +220,16 @@ def hg_online(a, policy, opt, tasks, off, on, rng, eval_envs, log) -> None:
             learner_steps += 1
             if learner_steps % a.publish_every == 0:
                 published = (published[0] + 1, copy.deepcopy(policy.state_dict()))
-        now = time.time()
+        now = time.process_time()  # CPU seconds of this (single-threaded) process: robust to load
         clock += now - last_tick
         last_tick = now
         if clock - last_eval >= a.eval_interval_s or clock >= a.online_seconds:
             last_eval = clock
             ev = evaluate(policy, eval_envs, tasks, a.round_eval_seeds if clock < a.online_seconds else a.eval_seeds)
-            log({"t_s": round(clock, 1), "learner_steps": learner_steps, "version": published[0],
+            log({"cpu_s": round(clock, 1), "wall_s": round(time.time() - wall0, 1), "learner_steps": learner_steps, "version": published[0],
                  "episodes": episodes, "rollout_success": successes / max(episodes, 1),
                  "interv_share": int_steps / max(all_steps, 1), "eval": ev, "eval_mean": float(np.mean(list(ev.values())))})
-            last_tick = time.time()  # evaluation time excluded from the clock
+            last_tick = time.process_time()  # evaluation time excluded from the clock
 
 
 def main() -> None:
@@ -293,17 +294,17 @@ def main() -> None:
     log({"phase": "pretrained", "demos": counts, "demo_frames": [off.size(t) for t in range(len(tasks))],
          "bc_loss": bc_loss, "demo_s": t_demo, "bc_s": t_bc, "eval_s": t_eval,
          "eval": pre, "eval_mean": float(np.mean(list(pre.values())))})
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     if a.mode == "rounds":
         hg_rounds(a, policy, opt, tasks, off, on, rng, eval_envs, log)
     elif a.mode == "online":
         hg_online(a, policy, opt, tasks, off, on, rng, eval_envs, log)
-    t_hg = time.time() - t0
+    t_hg, c_hg = time.time() - t0, time.process_time() - c0
     post = evaluate(policy, eval_envs, tasks, a.eval_seeds) if a.mode == "rounds" else rows[-1].get("eval", pre)
     summary = {"phase": "final", "args": vars(a), "pre": pre, "post": post,
                "pre_mean": float(np.mean(list(pre.values()))), "post_mean": float(np.mean(list(post.values()))),
-               "online_frames": [on.size(t) for t in range(len(tasks))], "hg_s": t_hg,
-               "total_s": time.time() - t_start}
+               "online_frames": [on.size(t) for t in range(len(tasks))], "hg_s": t_hg, "hg_cpu_s": c_hg,
+               "total_s": time.time() - t_start, "total_cpu_s": time.process_time()}
     summary["gain"] = summary["post_mean"] - summary["pre_mean"]
     log(summary)
     if a.out:
