@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
-                         spool_dir=args.spool, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
+                         spool_dir=args.spool, connect_timeout_s=None, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
     run = client.connect()
     metrics = ActorMetrics(actor_id)
     if args.metrics_port is not None:

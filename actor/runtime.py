@@ -141,7 +141,7 @@ class FleetClient:
 
     def __init__(self, learner: str, job_id: str, actor_id: str, observation_specs: Sequence, action_specs: Sequence,
                  tasks: Sequence[str], credential: str | None = None, spool_dir: str | None = None,
-                 capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float = 120.0,
+                 capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float | None = 120.0,
                  send_experience: bool = True) -> None:
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
@@ -174,7 +174,7 @@ class FleetClient:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job_id, actor_id=self.actor_id, kind=pb.ROBOT,
                                   observation_specs=self.observation_specs, action_specs=self.action_specs, tasks=self.tasks,
                                   capabilities=self.capabilities)
-        deadline = time.monotonic() + self.connect_timeout_s
+        deadline = None if self.connect_timeout_s is None else time.monotonic() + self.connect_timeout_s
         delay = 0.2
         while True:
             try:
@@ -183,11 +183,14 @@ class FleetClient:
             except grpc.RpcError as err:
                 if err.code() not in _RETRY:
                     raise _error_from_rpc(err) from None
-                if time.monotonic() + delay > deadline:
+                if deadline is None:
+                    event(log, "learner_unreachable", level=30, job=self.job_id, actor=self.actor_id, learner=self.learner,
+                          retry_in=delay, spooled=len(self.spool))
+                elif time.monotonic() + delay > deadline:
                     raise Unavailable(f"learner {self.learner} unreachable for {self.connect_timeout_s:.0f} s: {err.details()}",
                                       field="learner", value=self.learner) from None
                 time.sleep(delay)
-                delay = min(5.0, delay * 2)
+                delay = min(10.0, delay * 2)
         self.run_config = resp.run_config
         self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified)
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:

@@ -108,10 +108,15 @@ class LearnerCore:
         replayed = 0
         from fleetloop.v1 import fleetloop_pb2
         version = self.version
+        skipped = 0
         for payload in self.ingest_log.replay():
-            chunk = fleetloop_pb2.EpisodeChunk.FromString(payload)
-            self.ingestor.ingest(chunk, len(payload), version, durable=False)
-            replayed += 1
+            try:
+                chunk = fleetloop_pb2.EpisodeChunk.FromString(payload)
+                self.ingestor.ingest(chunk, len(payload), max(version, chunk.behavior_version), durable=False)
+                replayed += 1
+            except Exception as exc:  # a record that no longer validates must not stop the restart
+                skipped += 1
+                event(log, "log_record_skipped", level=30, job=self.job, error=repr(exc)[:200])
         if replayed:
             event(log, "ingest_log_replayed", job=self.job, chunks=replayed)
         if self.weights.latest is None:

@@ -306,6 +306,7 @@ def main() -> None:
                "online_frames": [on.size(t) for t in range(len(tasks))], "hg_s": t_hg, "hg_cpu_s": c_hg,
                "total_s": time.time() - t_start, "total_cpu_s": time.process_time()}
     summary["gain"] = summary["post_mean"] - summary["pre_mean"]
+    summary["history"] = [{k: v for k, v in r.items() if k != "phase"} for r in rows[1:]]
     log(summary)
     if a.out:
         with open(a.out, "a") as fh:
