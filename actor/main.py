@@ -53,11 +53,11 @@ def main(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     obs_specs, act_specs = robot_specs()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
                          spool_dir=args.spool, connect_timeout_s=None, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
-    run = client.connect()
+    run = client.connect()  # retries until the learner answers; SIGTERM here just ends the process (spool is on disk)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on: finish the episode, flush, exit
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     metrics = ActorMetrics(actor_id)
     if args.metrics_port is not None:
         event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port))

@@ -86,3 +86,30 @@ def test_versions_increase_and_reach_robots(ray_learner, tmp_path):
                  "fleetloop_learner_intervention_ratio", "fleetloop_learner_buffer_steps",
                  "fleetloop_learner_dropped_samples_total", "fleetloop_learner_duplicate_chunks_total"):
         assert name in text, name
+
+
+def test_outage_keeps_spool_and_recovers(ray_learner, tmp_path):
+    """The learner unreachable for a while: the robot keeps working into its spool, retries with
+    backoff, does not crash, and everything arrives once when the learner is back."""
+    proxy = TcpProxy(ray_learner.host, ray_learner.port)
+    r = RobotThread(proxy.target, "robot-o", TASKS, tmp_path / "spool-o", "tok-a", episodes=12, seed=4)
+    r.start()
+    deadline = time.monotonic() + 60
+    while r.client.sender.acked < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proxy.refuse = True
+    proxy.cut()
+    time.sleep(3.0)
+    spooled_during_outage = len(r.client.spool)
+    proxy.refuse = False
+    r.join(120)
+    try:
+        assert r.error is None, r.error
+        assert spooled_during_outage > 0, "the robot should have kept recording into its spool"
+        assert r.client.flush(60)
+        audit = ray_learner.audit()
+        assert audit["duplicates_stored"] == 0
+        assert sum(audit["stored_steps"].values()) == r.stats.steps
+    finally:
+        r.client.close(flush_timeout=0)
+        proxy.close()
