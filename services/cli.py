@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
-DEFAULT_TASKS = "reach-v3,push-v3,drawer-open-v3,door-open-v3"
+DEFAULT_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3,peg-insert-side-v3"
 
 
 def _cmd_actor(args: argparse.Namespace) -> int:
@@ -88,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: a simulated Meta-World fleet improving one policy online")
     d.add_argument("--robots", type=int, default=4, help="number of simulated robots")
     d.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World v3 task ids")
-    d.add_argument("--minutes", type=float, default=8.0, help="length of the online phase")
+    d.add_argument("--minutes", type=float, default=9.0, help="length of the online phase")
     d.add_argument("--out", default="runs/demo", help="output folder (report.json, report.png, logs, state)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--demos", default=None, help="existing demo dataset (default: record into OUT/demos)")
-    d.add_argument("--demos-per-task", type=int, default=4, help="scripted demonstrations recorded per task")
-    d.add_argument("--pretrain-steps", type=int, default=1500, help="behaviour-cloning steps of the initial policy")
+    d.add_argument("--demos-per-task", type=int, default=2, help="scripted demonstrations recorded per task")
+    d.add_argument("--pretrain-steps", type=int, default=3000, help="behaviour-cloning steps of the initial policy")
     d.add_argument("--eval-trials", type=int, default=50, help="evaluation trials per task (pretrained and final)")
     d.add_argument("--hz", type=float, default=0.0, help="robot pacing (0 = as fast as the CPU allows)")
     d.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = dm.add_subparsers(dest="demos_cmd", required=True)
     rec = dsub.add_parser("record", help="record scripted-expert demonstrations into a dataset folder")
     rec.add_argument("--tasks", default=DEFAULT_TASKS)
-    rec.add_argument("--episodes", type=int, default=4, help="successful episodes per task")
+    rec.add_argument("--episodes", type=int, default=2, help="successful episodes per task")
     rec.add_argument("--out", required=True)
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--noise", type=float, default=0.1, help="Gaussian noise on executed expert actions")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--dataset", required=True)
     pt.add_argument("--tasks", default=DEFAULT_TASKS)
     pt.add_argument("--out", required=True, help="output safetensors file")
-    pt.add_argument("--steps", type=int, default=1500)
+    pt.add_argument("--steps", type=int, default=3000)
     pt.add_argument("--seed", type=int, default=0)
     pt.set_defaults(func=_cmd_pretrain)
 

@@ -36,17 +36,17 @@ class DemoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     robots: int = Field(4, ge=1, le=64, description="Simulated robots (one process each).")
     tasks: list[str] = Field(min_length=1, description="Meta-World v3 task ids; one multi-task policy learns them all.")
-    minutes: float = Field(8.0, gt=0, le=24 * 60, description="Length of the online phase.")
+    minutes: float = Field(9.0, gt=0, le=24 * 60, description="Length of the online phase.")
     out: Path = Field(Path("runs/demo"), description="Output folder.")
     seed: int = Field(0, description="Seed for demos, pretraining and robot layouts.")
     demos: str | None = Field(None, description="Existing demo dataset; default OUT/demos (recorded if missing).")
-    demos_per_task: int = Field(4, ge=1, description="Scripted demonstrations per task.")
-    pretrain_steps: int = Field(1500, ge=0, description="Behaviour-cloning steps of the initial policy.")
+    demos_per_task: int = Field(2, ge=1, description="Scripted demonstrations per task.")
+    pretrain_steps: int = Field(3000, ge=0, description="Behaviour-cloning steps of the initial policy.")
     eval_trials: int = Field(50, ge=1, description="Evaluation trials per task, before and after.")
     hz: float = Field(0.0, ge=0, description="Robot pacing; 0 = as fast as the CPU allows.")
     live: bool = Field(True, description="Live terminal view (else one log line per update).")
     publish_every: int = Field(50, ge=1, description="Learner steps between published versions.")
-    max_updates_per_s: float = Field(40.0, gt=0, description="Learner step rate cap (leaves CPU to the simulated fleet).")
+    max_updates_per_s: float = Field(100.0, gt=0, description="Learner step rate cap (leaves CPU to the simulated fleet).")
 
 
 def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
