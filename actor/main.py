@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deviation-threshold", type=float, default=0.5, help="scripted operator: takeover deviation")
     p.add_argument("--patience", type=int, default=3, help="scripted operator: consecutive deviating steps before takeover")
     p.add_argument("--hold-steps", type=int, default=20, help="scripted operator: steps of each correction")
-    p.add_argument("--stall-k", type=int, default=0, help="scripted operator: no-progress steps before takeover (0 = off)")
+    p.add_argument("--stall-k", type=int, default=25, help="scripted operator: no-progress steps before takeover (0 = off)")
     p.add_argument("--hz", type=float, default=0.0, help="real-time pacing (e.g. 30); 0 = as fast as possible")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (default: run until signalled)")
     p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")

@@ -106,6 +106,11 @@ class ScriptedExpertOperator:
     back and both counters restart from zero. An optional ``budget`` caps intervention steps per
     episode: when spent, a running correction ends and no new takeover starts. ``stats`` counts
     the current episode, ``total`` everything since construction.
+
+    Defaults (deviation 0.5, k 3, hold 20, stall 25 steps) were tuned on Meta-World v3 with the
+    default MLP (docs/notes/sim-tuning.md): 1.0 was too lax (gain halved), 0.3 doubled the
+    intervention share for the same gain, hold 10 was worse than 20-40, and the stall rule fixed
+    policies that hover just outside the goal (reach) without ever deviating much.
     """
 
     def __init__(
@@ -114,7 +119,7 @@ class ScriptedExpertOperator:
         deviation_threshold: float = 0.5,
         patience_k: int = 3,
         hold_steps: int = 20,
-        stall_k: int = 0,
+        stall_k: int = 25,
         stall_min_gain: float = 0.005,
         budget: int | None = None,
         expert_noise: float = 0.0,

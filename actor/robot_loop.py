@@ -86,7 +86,7 @@ def run_robot(client: FleetClient, runner: PolicyRunner, envs: dict[str, RobotEn
         task = tasks[i % len(tasks)]
         i += 1
         rec = client.begin_episode(task)
-        outcome, steps, inter = run_episode(envs[task], runner, operators[task], task, int(rng.integers(2**31)), rec, hz)
+        outcome, steps, inter = run_episode(envs[task], runner, operators[task], task, int(rng.integers(10**9 - 1)), rec, hz)
         rec.end(outcome)
         stats.episodes += 1
         stats.steps += steps

@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
-DEFAULT_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3,peg-insert-side-v3"
+DEFAULT_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3"
 
 
 def _cmd_actor(args: argparse.Namespace) -> int:

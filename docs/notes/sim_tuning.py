@@ -234,8 +234,8 @@ def hg_online(a, policy, opt, tasks, off, on, rng, eval_envs, log) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tasks", default="reach-v3,push-v3,drawer-open-v3,door-open-v3,button-press-topdown-v3")
-    p.add_argument("--demos", type=int, default=3)
+    p.add_argument("--tasks", default="reach-v3,push-v3,pick-place-v3,drawer-open-v3")
+    p.add_argument("--demos", type=int, default=2)
     p.add_argument("--demo-noise", type=float, default=0.1)
     p.add_argument("--bc-steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=256)
@@ -258,7 +258,7 @@ def main() -> None:
     p.add_argument("--thr", type=float, default=0.5)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--hold", type=int, default=20)
-    p.add_argument("--stall-k", type=int, default=0)
+    p.add_argument("--stall-k", type=int, default=25)
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--op-noise", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,7 @@ def test_no_operator_never_intervenes() -> None:
 
 def test_takes_over_on_garbage_and_hands_back_after_hold() -> None:
     env = FakeEnv()
-    op = ScriptedExpertOperator(env, deviation_threshold=0.5, patience_k=3, hold_steps=5)
+    op = ScriptedExpertOperator(env, deviation_threshold=0.5, patience_k=3, hold_steps=5, stall_k=0)
     assert isinstance(op, Operator)
     op.reset(env)
     flags = [d.intervened for d in run(op, [GARBAGE] * 3)]
@@ -75,7 +75,9 @@ def test_good_policy_is_left_alone() -> None:
     env = FakeEnv()
     op = ScriptedExpertOperator(env, deviation_threshold=0.5, patience_k=1, hold_steps=5)
     op.reset(env)
-    assert not any(d.intervened for d in run(op, [GOOD + 0.1] * 30))
+    for step in range(30):  # steady progress: neither rule fires
+        env.value = 0.01 * (step + 1)
+        assert not op.decide(OBS, GOOD + 0.1, step).intervened
     assert op.stats.intervention_share == 0.0
 
 
@@ -115,3 +117,27 @@ def test_invalid_settings_name_the_field() -> None:
         ScriptedExpertOperator(FakeEnv(), patience_k=0)
     with pytest.raises(InvalidArgument, match="env"):
         ScriptedExpertOperator().decide(OBS, GOOD, 0)
+
+
+@pytest.mark.filterwarnings("ignore:Constant")
+def test_scripted_operator_rescues_a_useless_policy_on_reach() -> None:
+    from actor.envs import MetaWorldEnv
+
+    env = MetaWorldEnv("reach-v3", seed=0, max_episode_steps=200)
+    op = ScriptedExpertOperator(env, deviation_threshold=0.5, patience_k=3, hold_steps=20)
+    try:
+        obs = env.reset(seed=5)
+        op.reset(env)
+        flags = []
+        for step in range(env.max_episode_steps):
+            decision = op.decide(obs, np.zeros(4, np.float32), step)  # a policy that never moves
+            flags.append(decision.intervened)
+            result = env.step(decision.action)
+            obs = result.obs
+            if result.done:
+                break
+        assert result.success
+        assert any(flags) and not all(flags)  # it drove at first; the operator finished the job
+        assert op.stats.takeovers >= 1 and op.stats.intervention_steps == sum(flags)
+    finally:
+        env.close()
