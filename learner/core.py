@@ -82,7 +82,8 @@ class LearnerCore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rate_window = (time.monotonic(), 0)
-        self.staleness_max = 0
+        self.staleness_max = 0  # over every trained online sample, expert corrections included (admitted past the bound)
+        self.staleness_max_autonomous = 0
         self.offline_steps = self._load_offline()
         self._restore()
 
@@ -241,6 +242,9 @@ class LearnerCore:
             self.metrics.staleness.labels(self.job).observe(float(s))
         if observed.size:
             self.staleness_max = max(self.staleness_max, int(observed.max()))
+        auto = staleness[online & keep & ~arrays["interventions"].astype(bool)]
+        if auto.size:  # autonomous frames: these are the ones the bound applies to
+            self.staleness_max_autonomous = max(self.staleness_max_autonomous, int(auto.max()))
         dropped = int((~keep).sum())
         if dropped:
             self.metrics.dropped_samples.labels(self.job, "stale_at_training").inc(dropped)
@@ -334,7 +338,7 @@ class LearnerCore:
             "job": self.job, "version": self.version, "fleet_version": None if fv is None else fv.version,
             "pinned": self.weights.pinned, "step": self.step, "tasks": tasks, "actors": actors,
             "episodes_total": episodes_total, "staleness_bound": self.gate.config.bound,
-            "staleness_max": self.staleness_max, "ingested_steps": self.ingestor.steps_total,
+            "staleness_max": self.staleness_max, "staleness_max_autonomous": self.staleness_max_autonomous, "ingested_steps": self.ingestor.steps_total,
             "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
         }
 

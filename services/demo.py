@@ -152,6 +152,7 @@ def run_demo(o: DemoOptions) -> dict:
     final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials)
     overall = {"policy_version": final["version"], "learner_steps": final["step"], "wall_seconds": wall,
                "total_seconds": time.monotonic() - t_start, "staleness_max": final["staleness_max"],
+               "staleness_max_autonomous": final.get("staleness_max_autonomous", 0),
                "staleness_bound": final["staleness_bound"], "duplicates_stored": audit["duplicates_stored"],
                "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
                "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"]}
