@@ -190,13 +190,12 @@ class LearnerCore:
             if not any(avail.values()):
                 return None
             plan = self.sampler.plan(self.cfg.batch_size, avail, self.rng)
-            parts, keys = [], []
+            parts = []
             for (task, source), n in plan.items():
                 if n <= 0:
                     continue
                 s = self.replay.sample(task, source, n, self.rng, **self.algorithm.eligible(source))
                 parts.append((task, source, s))
-                keys.append((task, source))
         version = max(self.version, 0)
         batch, groups = self._assemble(parts, version)
         if batch is None:
