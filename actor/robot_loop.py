@@ -67,7 +67,8 @@ def run_robot(client: FleetClient, runner: PolicyRunner, envs: dict[str, RobotEn
               make_operator: Callable[[RobotEnv], Operator] | None, seed: int, deadline: float | None = None,
               max_episodes: int | None = None, hz: float = 0.0, metrics: ActorMetrics | None = None,
               should_stop: Callable[[], bool] = lambda: False) -> RobotStats:
-    """Drive episodes until ``deadline`` (monotonic), ``max_episodes`` or ``should_stop()``."""
+    """Drive episodes until ``deadline`` (monotonic), ``max_episodes``, ``should_stop()`` or the
+    learner announcing that the job is stopping (checked between episodes)."""
     stats = RobotStats()
     operators = {t: (make_operator(env) if make_operator else NoOperator()) for t, env in envs.items()}
     rng = np.random.default_rng(seed)
@@ -75,7 +76,7 @@ def run_robot(client: FleetClient, runner: PolicyRunner, envs: dict[str, RobotEn
     if client.current is not None:
         runner.load(client.current)
     i = 0
-    while not should_stop() and (deadline is None or time.monotonic() < deadline) and \
+    while not should_stop() and not client.job_stopping and (deadline is None or time.monotonic() < deadline) and \
             (max_episodes is None or stats.episodes < max_episodes):
         new = client.swap_if_ready()
         if new is not None:

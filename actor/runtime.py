@@ -193,6 +193,8 @@ class FleetClient:
                 delay = min(10.0, delay * 2)
         self.run_config = resp.run_config
         self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified)
+        if resp.HasField("current_policy"):
+            self.weights.job_state = resp.current_policy.job_state or "running"
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
             self.current = self.weights.fetch_now(resp.current_policy)
             self.weights.current_version = self.current.version
@@ -213,6 +215,11 @@ class FleetClient:
     def on_new_policy(self, callback: Callable[[VerifiedWeights], None]) -> None:
         """Call ``callback`` (from a background thread) when a new verified version is ready to swap in."""
         self._callbacks.append(callback)
+
+    @property
+    def job_stopping(self) -> bool:
+        """True once the learner announced that the job is stopping: finish the episode, flush, exit."""
+        return self.weights is not None and self.weights.job_state == "stopping"
 
     @property
     def version(self) -> int:

@@ -70,6 +70,7 @@ class WeightClient:
         self._pending: VerifiedWeights | None = None
         self._target: pb.WeightAnnouncement | None = None
         self.current_version = current_version
+        self.job_state = "running"  # from the newest announcement ("stopping" asks the actor to finish)
         self.fetched = 0
         self.refused = 0
         self.fetch_seconds: list[float] = []
@@ -142,6 +143,9 @@ class WeightClient:
 
     def _handle(self, ann: pb.WeightAnnouncement) -> None:
         """Subscriber side: remember only the newest announcement (depth-one queue) and wake the fetcher."""
+        if ann.job_state and ann.job_state != self.job_state:
+            event(log, "job_state", job=self.job, actor=self.actor, version=ann.version, state=ann.job_state)
+        self.job_state = ann.job_state or "running"
         with self._wake:
             self._target = ann
             self._wake.notify_all()

@@ -53,3 +53,42 @@ def bearer(metadata: Iterable[tuple[str, str]]) -> str | None:
         if key.lower() == "authorization" and value.lower().startswith("bearer "):
             return value[7:].strip()
     return None
+
+
+class EnrollmentTokens:
+    """Robot tokens enrolled through the control plane: sha256 digests in the job's Redis hash
+    ``fl:job:{id}:enrollments`` (see :mod:`fleetloop.redis_keys`). Checked on every RPC that opens,
+    so a revoked token stops working at its next handshake or stream. Redis unreachable -> the
+    check fails closed with UNAVAILABLE (actors retry), never open."""
+
+    def __init__(self, redis_client, fallback: StaticTokens | None = None) -> None:
+        self._redis = redis_client
+        self._fallback = fallback
+
+    enabled = True
+
+    def check(self, token: str | None, job_id: str) -> str:
+        import json
+
+        import redis
+
+        from fleetloop import redis_keys as keys
+        from fleetloop.errors import Unavailable
+
+        if not token:
+            raise Unauthenticated("missing credential (metadata 'authorization: Bearer <token>')", field="authorization")
+        if self._fallback is not None and self._fallback.enabled:
+            try:
+                return self._fallback.check(token, job_id)
+            except Unauthenticated:
+                pass
+        try:
+            raw = self._redis.hget(keys.enrollments(job_id), keys.secret_hash(token))
+        except redis.RedisError as exc:
+            raise Unavailable(f"credential store unreachable: {type(exc).__name__}", field="authorization") from None
+        record = json.loads(raw) if raw else None
+        if record is None or record.get("revoked_at"):
+            state = "revoked" if record else "not enrolled"
+            raise Unauthenticated(f"credential {token_id(token)} is {state} for job {job_id!r}", field="authorization",
+                                  value=token_id(token))
+        return f"enrollment-{record.get('id', token_id(token))}"

@@ -74,6 +74,10 @@ class LearnerConfig(BaseModel):
     weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")
     robot_tokens: list[str] = Field(default_factory=list,
                                     description="Accepted robot credentials; empty = authentication disabled (local only).")
+    control_redis_url: str | None = Field(
+        None, description="Control-plane Redis (redis://host:port/db). When set, the learner reports status, actors and "
+                          "versions there, executes operator commands (pause, pin, rollback, stop) from it, and checks "
+                          "robot tokens against the job's enrollments (robot_tokens stay valid too).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
     grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each stream holds one thread).")
     seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")

@@ -84,6 +84,10 @@ class LearnerCore:
         self._rate_window = (time.monotonic(), 0)
         self.staleness_max = 0  # over every trained online sample, expert corrections included (admitted past the bound)
         self.staleness_max_autonomous = 0
+        self.paused = False  # operator pause: no training steps and no publishes; ingest goes on
+        self.job_state = "running"  # announced to actors with every weight announcement ('stopping' ends them)
+        self.last_loss: float | None = None
+        self._train_lock = threading.Lock()  # one update at a time (training thread vs. rollback)
         self.offline_steps = self._load_offline()
         self._restore()
 
@@ -159,6 +163,35 @@ class LearnerCore:
         self._sync_fleet_metric()
         event(log, "pinned", job=self.job, version=version)
 
+    def set_paused(self, paused: bool) -> None:
+        """Pause (or resume) training and publishing. Ingest, weight serving and checkpoints go on,
+        so a paused job loses nothing and its fleet keeps running the current version."""
+        self.paused = bool(paused)
+        self.job_state = "paused" if self.paused else "running"
+        event(log, "paused" if self.paused else "resumed", job=self.job, version=self.version, step=self.step)
+
+    def begin_stop(self) -> None:
+        """Announce ``stopping`` to every subscribed actor (they finish their episode, flush and exit)
+        and stop training; serving goes on until :meth:`stop`."""
+        self.paused = True
+        self.job_state = "stopping"
+        event(log, "stopping", job=self.job, version=self.version, step=self.step)
+
+    def rollback(self, version: int) -> int:
+        """Continue training from ``version``'s weights: load them into the policy, reset the
+        optimizer's moments, unpin, and publish them as a new version (versions never go back).
+        Returns the new version."""
+        from fleetloop.weights import load_verified
+        info = self.weights.info(version)  # NotFound for an unknown version
+        state = load_verified(self.weights.blob(version), info.sha256)
+        with self._train_lock:
+            self.algorithm.policy.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+            self.algorithm.optimizer = self.algorithm.make_optimizer()
+            self.weights.pin(None)
+            new = self.publish()
+        event(log, "rolled_back", job=self.job, version=new, source_version=version, step=self.step)
+        return new
+
     def refresh_gauges(self) -> None:
         """Update buffer-size and sampler-share gauges (called on publish and on status)."""
         for task in self.cfg.tasks:
@@ -180,7 +213,13 @@ class LearnerCore:
         return avail
 
     def train_step(self) -> dict[str, float] | None:
-        """One learner step; None when there is nothing eligible to train on yet."""
+        """One learner step; None when paused or when there is nothing eligible to train on yet."""
+        if self.paused:
+            return None
+        with self._train_lock:
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float] | None:
         t0 = time.perf_counter()
         with self.ingestor.lock:
             online_total = sum(self.replay.size(t, "online") for t in self.cfg.tasks)
@@ -214,6 +253,7 @@ class LearnerCore:
             self.publish()
         if time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_every_s:
             self.checkpoint()
+        self.last_loss = float(result.loss)
         return {"loss": float(result.loss), **result.stats}
 
     def _assemble(self, parts, version: int) -> tuple[Batch | None, dict[tuple[str, str], np.ndarray]]:
@@ -278,6 +318,9 @@ class LearnerCore:
     def _loop(self) -> None:
         min_dt = 1.0 / self.cfg.max_updates_per_s if self.cfg.max_updates_per_s else 0.0
         while not self._stop.is_set():
+            if self.paused:  # operator pause is not learner idle time
+                self._stop.wait(0.2)
+                continue
             t0 = time.perf_counter()
             try:
                 out = self.train_step()
@@ -330,7 +373,7 @@ class LearnerCore:
                     "offline_buffer": self.replay.size(task, "offline"),
                     "online_share": self.sampler.online_share(task),
                 }
-            actors = {a: {"version": v, "last_seen": t} for a, (v, t) in self.ingestor.actor_versions.items()}
+            actors = {a: vars(t).copy() for a, t in self.ingestor.actor_stats.items()}
             episodes_total = self.ingestor.episodes_total
         fv = self.weights.fleet_version()
         return {
@@ -339,6 +382,8 @@ class LearnerCore:
             "episodes_total": episodes_total, "staleness_bound": self.gate.config.bound,
             "staleness_max": self.staleness_max, "staleness_max_autonomous": self.staleness_max_autonomous, "ingested_steps": self.ingestor.steps_total,
             "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
+            "paused": self.paused, "job_state": self.job_state, "loss": self.last_loss,
+            "offline_steps": self.offline_steps,
         }
 
     def audit(self) -> dict[str, Any]:

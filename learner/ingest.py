@@ -122,6 +122,19 @@ class TaskTally:
     episodes: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class ActorTally:
+    """Running per-actor totals (for the control plane's fleet table)."""
+
+    version: int = -1          # behaviour version of the actor's newest chunk
+    last_seen: float = 0.0     # unix time of its newest stored chunk
+    task: str = ""             # task of its newest chunk
+    steps: int = 0
+    intervention_steps: int = 0
+    episodes: int = 0
+    successes: int = 0
+
+
 class Ingestor:
     """Stores validated chunks exactly once. Thread-safe (one lock around the store path)."""
 
@@ -139,6 +152,7 @@ class Ingestor:
         self.episodes_total = 0
         self.steps_total = 0
         self.actor_versions: dict[str, tuple[int, float]] = {}
+        self.actor_stats: dict[str, ActorTally] = {}
         m, j = metrics, job_id
         # label children resolved once (a .labels() lookup per chunk is measurable at 100k steps/s)
         self._c_dup, self._c_chunks, self._c_bytes = m.duplicates.labels(j), m.ingested_chunks.labels(j), m.ingested_bytes.labels(j)
@@ -201,11 +215,20 @@ class Ingestor:
         tally.intervention_steps += n_inter
         if tally.steps:
             self._g_ratio[c.task_id].set(tally.intervention_steps / tally.steps)
-        self.actor_versions[c.actor_id] = (c.behavior_version, time.time())
+        now = time.time()
+        self.actor_versions[c.actor_id] = (c.behavior_version, now)
+        at = self.actor_stats.get(c.actor_id)
+        if at is None:
+            at = self.actor_stats[c.actor_id] = ActorTally()
+        at.version, at.last_seen, at.task = c.behavior_version, now, c.task_id
+        at.steps += c.steps
+        at.intervention_steps += n_inter
         self.m.actor_version.labels(self.job_id, c.actor_id).set(c.behavior_version)
         if c.outcome is not None:
             self._open.pop(c.episode_id, None)
             tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1
+            at.episodes += 1
+            at.successes += c.outcome == "success"
             self.episodes.append(EpisodeRecord(time.time(), c.actor_id, c.episode_id, c.task_id, c.outcome,
                                                ep.steps, ep.interventions, c.behavior_version))
             self.episodes_total += 1

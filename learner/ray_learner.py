@@ -42,12 +42,24 @@ class _RayLearnerImpl:
         cfg = LearnerConfig.model_validate_json(config_json)
         _unnice()
         self.core = LearnerCore(cfg)
-        self.servicer = LearnerServicer(self.core)
+        self.agent = None
+        auth = None
+        if cfg.control_redis_url:
+            import redis
+
+            from learner.auth import EnrollmentTokens, StaticTokens
+            from learner.control_agent import ControlAgent
+            auth = EnrollmentTokens(redis.Redis.from_url(cfg.control_redis_url, socket_timeout=5.0, decode_responses=True),
+                                    fallback=StaticTokens(cfg.robot_tokens))
+        self.servicer = LearnerServicer(self.core, auth=auth)
         self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
         self.server.start()
         self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "0.0.0.0") \
             if cfg.metrics_port is not None else None
         self.core.start_training()
+        if cfg.control_redis_url:
+            self.agent = ControlAgent(self.core, cfg.control_redis_url, sessions=lambda: dict(self.servicer.sessions))
+            self.agent.start()
         self.host = cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
         event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
               metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
@@ -73,9 +85,17 @@ class _RayLearnerImpl:
     def checkpoint(self) -> str:
         return str(self.core.checkpoint())
 
+    def drain(self) -> None:
+        """Announce 'stopping' to the fleet (actors finish their episode, flush and leave)."""
+        self.core.begin_stop()
+
     def stop(self) -> dict[str, Any]:
+        self.core.begin_stop()
         self.server.stop(grace=2.0).wait(5.0)
         self.core.stop(checkpoint=True)
+        if self.agent is not None:
+            self.agent.stop(final_tick=True)
+            self.agent.emit("learner_stopped", version=self.core.version, step=self.core.step)
         return self.core.status()
 
 
@@ -109,6 +129,10 @@ class LearnerHandle:
     def audit(self) -> dict[str, Any]:
         return ray.get(self.actor.audit.remote(), timeout=60)
 
+    def drain(self) -> None:
+        """Tell the fleet the job is stopping (actors finish their episode, flush, leave)."""
+        ray.get(self.actor.drain.remote(), timeout=30)
+
     def stop(self) -> dict[str, Any]:
         """Stop serving and training, checkpoint, and end the Ray actor."""
         try:
@@ -134,15 +158,32 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, temp_dir
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+def actor_name(job_id: str) -> str:
+    """Ray actor name of a job's learner."""
+    return f"fleetloop-learner-{job_id}"
+
+
 def start_learner(config: LearnerConfig, ray_address: str | None = None, num_cpus: int | None = None,
-                  temp_dir: str | None = None) -> LearnerHandle:
-    """Start one job's learner on Ray; GPU when the cluster has one and ``config.device`` allows."""
+                  temp_dir: str | None = None, actor_cpus: float = 1.0, actor_gpus: int | None = None) -> LearnerHandle:
+    """Start one job's learner on Ray; GPU when the cluster has one and ``config.device`` allows
+    (``actor_gpus`` asks for that many explicitly)."""
     ensure_ray(ray_address, num_cpus, temp_dir)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.device != "cpu" and gpus >= 1
-    opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0, "name": f"fleetloop-learner-{config.job_id}",
+    n_gpus = (actor_gpus if actor_gpus else 1) if use_gpu else 0
+    opts: dict[str, Any] = {"num_cpus": actor_cpus, "num_gpus": n_gpus, "name": actor_name(config.job_id),
                             "max_concurrency": 4}
     cfg = config.model_copy(update={"device": "cuda" if use_gpu else ("cpu" if config.device == "auto" else config.device)})
     actor = RayLearner.options(**opts).remote(cfg.model_dump_json())
     addr = ray.get(actor.address.remote(), timeout=300)
+    return LearnerHandle(actor, addr["host"], addr["port"], addr["metrics_port"], addr["pid"])
+
+
+def attach_learner(job_id: str) -> LearnerHandle | None:
+    """The running learner of ``job_id`` on the connected Ray cluster, or None."""
+    try:
+        actor = ray.get_actor(actor_name(job_id))
+        addr = ray.get(actor.address.remote(), timeout=30)
+    except Exception:  # not found, or dead
+        return None
     return LearnerHandle(actor, addr["host"], addr["port"], addr["metrics_port"], addr["pid"])

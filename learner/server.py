@@ -39,11 +39,11 @@ def _reason(exc: FleetloopError) -> str:
     return f"{exc.code.lower()}:{top}"
 
 
-def announcement(info, pinned: int | None) -> pb.WeightAnnouncement:
-    """Wire form of a weight store VersionInfo."""
+def announcement(info, pinned: int | None, job_state: str = "running") -> pb.WeightAnnouncement:
+    """Wire form of a weight store VersionInfo (plus the job's state)."""
     return pb.WeightAnnouncement(version=info.version, sha256=info.sha256, size_bytes=info.size_bytes,
                                  learner_step=info.learner_step, published_at=info.published_at,
-                                 pinned=pinned == info.version, format="safetensors")
+                                 pinned=pinned == info.version, format="safetensors", job_state=job_state)
 
 
 class LearnerServicer:
@@ -88,6 +88,7 @@ class LearnerServicer:
             _abort(context, exc)
         session = uuid.uuid4().hex
         self.sessions[session] = {"actor_id": req.actor_id, "tasks": list(req.tasks), "since": time.time(),
+                                  "kind": pb.ActorKind.Name(req.kind).lower(),
                                   "capabilities": dict(req.capabilities), "principal": principal}
         fv = self.core.weights.fleet_version()
         event(log, "handshake", job=req.job_id, actor=req.actor_id, version=fv.version if fv else -1, principal=principal)
@@ -96,7 +97,7 @@ class LearnerServicer:
                            max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
                            algorithm=self.cfg.algorithm, inference_json="{}")
         return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=run,
-                                    current_policy=announcement(fv, self.core.weights.pinned) if fv else None,
+                                    current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state) if fv else None,
                                     learner_id=self.learner_id)
 
     # -- Experience --------------------------------------------------------------------------
@@ -135,13 +136,13 @@ class LearnerServicer:
         store = self.core.weights
         known = None
         while context.is_active():
-            info = store.wait_for_change(known, timeout=1.0)
+            info = store.wait_for_change(known[:2] if known else None, timeout=1.0)  # job_state: seen within 1 s
             if info is None:
                 continue
-            current = (info.version, store.pinned is not None)
+            current = (info.version, store.pinned is not None, self.core.job_state)
             if current != known:
                 known = current
-                yield announcement(info, store.pinned)
+                yield announcement(info, store.pinned, self.core.job_state)
 
     def FetchWeights(self, req: pb.FetchRequest, context: grpc.ServicerContext):
         try:

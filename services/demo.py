@@ -16,16 +16,14 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleetloop.dataset import task_counts
 from fleetloop.logs import event, get_logger
 from services.live_view import LiveView
+from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("demo")
 
@@ -50,40 +48,18 @@ class DemoOptions(BaseModel):
 
 
 def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
-    from actor.demos import record_demos
-    from learner.pretrain import pretrain
+    from services.bootstrap import bootstrap_offline
 
-    demos = Path(o.demos) if o.demos else o.out / "demos"
-    have = task_counts(demos)
-    missing = [t for t in o.tasks if have.get(t, 0) < o.demos_per_task]
-    if missing:
-        print(f"[1/5] recording {o.demos_per_task} scripted demonstrations for {', '.join(missing)} -> {demos}", flush=True)
-        record_demos(missing, o.demos_per_task, demos, seed=o.seed)
-    else:
-        print(f"[1/5] demonstrations found in {demos}", flush=True)
-    pretrained = o.out / "pretrained.safetensors"
-    print(f"[2/5] behaviour-cloning the initial policy ({o.pretrain_steps} steps) -> {pretrained}", flush=True)
-    pretrain(demos, o.tasks, pretrained, steps=o.pretrain_steps, seed=o.seed)
-    return demos, pretrained
+    steps = iter(["[1/5]", "[2/5]"])
+    return bootstrap_offline(o.tasks, Path(o.demos) if o.demos else o.out / "demos", o.out / "pretrained.safetensors",
+                             o.demos_per_task, o.pretrain_steps, seed=o.seed,
+                             progress=lambda m: print(f"{next(steps, '     ')} {m}", flush=True))
 
 
-def _spawn_robots(o: DemoOptions, target: str, job: str, token: str) -> list[tuple[subprocess.Popen, Path]]:
-    logs = o.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "FLEETLOOP_ROBOT_TOKEN": token, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = []
-    for i in range(o.robots):
-        tasks = o.tasks[i % len(o.tasks):] + o.tasks[:i % len(o.tasks)]
-        stats = logs / f"robot-{i}.stats.json"
-        cmd = [sys.executable, "-m", "services.cli", "actor", "--learner", target, "--job", job, "--actor-id", f"robot-{i}",
-               "--tasks", ",".join(tasks), "--spool", str(o.out / "spool" / f"robot-{i}"), "--minutes", str(o.minutes),
-               "--seed", str(o.seed * 1000 + i * 7919), "--hz", str(o.hz)]
-        fh = open(logs / f"robot-{i}.log", "w")
-        # On one machine the simulated robots yield the CPU to the learner (nice 10): in a real fleet
-        # robots never compete with the cloud learner for cores.
-        procs.append((subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                       preexec_fn=lambda: os.nice(10)), stats))
-    return procs
+def _spawn_robots(o: DemoOptions, target: str, job: str, token: str) -> list[SimRobot]:
+    return [spawn_robot(target=target, job=job, actor_id=f"robot-{i}", tasks=rotated(o.tasks, i), token=token,
+                        spool=o.out / "spool" / f"robot-{i}", log_path=o.out / "logs" / f"robot-{i}.log",
+                        seed=o.seed * 1000 + i * 7919, hz=o.hz, minutes=o.minutes) for i in range(o.robots)]
 
 
 def run_demo(o: DemoOptions) -> dict:
@@ -123,30 +99,25 @@ def run_demo(o: DemoOptions) -> dict:
     view = LiveView(o.tasks, o.minutes * 60, live=o.live)
     try:
         with view:
-            while any(p.poll() is None for p, _ in robots):
+            while any(r.alive() for r in robots):
                 time.sleep(2.0)
                 status = handle.status()
                 index, new = handle.episodes_since(index)
                 episodes.extend(new)
                 if not versions or versions[-1][1] != status["version"]:
                     versions.append((time.time(), status["version"]))
-                view.update(status, episodes, time.time() - t0, sum(p.poll() is None for p, _ in robots))
+                view.update(status, episodes, time.time() - t0, sum(r.alive() for r in robots))
                 if time.time() - t0 > o.minutes * 60 + 120:  # robots overdue: stop them
-                    for p, _ in robots:
-                        if p.poll() is None:
-                            p.terminate()
+                    for r in robots:
+                        r.terminate()
     finally:
-        for p, _ in robots:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_robots(robots, grace_s=60.0)
         index, new = handle.episodes_since(index)
         episodes.extend(new)
         audit = handle.audit()
         final = handle.stop()
     wall = time.time() - t0
-    robot_rc = [p.returncode for p, _ in robots]
+    robot_rc = [r.proc.returncode for r in robots]
     print(f"[5/5] evaluating the final policy v{final['version']} ({o.eval_trials} held-out trials per task)", flush=True)
     final_weights = state_dir / "weights" / f"v{final['version']}.safetensors"
     final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials)

@@ -1,0 +1,86 @@
+"""Redis key layout shared by the control plane (``services``) and the learner's control agent.
+
+The control plane and a job's learner talk only through Redis, so that the same protocol works
+for a learner on this machine's Ray and one in a Kubernetes pod:
+
+==========================================  ======  ===============================================
+key                                         type    written by / meaning
+==========================================  ======  ===============================================
+``fl:jobs``                                 zset    API: job ids scored by creation time
+``fl:job:{id}``                             string  API: the job record (JSON: spec, state, ...)
+``fl:job:{id}:events``                      stream  both: the job's event log (capped)
+``fl:job:{id}:commands``                    list    API pushes, learner pops: pause, pin, rollback ...
+``fl:cmd:{cmd_id}``                         string  learner: a command's result (JSON, TTL 1 h)
+``fl:job:{id}:heartbeat``                   string  learner: unix time of its last report (TTL)
+``fl:job:{id}:status``                      string  learner: newest status snapshot (JSON)
+``fl:job:{id}:actors``                      hash    learner: actor id -> JSON row of the fleet table
+``fl:job:{id}:versions``                    hash    learner: version -> JSON (step, time, digest)
+``fl:job:{id}:series``                      list    learner: time series points for charts (capped)
+``fl:job:{id}:enrollments``                 hash    API: sha256(token) -> JSON (id, name, revoked)
+``fl:apikeys``                              hash    API: sha256(key) -> JSON (id, role, name, revoked)
+==========================================  ======  ===============================================
+
+Secrets (robot tokens, API keys) are only ever stored as sha256 hex digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "fl"
+JOBS = f"{PREFIX}:jobs"
+API_KEYS = f"{PREFIX}:apikeys"
+SERIES_MAX = 3600          # points kept per job (1 per 2 s: two hours)
+EVENTS_MAX = 5000          # events kept per job
+HEARTBEAT_TTL_S = 30       # a learner silent this long is considered gone
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events(job_id: str) -> str:
+    return f"{job(job_id)}:events"
+
+
+def commands(job_id: str) -> str:
+    return f"{job(job_id)}:commands"
+
+
+def command_result(cmd_id: str) -> str:
+    return f"{PREFIX}:cmd:{cmd_id}"
+
+
+def heartbeat(job_id: str) -> str:
+    return f"{job(job_id)}:heartbeat"
+
+
+def status(job_id: str) -> str:
+    return f"{job(job_id)}:status"
+
+
+def actors(job_id: str) -> str:
+    return f"{job(job_id)}:actors"
+
+
+def versions(job_id: str) -> str:
+    return f"{job(job_id)}:versions"
+
+
+def series(job_id: str) -> str:
+    return f"{job(job_id)}:series"
+
+
+def enrollments(job_id: str) -> str:
+    return f"{job(job_id)}:enrollments"
+
+
+def all_job_keys(job_id: str) -> list[str]:
+    """Every key of one job (for deletion)."""
+    return [job(job_id), events(job_id), commands(job_id), heartbeat(job_id), status(job_id), actors(job_id),
+            versions(job_id), series(job_id), enrollments(job_id)]
+
+
+def secret_hash(secret: str) -> str:
+    """sha256 hex of a token or key: the only form in which secrets are stored."""
+    return hashlib.sha256(secret.encode()).hexdigest()

@@ -1,0 +1,231 @@
+"""The learner's side of the control plane: report to Redis, execute operator commands from it.
+
+Runs as one background thread inside the learner process (Ray actor or pod). Each tick
+(``interval_s``, 1 s by default) it writes, in one pipeline (key layout in
+:mod:`fleetloop.redis_keys`):
+
+- a heartbeat (with a TTL, so a dead learner is visible as a missing key);
+- the status snapshot, and one row per actor for the fleet table;
+- every newly published version into the version index (plus a ``published`` event);
+- every ``series_every_s`` a time-series point for the dashboard's charts (per-task success and
+  intervention rates over the window since the previous point, loss, updates/s, ingest rate,
+  buffer sizes, version, staleness);
+
+and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``rollback``,
+``drain``) from the job's command list and writes each result under ``fl:cmd:{id}``.
+
+Invariant: the learner never depends on Redis to train or serve. A Redis error is logged (at
+most once per ``error_log_every_s``) and the tick is retried; commands are at-most-once (popped
+before execution; the result key says whether it ran).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Callable
+
+import redis
+
+from fleetloop import redis_keys as keys
+from fleetloop.errors import FleetloopError, InvalidArgument
+from fleetloop.logs import event, get_logger
+
+log = get_logger("learner.control")
+
+ACTIVE_S = 10.0   # an actor whose newest chunk is younger than this is "active"
+IDLE_S = 60.0     # ... younger than this "idle", older "gone"
+
+
+def actor_status(last_seen: float, now: float, job_state: str) -> str:
+    """Fleet-table status of an actor from the age of its newest chunk."""
+    if job_state == "stopping":
+        return "stopping"
+    age = now - last_seen
+    if age < ACTIVE_S:
+        return "active"
+    return "idle" if age < IDLE_S else "gone"
+
+
+class ControlAgent:
+    """See module docstring. ``sessions`` returns the gRPC servicer's handshake sessions."""
+
+    def __init__(self, core, redis_url: str, sessions: Callable[[], dict[str, dict]] = dict, interval_s: float = 1.0,
+                 series_every_s: float = 2.0, error_log_every_s: float = 60.0) -> None:
+        self.core = core
+        self.job = core.job
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0, decode_responses=True)
+        self.sessions = sessions
+        self.interval_s, self.series_every_s, self.error_log_every_s = interval_s, series_every_s, error_log_every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reported_version = -1
+        self._episode_index = 0
+        self._last_point: tuple[float, int, int] | None = None  # (time, learner step, ingested steps)
+        self._last_error_log = 0.0
+        self.errors = 0
+        self.ticks = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._episode_index, _ = self.core.episodes_since(1 << 62)  # series start now
+            self._thread = threading.Thread(target=self._run, name=f"fleetloop-control-{self.job}", daemon=True)
+            self._thread.start()
+            self.emit("learner_started", version=self.core.version, step=self.core.step)
+
+    def stop(self, final_tick: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if final_tick:
+            try:
+                self.tick()
+            except redis.RedisError:
+                pass
+
+    def _run(self) -> None:
+        next_point = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.tick(point=time.monotonic() >= next_point)
+                if time.monotonic() >= next_point:
+                    next_point = time.monotonic() + self.series_every_s
+                if self.run_commands():
+                    self.tick()  # report the commands' effect at once
+            except redis.RedisError as exc:
+                self.errors += 1
+                if time.monotonic() - self._last_error_log > self.error_log_every_s:
+                    self._last_error_log = time.monotonic()
+                    event(log, "control_plane_unreachable", level=30, job=self.job, error=repr(exc)[:200])
+            except Exception as exc:  # never let reporting kill the learner
+                self.errors += 1
+                event(log, "control_agent_error", level=40, job=self.job, error=repr(exc)[:300])
+            self._stop.wait(self.interval_s)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def emit(self, kind: str, **data: Any) -> None:
+        """Append one event to the job's event stream (best effort)."""
+        try:
+            self.redis.xadd(keys.events(self.job), {"type": kind, "data": json.dumps(data), "source": "learner"},
+                            maxlen=keys.EVENTS_MAX, approximate=True)
+        except redis.RedisError:
+            self.errors += 1
+
+    def actor_rows(self, status: dict[str, Any], now: float) -> dict[str, dict[str, Any]]:
+        """One fleet-table row per actor: handshake sessions merged with ingest tallies."""
+        latest = max(status["version"], 0)
+        rows: dict[str, dict[str, Any]] = {}
+        for sess in sorted(self.sessions().values(), key=lambda s: s["since"]):
+            rows[sess["actor_id"]] = {"actor_id": sess["actor_id"], "kind": sess.get("kind", "robot"), "tasks": sess["tasks"],
+                                      "connected_at": sess["since"], "task": "", "version": -1, "last_seen": sess["since"],
+                                      "steps": 0, "intervention_steps": 0, "episodes": 0, "successes": 0}
+        for actor_id, tally in status["actors"].items():
+            row = rows.setdefault(actor_id, {"actor_id": actor_id, "kind": "robot", "tasks": [], "connected_at": None})
+            row.update(tally)
+        for row in rows.values():
+            row["status"] = actor_status(row["last_seen"], now, status["job_state"])
+            row["staleness"] = latest - row["version"] if row["version"] >= 0 else None
+            row["intervention_ratio"] = row["intervention_steps"] / row["steps"] if row["steps"] else 0.0
+            row["success_rate"] = row["successes"] / row["episodes"] if row["episodes"] else None
+        return rows
+
+    def series_point(self, status: dict[str, Any], now: float) -> dict[str, Any]:
+        """Rates over the window since the previous point (per task: success, interventions)."""
+        self._episode_index, episodes = self.core.episodes_since(self._episode_index)
+        per_task: dict[str, dict[str, float]] = {}
+        for t in self.core.cfg.tasks:
+            eps = [e for e in episodes if e["task_id"] == t]
+            steps = sum(e["steps"] for e in eps)
+            per_task[t] = {"episodes": len(eps),
+                           "success": sum(e["outcome"] == "success" for e in eps) / len(eps) if eps else None,
+                           "intervention": sum(e["intervention_steps"] for e in eps) / steps if steps else None}
+        prev = self._last_point
+        self._last_point = (now, status["step"], status["ingested_steps"])
+        dt = now - prev[0] if prev else 0.0
+        tasks = status["tasks"]
+        return {
+            "t": now, "version": status["version"], "step": status["step"], "loss": status["loss"],
+            "updates_per_s": (status["step"] - prev[1]) / dt if prev and dt > 0 else None,
+            "ingest_steps_per_s": (status["ingested_steps"] - prev[2]) / dt if prev and dt > 0 else None,
+            "online_buffer": sum(v["online_buffer"] for v in tasks.values()),
+            "offline_buffer": sum(v["offline_buffer"] for v in tasks.values()),
+            "staleness_max": status["staleness_max_autonomous"], "tasks": per_task,
+        }
+
+    def tick(self, point: bool = False) -> None:
+        """One report (heartbeat, status, actors, new versions, optionally a series point)."""
+        now = time.time()
+        status = self.core.status()
+        rows = self.actor_rows(status, now)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.heartbeat(self.job), json.dumps(now), ex=keys.HEARTBEAT_TTL_S)
+        pipe.set(keys.status(self.job), json.dumps(status))
+        if rows:
+            pipe.hset(keys.actors(self.job), mapping={a: json.dumps(r) for a, r in rows.items()})
+        new_versions = [v for v in self.core.weights.versions() if v.version > self._reported_version]
+        for v in new_versions:
+            pipe.hset(keys.versions(self.job), str(v.version), json.dumps(
+                {"version": v.version, "step": v.learner_step, "published_at": v.published_at, "sha256": v.sha256,
+                 "size_bytes": v.size_bytes}))
+        if point:
+            pipe.rpush(keys.series(self.job), json.dumps(self.series_point(status, now)))
+            pipe.ltrim(keys.series(self.job), -keys.SERIES_MAX, -1)
+        pipe.execute()
+        if new_versions:
+            self._reported_version = new_versions[-1].version
+            self.emit("published", version=self._reported_version, step=new_versions[-1].learner_step,
+                      count=len(new_versions))
+        self.ticks += 1
+
+    # -- commands ----------------------------------------------------------------------------
+    def run_commands(self, limit: int = 16) -> int:
+        """Pop and execute up to ``limit`` queued commands; returns how many ran."""
+        n = 0
+        while n < limit:
+            raw = self.redis.lpop(keys.commands(self.job))
+            if raw is None:
+                break
+            n += 1
+            try:
+                cmd = json.loads(raw)
+                cmd_id = str(cmd["id"])
+            except (ValueError, KeyError, TypeError):
+                event(log, "command_malformed", level=30, job=self.job, raw=str(raw)[:200])
+                continue
+            result = self.execute(cmd)
+            self.redis.set(keys.command_result(cmd_id), json.dumps(result), ex=3600)
+            self.emit("command", id=cmd_id, op=cmd.get("op"), by=cmd.get("by"), ok=result["ok"],
+                      error=result.get("error"), result=result.get("result"))
+        return n
+
+    def execute(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Run one command on the core; returns {"ok", "result" | "error", "status"}."""
+        op, args = cmd.get("op"), cmd.get("args") or {}
+        try:
+            if op == "pause":
+                self.core.set_paused(True)
+                result: Any = {"paused": True}
+            elif op == "resume":
+                self.core.set_paused(False)
+                result = {"paused": False}
+            elif op == "pin":
+                self.core.pin(int(args["version"]))
+                result = {"pinned": int(args["version"])}
+            elif op == "unpin":
+                self.core.pin(None)
+                result = {"pinned": None}
+            elif op == "rollback":
+                result = {"source_version": int(args["version"]), "version": self.core.rollback(int(args["version"]))}
+            elif op == "drain":
+                self.core.begin_stop()
+                result = {"job_state": "stopping"}
+            else:
+                raise InvalidArgument(f"unknown command op {op!r}", field="op", value=op)
+        except FleetloopError as exc:
+            return {"ok": False, "error": str(exc), "status": exc.http_status}
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"bad arguments for {op!r}: {exc!r}", "status": 422}
+        event(log, "command_executed", job=self.job, version=self.core.version, op=op, by=cmd.get("by"))
+        return {"ok": True, "result": result, "status": 200}

@@ -1,0 +1,39 @@
+"""REST authentication and roles.
+
+Every ``/v1`` request carries ``Authorization: Bearer <API key>``. Keys have one role:
+``viewer`` (read everything), ``operator`` (also submit and steer jobs, enroll robots) or
+``admin`` (also manage API keys). A missing/unknown/revoked key is 401, a role too low 403.
+Keys are looked up by sha256 digest; the plain key never reaches a log.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fastapi import Request
+
+from fleetloop.errors import PermissionDenied
+from services.state import ROLE_RANK, ApiKey, Role, StateStore
+
+
+def bearer_key(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    if value.lower().startswith("bearer "):
+        return value[7:].strip() or None
+    return None
+
+
+def require(role: Role) -> Callable[[Request], ApiKey]:
+    """FastAPI dependency: the caller's key record, if its role is at least ``role``."""
+
+    def dependency(request: Request) -> ApiKey:
+        store: StateStore = request.app.state.store
+        key = store.check_api_key(bearer_key(request))
+        if ROLE_RANK[key.role] < ROLE_RANK[role]:
+            raise PermissionDenied(f"role {key.role!r} of key {key.id} may not do this (needs {role!r})", field="role",
+                                   value=key.role)
+        request.state.principal = key
+        return key
+
+    dependency.__name__ = f"require_{role}"
+    return dependency

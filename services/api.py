@@ -1,0 +1,416 @@
+"""The control plane's REST API (FastAPI) and the dashboard it serves.
+
+Routes live under ``/v1`` (OpenAPI at ``/openapi.json``); ``/healthz`` (process up) and
+``/readyz`` (Redis reachable) need no key; ``/`` is the dashboard. Errors: the FleetloopError
+hierarchy is mapped to HTTP here and only here, as ``{"error": {"code", "message", "field",
+"value"}}``; request validation errors are FastAPI's 422 with the field paths.
+
+Operator commands on a running learner (pause, resume, pin, unpin, rollback) are queued in Redis
+for the learner's control agent; the API waits up to ``command_timeout_s`` for the result (200),
+else answers 202 with the queued command's id (the learner runs it when it next polls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from fleetloop import redis_keys as keys
+from fleetloop.errors import FailedPrecondition, FleetloopError, NotFound
+from fleetloop.logs import event, get_logger
+from services.access import require
+from services.jobspec import JobSpec
+from services.launcher import Launcher
+from services.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
+
+log = get_logger("services.api")
+STATIC = Path(__file__).parent / "dashboard"
+JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+# -- response models -------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    code: str = Field(description="Error class (gRPC status name).")
+    message: str = Field(description="What is wrong, naming the field and value.")
+    field: str | None = Field(None, description="Offending field.")
+    value: Any = Field(None, description="Offending value (secrets are never echoed).")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobView(JobRecord):
+    """A job record plus what its learner last reported."""
+
+    learner_alive: bool = Field(description="The learner's heartbeat is fresh.")
+    heartbeat_age_s: float | None = Field(None, description="Seconds since the learner's last report.")
+    status: dict[str, Any] | None = Field(None, description="The learner's newest status snapshot.")
+
+
+class PolicyVersion(BaseModel):
+    version: int
+    step: int = Field(description="Learner step that produced it.")
+    published_at: float
+    sha256: str
+    size_bytes: int
+    pinned: bool = Field(description="The fleet is pinned to this version.")
+    evaluation: dict[str, Any] | None = Field(None, description="Evaluation results, when known.")
+
+
+class PoliciesView(BaseModel):
+    versions: list[PolicyVersion]
+    latest: int | None = Field(description="Newest version.")
+    pinned: int | None = Field(description="Pinned version (None = the fleet follows the newest).")
+    fleet_version: int | None = Field(description="Version the fleet is told to run.")
+
+
+class ActorRow(BaseModel):
+    actor_id: str
+    kind: str
+    tasks: list[str]
+    task: str = Field(description="Task of its newest chunk.")
+    status: Literal["active", "idle", "gone", "stopping"]
+    last_seen: float
+    connected_at: float | None
+    version: int = Field(description="Policy version of its newest chunk (-1 before any).")
+    staleness: int | None = Field(description="Learner version minus actor version.")
+    steps: int
+    episodes: int
+    successes: int
+    success_rate: float | None
+    intervention_steps: int
+    intervention_ratio: float
+
+
+class CommandResult(BaseModel):
+    command_id: str
+    op: str
+    status: Literal["done", "queued"]
+    result: dict[str, Any] | None = None
+
+
+class EnrollmentRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Robot or fleet name for the credential.")
+
+
+class EnrollmentCreated(Enrollment):
+    token: str = Field(description="The robot token: shown once, never again.")
+
+
+class ApiKeyRequest(BaseModel):
+    role: Role = Field(description="admin, operator or viewer.")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$", description="Who holds the key.")
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="The API key: shown once, never again.")
+
+
+class FleetRequest(BaseModel):
+    robots: int = Field(ge=0, le=64, description="Simulated robots to run.")
+
+
+class EventRow(BaseModel):
+    id: str
+    type: str | None
+    source: str | None
+    data: dict[str, Any]
+    time: float
+
+
+class Health(BaseModel):
+    status: str
+    redis: bool | None = None
+
+
+class WhoAmI(BaseModel):
+    id: str
+    name: str
+    role: Role
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 503)}
+
+
+def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float = 15.0, reconcile: bool = True,
+               stop_jobs_on_exit: bool = False) -> FastAPI:
+    """The API over ``store`` and ``launcher``. ``reconcile``: re-attach to / relaunch active jobs
+    at startup (in the background); ``stop_jobs_on_exit``: stop this launcher's jobs at shutdown."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if reconcile:
+            threading.Thread(target=_reconcile, args=(launcher,), name="reconcile", daemon=True).start()
+        yield
+        if stop_jobs_on_exit:
+            await asyncio.to_thread(launcher.shutdown)
+
+    app = FastAPI(title="fleetloop control plane", version="1", lifespan=lifespan,
+                  description="Submit and steer fleet post-training jobs; enroll robots; watch the fleet.")
+    app.state.store, app.state.launcher = store, launcher
+
+    @app.exception_handler(FleetloopError)
+    async def _fleetloop_error(request: Request, exc: FleetloopError) -> JSONResponse:
+        value = exc.value if isinstance(exc.value, (str, int, float, bool, type(None))) else str(exc.value)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if exc.http_status >= 500:
+            event(log, "request_failed", level=40, path=request.url.path, error=str(exc)[:300])
+        return JSONResponse({"error": {"code": exc.code, "message": str(exc), "field": exc.field, "value": value}},
+                            status_code=exc.http_status, headers=headers)
+
+    viewer, operator, admin = Depends(require("viewer")), Depends(require("operator")), Depends(require("admin"))
+
+    def job_view(rec: JobRecord) -> JobView:
+        hb = store.heartbeat(rec.id)
+        age = None if hb is None else max(0.0, time.time() - hb)
+        alive = age is not None and age < keys.HEARTBEAT_TTL_S
+        return JobView(**rec.model_dump(), learner_alive=alive, heartbeat_age_s=age,
+                       status=store.learner_status(rec.id) if hb is not None or rec.state not in TERMINAL_STATES else None)
+
+    def active_job(job_id: str) -> JobRecord:
+        rec = store.get_job(job_id)
+        if rec.state not in ("running", "paused"):
+            raise FailedPrecondition(f"job {job_id!r} is {rec.state}, not running", field="state", value=rec.state)
+        return rec
+
+    def command(job_id: str, op: str, args: dict[str, Any] | None, key: ApiKey) -> CommandResult:
+        cmd_id = store.push_command(job_id, op, args, by=key.id)
+        result = store.wait_result(cmd_id, command_timeout_s)
+        if result is None:
+            return CommandResult(command_id=cmd_id, op=op, status="queued")
+        if not result["ok"]:
+            from fleetloop.errors import FleetloopError as E
+            err = E(result.get("error", "command failed"))
+            err.http_status = int(result.get("status", 409))
+            err.code = {404: "NOT_FOUND", 422: "INVALID_ARGUMENT"}.get(err.http_status, "FAILED_PRECONDITION")
+            raise err
+        return CommandResult(command_id=cmd_id, op=op, status="done", result=result.get("result"))
+
+    def reply(res: CommandResult) -> JSONResponse:
+        return JSONResponse(res.model_dump(), status_code=200 if res.status == "done" else 202)
+
+    # -- health --------------------------------------------------------------------------
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["health"])
+    def readyz() -> Any:
+        ok = store.ping()
+        return JSONResponse(Health(status="ok" if ok else "unavailable", redis=ok).model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/v1/whoami", response_model=WhoAmI, responses=ERRORS, tags=["auth"])
+    def whoami(key: ApiKey = viewer) -> WhoAmI:
+        return WhoAmI(id=key.id, name=key.name, role=key.role)
+
+    # -- jobs ----------------------------------------------------------------------------
+    @app.post("/v1/jobs", response_model=JobView, status_code=201, responses=ERRORS, tags=["jobs"])
+    def submit(spec: JobSpec, key: ApiKey = operator) -> JobView:
+        check = getattr(launcher, "validate", None)
+        if check:
+            check(spec)
+        rec = store.create_job(spec, created_by=key.id)
+        event(log, "job_submitted", job=rec.id, by=key.id)
+        launcher.launch(rec)
+        return job_view(store.get_job(rec.id))
+
+    @app.get("/v1/jobs", response_model=list[JobView], responses=ERRORS, tags=["jobs"])
+    def list_jobs(key: ApiKey = viewer) -> list[JobView]:
+        return [job_view(r) for r in store.list_jobs()]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
+    def get_job(job_id: str, key: ApiKey = viewer) -> JobView:
+        return job_view(store.get_job(job_id))
+
+    @app.post("/v1/jobs/{job_id}/pause", response_model=CommandResult, responses={**ERRORS, 202: {"model": CommandResult}},
+              tags=["jobs"])
+    def pause(job_id: str, key: ApiKey = operator) -> Any:
+        active_job(job_id)
+        res = command(job_id, "pause", None, key)
+        store.update_job(job_id, paused=True, state="paused")
+        return reply(res)
+
+    @app.post("/v1/jobs/{job_id}/resume", response_model=CommandResult, responses={**ERRORS, 202: {"model": CommandResult}},
+              tags=["jobs"])
+    def resume(job_id: str, key: ApiKey = operator) -> Any:
+        active_job(job_id)
+        res = command(job_id, "resume", None, key)
+        store.update_job(job_id, paused=False, state="running")
+        return reply(res)
+
+    @app.post("/v1/jobs/{job_id}/stop", response_model=JobView, status_code=202, responses=ERRORS, tags=["jobs"])
+    def stop(job_id: str, key: ApiKey = operator) -> JobView:
+        rec = store.get_job(job_id)
+        if rec.state in TERMINAL_STATES or rec.state == "stopping":
+            return job_view(rec)
+        store.emit(job_id, "stop_requested", by=key.id)
+        store.update_job(job_id, state="stopping")
+        threading.Thread(target=_stop, args=(launcher, store, job_id), name=f"stop-{job_id}", daemon=True).start()
+        return job_view(store.get_job(job_id))
+
+    @app.post("/v1/jobs/{job_id}/fleet", response_model=JobView, responses=ERRORS, tags=["jobs"])
+    def scale(job_id: str, body: FleetRequest, key: ApiKey = operator) -> JobView:
+        active_job(job_id)
+        launcher.scale_fleet(job_id, body.robots)
+        return job_view(store.get_job(job_id))
+
+    # -- policies ------------------------------------------------------------------------
+    @app.get("/v1/jobs/{job_id}/policies", response_model=PoliciesView, responses=ERRORS, tags=["policies"])
+    def policies(job_id: str, key: ApiKey = viewer) -> PoliciesView:
+        rec = store.get_job(job_id)
+        status = store.learner_status(job_id) or {}
+        fresh = status.get("time", 0.0) > rec.updated_at  # else the record (just changed by a command) is newer
+        pinned = status.get("pinned", rec.pinned) if fresh else rec.pinned
+        rows = [PolicyVersion(**v, pinned=v["version"] == pinned) for v in store.versions(job_id)]
+        return PoliciesView(versions=rows, latest=rows[-1].version if rows else None, pinned=pinned,
+                            fleet_version=status.get("fleet_version"))
+
+    def _version(job_id: str, version: int) -> None:
+        if not store.version_exists(job_id, version):
+            raise NotFound(f"unknown policy version {version} of job {job_id!r}", field="version", value=version)
+
+    @app.post("/v1/jobs/{job_id}/policies/{version}/pin", response_model=CommandResult,
+              responses={**ERRORS, 202: {"model": CommandResult}}, tags=["policies"])
+    def pin(job_id: str, version: int, key: ApiKey = operator) -> Any:
+        active_job(job_id)
+        _version(job_id, version)
+        res = command(job_id, "pin", {"version": version}, key)
+        store.update_job(job_id, pinned=version)
+        return reply(res)
+
+    @app.post("/v1/jobs/{job_id}/policies/unpin", response_model=CommandResult,
+              responses={**ERRORS, 202: {"model": CommandResult}}, tags=["policies"])
+    def unpin(job_id: str, key: ApiKey = operator) -> Any:
+        active_job(job_id)
+        res = command(job_id, "unpin", None, key)
+        store.update_job(job_id, pinned=None)
+        return reply(res)
+
+    @app.post("/v1/jobs/{job_id}/policies/{version}/rollback", response_model=CommandResult,
+              responses={**ERRORS, 202: {"model": CommandResult}}, tags=["policies"])
+    def rollback(job_id: str, version: int, key: ApiKey = operator) -> Any:
+        """Continue training from ``version``: its weights are republished as a new version (and unpinned)."""
+        active_job(job_id)
+        _version(job_id, version)
+        res = command(job_id, "rollback", {"version": version}, key)
+        store.update_job(job_id, pinned=None)
+        return reply(res)
+
+    # -- fleet ---------------------------------------------------------------------------
+    @app.get("/v1/jobs/{job_id}/actors", response_model=list[ActorRow], responses=ERRORS, tags=["fleet"])
+    def actors(job_id: str, key: ApiKey = viewer) -> list[ActorRow]:
+        store.get_job(job_id)
+        return [ActorRow.model_validate(a) for a in store.actors(job_id)]
+
+    @app.post("/v1/jobs/{job_id}/enrollments", response_model=EnrollmentCreated, status_code=201, responses=ERRORS,
+              tags=["fleet"])
+    def enroll(job_id: str, body: EnrollmentRequest, key: ApiKey = operator) -> EnrollmentCreated:
+        rec = store.get_job(job_id)
+        if rec.state in TERMINAL_STATES:
+            raise FailedPrecondition(f"job {job_id!r} is {rec.state}", field="state", value=rec.state)
+        token, enrollment = store.enroll(job_id, body.name, by=key.id)
+        return EnrollmentCreated(**enrollment.model_dump(), token=token)
+
+    @app.get("/v1/jobs/{job_id}/enrollments", response_model=list[Enrollment], responses=ERRORS, tags=["fleet"])
+    def enrollments(job_id: str, key: ApiKey = viewer) -> list[Enrollment]:
+        store.get_job(job_id)
+        return store.enrollments(job_id)
+
+    @app.delete("/v1/jobs/{job_id}/enrollments/{enrollment_id}", response_model=Enrollment, responses=ERRORS, tags=["fleet"])
+    def revoke(job_id: str, enrollment_id: str, key: ApiKey = operator) -> Enrollment:
+        store.get_job(job_id)
+        return store.revoke_enrollment(job_id, enrollment_id, by=key.id)
+
+    # -- observation ---------------------------------------------------------------------
+    @app.get("/v1/jobs/{job_id}/events", response_model=list[EventRow], responses=ERRORS, tags=["observe"])
+    def events(job_id: str, after: str = Query("-", max_length=64, pattern=r"^(-|\d+-\d+)$"),
+               limit: int = Query(200, ge=1, le=1000), key: ApiKey = viewer) -> list[EventRow]:
+        store.get_job(job_id)
+        return [EventRow(**e) for e in store.events(job_id, after, limit)]
+
+    @app.get("/v1/jobs/{job_id}/series", response_model=list[dict[str, Any]], responses=ERRORS, tags=["observe"])
+    def series(job_id: str, since: float = Query(0.0, ge=0, le=1e12), key: ApiKey = viewer) -> list[dict[str, Any]]:
+        store.get_job(job_id)
+        return store.series(job_id, since)
+
+    @app.get("/v1/jobs/{job_id}/live", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}}, tags=["observe"])
+    async def live(job_id: str, request: Request, interval: float = Query(1.0, ge=0.2, le=60),
+                   key: ApiKey = viewer) -> StreamingResponse:
+        """Server-sent events: one ``snapshot`` event per ``interval`` (job, actors, policies, new
+        series points, new events) until the client goes away. Read it with fetch() so the key
+        travels in the Authorization header, never in the URL."""
+        store.get_job(job_id)
+
+        async def gen():
+            since, after = 0.0, "-"
+            while not await request.is_disconnected():
+                snap, since, after = await asyncio.to_thread(_snapshot, store, job_view, policies, key, job_id, since, after)
+                yield f"event: snapshot\ndata: {json.dumps(snap)}\n\n"
+                await asyncio.sleep(interval)
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    # -- API keys (admin) ------------------------------------------------------------------
+    @app.post("/v1/apikeys", response_model=ApiKeyCreated, status_code=201, responses=ERRORS, tags=["auth"])
+    def create_key(body: ApiKeyRequest, key: ApiKey = admin) -> ApiKeyCreated:
+        plain, rec = store.create_api_key(body.role, body.name)
+        event(log, "api_key_created", id=rec.id, role=rec.role, by=key.id)
+        return ApiKeyCreated(**rec.model_dump(), key=plain)
+
+    @app.get("/v1/apikeys", response_model=list[ApiKey], responses=ERRORS, tags=["auth"])
+    def list_keys(key: ApiKey = admin) -> list[ApiKey]:
+        return store.api_keys()
+
+    @app.delete("/v1/apikeys/{key_id}", response_model=ApiKey, responses=ERRORS, tags=["auth"])
+    def revoke_key(key_id: str, key: ApiKey = admin) -> ApiKey:
+        return store.revoke_api_key(key_id)
+
+    # -- dashboard -------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    if STATIC.exists():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _snapshot(store: StateStore, job_view, policies, key: ApiKey, job_id: str, since: float, after: str):
+    job = job_view(store.get_job(job_id)).model_dump()
+    points = store.series(job_id, since)
+    evs = store.events(job_id, after, 500)
+    snap = {"job": job, "actors": store.actors(job_id), "policies": policies(job_id, key).model_dump(),
+            "series": points, "events": evs, "role": key.role, "time": time.time()}
+    return snap, (points[-1]["t"] if points else since), (evs[-1]["id"] if evs else after)
+
+
+def _stop(launcher: Launcher, store: StateStore, job_id: str) -> None:
+    try:
+        launcher.stop(job_id)
+    except Exception as exc:
+        event(log, "stop_failed", level=40, job=job_id, error=repr(exc)[:300])
+        try:
+            store.update_job(job_id, state="failed", error=f"stop failed: {exc!r}"[:2000])
+        except FleetloopError:
+            pass
+
+
+def _reconcile(launcher: Launcher) -> None:
+    try:
+        resumed = launcher.reconcile()
+        if resumed:
+            event(log, "jobs_resumed", jobs=resumed)
+    except Exception as exc:
+        event(log, "reconcile_failed", level=40, error=repr(exc)[:300])

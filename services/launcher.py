@@ -1,0 +1,273 @@
+"""Launchers: what starts and stops a job's learner (and its simulated fleet).
+
+The control plane only talks to the :class:`Launcher` interface; operator commands that act on a
+running learner (pause, resume, pin, rollback) do not go through the launcher but through Redis
+(:mod:`learner.control_agent`), so they work the same wherever the learner runs.
+
+- :class:`LocalLauncher` (this module): the learner as a Ray actor on this machine's Ray (or a
+  Ray address), the simulated fleet as local processes.
+- A Kubernetes launcher (RayJob/Deployment per job) implements the same interface.
+
+Launch is asynchronous: :meth:`Launcher.launch` returns at once; the job moves through
+``preparing`` (bootstrap), ``starting``, ``running`` (or ``failed`` with the error) in its record.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from fleetloop.errors import FailedPrecondition, FleetloopError
+from fleetloop.logs import event, get_logger
+from services.jobspec import JobSpec, learner_config
+from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
+from services.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
+
+log = get_logger("services.launcher")
+
+
+class Launcher(Protocol):
+    """Starts and stops jobs' learners and simulated fleets."""
+
+    def launch(self, job: JobRecord) -> None:
+        """Start the job (asynchronously); progress and failure go to the job's record."""
+
+    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
+        """Drain the fleet (announce 'stopping'), stop the simulated robots and the learner; state -> stopped."""
+
+    def scale_fleet(self, job_id: str, robots: int) -> int:
+        """Set the number of simulated robots of a running job; returns the new number."""
+
+    def alive(self, job_id: str) -> bool:
+        """Whether this launcher runs the job's learner now."""
+
+    def reconcile(self) -> list[str]:
+        """After a control-plane restart: re-attach to or relaunch every active job; returns their ids."""
+
+    def shutdown(self) -> None:
+        """Stop every job this launcher runs (control plane exit); records stay 'running' for the next start."""
+
+
+@dataclass
+class _LocalJob:
+    handle: object | None = None
+    robots: list[SimRobot] = field(default_factory=list)
+    token: str | None = None
+    next_robot: int = 0
+    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class LocalLauncher:
+    """Learners as Ray actors (``ray_address`` or a local Ray), simulated robots as processes.
+
+    Files of a job live under ``DATA/jobs/<id>/``: ``learner/`` (ingest log, weights, checkpoints),
+    ``bootstrap/`` (demos, pretrained weights), ``spool/``, ``logs/``. Relaunching a job resumes
+    from ``learner/`` (checkpoint + ingest log): versions continue, no acknowledged step is lost.
+    """
+
+    def __init__(self, store: StateStore, data_dir: Path, ray_address: str | None = None, ray_num_cpus: int | None = None,
+                 ray_temp_dir: str | None = None, advertise_host: str = "127.0.0.1") -> None:
+        self.store, self.data_dir = store, Path(data_dir)
+        self.ray_address, self.ray_num_cpus, self.ray_temp_dir = ray_address, ray_num_cpus, ray_temp_dir
+        self.advertise_host = advertise_host
+        self.jobs: dict[str, _LocalJob] = {}
+        self._lock = threading.Lock()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    # -- launch ------------------------------------------------------------------------------
+    def launch(self, job: JobRecord) -> None:
+        with self._lock:
+            if job.id in self.jobs and self.jobs[job.id].thread and self.jobs[job.id].thread.is_alive():
+                raise FailedPrecondition(f"job {job.id!r} is already being launched", field="job_id", value=job.id)
+            lj = self.jobs.setdefault(job.id, _LocalJob())
+        lj.thread = threading.Thread(target=self._launch, args=(job, lj), name=f"launch-{job.id}", daemon=True)
+        lj.thread.start()
+
+    def _launch(self, job: JobRecord, lj: _LocalJob) -> None:
+        from learner.ray_learner import start_learner
+        spec = job.spec
+        root = self.job_dir(job.id)
+        try:
+            weights = dataset = None
+            if spec.bootstrap and not spec.offline_dataset and not spec.initial_weights:
+                self.store.update_job(job.id, state="preparing")
+                b = spec.bootstrap
+                boot = root / "bootstrap"
+                weights = boot / "pretrained.safetensors"
+                if weights.exists():
+                    dataset = boot / "demos"
+                else:
+                    from services.bootstrap import bootstrap_offline
+                    dataset, weights = bootstrap_offline(
+                        spec.tasks, boot / "demos", weights, b.demos_per_task, b.pretrain_steps, b.seed,
+                        progress=lambda m: self.store.emit(job.id, "bootstrap", message=m))
+            self.store.update_job(job.id, state="starting")
+            cfg = learner_config(spec, job.id, root / "learner", self.store.url, initial_weights=weights, offline_dataset=dataset)
+            handle = start_learner(cfg, ray_address=self.ray_address, num_cpus=self.ray_num_cpus, temp_dir=self.ray_temp_dir,
+                                   actor_cpus=spec.resources.cpus, actor_gpus=spec.resources.gpus or None)
+            lj.handle = handle
+            target = f"{self.advertise_host}:{handle.port}"
+            current = self.store.get_job(job.id)
+            if current.state in ("stopping", "stopped"):  # stopped while starting
+                handle.stop()
+                lj.handle = None
+                return
+            self.store.update_job(job.id, state="paused" if current.paused else "running",
+                                  learner=LearnerEndpoint(target=target, metrics_port=handle.metrics_port, pid=handle.pid))
+            if current.paused:
+                self.store.push_command(job.id, "pause", None, by="launcher")
+            event(log, "job_running", job=job.id, target=target, pid=handle.pid)
+            if spec.fleet and spec.fleet.robots:
+                self.scale_fleet(job.id, spec.fleet.robots)
+        except FleetloopError as exc:
+            self._fail(job.id, str(exc))
+        except Exception as exc:  # the launcher thread must always leave the job in a clear state
+            self._fail(job.id, f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, job_id: str, error: str) -> None:
+        event(log, "job_failed", level=40, job=job_id, error=error[:500])
+        try:
+            self.store.update_job(job_id, state="failed", error=error[:2000])
+        except FleetloopError:
+            pass
+
+    # -- fleet -------------------------------------------------------------------------------
+    def scale_fleet(self, job_id: str, robots: int) -> int:
+        job = self.store.get_job(job_id)
+        lj = self.jobs.get(job_id)
+        if lj is None or lj.handle is None or job.learner is None:
+            raise FailedPrecondition(f"job {job_id!r} has no running learner here (state {job.state})", field="job_id",
+                                     value=job_id)
+        fleet = job.spec.fleet
+        if fleet is None:
+            raise FailedPrecondition(f"job {job_id!r} has no simulated fleet in its spec", field="fleet", value=None)
+        with lj.lock:
+            lj.robots = [r for r in lj.robots if r.alive()]
+            if robots > len(lj.robots):
+                if lj.token is None:
+                    lj.token, _ = self.store.enroll(job_id, "simulated-fleet", by="launcher")
+                root = self.job_dir(job_id)
+                for _ in range(robots - len(lj.robots)):
+                    i = lj.next_robot
+                    lj.next_robot += 1
+                    actor_id = f"sim-{i}"
+                    lj.robots.append(spawn_robot(
+                        target=job.learner.target, job=job_id, actor_id=actor_id, tasks=rotated(job.spec.tasks, i),
+                        token=lj.token, spool=root / "spool" / actor_id, log_path=root / "logs" / f"{actor_id}.log",
+                        seed=fleet.seed * 1000 + i * 7919, hz=fleet.hz, operator=fleet.operator))
+            elif robots < len(lj.robots):
+                extra, lj.robots = lj.robots[robots:], lj.robots[:robots]
+                threading.Thread(target=stop_robots, args=(extra,), daemon=True).start()
+            n = len(lj.robots)
+        self.store.update_job(job_id, fleet_robots=n)
+        self.store.emit(job_id, "fleet_scaled", robots=n)
+        return n
+
+    # -- stop --------------------------------------------------------------------------------
+    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
+        lj = self.jobs.get(job_id)
+        self.store.update_job(job_id, state="stopping")
+        if lj is not None and lj.thread is not None and lj.thread.is_alive():
+            lj.thread.join(timeout=600)  # a launch in progress sees 'stopping' and undoes itself
+        final = None
+        if lj is not None and lj.handle is not None:
+            try:
+                lj.handle.drain()
+            except Exception as exc:
+                event(log, "drain_failed", level=30, job=job_id, error=repr(exc)[:200])
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and (any(r.alive() for r in lj.robots) or self._fleet_sending(lj)):
+                time.sleep(0.5)
+            stop_robots(lj.robots, grace_s=5.0)
+            try:
+                final = lj.handle.stop()
+            except Exception as exc:
+                event(log, "learner_stop_failed", level=30, job=job_id, error=repr(exc)[:200])
+            lj.handle = None
+        self.jobs.pop(job_id, None)
+        self.store.update_job(job_id, state="stopped", fleet_robots=0)
+        if final is not None:
+            self.store.emit(job_id, "stopped", version=final.get("version"), step=final.get("step"))
+
+    @staticmethod
+    def _fleet_sending(lj: _LocalJob, quiet_s: float = 3.0) -> bool:
+        """Whether any actor (ours or outside robots) sent a chunk in the last ``quiet_s`` seconds."""
+        try:
+            actors = lj.handle.status()["actors"]
+        except Exception:
+            return False
+        return any(time.time() - a["last_seen"] < quiet_s for a in actors.values())
+
+    # -- liveness and restarts ---------------------------------------------------------------
+    def alive(self, job_id: str) -> bool:
+        lj = self.jobs.get(job_id)
+        return lj is not None and lj.handle is not None
+
+    def reconcile(self) -> list[str]:
+        from learner.ray_learner import attach_learner, ensure_ray
+        resumed = []
+        for job in self.store.list_jobs():
+            if job.state not in ACTIVE_STATES or self.alive(job.id):
+                continue
+            handle = None
+            if job.state in ("running", "paused"):
+                ensure_ray(self.ray_address, self.ray_num_cpus, self.ray_temp_dir)
+                handle = attach_learner(job.id)
+            if handle is not None:
+                self.jobs[job.id] = _LocalJob(handle=handle)
+                self.store.emit(job.id, "reattached", pid=handle.pid)
+            else:
+                self.store.emit(job.id, "relaunched", previous_state=job.state)
+                self.launch(job)
+            resumed.append(job.id)
+        return resumed
+
+    def shutdown(self) -> None:
+        for job_id, lj in list(self.jobs.items()):
+            stop_robots(lj.robots, grace_s=20.0)
+            if lj.handle is not None:
+                try:
+                    lj.handle.stop()
+                except Exception as exc:
+                    event(log, "learner_stop_failed", level=30, job=job_id, error=repr(exc)[:200])
+            self.jobs.pop(job_id, None)
+
+    def validate(self, spec: JobSpec) -> None:
+        """Checks that need this launcher (files on this machine): raise FailedPrecondition."""
+        for name in ("initial_weights", "offline_dataset"):
+            value = getattr(spec, name)
+            if value and not Path(value).exists():
+                raise FailedPrecondition(f"{name} {value!r} does not exist on the learner's machine", field=name, value=value)
+
+
+class HoldLauncher:
+    """Accepts jobs and leaves them ``pending``: for an API-only deployment where another
+    controller starts learners, and for fuzzing the API without starting learners."""
+
+    def launch(self, job: JobRecord) -> None:
+        return None
+
+    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
+        self.store.update_job(job_id, state="stopped")
+
+    def scale_fleet(self, job_id: str, robots: int) -> int:
+        raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher)", field="job_id",
+                                 value=job_id)
+
+    def alive(self, job_id: str) -> bool:
+        return False
+
+    def reconcile(self) -> list[str]:
+        return []
+
+    def shutdown(self) -> None:
+        return None
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store

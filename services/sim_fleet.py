@@ -1,0 +1,87 @@
+"""Simulated Meta-World robots as separate ``fleetloop actor`` processes.
+
+Used by ``fleetloop demo`` and by the local launcher's simulated fleets. Each robot is its own
+process (its own spool folder, token from the environment, never on the command line) started at
+nice 10: on one machine the simulated fleet yields the CPU to the learner, as a real fleet never
+competes with the cloud learner for cores. Robots are stopped by pid: SIGTERM lets a robot finish
+its episode and flush its spool; SIGKILL follows after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def rotated(tasks: list[str], i: int) -> list[str]:
+    """Robot ``i`` starts its task cycle at task ``i mod len(tasks)`` (so a small fleet covers every task)."""
+    k = i % len(tasks)
+    return tasks[k:] + tasks[:k]
+
+
+@dataclass
+class SimRobot:
+    """One robot process."""
+
+    actor_id: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def spawn_robot(*, target: str, job: str, actor_id: str, tasks: list[str], token: str | None, spool: Path, log_path: Path,
+                seed: int, hz: float = 0.0, minutes: float | None = None, operator: str = "scripted",
+                extra_env: dict[str, str] | None = None) -> SimRobot:
+    """Start one ``fleetloop actor`` process for the built-in Meta-World robot."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
+    if token:
+        env["FLEETLOOP_ROBOT_TOKEN"] = token
+    cmd = [sys.executable, "-m", "services.cli", "actor", "--learner", target, "--job", job, "--actor-id", actor_id,
+           "--tasks", ",".join(tasks), "--spool", str(spool), "--seed", str(seed), "--hz", str(hz), "--operator", operator]
+    if minutes:
+        cmd += ["--minutes", str(minutes)]
+    fh = open(log_path, "a")
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                preexec_fn=lambda: os.nice(10))
+    finally:
+        fh.close()  # the child holds its own descriptor
+    return SimRobot(actor_id, proc, log_path)
+
+
+def stop_robots(robots: list[SimRobot], grace_s: float = 30.0) -> None:
+    """SIGTERM every robot (finish episode, flush), wait up to ``grace_s`` in total, then SIGKILL."""
+    import time
+
+    for r in robots:
+        r.terminate()
+    deadline = time.monotonic() + grace_s
+    for r in robots:
+        r.wait(max(0.1, deadline - time.monotonic()))
+        r.kill()
