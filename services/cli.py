@@ -1,7 +1,8 @@
 """``fleetloop`` command line: the composition root.
 
 Subcommands: ``demo`` (the main job), ``learner``, ``actor``, ``demos record``, ``pretrain``,
-``eval``, ``bench ingest`` / ``bench weights``.
+``eval``, ``bench ingest`` / ``bench weights``; control plane: ``up``, ``job ...``, ``admin create-key``
+(:mod:`services.cli_control`).
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--repeats", type=int, default=3)
     bw.add_argument("--out", required=True)
     bw.set_defaults(func=_cmd_bench)
+
+    from services.cli_control import add_control_commands
+    add_control_commands(sub)
     return p
 
 

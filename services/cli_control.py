@@ -1,0 +1,143 @@
+"""Control-plane subcommands of ``fleetloop``: ``up``, ``job ...``, ``admin create-key``.
+
+``job`` commands talk to the REST API (``--api``, default ``$FLEETLOOP_API`` or
+http://127.0.0.1:8000) with the key from ``--key``, ``$FLEETLOOP_API_KEY`` or the local
+``runs/controlplane/admin.key`` written by ``fleetloop up``. ``admin create-key`` writes to Redis
+directly (it is how the first keys of a deployment are made) and prints the key once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from fleetloop.errors import FleetloopError
+
+DEFAULT_DATA = Path("runs/controlplane")
+
+
+def _key(args: argparse.Namespace) -> str | None:
+    if args.key:
+        return args.key
+    if os.environ.get("FLEETLOOP_API_KEY"):
+        return os.environ["FLEETLOOP_API_KEY"]
+    local = DEFAULT_DATA / "admin.key"
+    return local.read_text().strip() if local.exists() else None
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.up import UpOptions, run_up
+    return run_up(UpOptions(host=args.host, port=args.port, data=Path(args.data), redis_url=args.redis_url,
+                            ray_address=args.ray_address, ray_cpus=args.ray_cpus, advertise_host=args.advertise_host,
+                            submit=Path(args.submit) if args.submit else None))
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    from services.client import ApiClient, load_spec
+    api = ApiClient(args.api, _key(args))
+    try:
+        if args.job_cmd == "submit":
+            job = api.submit(load_spec(Path(args.file)))
+            print(f"submitted {job['id']} (state {job['state']})")
+        elif args.job_cmd == "list":
+            rows = api.jobs()
+            print(f"{'JOB':32} {'STATE':10} {'VERSION':>7} {'ROBOTS':>6}  TASKS")
+            for j in rows:
+                version = (j.get("status") or {}).get("version", "-")
+                print(f"{j['id']:32} {j['state']:10} {version!s:>7} {j['fleet_robots']:>6}  {','.join(j['spec']['tasks'])}")
+        elif args.job_cmd == "status":
+            job = api.job(args.job_id)
+            if args.watch:
+                while True:
+                    s = job.get("status") or {}
+                    print(f"{time.strftime('%H:%M:%S')} {job['state']:8} v{s.get('version', '-')} step {s.get('step', '-')} "
+                          f"episodes {s.get('episodes_total', '-')} robots {job['fleet_robots']}", flush=True)
+                    if job["state"] in ("stopped", "failed"):
+                        break
+                    time.sleep(args.watch)
+                    job = api.job(args.job_id)
+            else:
+                _print({**job, "actors": api.actors(args.job_id)})
+        elif args.job_cmd in ("stop", "pause", "resume"):
+            _print(api.action(args.job_id, args.job_cmd))
+        elif args.job_cmd in ("pin", "rollback"):
+            _print(api.policy_action(args.job_id, args.version, args.job_cmd))
+        elif args.job_cmd == "unpin":
+            _print(api.policy_action(args.job_id, None, "unpin"))
+        elif args.job_cmd == "enroll":
+            e = api.enroll(args.job_id, args.name)
+            print(f"robot token for {args.name} (enrollment {e['id']}); shown once:\n{e['token']}")
+    except FleetloopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_admin_create_key(args: argparse.Namespace) -> int:
+    from services.state import StateStore
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    local = DEFAULT_DATA / "redis.url"
+    if not url and local.exists():
+        url = local.read_text().strip()
+    if not url:
+        print("error: --redis-url or REDIS_URL is required (fleetloop up prints the embedded Redis URL)", file=sys.stderr)
+        return 2
+    try:
+        key, rec = StateStore(url).create_api_key(args.role, args.name)
+    except FleetloopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{rec.role} key {rec.id} ({rec.name}); shown once:\n{key}")
+    return 0
+
+
+def add_control_commands(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="control plane on this machine: Redis (embedded), Ray, REST API and dashboard")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--data", default=str(DEFAULT_DATA), help="state folder (Redis data, job state, admin key)")
+    up.add_argument("--redis-url", default=None, help="external Redis (default $REDIS_URL, else embedded)")
+    up.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start Ray locally)")
+    up.add_argument("--ray-cpus", type=int, default=None)
+    up.add_argument("--advertise-host", default="127.0.0.1", help="host robots use to reach learners started here")
+    up.add_argument("--submit", default=None, help="JobSpec YAML/JSON to submit once the API is up")
+    up.set_defaults(func=_cmd_up)
+
+    job = sub.add_parser("job", help="submit and steer jobs through the REST API")
+    job.add_argument("--api", default=os.environ.get("FLEETLOOP_API", "http://127.0.0.1:8000"))
+    job.add_argument("--key", default=None, help="API key (default $FLEETLOOP_API_KEY or runs/controlplane/admin.key)")
+    jsub = job.add_subparsers(dest="job_cmd", required=True)
+    s = jsub.add_parser("submit", help="submit a JobSpec (YAML or JSON)")
+    s.add_argument("file")
+    jsub.add_parser("list", help="list jobs")
+    st = jsub.add_parser("status", help="a job's record, learner status and fleet")
+    st.add_argument("job_id")
+    st.add_argument("--watch", type=float, default=0, help="print a line every N seconds until the job ends")
+    for name in ("stop", "pause", "resume", "unpin"):
+        c = jsub.add_parser(name, help=f"{name} a job" if name != "unpin" else "let the fleet follow the newest version")
+        c.add_argument("job_id")
+    for name, text in (("pin", "pin the fleet to a version"), ("rollback", "continue training from a version")):
+        c = jsub.add_parser(name, help=text)
+        c.add_argument("job_id")
+        c.add_argument("version", type=int)
+    en = jsub.add_parser("enroll", help="issue a robot token for a job (printed once)")
+    en.add_argument("job_id")
+    en.add_argument("name")
+    for c in jsub.choices.values():
+        c.set_defaults(func=_cmd_job)
+
+    adm = sub.add_parser("admin", help="administration (direct Redis access)")
+    asub = adm.add_subparsers(dest="admin_cmd", required=True)
+    ck = asub.add_parser("create-key", help="create an API key and print it once")
+    ck.add_argument("--role", choices=["admin", "operator", "viewer"], required=True)
+    ck.add_argument("--name", default="cli")
+    ck.add_argument("--redis-url", default=None)
+    ck.set_defaults(func=_cmd_admin_create_key)

@@ -1,0 +1,84 @@
+"""A small REST client of the control plane (used by ``fleetloop job ...``).
+
+Errors come back as :class:`~fleetloop.errors.FleetloopError` subclasses built from the API's
+error body (or FastAPI's 422 field list), so the CLI prints the same message the API gave.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, PermissionDenied,
+                              Unauthenticated, Unavailable)
+
+_BY_STATUS = {401: Unauthenticated, 403: PermissionDenied, 404: NotFound, 409: FailedPrecondition, 422: InvalidArgument,
+              503: Unavailable}
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """A JobSpec from a YAML or JSON file (validated by the API, which names bad fields)."""
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() == ".json":
+        return json.loads(text)
+    import yaml
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{path} must hold a mapping (a JobSpec), got {type(doc).__name__}", field="file", value=str(path))
+    return doc
+
+
+class ApiClient:
+    """Thin wrapper over httpx with the API key in the Authorization header."""
+
+    def __init__(self, url: str, key: str | None, timeout: float = 60.0) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"control plane at {self.http.base_url} unreachable: {exc}", field="api", value=str(self.http.base_url)) from None
+        if r.status_code < 300:
+            return r.json()
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        if isinstance(body.get("detail"), list):  # FastAPI validation error: name every field path
+            msg = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in body["detail"])
+        else:
+            msg = (body.get("error") or {}).get("message") or r.text[:300]
+        raise _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}")
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.call("POST", "/v1/jobs", json=spec)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/jobs")
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/jobs/{job_id}")
+
+    def action(self, job_id: str, action: str) -> dict[str, Any]:
+        return self.call("POST", f"/v1/jobs/{job_id}/{action}")
+
+    def policy_action(self, job_id: str, version: int | None, action: str) -> dict[str, Any]:
+        path = f"/v1/jobs/{job_id}/policies/unpin" if action == "unpin" else f"/v1/jobs/{job_id}/policies/{version}/{action}"
+        return self.call("POST", path)
+
+    def enroll(self, job_id: str, name: str) -> dict[str, Any]:
+        return self.call("POST", f"/v1/jobs/{job_id}/enrollments", json={"name": name})
+
+    def actors(self, job_id: str) -> list[dict[str, Any]]:
+        return self.call("GET", f"/v1/jobs/{job_id}/actors")

@@ -1,0 +1,57 @@
+"""JobSpec validation (field paths in errors) and its mapping onto the learner configuration."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from learner.control_agent import actor_status
+from services.jobspec import JobSpec, learner_config
+
+
+def _errors(**spec):
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(spec)
+    return {".".join(str(p) for p in e["loc"]): e["msg"] for e in info.value.errors()}
+
+
+def test_minimal_spec_gets_defaults():
+    s = JobSpec(name="j1", tasks=["reach-v3"])
+    assert s.kind == "robot" and s.algorithm == "hg_dagger" and s.fleet is None and s.resources.gpus == 0
+
+
+@pytest.mark.parametrize("spec,path", [
+    ({"name": "Bad Name", "tasks": ["reach-v3"]}, "name"),
+    ({"name": "ok", "tasks": []}, "tasks"),
+    ({"name": "ok", "tasks": ["a", "a"]}, "tasks"),
+    ({"name": "ok", "tasks": ["has space"]}, "tasks"),
+    ({"name": "ok", "tasks": ["t"], "algorithm": "nope"}, "algorithm"),
+    ({"name": "ok", "tasks": ["t"], "publish_every": 0}, "publish_every"),
+    ({"name": "ok", "tasks": ["t"], "fleet": {"robots": 1000}}, "fleet.robots"),
+    ({"name": "ok", "tasks": ["t"], "resources": {"gpus": -1}}, "resources.gpus"),
+    ({"name": "ok", "tasks": ["t"], "policy_factory": "no-colon"}, "policy_factory"),
+    ({"name": "ok", "tasks": ["t"], "surprise": 1}, "surprise"),
+])
+def test_invalid_specs_name_the_field(spec, path):
+    errs = _errors(**spec)
+    assert path in errs, errs
+
+
+def test_llm_kind_is_refused_with_a_clear_message():
+    errs = _errors(name="llm", tasks=["t"], kind="llm")
+    assert any("llm" in m for m in errs.values())
+
+
+def test_learner_config_from_spec(tmp_path):
+    s = JobSpec(name="j", tasks=["reach-v3", "push-v3"], staleness_bound=3, publish_every=7, resources={"gpus": 1})
+    cfg = learner_config(s, "j-abc123", tmp_path, "redis://x:1/0", initial_weights=Path("w.safetensors"))
+    assert cfg.job_id == "j-abc123" and cfg.tasks == ["reach-v3", "push-v3"] and cfg.publish_every == 7
+    assert cfg.staleness.bound == 3 and cfg.device == "cuda" and cfg.control_redis_url == "redis://x:1/0"
+    assert cfg.initial_weights == Path("w.safetensors") and cfg.port == 0
+
+
+def test_actor_status_by_age():
+    assert actor_status(100.0, 105.0, "running") == "active"
+    assert actor_status(100.0, 130.0, "running") == "idle"
+    assert actor_status(100.0, 400.0, "running") == "gone"
+    assert actor_status(100.0, 101.0, "stopping") == "stopping"
