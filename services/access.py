@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetloop.errors import PermissionDenied
 from services.state import ROLE_RANK, ApiKey, Role, StateStore
@@ -23,12 +24,15 @@ def bearer_key(request: Request) -> str | None:
     return None
 
 
-def require(role: Role) -> Callable[[Request], ApiKey]:
+_BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey", description="API key: `Authorization: Bearer <key>`.")
+
+
+def require(role: Role) -> Callable[..., ApiKey]:
     """FastAPI dependency: the caller's key record, if its role is at least ``role``."""
 
-    def dependency(request: Request) -> ApiKey:
+    def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> ApiKey:
         store: StateStore = request.app.state.store
-        key = store.check_api_key(bearer_key(request))
+        key = store.check_api_key(creds.credentials if creds else bearer_key(request))
         if ROLE_RANK[key.role] < ROLE_RANK[role]:
             raise PermissionDenied(f"role {key.role!r} of key {key.id} may not do this (needs {role!r})", field="role",
                                    value=key.role)

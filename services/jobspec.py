@@ -8,12 +8,20 @@ of every problem. :func:`learner_config` turns a valid spec into the learner's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from learner.config import LearnerConfig
 from learner.staleness import StalenessConfig
+
+TaskId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+def _algorithm_names() -> list[str]:
+    from learner.algorithms import ALGORITHMS
+    return sorted(ALGORITHMS)
+
 
 DEFAULT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3"]
 
@@ -51,14 +59,17 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
                       description="Human name (DNS label: lower case, digits, '-'); the job id is NAME-<6 hex>.")
-    kind: Literal["robot", "llm"] = Field("robot", description="Fleet kind. 'llm' (rollout servers + GRPO) is not available yet.")
-    algorithm: str = Field("hg_dagger", description="Learner algorithm plug-in (see learner.algorithms.ALGORITHMS).")
-    algorithm_params: dict[str, Any] = Field(default_factory=dict, description="The algorithm's config fields.")
+    kind: Literal["robot"] = Field("robot", description="Fleet kind: 'robot'. ('llm': rollout servers + GRPO, is not available yet.)")
+    algorithm: str = Field("hg_dagger", description="Learner algorithm plug-in (see learner.algorithms.ALGORITHMS).",
+                           json_schema_extra={"enum": _algorithm_names()})
+    algorithm_params: dict[str, Any] = Field(default_factory=dict,
+                                             description="The algorithm's config fields (validated by the algorithm's Config).")
     policy_factory: str = Field("fleetloop.policies:mlp_policy", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="Policy plug-in, 'module:function'.")
     policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the policy factory.")
     initial_weights: str | None = Field(None, max_length=4096, description="safetensors file the policy starts from (path on the learner).")
-    tasks: list[str] = Field(min_length=1, max_length=64, description="Task ids, in the order the policy indexes them.")
+    tasks: list[TaskId] = Field(min_length=1, max_length=64, json_schema_extra={"uniqueItems": True},
+                                description="Task ids (letters, digits, '-', '_', '.'), unique, in the order the policy indexes them.")
     offline_dataset: str | None = Field(None, max_length=4096, description="Demonstrations folder (fleetloop-demos/v1) on the learner.")
     staleness_bound: int | None = Field(None, ge=0, le=10_000, description="Largest trained staleness in versions; None = the algorithm's default.")
     publish_every: int = Field(25, ge=1, le=1_000_000, description="Publish new weights every K learner steps.")
@@ -71,9 +82,6 @@ class JobSpec(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        for i, t in enumerate(v):
-            if not t or len(t) > 128 or not t.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                raise ValueError(f"tasks[{i}] = {t!r} must be 1..128 characters of letters, digits, '-', '_', '.'")
         if len(set(v)) != len(v):
             raise ValueError(f"tasks must be unique, got {v}")
         return v
@@ -87,9 +95,14 @@ class JobSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _kind(self) -> "JobSpec":
-        if self.kind == "llm":
-            raise ValueError("kind 'llm' is not available yet in this release (robot jobs only)")
+    def _params(self) -> "JobSpec":
+        from learner.algorithms import ALGORITHMS
+        try:
+            ALGORITHMS[self.algorithm].Config.model_validate(self.algorithm_params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"algorithm_params.{loc} for {self.algorithm!r}: {err['msg']} (got {err.get('input')!r})") from None
         return self
 
 

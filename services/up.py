@@ -71,7 +71,7 @@ def run_up(o: UpOptions) -> int:
         print("starting Ray ...", flush=True)
         ensure_ray(o.ray_address, o.ray_cpus, f"/tmp/fl-ray-up-{os.getpid()}" if not o.ray_address else None)
         launcher = LocalLauncher(store, o.data, ray_address=o.ray_address, advertise_host=o.advertise_host)
-        app = create_app(store, launcher, stop_jobs_on_exit=True)
+        app = create_app(store, launcher)
         server = uvicorn.Server(uvicorn.Config(app, host=o.host, port=o.port, log_level="warning", access_log=False))
         if o.submit is not None:
             import threading
@@ -79,7 +79,15 @@ def run_up(o: UpOptions) -> int:
         print(f"fleetloop control plane: dashboard and API on http://{o.host}:{o.port}/  (Ctrl-C stops)", flush=True)
         event(log, "control_plane_up", url=f"http://{o.host}:{o.port}", redis=url.split("@")[-1])
         signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its own shutdown
+            pass
+        print("stopping this control plane's learners and robots (their jobs resume at the next `fleetloop up`) ...",
+              flush=True)
+        launcher.shutdown()
+        import ray
+        ray.shutdown()
     finally:
         if redis_server is not None:
             redis_server.stop()

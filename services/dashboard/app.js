@@ -50,6 +50,7 @@
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const isNum = (v) => typeof v === "number" && Number.isFinite(v);
   const fmtInt = (v) => (isNum(v) ? Math.round(v).toLocaleString("en-US") : "–");
+  const fmtAxisPct = (v) => `${Math.round(v * 100)}%`;
   const fmtPct = (v) => (isNum(v) ? `${(v * 100).toFixed(v >= 0.995 || v === 0 ? 0 : 1)}%` : "–");
   function fmtNum(v, digits = 3) {
     if (!isNum(v)) return "–";
@@ -558,8 +559,7 @@
         h("td", {}, h("span", { class: "swatch", style: `background:${taskColor(i)}` }), t),
         h("td", { class: "num", text: fmtInt(n) }),
         h("td", { class: "num", text: n ? `${fmtInt(ep.success || 0)} (${fmtPct((ep.success || 0) / n)})` : "–" }),
-        h("td", { class: "num", text: fmtInt(ep.failure || 0) }),
-        h("td", { class: "num", text: fmtInt(ep.timeout || 0) }),
+        h("td", { class: "num", text: `${fmtInt(ep.failure || 0)} / ${fmtInt(ep.timeout || 0)}` }),
         h("td", { class: "num", text: isNum(v.steps) && v.steps ? `${fmtInt(v.intervention_steps)} (${fmtPct(v.intervention_steps / v.steps)})` : "–" }),
         h("td", { class: "num", text: fmtInt(v.online_buffer) }));
     });
@@ -661,9 +661,9 @@
     const pts = state.series.filter((p) => p.t >= x0);
     const tasks = taskNames();
     const perTask = (field) => tasks.map((t, i) => ({ name: t, color: taskColor(i), points: smoothTask(pts, t, field) }));
-    lineChart($("chart-success"), { series: perTask("success"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct,
+    lineChart($("chart-success"), { series: perTask("success"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct, yAxisFmt: fmtAxisPct,
       empty: "Waiting for finished episodes…" });
-    lineChart($("chart-intervention"), { series: perTask("intervention"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct,
+    lineChart($("chart-intervention"), { series: perTask("intervention"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct, yAxisFmt: fmtAxisPct,
       empty: "Waiting for finished episodes…" });
     const loss = smoothField(pts, "loss", 1);
     lineChart($("chart-loss"), { series: [{ name: "loss", color: "#7c3aed", points: loss }], x0, x1, yFmt: fmtNum,
@@ -765,7 +765,7 @@
     for (const v of yt) {
       const y = f(sy(v));
       parts.push(`<line class="grid" x1="${m.l}" x2="${W - m.r}" y1="${y}" y2="${y}"/>`);
-      parts.push(`<text class="ylab" x="${m.l - 6}" y="${y}" dy="0.32em" text-anchor="end">${esc(opts.yFmt ? opts.yFmt(v) : v)}</text>`);
+      parts.push(`<text class="ylab" x="${m.l - 6}" y="${y}" dy="0.32em" text-anchor="end">${esc((opts.yAxisFmt || opts.yFmt || String)(v))}</text>`);
     }
     // x ticks
     const tt = timeTicks(x0, x1, Math.max(2, Math.floor(iw / 90)));

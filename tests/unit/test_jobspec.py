@@ -24,7 +24,7 @@ def test_minimal_spec_gets_defaults():
     ({"name": "Bad Name", "tasks": ["reach-v3"]}, "name"),
     ({"name": "ok", "tasks": []}, "tasks"),
     ({"name": "ok", "tasks": ["a", "a"]}, "tasks"),
-    ({"name": "ok", "tasks": ["has space"]}, "tasks"),
+    ({"name": "ok", "tasks": ["has space"]}, "tasks.0"),
     ({"name": "ok", "tasks": ["t"], "algorithm": "nope"}, "algorithm"),
     ({"name": "ok", "tasks": ["t"], "publish_every": 0}, "publish_every"),
     ({"name": "ok", "tasks": ["t"], "fleet": {"robots": 1000}}, "fleet.robots"),
@@ -39,7 +39,13 @@ def test_invalid_specs_name_the_field(spec, path):
 
 def test_llm_kind_is_refused_with_a_clear_message():
     errs = _errors(name="llm", tasks=["t"], kind="llm")
-    assert any("llm" in m for m in errs.values())
+    assert "kind" in errs and "robot" in errs["kind"]
+
+
+def test_algorithm_params_are_checked_at_submission():
+    errs = _errors(name="p", tasks=["t"], algorithm_params={"lr": "fast"})
+    assert any("algorithm_params.lr" in m for m in errs.values()), errs
+    assert JobSpec(name="p", tasks=["t"], algorithm_params={"lr": 1e-4}).algorithm_params == {"lr": 1e-4}
 
 
 def test_learner_config_from_spec(tmp_path):
