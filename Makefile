@@ -9,9 +9,18 @@ PROTOS := $(wildcard proto/fleetloop/v1/*.proto)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install proto test test-fast demo bench clean
+.PHONY: install sysdeps proto test test-fast demo bench up clean
 
-install: $(STAMP) $(GEN)
+install: sysdeps $(STAMP) $(GEN)
+
+# System packages the tests use: a real redis-server and Chromium (dashboard browser test).
+# Idempotent: apt-get runs only when one is missing (needs root, as on the CI machines).
+sysdeps:
+	@if ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null; \
+	  else echo "warning: redis-server/chromium missing and apt-get unavailable: their tests will fail"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +44,9 @@ test-fast: install
 
 demo: install
 	RAY_AUTH_MODE=disabled $(BIN)/fleetloop demo $(DEMO_ARGS)
+
+up: install
+	RAY_AUTH_MODE=disabled $(BIN)/fleetloop up $(UP_ARGS)
 
 bench: install
 	$(BIN)/fleetloop bench ingest --out runs/bench/ingest.json

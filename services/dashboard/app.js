@@ -362,8 +362,22 @@
     if (state.series.length > SERIES_MAX) state.series.splice(0, state.series.length - SERIES_MAX);
     const seen = new Set(state.events.map((e) => e.id));
     for (const e of snap.events || []) if (!seen.has(e.id)) state.events.push(e);
-    if (state.events.length > EVENTS_MAX) state.events.splice(0, state.events.length - EVENTS_MAX);
+    trimEvents();
     renderJob();
+  }
+
+  /** Keep at most EVENTS_MAX events, dropping the frequent "published" reports first, so that
+   * state changes and commands stay visible however many versions were published since. */
+  function trimEvents() {
+    let extra = state.events.length - EVENTS_MAX;
+    if (extra <= 0) return;
+    const keepPublished = 50;
+    let published = state.events.filter((e) => e.type === "published").length;
+    state.events = state.events.filter((e) => {
+      if (extra > 0 && e.type === "published" && published > keepPublished) { extra -= 1; published -= 1; return false; }
+      return true;
+    });
+    if (state.events.length > EVENTS_MAX) state.events.splice(0, state.events.length - EVENTS_MAX);
   }
 
   function renderJob() {
@@ -584,7 +598,8 @@
           ? Object.entries(d.result).map(([k, v]) => `${k}=${v}`).join(" ") : "";
         return `${d.op}${d.ok === false ? ` failed: ${d.error}` : ""}${args ? ` (${args})` : ""}`;
       }
-      case "published": return `v${d.version} at step ${fmtInt(d.step)}${d.count > 1 ? ` (+${d.count - 1} more)` : ""}`;
+      case "published": return d.count > 1 ? `v${d.version - d.count + 1} → v${d.version} at step ${fmtInt(d.step)}`
+        : `v${d.version} at step ${fmtInt(d.step)}`;
       default:
         return Object.entries(d).filter(([, v]) => v !== null && v !== undefined && v !== "")
           .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
@@ -607,7 +622,9 @@
     const lis = items.map((it) => {
       let text;
       if (it.type === "published" && it.n > 1) {
-        text = `v${it.first.data.version}${it.first.data.count > 1 ? "…" : ""} → v${it.last.data.version} (${it.n} reports)`;
+        const from = it.first.data.version - Math.max(1, it.first.data.count || 1) + 1;
+        const total = it.last.data.version - from + 1;
+        text = `v${from} → v${it.last.data.version} (${fmtInt(total)} versions)`;
       } else text = eventSummary(it.last);
       return h("li", { "data-type": it.type || "" },
         h("time", { text: fmtClock(it.last.time), title: new Date(it.last.time * 1000).toISOString() }),
