@@ -144,15 +144,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for co
 
 
 def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float = 15.0, reconcile: bool = True,
-               stop_jobs_on_exit: bool = False) -> FastAPI:
+               stop_jobs_on_exit: bool = False, supervise: bool = True) -> FastAPI:
     """The API over ``store`` and ``launcher``. ``reconcile``: re-attach to / relaunch active jobs
-    at startup (in the background); ``stop_jobs_on_exit``: stop this launcher's jobs at shutdown."""
+    at startup (in the background); ``supervise``: relaunch learners that die (launchers that can);
+    ``stop_jobs_on_exit``: stop this launcher's jobs at shutdown."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if reconcile:
             threading.Thread(target=_reconcile, args=(launcher,), name="reconcile", daemon=True).start()
+        if supervise and hasattr(launcher, "start_supervisor"):
+            launcher.start_supervisor()
         yield
         if stop_jobs_on_exit:
             await asyncio.to_thread(launcher.shutdown)

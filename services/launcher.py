@@ -76,6 +76,7 @@ class LocalLauncher:
         self.advertise_host = advertise_host
         self.jobs: dict[str, _LocalJob] = {}
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
@@ -109,6 +110,8 @@ class LocalLauncher:
                         progress=lambda m: self.store.emit(job.id, "bootstrap", message=m))
             self.store.update_job(job.id, state="starting")
             cfg = learner_config(spec, job.id, root / "learner", self.store.url, initial_weights=weights, offline_dataset=dataset)
+            if job.learner is not None:  # a relaunch: same port, so robots that keep retrying find it again
+                cfg = cfg.model_copy(update={"port": int(job.learner.target.rsplit(":", 1)[1])})
             handle = start_learner(cfg, ray_address=self.ray_address, num_cpus=self.ray_num_cpus, temp_dir=self.ray_temp_dir,
                                    actor_cpus=spec.resources.cpus, actor_gpus=spec.resources.gpus or None)
             lj.handle = handle
@@ -228,7 +231,45 @@ class LocalLauncher:
             resumed.append(job.id)
         return resumed
 
+    def supervise_once(self) -> list[str]:
+        """Relaunch the learner of every running job here whose Ray actor died (kill -9, OOM, node
+        loss). It resumes from its checkpoint and ingest log on the same port; robots reconnect by
+        themselves. Returns the relaunched job ids."""
+        import ray
+        relaunched = []
+        for job_id, lj in list(self.jobs.items()):
+            if lj.handle is None or (lj.thread is not None and lj.thread.is_alive()):
+                continue
+            try:
+                ray.get(lj.handle.actor.address.remote(), timeout=10)
+                continue
+            except Exception as exc:
+                reason = f"{type(exc).__name__}"
+            try:
+                job = self.store.get_job(job_id)
+            except FleetloopError:
+                continue
+            if job.state not in ("running", "paused"):
+                continue
+            event(log, "learner_lost", level=40, job=job_id, error=reason)
+            self.store.emit(job_id, "learner_lost", error=reason, pid=lj.handle.pid)
+            lj.handle = None
+            self.launch(job)
+            relaunched.append(job_id)
+        return relaunched
+
+    def start_supervisor(self, interval_s: float = 5.0) -> None:
+        """Run :meth:`supervise_once` every ``interval_s`` in a daemon thread."""
+        def loop() -> None:
+            while not self._closed.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception as exc:
+                    event(log, "supervisor_error", level=40, error=repr(exc)[:300])
+        threading.Thread(target=loop, name="launcher-supervisor", daemon=True).start()
+
     def shutdown(self) -> None:
+        self._closed.set()
         for job_id, lj in list(self.jobs.items()):
             stop_robots(lj.robots, grace_s=20.0)
             if lj.handle is not None:

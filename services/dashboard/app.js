@@ -793,11 +793,15 @@
     }
     parts.push(`<line class="axis" x1="${m.l}" x2="${W - m.r}" y1="${m.t + ih}" y2="${m.t + ih}"/>`);
     // vertical event marks
+    let lastLabelX = -Infinity, row = 0;
     for (const vm of opts.vmarks || []) {
       if (vm.x < x0 || vm.x > x1) continue;
-      const x = f(sx(vm.x));
+      const px = sx(vm.x), x = f(px);
+      row = px - lastLabelX < 90 ? (row + 1) % 3 : 0;  // stagger labels of marks close together
+      lastLabelX = px;
+      const right = px > W - m.r - 90;                   // near the right edge: label on the left
       parts.push(`<line class="vmark ${vm.cls || ""}" x1="${x}" x2="${x}" y1="${m.t}" y2="${m.t + ih}"><title>${esc(vm.label)} at ${esc(fmtClock(vm.x))}</title></line>`);
-      parts.push(`<text class="vmark-label ${vm.cls || ""}" x="${x}" y="${m.t + 2}" dx="3" dy="0.8em">${esc(vm.label)}</text>`);
+      parts.push(`<text class="vmark-label ${vm.cls || ""}" x="${x}" y="${m.t + 2 + row * 12}" dx="${right ? -3 : 3}" dy="0.8em" text-anchor="${right ? "end" : "start"}">${esc(vm.label)}</text>`);
     }
     // horizontal marks (pinned version)
     for (const mk of opts.marks || []) {

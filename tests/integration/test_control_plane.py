@@ -143,3 +143,40 @@ def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster):
             api2.stop()
         api.stop()
         launcher.shutdown()
+
+
+def test_killed_learner_is_relaunched_and_robots_reconnect(tmp_path, redis_server, ray_cluster):
+    """kill -9 the learner's process: the launcher's supervisor relaunches it on the same port from
+    its checkpoint and ingest log; versions keep increasing; the robot reconnects by itself."""
+    import os
+    import signal
+
+    store = StateStore(redis_server.url)
+    key, _ = store.create_api_key("operator", "op")
+    launcher = LocalLauncher(store, tmp_path / "data")
+    api = ApiServer(create_app(store, launcher, command_timeout_s=20.0)).start()
+    try:
+        c = client(api.url, key)
+        spec = {"name": "kill-test", "tasks": ["reach-v3"], "publish_every": 5, "batch_size": 64, "max_updates_per_s": 20,
+                "fleet": {"robots": 1}}
+        job_id = c.post("/v1/jobs", json=spec).json()["id"]
+        job = wait_for(lambda: (j := _job_state(c, job_id))["state"] == "running" and (j.get("status") or {}).get("version", 0) >= 3
+                       and j, 240, what="running with version >= 3")
+        wait_for(lambda: [a for a in c.get(f"/v1/jobs/{job_id}/actors").json() if a["status"] == "active"], 120, what="robot active")
+        target, pid = job["learner"]["target"], job["learner"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.time()
+        wait_for(lambda: "learner_lost" in [e["type"] for e in c.get(f"/v1/jobs/{job_id}/events").json()], 60, what="learner_lost")
+        v_before = job["status"]["version"]
+        job2 = wait_for(lambda: (j := _job_state(c, job_id))["learner"]["pid"] != pid and j["learner_alive"]
+                        and (j.get("status") or {}).get("version", -1) > v_before and j, 240, what="relaunched learner")
+        assert job2["learner"]["target"] == target and job2["state"] == "running"
+        wait_for(lambda: [a for a in c.get(f"/v1/jobs/{job_id}/actors").json() if a["last_seen"] > t_kill + 2], 180,
+                 what="robot reconnected and sending")
+        assert c.post(f"/v1/jobs/{job_id}/stop").status_code == 202
+        wait_for(lambda: _job_state(c, job_id)["state"] == "stopped", 120, what="stopped")
+        robots = launcher.jobs.get(job_id)
+        assert robots is None  # the job's entry is gone; its robot exited (checked by stop's drain)
+    finally:
+        api.stop()
+        launcher.shutdown()
