@@ -16,6 +16,7 @@ key                                         type    written by / meaning
 ``fl:job:{id}:actors``                      hash    learner: actor id -> JSON row of the fleet table
 ``fl:job:{id}:versions``                    hash    learner: version -> JSON (step, time, digest)
 ``fl:job:{id}:series``                      list    learner: time series points for charts (capped)
+``fl:job:{id}:evaluations``                 hash    API: version -> JSON evaluation results
 ``fl:job:{id}:enrollments``                 hash    API: sha256(token) -> JSON (id, name, revoked)
 ``fl:apikeys``                              hash    API: sha256(key) -> JSON (id, role, name, revoked)
 ==========================================  ======  ===============================================
@@ -71,6 +72,10 @@ def series(job_id: str) -> str:
     return f"{job(job_id)}:series"
 
 
+def evaluations(job_id: str) -> str:
+    return f"{job(job_id)}:evaluations"
+
+
 def enrollments(job_id: str) -> str:
     return f"{job(job_id)}:enrollments"
 
@@ -78,7 +83,7 @@ def enrollments(job_id: str) -> str:
 def all_job_keys(job_id: str) -> list[str]:
     """Every key of one job (for deletion)."""
     return [job(job_id), events(job_id), commands(job_id), heartbeat(job_id), status(job_id), actors(job_id),
-            versions(job_id), series(job_id), enrollments(job_id)]
+            versions(job_id), series(job_id), evaluations(job_id), enrollments(job_id)]
 
 
 def secret_hash(secret: str) -> str:

@@ -276,7 +276,9 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         status = store.learner_status(job_id) or {}
         fresh = status.get("time", 0.0) > rec.updated_at  # else the record (just changed by a command) is newer
         pinned = status.get("pinned", rec.pinned) if fresh else rec.pinned
-        rows = [PolicyVersion(**v, pinned=v["version"] == pinned) for v in store.versions(job_id)]
+        evals = store.evaluations(job_id)
+        rows = [PolicyVersion(**v, pinned=v["version"] == pinned, evaluation=evals.get(v["version"]))
+                for v in store.versions(job_id)]
         return PoliciesView(versions=rows, latest=rows[-1].version if rows else None, pinned=pinned,
                             fleet_version=status.get("fleet_version"))
 
@@ -300,6 +302,17 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         res = command(job_id, "unpin", None, key)
         store.update_job(job_id, pinned=None)
         return reply(res)
+
+    @app.post("/v1/jobs/{job_id}/policies/{version}/evaluate", response_model=PolicyVersion, status_code=202,
+              responses=ERRORS, tags=["policies"])
+    def evaluate(job_id: str, version: int, trials: int = Query(20, ge=1, le=500), key: ApiKey = operator) -> PolicyVersion:
+        """Evaluate a version on held-out seeds without an operator, in the background; the result
+        appears in this version's ``evaluation`` (GET /policies) and as an ``evaluated`` event."""
+        store.get_job(job_id)
+        _version(job_id, version)
+        launcher.evaluate(job_id, version, trials)
+        row = next(v for v in policies(job_id, key).versions if v.version == version)
+        return row
 
     @app.post("/v1/jobs/{job_id}/policies/{version}/rollback", response_model=CommandResult,
               responses={**ERRORS, 202: {"model": CommandResult}}, tags=["policies"])

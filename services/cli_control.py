@@ -70,6 +70,8 @@ def _cmd_job(args: argparse.Namespace) -> int:
             _print(api.action(args.job_id, args.job_cmd))
         elif args.job_cmd in ("pin", "rollback"):
             _print(api.policy_action(args.job_id, args.version, args.job_cmd))
+        elif args.job_cmd == "evaluate":
+            _print(api.call("POST", f"/v1/jobs/{args.job_id}/policies/{args.version}/evaluate", params={"trials": args.trials}))
         elif args.job_cmd == "unpin":
             _print(api.policy_action(args.job_id, None, "unpin"))
         elif args.job_cmd == "enroll":
@@ -128,6 +130,10 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
         c = jsub.add_parser(name, help=text)
         c.add_argument("job_id")
         c.add_argument("version", type=int)
+    ev = jsub.add_parser("evaluate", help="evaluate a version on held-out seeds (results in `job status` policies)")
+    ev.add_argument("job_id")
+    ev.add_argument("version", type=int)
+    ev.add_argument("--trials", type=int, default=20)
     en = jsub.add_parser("enroll", help="issue a robot token for a job (printed once)")
     en.add_argument("job_id")
     en.add_argument("name")

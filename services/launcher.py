@@ -44,6 +44,10 @@ class Launcher(Protocol):
     def alive(self, job_id: str) -> bool:
         """Whether this launcher runs the job's learner now."""
 
+    def evaluate(self, job_id: str, version: int, trials: int) -> None:
+        """Evaluate a version (fixed held-out seeds, no operator) in the background; results go to
+        the job's evaluations (``GET /policies``) and an ``evaluated`` event."""
+
     def reconcile(self) -> list[str]:
         """After a control-plane restart: re-attach to or relaunch every active job; returns their ids."""
 
@@ -207,6 +211,29 @@ class LocalLauncher:
             return False
         return any(time.time() - a["last_seen"] < quiet_s for a in actors.values())
 
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, job_id: str, version: int, trials: int) -> None:
+        job = self.store.get_job(job_id)
+        path = self.job_dir(job_id) / "learner" / "weights" / f"v{version}.safetensors"
+        if not path.exists():
+            raise FailedPrecondition(f"weights of version {version} are not on disk here (pruned or not published)",
+                                     field="version", value=version)
+        self.store.set_evaluation(job_id, version, {"state": "running", "trials": trials, "started_at": time.time()})
+
+        def run() -> None:
+            from services.evaluation import evaluate_file
+            try:
+                res = evaluate_file(path, job.spec.tasks, trials, workers=1, policy_factory=job.spec.policy_factory,
+                                    policy_kwargs=job.spec.policy_kwargs)
+                mean = sum(r["success_rate"] for r in res.values()) / len(res)
+                self.store.set_evaluation(job_id, version, {"state": "done", "trials": trials, "tasks": res,
+                                                            "mean_success": mean, "finished_at": time.time()})
+                self.store.emit(job_id, "evaluated", version=version, mean_success=mean, trials=trials)
+            except Exception as exc:
+                self.store.set_evaluation(job_id, version, {"state": "failed", "trials": trials, "error": repr(exc)[:500]})
+
+        threading.Thread(target=run, name=f"eval-{job_id}-v{version}", daemon=True).start()
+
     # -- liveness and restarts ---------------------------------------------------------------
     def alive(self, job_id: str) -> bool:
         lj = self.jobs.get(job_id)
@@ -303,6 +330,10 @@ class HoldLauncher:
 
     def alive(self, job_id: str) -> bool:
         return False
+
+    def evaluate(self, job_id: str, version: int, trials: int) -> None:
+        raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher)", field="job_id",
+                                 value=job_id)
 
     def reconcile(self) -> list[str]:
         return []

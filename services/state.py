@@ -194,6 +194,13 @@ class StateStore:
         rows = self._guard(self.r.hgetall, keys.versions(job_id))
         return sorted((json.loads(v) for v in rows.values()), key=lambda r: r["version"])
 
+    def set_evaluation(self, job_id: str, version: int, result: dict[str, Any]) -> None:
+        self._guard(self.r.hset, keys.evaluations(job_id), str(version), json.dumps(result))
+
+    def evaluations(self, job_id: str) -> dict[int, dict[str, Any]]:
+        rows = self._guard(self.r.hgetall, keys.evaluations(job_id))
+        return {int(v): json.loads(r) for v, r in rows.items()}
+
     def version_exists(self, job_id: str, version: int) -> bool:
         return bool(self._guard(self.r.hexists, keys.versions(job_id), str(version)))
 

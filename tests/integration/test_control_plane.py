@@ -100,6 +100,17 @@ def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster):
                                                   viewer.get(f"/v1/jobs/{job_id}/policies").json()["versions"], 30, what="new version")}
         assert by_v[new]["sha256"] == by_v[0]["sha256"]
 
+        # evaluate a version on held-out seeds (background); the result shows in /policies
+        assert viewer.post(f"/v1/jobs/{job_id}/policies/0/evaluate?trials=2").status_code == 403
+        assert op.post(f"/v1/jobs/{job_id}/policies/0/evaluate?trials=2").status_code == 202
+
+        def evaluated():
+            v0 = viewer.get(f"/v1/jobs/{job_id}/policies").json()["versions"][0]
+            return (v0["evaluation"] or {}).get("state") in ("done", "failed") and v0["evaluation"]
+        ev = wait_for(evaluated, 240, what="evaluation of v0")
+        assert ev["state"] == "done" and set(ev["tasks"]) == {"reach-v3", "push-v3"}, ev
+        assert 0.0 <= ev["mean_success"] <= 1.0
+
         # an enrolled robot token can be revoked: the learner refuses it at the next handshake
         enr = op.post(f"/v1/jobs/{job_id}/enrollments", json={"name": "outside-robot"}).json()
         target = _job_state(viewer, job_id)["learner"]["target"]
