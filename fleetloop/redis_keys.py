@@ -33,6 +33,7 @@ JOBS = f"{PREFIX}:jobs"
 API_KEYS = f"{PREFIX}:apikeys"
 SERIES_MAX = 3600          # points kept per job (1 per 2 s: two hours)
 EVENTS_MAX = 5000          # events kept per job
+VERSIONS_MAX = 2000        # newest versions kept in the version index per job
 HEARTBEAT_TTL_S = 30       # a learner silent this long is considered gone
 
 

@@ -61,6 +61,7 @@ class ControlAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported_version = -1
+        self._pruned_below = 0  # version index entries below this were deleted (cap: keys.VERSIONS_MAX)
         self._episode_index = 0
         self._last_point: tuple[float, int, int] | None = None  # (time, learner step, ingested steps)
         self._last_error_log = 0.0
@@ -175,9 +176,21 @@ class ControlAgent:
         pipe.execute()
         if new_versions:
             self._reported_version = new_versions[-1].version
+            self._prune_versions()
             self.emit("published", version=self._reported_version, step=new_versions[-1].learner_step,
                       count=len(new_versions))
         self.ticks += 1
+
+    def _prune_versions(self) -> None:
+        """Keep the newest ``keys.VERSIONS_MAX`` entries of the version index (the pinned one too)."""
+        below = self._reported_version + 1 - keys.VERSIONS_MAX
+        if below <= self._pruned_below:
+            return
+        pinned = self.core.weights.pinned
+        doomed = [str(v) for v in range(self._pruned_below, below) if v != pinned]
+        for i in range(0, len(doomed), 1000):
+            self.redis.hdel(keys.versions(self.job), *doomed[i:i + 1000])
+        self._pruned_below = below
 
     # -- commands ----------------------------------------------------------------------------
     def run_commands(self, limit: int = 16) -> int:

@@ -179,8 +179,14 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         hb = store.heartbeat(rec.id)
         age = None if hb is None else max(0.0, time.time() - hb)
         alive = age is not None and age < keys.HEARTBEAT_TTL_S
-        return JobView(**rec.model_dump(), learner_alive=alive, heartbeat_age_s=age,
-                       status=store.learner_status(rec.id) if hb is not None or rec.state not in TERMINAL_STATES else None)
+        status = store.learner_status(rec.id) if hb is not None or rec.state not in TERMINAL_STATES else None
+        if alive and status and rec.state in ("running", "paused") and status.get("time", 0.0) > rec.updated_at:
+            # the learner's report is newer than the record: adopt what commands (maybe queued ones) changed
+            want = {"paused": bool(status.get("paused")), "pinned": status.get("pinned"),
+                    "state": "paused" if status.get("paused") else "running"}
+            if any(getattr(rec, k) != v for k, v in want.items()):
+                rec = store.update_job(rec.id, **want)
+        return JobView(**rec.model_dump(), learner_alive=alive, heartbeat_age_s=age, status=status)
 
     def active_job(job_id: str) -> JobRecord:
         rec = store.get_job(job_id)
@@ -242,7 +248,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
     def pause(job_id: str, key: ApiKey = operator) -> Any:
         active_job(job_id)
         res = command(job_id, "pause", None, key)
-        store.update_job(job_id, paused=True, state="paused")
+        if res.status == "done":  # a queued one reaches the record via the learner's report
+            store.update_job(job_id, paused=True, state="paused")
         return reply(res)
 
     @app.post("/v1/jobs/{job_id}/resume", response_model=CommandResult, responses={**ERRORS, 202: {"model": CommandResult}},
@@ -250,7 +257,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
     def resume(job_id: str, key: ApiKey = operator) -> Any:
         active_job(job_id)
         res = command(job_id, "resume", None, key)
-        store.update_job(job_id, paused=False, state="running")
+        if res.status == "done":  # a queued one reaches the record via the learner's report
+            store.update_job(job_id, paused=False, state="running")
         return reply(res)
 
     @app.post("/v1/jobs/{job_id}/stop", response_model=JobView, status_code=202, responses=ERRORS, tags=["jobs"])
@@ -292,7 +300,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         active_job(job_id)
         _version(job_id, version)
         res = command(job_id, "pin", {"version": version}, key)
-        store.update_job(job_id, pinned=version)
+        if res.status == "done":  # a queued one reaches the record via the learner's report
+            store.update_job(job_id, pinned=version)
         return reply(res)
 
     @app.post("/v1/jobs/{job_id}/policies/unpin", response_model=CommandResult,
@@ -300,7 +309,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
     def unpin(job_id: str, key: ApiKey = operator) -> Any:
         active_job(job_id)
         res = command(job_id, "unpin", None, key)
-        store.update_job(job_id, pinned=None)
+        if res.status == "done":  # a queued one reaches the record via the learner's report
+            store.update_job(job_id, pinned=None)
         return reply(res)
 
     @app.post("/v1/jobs/{job_id}/policies/{version}/evaluate", response_model=PolicyVersion, status_code=202,
@@ -321,7 +331,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         active_job(job_id)
         _version(job_id, version)
         res = command(job_id, "rollback", {"version": version}, key)
-        store.update_job(job_id, pinned=None)
+        if res.status == "done":  # a queued one reaches the record via the learner's report
+            store.update_job(job_id, pinned=None)
         return reply(res)
 
     # -- fleet ---------------------------------------------------------------------------
@@ -364,15 +375,18 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
     @app.get("/v1/jobs/{job_id}/live", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}}, tags=["observe"])
     async def live(job_id: str, request: Request, interval: float = Query(1.0, ge=0.2, le=60),
                    key: ApiKey = viewer) -> StreamingResponse:
-        """Server-sent events: one ``snapshot`` event per ``interval`` (job, actors, policies, new
-        series points, new events) until the client goes away. Read it with fetch() so the key
+        """Server-sent events: one ``snapshot`` event per ``interval`` until the client goes away:
+        the job, the actors, the policy summary with the versions published since the previous
+        snapshot (and evaluated ones), new series points, new events (the first snapshot carries
+        the whole series and the newest 500 events). Read it with fetch() so the key
         travels in the Authorization header, never in the URL."""
         store.get_job(job_id)
 
         async def gen():
-            since, after = 0.0, "-"
+            since, after, last_version = 0.0, "-", -1
             while not await request.is_disconnected():
-                snap, since, after = await asyncio.to_thread(_snapshot, store, job_view, policies, key, job_id, since, after)
+                snap, since, after, last_version = await asyncio.to_thread(_snapshot, store, job_view, policies, key, job_id,
+                                                                           since, after, last_version)
                 yield f"event: snapshot\ndata: {json.dumps(snap)}\n\n"
                 await asyncio.sleep(interval)
 
@@ -400,16 +414,28 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
 
     if STATIC.exists():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def _no_stale_assets(request: Request, call_next):
+        response = await call_next(request)
+        if request.url.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-cache"  # revalidate (ETag) so an upgrade is seen at once
+        return response
     return app
 
 
-def _snapshot(store: StateStore, job_view, policies, key: ApiKey, job_id: str, since: float, after: str):
+def _snapshot(store: StateStore, job_view, policies, key: ApiKey, job_id: str, since: float, after: str, last_version: int):
     job = job_view(store.get_job(job_id)).model_dump()
+    if job.get("status"):
+        job["status"].pop("actors", None)  # the fleet table is sent once, as "actors"
     points = store.series(job_id, since)
-    evs = store.events(job_id, after, 500)
-    snap = {"job": job, "actors": store.actors(job_id), "policies": policies(job_id, key).model_dump(),
+    evs = store.events(job_id, after, 500) if after != "-" else store.last_events(job_id, 500)
+    pols = policies(job_id, key).model_dump()
+    newest = pols["versions"][-1]["version"] if pols["versions"] else last_version
+    pols["versions"] = [v for v in pols["versions"] if v["version"] > last_version or v["evaluation"]]
+    snap = {"job": job, "actors": store.actors(job_id), "policies": pols,
             "series": points, "events": evs, "role": key.role, "time": time.time()}
-    return snap, (points[-1]["t"] if points else since), (evs[-1]["id"] if evs else after)
+    return snap, (points[-1]["t"] if points else since), (evs[-1]["id"] if evs else after), newest
 
 
 def _stop(launcher: Launcher, store: StateStore, job_id: str) -> None:

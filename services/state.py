@@ -159,6 +159,12 @@ class StateStore:
         return [{"id": i, "type": f.get("type"), "source": f.get("source"), "data": json.loads(f.get("data") or "{}"),
                  "time": int(i.split("-")[0]) / 1000.0} for i, f in rows]
 
+    def last_events(self, job_id: str, count: int = 200) -> list[dict[str, Any]]:
+        """The newest ``count`` events, oldest first."""
+        rows = self._guard(self.r.xrevrange, keys.events(job_id), "+", "-", count)
+        return [{"id": i, "type": f.get("type"), "source": f.get("source"), "data": json.loads(f.get("data") or "{}"),
+                 "time": int(i.split("-")[0]) / 1000.0} for i, f in reversed(rows)]
+
     # -- commands to the learner -------------------------------------------------------------
     def push_command(self, job_id: str, op: str, args: dict[str, Any] | None, by: str) -> str:
         cmd_id = uuid.uuid4().hex

@@ -351,10 +351,19 @@
     return true;
   }
 
+  const VERSIONS_MAX = 5000;
+
   function onSnapshot(snap) {
     state.job = snap.job;
     state.actors = snap.actors || [];
-    state.policies = snap.policies || null;
+    // snapshots carry only versions newer than the previous snapshot's (and evaluated ones): merge
+    if (snap.policies) {
+      const byVersion = new Map(((state.policies && state.policies.versions) || []).map((v) => [v.version, v]));
+      for (const v of snap.policies.versions || []) byVersion.set(v.version, v);
+      let merged = [...byVersion.values()].sort((a, b) => a.version - b.version);
+      if (merged.length > VERSIONS_MAX) merged = merged.slice(merged.length - VERSIONS_MAX);
+      state.policies = { ...snap.policies, versions: merged };
+    }
     state.now = snap.time || Date.now() / 1000;
     if (snap.role && state.me && snap.role !== state.me.role) { state.me.role = snap.role; renderIdentity(); }
     const lastT = state.series.length ? state.series[state.series.length - 1].t : -Infinity;
