@@ -33,7 +33,7 @@ def _job_state(c, job_id):
     return c.get(f"/v1/jobs/{job_id}").json()
 
 
-def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster):
+def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster, capfd):
     store = StateStore(redis_server.url)
     admin_key, _ = store.create_api_key("admin", "test-admin")
     launcher = LocalLauncher(store, tmp_path / "data")
@@ -149,6 +149,13 @@ def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster):
         robots = launcher.jobs[job_id].robots  # started by the first API's launcher, told to stop by the second's
         wait_for(lambda: not any(r.alive() for r in robots), 60, what="robots leave on stop")
         assert [r.proc.returncode for r in robots] == [0, 0]  # 0 = every spooled chunk acknowledged
+
+        # secrets never reach a log: robot and learner logs, and this process's captured output
+        sim_token = launcher.jobs[job_id].token
+        logs = " ".join(p.read_text(errors="replace") for p in (tmp_path / "data").rglob("*.log"))
+        captured = capfd.readouterr()
+        for secret in (sim_token, enr["token"], op_key, viewer_key, admin_key):
+            assert secret not in logs and secret not in captured.out and secret not in captured.err
     finally:
         if api2 is not None:
             api2.stop()
