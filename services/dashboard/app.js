@@ -395,6 +395,7 @@
     renderControls();
     renderFleet();
     renderTasks();
+    renderEvaluations();
     renderCharts();
     renderEvents();
   }
@@ -460,6 +461,7 @@
     dis("btn-pin", !active || !isNum(latest));
     dis("btn-unpin", !active || !isNum(pinned));
     dis("btn-rollback", !active || !isNum(latest));
+    dis("btn-evaluate", !isNum(latest));
     const input = $("version-input");
     if (isNum(latest)) { input.max = String(latest); input.placeholder = `0–${latest}`; }
     $("version-input").disabled = state.busy || !active;
@@ -480,6 +482,14 @@
       const v = chosenVersion();
       if (v !== null) control(`Roll back to v${v}`, `${base()}/policies/${v}/rollback`,
         `Roll back job ${state.jobId} to v${v}? Its weights are republished as a new version and training continues from them; any pin is cleared.`);
+    });
+    bindEvaluate(base);
+  }
+
+  function bindEvaluate(base) {
+    $("btn-evaluate").addEventListener("click", () => {
+      const v = chosenVersion();
+      if (v !== null) control(`Evaluate v${v}`, `${base()}/policies/${v}/evaluate?trials=20`);
     });
   }
 
@@ -569,6 +579,21 @@
   function bar(frac, cls) {
     const w = isNum(frac) ? Math.max(0, Math.min(1, frac)) * 100 : 0;
     return h("span", { class: `bar ${cls}` }, h("span", { style: `width:${w.toFixed(1)}%` }));
+  }
+
+  function renderEvaluations() {
+    const vs = ((state.policies && state.policies.versions) || []).filter((v) => v.evaluation);
+    $("evals-box").hidden = !vs.length;
+    const rows = vs.slice().reverse().map((v) => {
+      const e = v.evaluation;
+      const per = e.tasks ? Object.entries(e.tasks).map(([t, r]) => `${t} ${fmtPct(r.success_rate)}`).join(" · ") : (e.error || "");
+      return h("tr", { "data-version": String(v.version) },
+        h("td", { text: `v${v.version}` }), h("td", { text: e.state }),
+        h("td", { class: "num", text: fmtInt(e.trials) }),
+        h("td", { class: "num", text: isNum(e.mean_success) ? fmtPct(e.mean_success) : "–" }),
+        h("td", { text: per }));
+    });
+    $("evals-table").tBodies[0].replaceChildren(...rows);
   }
 
   function renderTasks() {

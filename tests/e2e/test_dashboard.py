@@ -196,6 +196,13 @@ def test_operator_watches_and_steers_a_job(stack, browser, artifacts):
         assert stack.admin.get(f"/v1/jobs/{stack.job_id}").json()["state"] == "running"
         expect(page.get_by_test_id("btn-pause")).to_be_enabled()
         expect(banner).to_be_hidden()
+
+        # evaluate v0 from the page: the evaluations table shows the held-out result when it is done
+        page.get_by_test_id("version-input").fill("0")
+        page.get_by_test_id("btn-evaluate").click()
+        row = page.locator('[data-testid="evals-table"] tr[data-version="0"]')
+        expect(row).to_contain_text("done", timeout=240_000)
+        expect(row).to_contain_text("reach-v3")
         assert page.evaluate("window.__noReload") is True
         assert not errors, errors
         print(f"operator dashboard checks took {time.monotonic() - t0:.1f} s")
