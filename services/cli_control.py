@@ -40,6 +40,38 @@ def _cmd_up(args: argparse.Namespace) -> int:
                             submit=Path(args.submit) if args.submit else None))
 
 
+def _cmd_api(args: argparse.Namespace) -> int:
+    """The REST API and dashboard alone, over an existing Redis: the control plane's container entry point."""
+    import signal
+
+    import uvicorn
+
+    from services.api import create_app
+    from services.state import StateStore
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if not url:
+        print("error: --redis-url or REDIS_URL is required", file=sys.stderr)
+        return 2
+    store = StateStore(url)
+    if args.launcher == "kubernetes":
+        from services.k8s_launcher import KubernetesLauncher
+        launcher = KubernetesLauncher.from_environment(store, namespace=args.namespace)
+    elif args.launcher == "local":
+        from services.launcher import LocalLauncher
+        launcher = LocalLauncher(store, Path(args.data), ray_address=args.ray_address, advertise_host=args.advertise_host)
+    else:
+        from services.launcher import HoldLauncher
+        launcher = HoldLauncher(store)
+    server = uvicorn.Server(uvicorn.Config(create_app(store, launcher), host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _cmd_job(args: argparse.Namespace) -> int:
     from services.client import ApiClient, load_spec
     api = ApiClient(args.api, _key(args))
@@ -112,6 +144,18 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--advertise-host", default="127.0.0.1", help="host robots use to reach learners started here")
     up.add_argument("--submit", default=None, help="JobSpec YAML/JSON to submit once the API is up")
     up.set_defaults(func=_cmd_up)
+
+    ap = sub.add_parser("api", help="REST API and dashboard only, over an existing Redis (container entry point)")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--redis-url", default=None, help="Redis URL (default $REDIS_URL)")
+    ap.add_argument("--launcher", choices=["kubernetes", "local", "hold"], default="kubernetes",
+                    help="who starts learners: Kubernetes objects (in a cluster), local Ray, or nobody (hold)")
+    ap.add_argument("--namespace", default=os.environ.get("FLEETLOOP_NAMESPACE"), help="namespace for job objects (kubernetes)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="state folder (local launcher)")
+    ap.add_argument("--ray-address", default=None, help="Ray cluster (local launcher)")
+    ap.add_argument("--advertise-host", default="127.0.0.1", help="host robots use to reach learners (local launcher)")
+    ap.set_defaults(func=_cmd_api)
 
     job = sub.add_parser("job", help="submit and steer jobs through the REST API")
     job.add_argument("--api", default=os.environ.get("FLEETLOOP_API", "http://127.0.0.1:8000"))
