@@ -30,11 +30,13 @@ def _cmd_learner(args: argparse.Namespace) -> int:
 
     from learner.config import LearnerConfig
     from learner.ray_learner import start_learner
-    from services.config_files import load_config
+    from services.config_files import env_overrides, load_config
 
     cfg = load_config(LearnerConfig, args.config) if args.config else LearnerConfig()
-    updates = {k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
-                                 "state_dir": args.state_dir}.items() if v is not None}
+    # precedence: flags > FLEETLOOP_LEARNER_* environment (deployments, secrets) > config file
+    updates = {**env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_"),
+               **{k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+                                    "state_dir": args.state_dir}.items() if v is not None}}
     cfg = LearnerConfig.model_validate({**cfg.model_dump(), **updates})
     handle = start_learner(cfg, ray_address=args.ray_address)
     print(json.dumps({"target": handle.target, "metrics_port": handle.metrics_port, "job": cfg.job_id}), flush=True)

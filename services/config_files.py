@@ -32,3 +32,25 @@ def load_config(model: type[M], path: str | Path) -> M:
         field = ".".join(str(p) for p in first["loc"])
         raise InvalidArgument(f"{path}: {field}: {first['msg']} (got {first.get('input')!r})", field=field,
                               value=first.get("input")) from None
+
+
+def env_overrides(model: type[BaseModel], prefix: str, environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Field values from ``PREFIX<FIELD>`` environment variables (e.g. ``FLEETLOOP_LEARNER_PORT``).
+
+    A value starting with ``[`` or ``{`` is parsed as JSON (lists, mappings); anything else is
+    passed as a string for pydantic to coerce. Unknown variables with the prefix are an error that
+    names them (a typo must not be silently ignored).
+    """
+    import os
+    env = os.environ if environ is None else environ
+    fields = {name.upper(): name for name in model.model_fields}
+    out: dict[str, object] = {}
+    for key, raw in env.items():
+        if not key.startswith(prefix):
+            continue
+        name = fields.get(key[len(prefix):])
+        if name is None:
+            raise InvalidArgument(f"environment variable {key} is not a {model.__name__} field (known: "
+                                  f"{', '.join(prefix + f for f in sorted(fields))})", field=key, value=raw)
+        out[name] = json.loads(raw) if raw[:1] in "[{" else raw
+    return out

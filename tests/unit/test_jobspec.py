@@ -61,3 +61,15 @@ def test_actor_status_by_age():
     assert actor_status(100.0, 130.0, "running") == "idle"
     assert actor_status(100.0, 400.0, "running") == "gone"
     assert actor_status(100.0, 101.0, "stopping") == "stopping"
+
+
+def test_learner_env_overrides():
+    from fleetloop.errors import InvalidArgument
+    from learner.config import LearnerConfig
+    from services.config_files import env_overrides
+    env = {"FLEETLOOP_LEARNER_PORT": "50051", "FLEETLOOP_LEARNER_ROBOT_TOKENS": '["a","b"]', "OTHER": "x",
+           "FLEETLOOP_LEARNER_CONTROL_REDIS_URL": "redis://r:6379/0"}
+    cfg = LearnerConfig.model_validate({**LearnerConfig().model_dump(), **env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", env)})
+    assert cfg.port == 50051 and cfg.robot_tokens == ["a", "b"] and cfg.control_redis_url == "redis://r:6379/0"
+    with pytest.raises(InvalidArgument, match="FLEETLOOP_LEARNER_PROT"):
+        env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", {"FLEETLOOP_LEARNER_PROT": "1"})
