@@ -13,13 +13,13 @@ DEMO_ARGS ?=
 
 install: sysdeps $(STAMP) $(GEN)
 
-# System packages the tests use: a real redis-server and Chromium (dashboard browser test).
+# System packages the tests use: a real redis-server, Chromium (dashboard browser test), Prometheus + promtool.
 # Idempotent: apt-get runs only when one is missing (needs root, as on the CI machines).
 sysdeps:
-	@if ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null; \
-	  else echo "warning: redis-server/chromium missing and apt-get unavailable: their tests will fail"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium prometheus >/dev/null; \
+	  else echo "warning: redis-server/chromium/prometheus missing and apt-get unavailable: their tests will fail"; fi; \
 	fi
 
 $(STAMP): pyproject.toml
