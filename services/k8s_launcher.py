@@ -1,0 +1,363 @@
+"""KubernetesLauncher: a job's learner and simulated fleet as Kubernetes objects.
+
+Implements the :class:`~services.launcher.Launcher` interface with the official ``kubernetes``
+client. For a job ``ID`` in namespace ``NS`` it creates (names ``fl-ID-*``, labels
+``app.kubernetes.io/name=fleetloop``, ``app.kubernetes.io/component``, ``fleetloop.dev/job=ID``):
+
+- ``ConfigMap fl-ID``: the job's root object (``learner.json``, ``jobspec.json``); every other
+  object carries an ownerReference to it, so deleting it garbage-collects the rest;
+- ``Secret fl-ID-robot-token``: the simulated fleet's enrolled robot token;
+- the learner: ``Deployment fl-ID-learner`` (one pod, Recreate; GPUs from the JobSpec) running
+  ``fleetloop learner --config /etc/fleetloop/learner.json``, or with KubeRay a ``RayJob
+  fl-ID-learner`` whose entrypoint is the same command;
+- ``Service fl-ID-grpc`` (LoadBalancer / NodePort / ClusterIP: how robots outside reach the
+  learner) and ``Service fl-ID-metrics`` (ClusterIP, for Prometheus);
+- ``Deployment fl-ID-robots``: simulated robots (``fleetloop actor``), replicas = fleet size.
+
+The learner talks to the control plane through Redis only (``control_redis_url``), exactly as
+with the local launcher; :meth:`supervise_once` watches the learner's Deployment/RayJob status and
+the Redis heartbeat and moves the job between ``starting``, ``running`` and ``failed``.
+
+Verified here against kmock (an in-memory Kubernetes API emulator); no real API server was
+available, so scheduling, garbage collection by the real controller and KubeRay's behaviour are
+not exercised (stop also deletes every child explicitly, so it does not depend on the GC).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleetloop.errors import FailedPrecondition, FleetloopError, Unavailable
+from fleetloop.logs import event, get_logger
+from services.jobspec import JobSpec, learner_config
+from services.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
+
+log = get_logger("services.k8s_launcher")
+GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT = 50051, 9400, 9100
+STATE_DIR = "/var/lib/fleetloop/learner"
+
+
+class KubeSettings(BaseModel):
+    """How the Kubernetes launcher builds a job's objects (env ``FLEETLOOP_K8S_*`` in the API pod)."""
+
+    model_config = ConfigDict(extra="forbid")
+    namespace: str = Field("default", description="Namespace of every job object.")
+    learner_image: str = Field("fleetloop/learner:0.1.0", description="Image of the learner.")
+    robot_image: str = Field("fleetloop/robot:0.1.0", description="Image of the simulated robots.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of both.")
+    redis_url: str = Field(description="Redis URL as seen from job pods (control agent + enrollment checks).")
+    learner_service_type: Literal["LoadBalancer", "NodePort", "ClusterIP"] = Field(
+        "LoadBalancer", description="Service type of a learner's gRPC endpoint (robots outside need LoadBalancer/NodePort).")
+    kuberay: bool = Field(False, description="Run learners as KubeRay RayJobs (the KubeRay operator must be installed).")
+    state_storage_class: str | None = Field(None, description="StorageClass for the learner's state volume; None = emptyDir "
+                                                              "(state lost when the pod moves).")
+    state_size: str = Field("20Gi", description="Size of the learner's state volume.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of learner pods (e.g. GPU nodes).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of learner pods.")
+    learner_memory: str = Field("8Gi", description="Memory request (and limit) of a learner.")
+    robot_cpu: str = Field("1", description="CPU request of a simulated robot.")
+    robot_memory: str = Field("1Gi", description="Memory request (and limit) of a simulated robot.")
+
+
+def _name(job_id: str, suffix: str = "") -> str:
+    return f"fl-{job_id}{'-' + suffix if suffix else ''}"[:63].rstrip("-.")
+
+
+def _labels(job_id: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "fleetloop", "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "fleetloop-controlplane", "fleetloop.dev/job": job_id}
+
+
+_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+_CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+class KubernetesLauncher:
+    """See module docstring."""
+
+    def __init__(self, store: StateStore, api_client, settings: KubeSettings) -> None:
+        from kubernetes import client
+        self.store, self.s = store, settings
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._closed = threading.Event()
+
+    @classmethod
+    def from_environment(cls, store: StateStore, namespace: str | None = None) -> "KubernetesLauncher":
+        """In a pod: in-cluster config; elsewhere: the kubeconfig. Settings from ``FLEETLOOP_K8S_*``."""
+        from kubernetes import client, config
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        from services.config_files import env_overrides
+        values: dict[str, Any] = {"redis_url": os.environ.get("FLEETLOOP_K8S_REDIS_URL") or store.url,
+                                  **env_overrides(KubeSettings, "FLEETLOOP_K8S_")}
+        if namespace:
+            values["namespace"] = namespace
+        return cls(store, client.ApiClient(), KubeSettings.model_validate(values))
+
+    # -- objects -------------------------------------------------------------------------------
+    def _owner(self, root: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"apiVersion": "v1", "kind": "ConfigMap", "name": root["metadata"]["name"], "uid": root["metadata"]["uid"],
+                 "controller": True, "blockOwnerDeletion": True}]
+
+    def learner_pod_spec(self, job: JobRecord) -> dict[str, Any]:
+        """Pod spec of a job's learner (Deployment template, or RayJob head)."""
+        gpus = job.spec.resources.gpus
+        limits = {"memory": self.s.learner_memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+        state = ({"name": "state", "persistentVolumeClaim": {"claimName": _name(job.id, "state")}}
+                 if self.s.state_storage_class else {"name": "state", "emptyDir": {}})
+        return {
+            "securityContext": _POD_SECURITY, "nodeSelector": self.s.node_selector, "tolerations": self.s.tolerations,
+            "containers": [{
+                "name": "learner", "image": self.s.learner_image, "imagePullPolicy": self.s.image_pull_policy,
+                "command": ["fleetloop", "learner", "--config", "/etc/fleetloop/learner.json"],
+                "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
+                "ports": [{"name": "grpc", "containerPort": GRPC_PORT}, {"name": "metrics", "containerPort": METRICS_PORT}],
+                "resources": {"requests": {"cpu": str(job.spec.resources.cpus), "memory": self.s.learner_memory, **(
+                    {"nvidia.com/gpu": str(gpus)} if gpus else {})}, "limits": limits},
+                "readinessProbe": {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 5},
+                "livenessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}, "initialDelaySeconds": 60,
+                                  "periodSeconds": 20},
+                "securityContext": _CONTAINER_SECURITY,
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/fleetloop", "readOnly": True},
+                                 {"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+            }],
+            "volumes": [{"name": "config", "configMap": {"name": _name(job.id)}}, state, {"name": "tmp", "emptyDir": {}}],
+        }
+
+    def manifests(self, job: JobRecord, root: dict[str, Any], robots: int) -> list[dict[str, Any]]:
+        """Every child object of a job (owned by ``root``), in creation order."""
+        jid, ns, owner = job.id, self.s.namespace, self._owner(root)
+
+        def meta(name: str, component: str) -> dict[str, Any]:
+            return {"name": name, "namespace": ns, "labels": _labels(jid, component), "ownerReferences": owner}
+
+        learner_sel = {"fleetloop.dev/job": jid, "app.kubernetes.io/component": "learner"}
+        objs: list[dict[str, Any]] = []
+        if self.s.state_storage_class:
+            objs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(_name(jid, "state"), "learner"),
+                         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": self.s.state_storage_class,
+                                  "resources": {"requests": {"storage": self.s.state_size}}}})
+        pod = self.learner_pod_spec(job)
+        if self.s.kuberay:
+            objs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta(_name(jid, "learner"), "learner"),
+                         "spec": {"entrypoint": "fleetloop learner --config /etc/fleetloop/learner.json",
+                                  "shutdownAfterJobFinishes": True, "submissionMode": "K8sJobMode",
+                                  "rayClusterSpec": {"headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
+                                                                       "template": {"metadata": {"labels": _labels(jid, "learner")},
+                                                                                    "spec": pod}}}}})
+        else:
+            objs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(_name(jid, "learner"), "learner"),
+                         "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": learner_sel},
+                                  "template": {"metadata": {"labels": _labels(jid, "learner")}, "spec": pod}}})
+        objs.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(_name(jid, "grpc"), "learner"),
+                     "spec": {"type": self.s.learner_service_type, "selector": learner_sel,
+                              "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}]}})
+        objs.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(_name(jid, "metrics"), "learner"),
+                     "spec": {"type": "ClusterIP", "selector": learner_sel,
+                              "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]}})
+        fleet = job.spec.fleet
+        if fleet is not None:
+            target = f"{_name(jid, 'grpc')}.{ns}.svc:{GRPC_PORT}"
+            robot_sel = {"fleetloop.dev/job": jid, "app.kubernetes.io/component": "robot"}
+            objs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(_name(jid, "robots"), "robot"),
+                         "spec": {"replicas": robots, "selector": {"matchLabels": robot_sel},
+                                  "template": {"metadata": {"labels": _labels(jid, "robot")}, "spec": {
+                                      "securityContext": _POD_SECURITY,
+                                      "containers": [{
+                                          "name": "robot", "image": self.s.robot_image, "imagePullPolicy": self.s.image_pull_policy,
+                                          "command": ["fleetloop", "actor", "--learner", target, "--job", jid, "--tasks",
+                                                      ",".join(job.spec.tasks), "--operator", fleet.operator, "--hz", str(fleet.hz),
+                                                      "--spool", "/tmp/spool", "--metrics-port", str(ROBOT_METRICS_PORT)],
+                                          "env": [{"name": "FLEETLOOP_ROBOT_TOKEN", "valueFrom": {"secretKeyRef": {
+                                              "name": _name(jid, "robot-token"), "key": "token"}}}],
+                                          "ports": [{"name": "metrics", "containerPort": ROBOT_METRICS_PORT}],
+                                          "resources": {"requests": {"cpu": self.s.robot_cpu, "memory": self.s.robot_memory},
+                                                        "limits": {"memory": self.s.robot_memory}},
+                                          "securityContext": _CONTAINER_SECURITY,
+                                          "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}],
+                                      "volumes": [{"name": "tmp", "emptyDir": {}}]}}}})
+        return objs
+
+    def _create(self, obj: dict[str, Any]) -> None:
+        ns, kind = self.s.namespace, obj["kind"]
+        if kind == "Deployment":
+            self.apps.create_namespaced_deployment(ns, obj)
+        elif kind == "Service":
+            self.core.create_namespaced_service(ns, obj)
+        elif kind == "Secret":
+            self.core.create_namespaced_secret(ns, obj)
+        elif kind == "PersistentVolumeClaim":
+            self.core.create_namespaced_persistent_volume_claim(ns, obj)
+        elif kind == "RayJob":
+            self.custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", obj)
+        else:
+            raise FailedPrecondition(f"no creator for kind {kind}", field="kind", value=kind)
+
+    def _delete(self, kind: str, name: str) -> None:
+        from kubernetes.client import ApiException
+        ns = self.s.namespace
+        fn = {"Deployment": lambda: self.apps.delete_namespaced_deployment(name, ns, propagation_policy="Foreground"),
+              "Service": lambda: self.core.delete_namespaced_service(name, ns),
+              "Secret": lambda: self.core.delete_namespaced_secret(name, ns),
+              "ConfigMap": lambda: self.core.delete_namespaced_config_map(name, ns, propagation_policy="Foreground"),
+              "PersistentVolumeClaim": lambda: self.core.delete_namespaced_persistent_volume_claim(name, ns),
+              "RayJob": lambda: self.custom.delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name)}[kind]
+        try:
+            fn()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # -- Launcher interface -------------------------------------------------------------------
+    def validate(self, spec: JobSpec) -> None:
+        if spec.bootstrap is not None:
+            raise FailedPrecondition("bootstrap (recording demos and pretraining) runs only with the local launcher; in a "
+                                     "cluster give offline_dataset / initial_weights paths on the learner's volume",
+                                     field="bootstrap", value="set")
+
+    def launch(self, job: JobRecord) -> None:
+        from kubernetes.client import ApiException
+        try:
+            self.store.update_job(job.id, state="starting")
+            cfg = learner_config(job.spec, job.id, STATE_DIR, self.s.redis_url, host="0.0.0.0")
+            cfg = cfg.model_copy(update={"port": GRPC_PORT, "metrics_port": METRICS_PORT})
+            root_obj = {"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": _name(job.id), "namespace": self.s.namespace, "labels": _labels(job.id, "job")},
+                        "data": {"learner.json": cfg.model_dump_json(indent=2), "jobspec.json": job.spec.model_dump_json(indent=2)}}
+            root = self.core.create_namespaced_config_map(self.s.namespace, root_obj).to_dict()
+            root = {"metadata": {"name": root["metadata"]["name"], "uid": root["metadata"].get("uid") or ""}}
+            robots = job.spec.fleet.robots if job.spec.fleet else 0
+            if job.spec.fleet is not None:
+                token, _ = self.store.enroll(job.id, "simulated-fleet", by="launcher")
+                self.core.create_namespaced_secret(self.s.namespace, {
+                    "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": {"token": token},
+                    "metadata": {"name": _name(job.id, "robot-token"), "namespace": self.s.namespace,
+                                 "labels": _labels(job.id, "robot"), "ownerReferences": self._owner(root)}})
+            for obj in self.manifests(job, root, robots):
+                self._create(obj)
+            internal = f"{_name(job.id, 'grpc')}.{self.s.namespace}.svc:{GRPC_PORT}"
+            self.store.update_job(job.id, learner=LearnerEndpoint(target=internal, metrics_port=METRICS_PORT), fleet_robots=robots)
+            self.store.emit(job.id, "objects_created", namespace=self.s.namespace, root=_name(job.id), kuberay=self.s.kuberay)
+            event(log, "job_objects_created", job=job.id, namespace=self.s.namespace)
+        except (ApiException, FleetloopError) as exc:
+            msg = f"Kubernetes API: {exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+            event(log, "job_failed", level=40, job=job.id, error=msg[:300])
+            self.store.update_job(job.id, state="failed", error=msg[:2000])
+
+    def scale_fleet(self, job_id: str, robots: int) -> int:
+        job = self.store.get_job(job_id)
+        if job.spec.fleet is None:
+            raise FailedPrecondition(f"job {job_id!r} has no simulated fleet in its spec", field="fleet", value=None)
+        self.apps.patch_namespaced_deployment(_name(job_id, "robots"), self.s.namespace, {"spec": {"replicas": robots}})
+        self.store.update_job(job_id, fleet_robots=robots)
+        self.store.emit(job_id, "fleet_scaled", robots=robots)
+        return robots
+
+    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
+        self.store.update_job(job_id, state="stopping")
+        self.store.push_command(job_id, "drain", None, by="launcher")  # robots finish their episode, flush, leave
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(time.time() - a["last_seen"] < 3.0 for a in self.store.actors(job_id)):
+            time.sleep(0.5)
+        for kind, suffix in (("Deployment", "robots"), ("Deployment", "learner"), ("RayJob", "learner"), ("Service", "grpc"),
+                             ("Service", "metrics"), ("Secret", "robot-token"), ("PersistentVolumeClaim", "state"), ("ConfigMap", "")):
+            self._delete(kind, _name(job_id, suffix))
+        self.store.update_job(job_id, state="stopped", fleet_robots=0)
+        self.store.emit(job_id, "stopped", deleted=_name(job_id))
+
+    def alive(self, job_id: str) -> bool:
+        hb = self.store.heartbeat(job_id)
+        return hb is not None and time.time() - hb < 30
+
+    def evaluate(self, job_id: str, version: int, trials: int) -> None:
+        raise FailedPrecondition("evaluation jobs are not available with the Kubernetes launcher yet (local launcher only)",
+                                 field="launcher", value="kubernetes")
+
+    def learner_phase(self, job_id: str) -> str:
+        """'ready', 'pending', 'failed' or 'missing' from the learner's Deployment / RayJob status."""
+        from kubernetes.client import ApiException
+        try:
+            if self.s.kuberay:
+                obj = self.custom.get_namespaced_custom_object("ray.io", "v1", self.s.namespace, "rayjobs", _name(job_id, "learner"))
+                status = (obj or {}).get("status") or {}
+                if status.get("jobStatus") == "FAILED" or status.get("jobDeploymentStatus") == "Failed":
+                    return "failed"
+                return "ready" if status.get("jobStatus") == "RUNNING" else "pending"
+            dep = self.apps.read_namespaced_deployment(_name(job_id, "learner"), self.s.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return "missing"
+            raise Unavailable(f"Kubernetes API: {exc.status} {exc.reason}", field="kubernetes") from None
+        return "ready" if dep.status is not None and (dep.status.available_replicas or 0) >= 1 else "pending"
+
+    def external_target(self, job_id: str) -> str | None:
+        """The gRPC address robots outside the cluster use (LoadBalancer ingress or NodePort), if known."""
+        svc = self.core.read_namespaced_service(_name(job_id, "grpc"), self.s.namespace)
+        ingress = (svc.status.load_balancer.ingress or []) if svc.status and svc.status.load_balancer else []
+        if ingress:
+            return f"{ingress[0].ip or ingress[0].hostname}:{GRPC_PORT}"
+        if svc.spec.type == "NodePort" and svc.spec.ports and svc.spec.ports[0].node_port:
+            return f"<node address>:{svc.spec.ports[0].node_port}"
+        return None
+
+    def supervise_once(self) -> list[str]:
+        """Sync job states from the objects' status and the learner heartbeat; returns changed job ids."""
+        changed = []
+        for job in self.store.list_jobs():
+            if job.state not in ("starting", "running", "paused"):
+                continue
+            phase = self.learner_phase(job.id)
+            if phase in ("failed", "missing"):
+                self.store.update_job(job.id, state="failed", error=f"learner {phase} ({_name(job.id, 'learner')})")
+                changed.append(job.id)
+            elif job.state == "starting" and phase == "ready" and self.alive(job.id):
+                ext = self.external_target(job.id)
+                learner = job.learner.model_copy(update={"target": ext}) if ext and job.learner else job.learner
+                self.store.update_job(job.id, state="running", learner=learner)
+                changed.append(job.id)
+        return changed
+
+    def start_supervisor(self, interval_s: float = 5.0) -> None:
+        def loop() -> None:
+            while not self._closed.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception as exc:
+                    event(log, "supervisor_error", level=40, error=repr(exc)[:300])
+        threading.Thread(target=loop, name="k8s-supervisor", daemon=True).start()
+
+    def reconcile(self) -> list[str]:
+        """Jobs whose root object is gone (e.g. deleted by hand) are relaunched; others are left as they are."""
+        from kubernetes.client import ApiException
+        resumed = []
+        for job in self.store.list_jobs():
+            if job.state not in ACTIVE_STATES:
+                continue
+            try:
+                self.core.read_namespaced_config_map(_name(job.id), self.s.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.store.emit(job.id, "relaunched", previous_state=job.state)
+                self.launch(job)
+                resumed.append(job.id)
+        return resumed
+
+    def shutdown(self) -> None:
+        """Jobs keep running in the cluster when the control plane stops (they are independent objects)."""
+        self._closed.set()
+
+
+def describe(obj: dict[str, Any]) -> str:
+    """``Kind/name`` of a manifest (for logs and test messages)."""
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
