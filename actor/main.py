@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (default: run until signalled)")
     p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")
     p.add_argument("--seed", type=int, default=None, help="seed of this robot's episode layouts")
+    p.add_argument("--tls-ca", default=os.environ.get("FLEETLOOP_TLS_CA"), help="CA certificate (PEM) to trust: enables TLS")
+    p.add_argument("--tls-cert", default=os.environ.get("FLEETLOOP_TLS_CERT"), help="client certificate (PEM) when the learner requires one")
+    p.add_argument("--tls-key", default=os.environ.get("FLEETLOOP_TLS_KEY"), help="private key of --tls-cert")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port (0 = any free one)")
 
 
@@ -54,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
     obs_specs, act_specs = robot_specs()
     stop = threading.Event()
     client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
-                         spool_dir=args.spool, connect_timeout_s=None, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
+                         spool_dir=args.spool, connect_timeout_s=None,
+                         tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
     run = client.connect()  # retries until the learner answers; SIGTERM here just ends the process (spool is on disk)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on: finish the episode, flush, exit
     signal.signal(signal.SIGINT, lambda *_: stop.set())

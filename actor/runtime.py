@@ -142,7 +142,8 @@ class FleetClient:
     def __init__(self, learner: str, job_id: str, actor_id: str, observation_specs: Sequence, action_specs: Sequence,
                  tasks: Sequence[str], credential: str | None = None, spool_dir: str | None = None,
                  capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float | None = 120.0,
-                 send_experience: bool = True) -> None:
+                 send_experience: bool = True, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
         self.tasks, self.credential = list(tasks), credential
@@ -150,7 +151,12 @@ class FleetClient:
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
         self.metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
         self.spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
-        self.channel = grpc.insecure_channel(learner, options=channel_options())
+        if tls_ca_file or tls_cert_file:
+            from fleetloop.tls import channel_credentials
+            self.channel = grpc.secure_channel(learner, channel_credentials(tls_ca_file, tls_cert_file, tls_key_file),
+                                               options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(learner, options=channel_options())
         self.stub = pb_grpc.LearnerStub(self.channel)
         self._stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience",
                                                   request_serializer=lambda b: b, response_deserializer=pb.Ack.FromString)

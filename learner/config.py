@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from learner.sampler import SamplerConfig
 from learner.staleness import StalenessConfig
@@ -78,10 +78,25 @@ class LearnerConfig(BaseModel):
         None, description="Control-plane Redis (redis://host:port/db). When set, the learner reports status, actors and "
                           "versions there, executes operator commands (pause, pin, rollback, stop) from it, and checks "
                           "robot tokens against the job's enrollments (robot_tokens stay valid too).")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate of the gRPC server; set with tls_key_file to serve TLS only.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(None, description="With TLS: also require client certificates signed by this CA (mTLS).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
     grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each stream holds one thread).")
     seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
     fsync_log: bool = Field(False, description="fsync the ingest log before every ack (slower; survives power loss).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "LearnerConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
 
     @field_validator("tasks")
     @classmethod

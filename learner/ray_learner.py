@@ -52,7 +52,12 @@ class _RayLearnerImpl:
             auth = EnrollmentTokens(redis.Redis.from_url(cfg.control_redis_url, socket_timeout=5.0, decode_responses=True),
                                     fallback=StaticTokens(cfg.robot_tokens))
         self.servicer = LearnerServicer(self.core, auth=auth)
-        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
+        creds = None
+        if cfg.tls_cert_file is not None:
+            from fleetloop.tls import server_credentials
+            creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes,
+                                              credentials=creds)
         self.server.start()
         self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "0.0.0.0") \
             if cfg.metrics_port is not None else None

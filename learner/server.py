@@ -168,7 +168,8 @@ class LearnerServicer:
             yield pb.WeightChunk(version=info.version, offset=len(blob), data=b"", total_size=len(blob), sha256=info.sha256)
 
 
-def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, max_message_bytes: int) -> tuple[grpc.Server, int]:
+def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, max_message_bytes: int,
+                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) gRPC server bound to host:port; returns (server, bound port)."""
     limit = max_message_bytes + (1 << 20)  # headroom so oversized chunks get our clear error, not a transport one
     server = grpc.server(
@@ -193,7 +194,8 @@ def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, 
             response_serializer=pb.WeightChunk.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None else \
+        server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise FailedPrecondition(f"cannot bind gRPC server to {host}:{port}", field="port", value=port)
     return server, bound

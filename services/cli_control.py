@@ -37,7 +37,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from services.up import UpOptions, run_up
     return run_up(UpOptions(host=args.host, port=args.port, data=Path(args.data), redis_url=args.redis_url,
                             ray_address=args.ray_address, ray_cpus=args.ray_cpus, advertise_host=args.advertise_host,
-                            submit=Path(args.submit) if args.submit else None))
+                            submit=Path(args.submit) if args.submit else None, tls_cert=args.tls_cert, tls_key=args.tls_key))
 
 
 def _cmd_api(args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
         from services.launcher import HoldLauncher
         launcher = HoldLauncher(store)
     server = uvicorn.Server(uvicorn.Config(create_app(store, launcher), host=args.host, port=args.port, log_level="warning",
-                                           access_log=False))
+                                           access_log=False, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key))
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
@@ -115,6 +115,21 @@ def _cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from fleetloop.tls import init_certs
+    try:
+        files = init_certs(Path(args.out), [h.strip() for h in args.hosts.split(",") if h.strip()], force=args.force)
+    except FleetloopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote a local CA and certificates for {args.hosts} to {args.out}:")
+    for role, path in files.items():
+        print(f"  {role:11} {path}")
+    print("learner: tls_cert_file=server.pem tls_key_file=server.key (+ tls_client_ca_file=ca.pem for mTLS); "
+          "robots: --tls-ca ca.pem (+ --tls-cert client.pem --tls-key client.key); API: --tls-cert/--tls-key")
+    return 0
+
+
 def _cmd_admin_create_key(args: argparse.Namespace) -> int:
     from services.state import StateStore
     url = args.redis_url or os.environ.get("REDIS_URL")
@@ -143,6 +158,8 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--ray-cpus", type=int, default=None)
     up.add_argument("--advertise-host", default="127.0.0.1", help="host robots use to reach learners started here")
     up.add_argument("--submit", default=None, help="JobSpec YAML/JSON to submit once the API is up")
+    up.add_argument("--tls-cert", default=None, help="serve the API over HTTPS with this PEM certificate")
+    up.add_argument("--tls-key", default=None, help="private key of --tls-cert")
     up.set_defaults(func=_cmd_up)
 
     ap = sub.add_parser("api", help="REST API and dashboard only, over an existing Redis (container entry point)")
@@ -155,6 +172,8 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="state folder (local launcher)")
     ap.add_argument("--ray-address", default=None, help="Ray cluster (local launcher)")
     ap.add_argument("--advertise-host", default="127.0.0.1", help="host robots use to reach learners (local launcher)")
+    ap.add_argument("--tls-cert", default=os.environ.get("FLEETLOOP_API_TLS_CERT"), help="serve HTTPS with this PEM certificate")
+    ap.add_argument("--tls-key", default=os.environ.get("FLEETLOOP_API_TLS_KEY"), help="private key of --tls-cert")
     ap.set_defaults(func=_cmd_api)
 
     job = sub.add_parser("job", help="submit and steer jobs through the REST API")
@@ -183,6 +202,14 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     en.add_argument("name")
     for c in jsub.choices.values():
         c.set_defaults(func=_cmd_job)
+
+    certs = sub.add_parser("certs", help="TLS material")
+    csub = certs.add_subparsers(dest="certs_cmd", required=True)
+    ci = csub.add_parser("init", help="make a local CA and server/client certificates (keys mode 0600)")
+    ci.add_argument("--out", default="runs/certs")
+    ci.add_argument("--hosts", default="localhost,127.0.0.1", help="comma-separated DNS names / IPs of the server certificate")
+    ci.add_argument("--force", action="store_true", help="replace existing files")
+    ci.set_defaults(func=_cmd_certs_init)
 
     adm = sub.add_parser("admin", help="administration (direct Redis access)")
     asub = adm.add_subparsers(dest="admin_cmd", required=True)

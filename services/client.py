@@ -34,8 +34,8 @@ def load_spec(path: Path) -> dict[str, Any]:
 class ApiClient:
     """Thin wrapper over httpx with the API key in the Authorization header."""
 
-    def __init__(self, url: str, key: str | None, timeout: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+    def __init__(self, url: str, key: str | None, timeout: float = 60.0, verify: bool | str = True) -> None:
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, verify=verify,
                                  headers={"Authorization": f"Bearer {key}"} if key else {})
 
     def healthy(self) -> bool:

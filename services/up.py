@@ -33,6 +33,8 @@ class UpOptions(BaseModel):
     ray_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None = all).")
     advertise_host: str = Field("127.0.0.1", description="Host robots use to reach learners started here.")
     submit: Path | None = Field(None, description="A JobSpec YAML/JSON to submit once the API is up.")
+    tls_cert: Path | None = Field(None, description="Serve the API over HTTPS with this PEM certificate.")
+    tls_key: Path | None = Field(None, description="Private key of tls_cert.")
 
 
 def write_secret(path: Path, secret: str) -> None:
@@ -72,7 +74,9 @@ def run_up(o: UpOptions) -> int:
         ensure_ray(o.ray_address, o.ray_cpus, f"/tmp/fl-ray-up-{os.getpid()}" if not o.ray_address else None)
         launcher = LocalLauncher(store, o.data, ray_address=o.ray_address, advertise_host=o.advertise_host)
         app = create_app(store, launcher)
-        server = uvicorn.Server(uvicorn.Config(app, host=o.host, port=o.port, log_level="warning", access_log=False))
+        server = uvicorn.Server(uvicorn.Config(app, host=o.host, port=o.port, log_level="warning", access_log=False,
+                                               ssl_certfile=str(o.tls_cert) if o.tls_cert else None,
+                                               ssl_keyfile=str(o.tls_key) if o.tls_key else None))
         if o.submit is not None:
             import threading
             threading.Thread(target=_submit_when_up, args=(o, key_file), daemon=True).start()
@@ -100,7 +104,9 @@ def _submit_when_up(o: UpOptions, key_file: Path) -> None:
     from services.client import ApiClient, load_spec
 
     key = os.environ.get("FLEETLOOP_API_KEY") or (key_file.read_text().strip() if key_file.exists() else "")
-    api = ApiClient(f"http://127.0.0.1:{o.port}", key)
+    scheme = "https" if o.tls_cert else "http"
+    # loopback call into this same process: the certificate may not name 127.0.0.1, so it is not verified here
+    api = ApiClient(f"{scheme}://127.0.0.1:{o.port}", key, verify=not o.tls_cert)
     for _ in range(100):
         if api.healthy():
             break
