@@ -40,6 +40,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
                             submit=Path(args.submit) if args.submit else None, tls_cert=args.tls_cert, tls_key=args.tls_key))
 
 
+def _bootstrap_admin_key(store, key: str, wait_s: float = 120.0) -> None:
+    """Register ``$FLEETLOOP_ADMIN_KEY`` (admin role) once Redis answers; a deployment's first credential."""
+    from fleetloop.errors import Unavailable
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            rec = store.ensure_api_key(key.strip(), "admin", "bootstrap")
+            print(json.dumps({"event": "bootstrap_admin_key", "key_id": rec.id, "revoked": rec.revoked_at is not None}),
+                  file=sys.stderr)
+            return
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def _cmd_api(args: argparse.Namespace) -> int:
     """The REST API and dashboard alone, over an existing Redis: the control plane's container entry point."""
     import signal
@@ -53,6 +69,12 @@ def _cmd_api(args: argparse.Namespace) -> int:
         print("error: --redis-url or REDIS_URL is required", file=sys.stderr)
         return 2
     store = StateStore(url)
+    if os.environ.get("FLEETLOOP_ADMIN_KEY"):
+        try:
+            _bootstrap_admin_key(store, os.environ["FLEETLOOP_ADMIN_KEY"])
+        except FleetloopError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.launcher == "kubernetes":
         from services.k8s_launcher import KubernetesLauncher
         launcher = KubernetesLauncher.from_environment(store, namespace=args.namespace)

@@ -25,12 +25,13 @@ not exercised (stop also deletes every child explicitly, so it does not depend o
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleetloop.errors import FailedPrecondition, FleetloopError, Unavailable
 from fleetloop.logs import event, get_logger
@@ -40,6 +41,8 @@ from services.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
 log = get_logger("services.k8s_launcher")
 GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT = 50051, 9400, 9100
 STATE_DIR = "/var/lib/fleetloop/learner"
+TLS_DIR, ROBOT_TLS_DIR = "/etc/fleetloop/tls", "/etc/fleetloop/robot-tls"
+LEARNER_COMMAND = ["fleetloop", "learner", "--config", "/etc/fleetloop/learner.json"]
 
 
 class KubeSettings(BaseModel):
@@ -62,6 +65,26 @@ class KubeSettings(BaseModel):
     learner_memory: str = Field("8Gi", description="Memory request (and limit) of a learner.")
     robot_cpu: str = Field("1", description="CPU request of a simulated robot.")
     robot_memory: str = Field("1Gi", description="Memory request (and limit) of a simulated robot.")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets for job pods.")
+    learner_service_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations of a learner's gRPC Service (e.g. a cloud load balancer's settings).")
+    ray_workers: int = Field(0, ge=0, le=64, description="KubeRay only: GPU worker replicas in each job's Ray cluster "
+                                                          "(capacity for data-parallel training; the learner runs on the head).")
+    ray_worker_gpus: int = Field(1, ge=1, le=16, description="KubeRay only: GPUs (nvidia.com/gpu) per Ray worker.")
+    tls_secret: str | None = Field(None, description="Secret (tls.crt, tls.key, optional ca.crt) mounted into learners: "
+                                                      "their gRPC endpoint serves TLS; simulated robots trust its ca.crt.")
+    tls_client_auth: bool = Field(False, description="With tls_secret: learners require client certificates signed by its "
+                                                     "ca.crt (mTLS); simulated robots then need robot_tls_secret.")
+    robot_tls_secret: str | None = Field(None, description="Secret (tls.crt, tls.key) with the client certificate simulated "
+                                                            "robots present when tls_client_auth is on.")
+
+    @model_validator(mode="after")
+    def _tls(self) -> "KubeSettings":
+        if self.tls_client_auth and not self.tls_secret:
+            raise ValueError(f"tls_client_auth=true needs tls_secret (got tls_secret={self.tls_secret!r})")
+        if self.robot_tls_secret and not self.tls_secret:
+            raise ValueError(f"robot_tls_secret={self.robot_tls_secret!r} needs tls_secret (the learner serves TLS)")
+        return self
 
 
 def _name(job_id: str, suffix: str = "") -> str:
@@ -108,30 +131,89 @@ class KubernetesLauncher:
         return [{"apiVersion": "v1", "kind": "ConfigMap", "name": root["metadata"]["name"], "uid": root["metadata"]["uid"],
                  "controller": True, "blockOwnerDeletion": True}]
 
-    def learner_pod_spec(self, job: JobRecord) -> dict[str, Any]:
-        """Pod spec of a job's learner (Deployment template, or RayJob head)."""
+    def _pod_common(self) -> dict[str, Any]:
+        common: dict[str, Any] = {"securityContext": _POD_SECURITY}
+        if self.s.image_pull_secrets:
+            common["imagePullSecrets"] = [{"name": n} for n in self.s.image_pull_secrets]
+        return common
+
+    def learner_pod_spec(self, job: JobRecord, command: list[str] | None = None) -> dict[str, Any]:
+        """Pod spec of a job's learner (Deployment template, or the RayJob's head)."""
         gpus = job.spec.resources.gpus
         limits = {"memory": self.s.learner_memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
         state = ({"name": "state", "persistentVolumeClaim": {"claimName": _name(job.id, "state")}}
                  if self.s.state_storage_class else {"name": "state", "emptyDir": {}})
+        mounts = [{"name": "config", "mountPath": "/etc/fleetloop", "readOnly": True},
+                  {"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
+        volumes = [{"name": "config", "configMap": {"name": _name(job.id)}}, state, {"name": "tmp", "emptyDir": {}}]
+        probe = {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 5}
+        if self.s.tls_secret:
+            mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+            volumes.append({"name": "tls", "secret": {"secretName": self.s.tls_secret, "defaultMode": 0o440}})
         return {
-            "securityContext": _POD_SECURITY, "nodeSelector": self.s.node_selector, "tolerations": self.s.tolerations,
+            **self._pod_common(), "nodeSelector": self.s.node_selector, "tolerations": self.s.tolerations,
             "containers": [{
                 "name": "learner", "image": self.s.learner_image, "imagePullPolicy": self.s.image_pull_policy,
-                "command": ["fleetloop", "learner", "--config", "/etc/fleetloop/learner.json"],
+                "command": command or LEARNER_COMMAND,
                 "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
                 "ports": [{"name": "grpc", "containerPort": GRPC_PORT}, {"name": "metrics", "containerPort": METRICS_PORT}],
                 "resources": {"requests": {"cpu": str(job.spec.resources.cpus), "memory": self.s.learner_memory, **(
                     {"nvidia.com/gpu": str(gpus)} if gpus else {})}, "limits": limits},
-                "readinessProbe": {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 5},
+                "readinessProbe": probe,
                 "livenessProbe": {"httpGet": {"path": "/metrics", "port": METRICS_PORT}, "initialDelaySeconds": 60,
                                   "periodSeconds": 20},
                 "securityContext": _CONTAINER_SECURITY,
-                "volumeMounts": [{"name": "config", "mountPath": "/etc/fleetloop", "readOnly": True},
-                                 {"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+                "volumeMounts": mounts,
             }],
-            "volumes": [{"name": "config", "configMap": {"name": _name(job.id)}}, state, {"name": "tmp", "emptyDir": {}}],
+            "volumes": volumes,
         }
+
+    def ray_worker_pod_spec(self) -> dict[str, Any]:
+        """Pod spec of a KubeRay GPU worker (joins the job's Ray cluster; no fleetloop process of its own)."""
+        gpus = str(self.s.ray_worker_gpus)
+        return {
+            **self._pod_common(), "nodeSelector": self.s.node_selector, "tolerations": self.s.tolerations,
+            "containers": [{
+                "name": "ray-worker", "image": self.s.learner_image, "imagePullPolicy": self.s.image_pull_policy,
+                "env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}],
+                "resources": {"requests": {"cpu": "1", "memory": self.s.learner_memory, "nvidia.com/gpu": gpus},
+                              "limits": {"memory": self.s.learner_memory, "nvidia.com/gpu": gpus}},
+                "securityContext": _CONTAINER_SECURITY,
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        }
+
+    def _ray_job(self, job: JobRecord, meta: dict[str, Any]) -> dict[str, Any]:
+        """The learner as a KubeRay RayJob. HTTPMode runs the entrypoint as a Ray driver on the head, so it sees the
+        head's mounts (config, state, TLS); the head holds the job's CPUs/GPUs, so the learner actor (and its gRPC
+        server, which the Service selects) lands there. Workers add GPU capacity for data-parallel training."""
+        jid, res = job.id, job.spec.resources
+        head_params = {"num-cpus": str(math.ceil(res.cpus)), "num-gpus": str(res.gpus), "dashboard-host": "0.0.0.0"}
+        cluster: dict[str, Any] = {"headGroupSpec": {
+            "rayStartParams": head_params,
+            "template": {"metadata": {"labels": _labels(jid, "learner")}, "spec": self.learner_pod_spec(job)}}}
+        if self.s.ray_workers:
+            cluster["workerGroupSpecs"] = [{
+                "groupName": "gpu", "replicas": self.s.ray_workers, "minReplicas": self.s.ray_workers,
+                "maxReplicas": self.s.ray_workers, "rayStartParams": {"num-gpus": str(self.s.ray_worker_gpus)},
+                "template": {"metadata": {"labels": _labels(jid, "ray-worker")}, "spec": self.ray_worker_pod_spec()}}]
+        return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": {
+            "entrypoint": " ".join(LEARNER_COMMAND + ["--ray-address", "auto"]),
+            "submissionMode": "HTTPMode", "shutdownAfterJobFinishes": True, "rayClusterSpec": cluster}}
+
+    def _robot_tls_args(self) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Actor flags, mounts and volumes for simulated robots when learners serve TLS."""
+        if not self.s.tls_secret:
+            return [], [], []
+        args = ["--tls-ca", f"{TLS_DIR}/ca.crt"]
+        mounts = [{"name": "tls-ca", "mountPath": TLS_DIR, "readOnly": True}]
+        volumes = [{"name": "tls-ca", "secret": {"secretName": self.s.tls_secret, "defaultMode": 0o444,
+                                                  "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+        if self.s.robot_tls_secret:
+            args += ["--tls-cert", f"{ROBOT_TLS_DIR}/tls.crt", "--tls-key", f"{ROBOT_TLS_DIR}/tls.key"]
+            mounts.append({"name": "robot-tls", "mountPath": ROBOT_TLS_DIR, "readOnly": True})
+            volumes.append({"name": "robot-tls", "secret": {"secretName": self.s.robot_tls_secret, "defaultMode": 0o440}})
+        return args, mounts, volumes
 
     def manifests(self, job: JobRecord, root: dict[str, Any], robots: int) -> list[dict[str, Any]]:
         """Every child object of a job (owned by ``root``), in creation order."""
@@ -146,19 +228,17 @@ class KubernetesLauncher:
             objs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta(_name(jid, "state"), "learner"),
                          "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": self.s.state_storage_class,
                                   "resources": {"requests": {"storage": self.s.state_size}}}})
-        pod = self.learner_pod_spec(job)
         if self.s.kuberay:
-            objs.append({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta(_name(jid, "learner"), "learner"),
-                         "spec": {"entrypoint": "fleetloop learner --config /etc/fleetloop/learner.json",
-                                  "shutdownAfterJobFinishes": True, "submissionMode": "K8sJobMode",
-                                  "rayClusterSpec": {"headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
-                                                                       "template": {"metadata": {"labels": _labels(jid, "learner")},
-                                                                                    "spec": pod}}}}})
+            objs.append(self._ray_job(job, meta(_name(jid, "learner"), "learner")))
         else:
             objs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(_name(jid, "learner"), "learner"),
                          "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": learner_sel},
-                                  "template": {"metadata": {"labels": _labels(jid, "learner")}, "spec": pod}}})
-        objs.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(_name(jid, "grpc"), "learner"),
+                                  "template": {"metadata": {"labels": _labels(jid, "learner")},
+                                               "spec": self.learner_pod_spec(job)}}})
+        grpc_meta = meta(_name(jid, "grpc"), "learner")
+        if self.s.learner_service_annotations:
+            grpc_meta["annotations"] = dict(self.s.learner_service_annotations)
+        objs.append({"apiVersion": "v1", "kind": "Service", "metadata": grpc_meta,
                      "spec": {"type": self.s.learner_service_type, "selector": learner_sel,
                               "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}]}})
         objs.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(_name(jid, "metrics"), "learner"),
@@ -168,23 +248,27 @@ class KubernetesLauncher:
         if fleet is not None:
             target = f"{_name(jid, 'grpc')}.{ns}.svc:{GRPC_PORT}"
             robot_sel = {"fleetloop.dev/job": jid, "app.kubernetes.io/component": "robot"}
+            tls_args, tls_mounts, tls_volumes = self._robot_tls_args()
             objs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(_name(jid, "robots"), "robot"),
                          "spec": {"replicas": robots, "selector": {"matchLabels": robot_sel},
                                   "template": {"metadata": {"labels": _labels(jid, "robot")}, "spec": {
-                                      "securityContext": _POD_SECURITY,
+                                      **self._pod_common(),
                                       "containers": [{
                                           "name": "robot", "image": self.s.robot_image, "imagePullPolicy": self.s.image_pull_policy,
                                           "command": ["fleetloop", "actor", "--learner", target, "--job", jid, "--tasks",
                                                       ",".join(job.spec.tasks), "--operator", fleet.operator, "--hz", str(fleet.hz),
-                                                      "--spool", "/tmp/spool", "--metrics-port", str(ROBOT_METRICS_PORT)],
+                                                      "--spool", "/tmp/spool", "--metrics-port", str(ROBOT_METRICS_PORT),
+                                                      *tls_args],
                                           "env": [{"name": "FLEETLOOP_ROBOT_TOKEN", "valueFrom": {"secretKeyRef": {
                                               "name": _name(jid, "robot-token"), "key": "token"}}}],
                                           "ports": [{"name": "metrics", "containerPort": ROBOT_METRICS_PORT}],
                                           "resources": {"requests": {"cpu": self.s.robot_cpu, "memory": self.s.robot_memory},
                                                         "limits": {"memory": self.s.robot_memory}},
+                                          "livenessProbe": {"httpGet": {"path": "/metrics", "port": ROBOT_METRICS_PORT},
+                                                            "initialDelaySeconds": 30, "periodSeconds": 20},
                                           "securityContext": _CONTAINER_SECURITY,
-                                          "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}],
-                                      "volumes": [{"name": "tmp", "emptyDir": {}}]}}}})
+                                          "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *tls_mounts]}],
+                                      "volumes": [{"name": "tmp", "emptyDir": {}}, *tls_volumes]}}}})
         return objs
 
     def _create(self, obj: dict[str, Any]) -> None:
@@ -217,6 +301,14 @@ class KubernetesLauncher:
             if exc.status != 404:
                 raise
 
+    def _learner_tls(self) -> dict[str, Any]:
+        """LearnerConfig TLS fields for the mounted ``tls_secret`` (none without one)."""
+        if not self.s.tls_secret:
+            return {}
+        from pathlib import Path as P
+        return {"tls_cert_file": P(TLS_DIR, "tls.crt"), "tls_key_file": P(TLS_DIR, "tls.key"),
+                "tls_client_ca_file": P(TLS_DIR, "ca.crt") if self.s.tls_client_auth else None}
+
     # -- Launcher interface -------------------------------------------------------------------
     def validate(self, spec: JobSpec) -> None:
         if spec.bootstrap is not None:
@@ -229,7 +321,7 @@ class KubernetesLauncher:
         try:
             self.store.update_job(job.id, state="starting")
             cfg = learner_config(job.spec, job.id, STATE_DIR, self.s.redis_url, host="0.0.0.0")
-            cfg = cfg.model_copy(update={"port": GRPC_PORT, "metrics_port": METRICS_PORT})
+            cfg = cfg.model_copy(update={"port": GRPC_PORT, "metrics_port": METRICS_PORT, **self._learner_tls()})
             root_obj = {"apiVersion": "v1", "kind": "ConfigMap",
                         "metadata": {"name": _name(job.id), "namespace": self.s.namespace, "labels": _labels(job.id, "job")},
                         "data": {"learner.json": cfg.model_dump_json(indent=2), "jobspec.json": job.spec.model_dump_json(indent=2)}}

@@ -20,7 +20,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from fleetloop import redis_keys as keys
-from fleetloop.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
+from fleetloop.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from services.jobspec import JobSpec
 
 JobState = Literal["pending", "preparing", "starting", "running", "paused", "stopping", "stopped", "failed"]
@@ -247,6 +247,21 @@ class StateStore:
         rec = ApiKey(id=uuid.uuid4().hex[:12], name=name, role=role, created_at=time.time())
         self._guard(self.r.hset, keys.API_KEYS, keys.secret_hash(key), rec.model_dump_json())
         return key, rec
+
+    def ensure_api_key(self, key: str, role: Role, name: str) -> ApiKey:
+        """Register a key chosen by the deployment (e.g. from a Kubernetes Secret) if it is not known yet.
+
+        Idempotent: an existing record for the same key is returned unchanged, so a key an operator
+        revoked stays revoked across restarts. Only the key's sha256 is stored. Keys shorter than
+        24 characters are refused (InvalidArgument naming the length, never the key).
+        """
+        if len(key) < 24:
+            raise InvalidArgument(f"bootstrap API key is too short ({len(key)} characters, need at least 24)",
+                                  field="FLEETLOOP_ADMIN_KEY", value=len(key))
+        digest = keys.secret_hash(key)
+        rec = ApiKey(id=uuid.uuid4().hex[:12], name=name, role=role, created_at=time.time())
+        self._guard(self.r.hsetnx, keys.API_KEYS, digest, rec.model_dump_json())
+        return ApiKey.model_validate_json(self._guard(self.r.hget, keys.API_KEYS, digest))
 
     def api_keys(self) -> list[ApiKey]:
         rows = self._guard(self.r.hgetall, keys.API_KEYS)

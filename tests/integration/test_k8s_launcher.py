@@ -115,7 +115,9 @@ def test_kuberay_mode_and_failure_status(env):
     job = store.create_job(JobSpec(name="ray", tasks=["reach-v3"]), created_by="test")
     launcher.launch(job)
     rj = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", f"fl-{job.id}-learner")
-    assert rj["spec"]["entrypoint"] == "fleetloop learner --config /etc/fleetloop/learner.json"
+    assert rj["spec"]["entrypoint"] == "fleetloop learner --config /etc/fleetloop/learner.json --ray-address auto"
+    assert rj["spec"]["submissionMode"] == "HTTPMode"  # the driver runs on the head, which mounts config and state
+    assert "workerGroupSpecs" not in rj["spec"]["rayClusterSpec"]
     head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["volumes"][1]["persistentVolumeClaim"]["claimName"] == f"fl-{job.id}-state"
     assert client.CoreV1Api(api).read_namespaced_service(f"fl-{job.id}-grpc", NS).spec.type == "NodePort"
@@ -152,3 +154,101 @@ def test_submit_over_rest_and_bootstrap_refused(env):
     client.CoreV1Api(api).delete_namespaced_secret(f"fl-{jid}-robot-token", NS)
     assert launcher.reconcile() == [jid]
     assert client.AppsV1Api(api).read_namespaced_deployment(f"fl-{jid}-learner", NS).metadata.name == f"fl-{jid}-learner"
+
+
+def _pod_templates(obj: dict) -> list[dict]:
+    """Pod template specs inside a Deployment or a RayJob (head and worker groups)."""
+    if obj["kind"] == "Deployment":
+        return [obj["spec"]["template"]]
+    cluster = obj["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+
+
+def test_manifests_pass_kubernetes_schema_validation(env):
+    """Every object the launcher creates is valid for Kubernetes 1.30 (strict: no unknown fields). RayJob is a
+    CRD whose schema is not available offline here, so its pod templates are validated as core PodTemplateSpecs
+    (the CRD embeds exactly that type) and its own fields are checked by hand below."""
+    import kubernetes_validate
+
+    store, api = env
+    launcher = _launcher(store, api, tls_secret="learner-tls", tls_client_auth=True, robot_tls_secret="robot-tls",
+                         state_storage_class="fast-ssd", image_pull_secrets=["regcred"],
+                         learner_service_annotations={"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+                         node_selector={"nvidia.com/gpu.present": "true"},
+                         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    job = store.create_job(JobSpec(name="v", tasks=["reach-v3"], resources={"gpus": 2, "cpus": 8},
+                                   fleet={"robots": 3}), created_by="test")
+    root = {"metadata": {"name": f"fl-{job.id}", "uid": "0000-1111"}}
+    checked = 0
+    for kuberay in (False, True):
+        launcher.s = launcher.s.model_copy(update={"kuberay": kuberay, "ray_workers": 2 if kuberay else 0})
+        for obj in launcher.manifests(job, root, robots=3):
+            if obj["apiVersion"] == "ray.io/v1":
+                for tpl in _pod_templates(obj):
+                    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                                  "metadata": {"name": "t"}, "template": tpl}, "1.30.0", strict=True)
+                    checked += 1
+            else:
+                kubernetes_validate.validate(obj, "1.30.0", strict=True)
+                checked += 1
+    assert checked == 11  # 5 objects per mode + the RayJob's head and worker templates
+
+
+def test_tls_and_gpu_workers(env):
+    store, api = env
+    core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    launcher = _launcher(store, api, tls_secret="learner-tls", tls_client_auth=True, robot_tls_secret="robot-tls",
+                         learner_service_annotations={"example.com/lb": "internal"}, image_pull_secrets=["regcred"])
+    job = store.create_job(JobSpec(name="tls", tasks=["reach-v3"], fleet={"robots": 1}), created_by="test")
+    launcher.launch(job)
+    assert store.get_job(job.id).state == "starting", store.get_job(job.id).error
+    cfg = json.loads(core.read_namespaced_config_map(f"fl-{job.id}", NS).data["learner.json"])
+    assert (cfg["tls_cert_file"], cfg["tls_key_file"], cfg["tls_client_ca_file"]) == (
+        "/etc/fleetloop/tls/tls.crt", "/etc/fleetloop/tls/tls.key", "/etc/fleetloop/tls/ca.crt")
+    pod = apps.read_namespaced_deployment(f"fl-{job.id}-learner", NS).spec.template.spec
+    assert {v.name: v.secret.secret_name for v in pod.volumes if v.secret} == {"tls": "learner-tls"}
+    assert [s.name for s in pod.image_pull_secrets] == ["regcred"]
+    robot = apps.read_namespaced_deployment(f"fl-{job.id}-robots", NS).spec.template.spec
+    cmd = robot.containers[0].command
+    assert cmd[cmd.index("--tls-ca") + 1] == "/etc/fleetloop/tls/ca.crt"
+    assert cmd[cmd.index("--tls-cert") + 1] == "/etc/fleetloop/robot-tls/tls.crt"
+    assert {v.secret.secret_name for v in robot.volumes if v.secret} == {"learner-tls", "robot-tls"}
+    grpc = core.read_namespaced_service(f"fl-{job.id}-grpc", NS)
+    assert grpc.metadata.annotations == {"example.com/lb": "internal"}
+
+    # KubeRay with GPU workers: the head holds the job's resources (the learner actor and its gRPC server run
+    # there, and only the head carries the labels the gRPC Service selects); workers add GPUs.
+    ray = _launcher(store, api, kuberay=True, ray_workers=2, ray_worker_gpus=4,
+                    node_selector={"gpu": "a100"}, tolerations=[{"key": "gpu", "operator": "Exists"}])
+    rjob = store.create_job(JobSpec(name="ray-gpu", tasks=["reach-v3"], resources={"gpus": 1, "cpus": 6}), created_by="test")
+    ray.launch(rjob)
+    rj = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", f"fl-{rjob.id}-learner")
+    cluster = rj["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "6"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "1"
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == 2 and group["rayStartParams"]["num-gpus"] == "4"
+    wpod = group["template"]["spec"]
+    assert wpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert wpod["nodeSelector"] == {"gpu": "a100"} and wpod["tolerations"][0]["key"] == "gpu"
+    assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-worker"
+    sel = core.read_namespaced_service(f"fl-{rjob.id}-grpc", NS).spec.selector
+    assert all(cluster["headGroupSpec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())
+    assert not all(group["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())
+
+
+def test_settings_from_environment_and_bad_values():
+    from pydantic import ValidationError
+
+    from services.config_files import env_overrides
+    env = {"FLEETLOOP_K8S_RAY_WORKERS": "3", "FLEETLOOP_K8S_TLS_SECRET": "t", "FLEETLOOP_K8S_TLS_CLIENT_AUTH": "true",
+           "FLEETLOOP_K8S_IMAGE_PULL_SECRETS": '["a", "b"]', "FLEETLOOP_K8S_NODE_SELECTOR": '{"gpu": "yes"}'}
+    s = KubeSettings.model_validate({"redis_url": "redis://r:6379/0", **env_overrides(KubeSettings, "FLEETLOOP_K8S_", env)})
+    assert (s.ray_workers, s.tls_secret, s.tls_client_auth, s.image_pull_secrets, s.node_selector) == (
+        3, "t", True, ["a", "b"], {"gpu": "yes"})
+    with pytest.raises(ValidationError, match="tls_client_auth"):
+        KubeSettings(redis_url="redis://r", tls_client_auth=True)
+    with pytest.raises(ValidationError, match="ray_workers"):
+        KubeSettings(redis_url="redis://r", ray_workers=-1)
+    with pytest.raises(Exception, match="FLEETLOOP_K8S_RAY_WORKER "):
+        env_overrides(KubeSettings, "FLEETLOOP_K8S_", {"FLEETLOOP_K8S_RAY_WORKER": "1"})

@@ -142,3 +142,54 @@ def test_control_agent_reports_and_executes_commands(tmp_path, store):
         assert kinds.count("command") == 8
     finally:
         core.stop(checkpoint=False)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_api_container_bootstraps_admin_key_from_environment(redis_server, store, tmp_path):
+    """`fleetloop api` (the control-plane container) registers $FLEETLOOP_ADMIN_KEY once: the key works, a
+    restart does not duplicate it, a revoked key stays revoked, a short key is refused at start naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.helpers.control_plane import wait_for
+    key = "flk_" + "k" * 40
+    port = _free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "FLEETLOOP_ADMIN_KEY": key, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "services.cli", "api", "--launcher", "hold", "--host", "127.0.0.1", "--port", str(port)]
+
+    def run_once() -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "api.err", "ab"))
+        try:
+            def ready() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            wait_for(ready, 60, what="API ready")
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/apikeys", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            assert r.status_code == 200, r.text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+    run_once()
+    run_once()
+    (rec,) = store.api_keys()
+    assert rec.role == "admin" and rec.name == "bootstrap"
+    assert key not in json.dumps(store.r.hgetall(keys.API_KEYS))  # only the digest is stored
+    assert key not in (tmp_path / "api.err").read_text()
+    store.revoke_api_key(rec.id)
+    assert store.ensure_api_key(key, "admin", "bootstrap").revoked_at is not None  # stays revoked
+    short = subprocess.run(cmd, env={**env, "FLEETLOOP_ADMIN_KEY": "tooshort"}, capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "bootstrap API key is too short (8 characters" in short.stderr, short.stderr
+    assert "tooshort" not in short.stderr
