@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=os.environ.get("FLEETLOOP_TLS_CERT"), help="client certificate (PEM) when the learner requires one")
     p.add_argument("--tls-key", default=os.environ.get("FLEETLOOP_TLS_KEY"), help="private key of --tls-cert")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port (0 = any free one)")
+    p.add_argument("--metrics-host", default=os.environ.get("FLEETLOOP_METRICS_HOST", "127.0.0.1"),
+                   help="address /metrics binds (0.0.0.0 in a container so Prometheus and probes reach it)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     metrics = ActorMetrics(actor_id)
     if args.metrics_port is not None:
-        event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port))
+        event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port, args.metrics_host))
     seed = args.seed if args.seed is not None else os.getpid()
     envs = {t: make_env(t, seed=seed + i, max_episode_steps=run.max_episode_steps) for i, t in enumerate(tasks)}
     runner = PolicyRunner(run, OBS_DIM, ACT_DIM)

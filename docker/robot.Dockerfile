@@ -42,7 +42,7 @@ COPY docker/healthcheck.py /opt/fleetloop/healthcheck.py
 # The spool (unacknowledged chunks) lives in /tmp/spool; mount a volume there to keep it across
 # container restarts. Caches go to /tmp so a read-only root filesystem works.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/.cache
+    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/.cache FLEETLOOP_METRICS_HOST=0.0.0.0
 WORKDIR /home/fleetloop
 USER 10001:10001
 EXPOSE 9100

@@ -84,6 +84,8 @@ class LearnerConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
     grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each stream holds one thread).")
     seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
+    actor_metrics_ttl_s: float = Field(600.0, gt=0, description="An actor with no chunk for this long loses its "
+                                       "fleetloop_learner_actor_policy_version series (it is back with its next chunk).")
     fsync_log: bool = Field(False, description="fsync the ingest log before every ack (slower; survives power loss).")
 
     @model_validator(mode="after")

@@ -193,7 +193,9 @@ class LearnerCore:
         return new
 
     def refresh_gauges(self) -> None:
-        """Update buffer-size and sampler-share gauges (called on publish and on status)."""
+        """Update buffer-size and sampler-share gauges and drop idle actors' version series (called on publish
+        and on status)."""
+        self.ingestor.forget_idle_actors(self.cfg.actor_metrics_ttl_s)
         for task in self.cfg.tasks:
             for source in SOURCES:
                 self.metrics.buffer_steps.labels(self.job, task, source).set(self.replay.size(task, source))
@@ -243,7 +245,11 @@ class LearnerCore:
         for (task, source), idx in groups.items():
             kept = idx[idx >= 0]
             if kept.size and np.isfinite(result.per_sample_loss[kept]).all():
-                self.sampler.observe(task, source, float(np.mean(result.per_sample_loss[kept])))
+                group_loss = float(np.mean(result.per_sample_loss[kept]))
+                self.sampler.observe(task, source, group_loss)
+                self.metrics.task_loss.labels(self.job, task, source).set(group_loss)
+        if not result.stats.get("skipped"):
+            self.metrics.loss.labels(self.job).set(float(result.loss))
         self.step += 1
         dt = time.perf_counter() - t0
         self.metrics.learner_steps.labels(self.job).inc()

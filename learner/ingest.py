@@ -159,6 +159,9 @@ class Ingestor:
         self._c_latency = m.step_to_store.labels(j)
         self._c_steps = {t: m.ingested_steps.labels(j, t) for t in tasks}
         self._g_ratio = {t: m.intervention_ratio.labels(j, t) for t in tasks}
+        self._c_received = {t: m.received_steps.labels(j, t) for t in tasks}
+        self._c_inter = {t: m.intervention_steps.labels(j, t) for t in tasks}
+        self._actor_series: set[str] = set()   # actors with a live fleetloop_learner_actor_policy_version series
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
         """Validate and store ``chunk``; returns True if it was a duplicate (not stored again).
@@ -185,6 +188,21 @@ class Ingestor:
             self._c_latency.observe(max(0.0, time.time() - decoded.produced_at))
         return False
 
+    def forget_idle_actors(self, ttl_s: float, now: float | None = None) -> list[str]:
+        """Remove the per-actor version series of actors with no chunk for ``ttl_s`` seconds (a robot that left
+        must not hold 'actors on old versions' alerts forever); their tallies stay for the fleet table.
+        A returning actor gets its series back with its next chunk. Returns the actors forgotten."""
+        now = time.time() if now is None else now
+        with self.lock:
+            gone = [a for a in self._actor_series if now - self.actor_stats[a].last_seen > ttl_s]
+            for actor in gone:
+                self._actor_series.discard(actor)
+                try:
+                    self.m.actor_version.remove(self.job_id, actor)
+                except KeyError:
+                    pass
+        return gone
+
     def _store(self, c: DecodedChunk, learner_version: int) -> None:
         autonomous = bool((~c.interventions).any())
         decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous,
@@ -206,6 +224,9 @@ class Ingestor:
         elif c.steps:
             self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps)
         n_inter = int(c.interventions.sum())
+        self._c_received[c.task_id].inc(c.steps)
+        if n_inter:
+            self._c_inter[c.task_id].inc(n_inter)
         ep = self._open.setdefault(c.episode_id, _OpenEpisode())
         ep.steps += c.steps
         ep.interventions += n_inter
@@ -224,6 +245,7 @@ class Ingestor:
         at.steps += c.steps
         at.intervention_steps += n_inter
         self.m.actor_version.labels(self.job_id, c.actor_id).set(c.behavior_version)
+        self._actor_series.add(c.actor_id)
         if c.outcome is not None:
             self._open.pop(c.episode_id, None)
             tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1

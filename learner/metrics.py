@@ -34,13 +34,21 @@ class LearnerMetrics:
         self.publish_seconds = Histogram("fleetloop_learner_publish_seconds", "Time to serialise, hash and store a version.", j, registry=r)
         self.published_bytes = Counter("fleetloop_learner_published_bytes_total", "Bytes of published weight blobs.", j, registry=r)
         self.served_bytes = Counter("fleetloop_learner_weight_served_bytes_total", "Weight bytes sent to actors.", j, registry=r)
-        self.actor_version = Gauge("fleetloop_learner_actor_policy_version", "Behaviour version last reported by each actor.", j + ["actor"], registry=r)
+        self.received_steps = Counter("fleetloop_learner_received_steps_total", "Steps received in new chunks, stored or "
+                                      "dropped (ingested_steps_total counts the stored ones).", j + ["task"], registry=r)
+        self.intervention_steps = Counter("fleetloop_learner_intervention_steps_total", "Operator-taken steps received in new "
+                                          "chunks (rate over received_steps_total = windowed intervention rate).", j + ["task"], registry=r)
+        self.actor_version = Gauge("fleetloop_learner_actor_policy_version", "Behaviour version of each actor's newest chunk "
+                                   "(series removed after actor_metrics_ttl_s without a chunk).", j + ["actor"], registry=r)
         self.episodes = Counter("fleetloop_learner_episodes_total", "Episodes ended, by task and outcome.", j + ["task", "outcome"], registry=r)
         self.intervention_ratio = Gauge("fleetloop_learner_intervention_ratio", "Share of online steps taken by the operator.", j + ["task"], registry=r)
         self.buffer_steps = Gauge("fleetloop_learner_buffer_steps", "Steps held, by task and source.", j + ["task", "source"], registry=r)
         self.online_share = Gauge("fleetloop_learner_sampler_online_share", "Sampler online share w_on per task.", j + ["task"], registry=r)
         self.step_to_store = Histogram("fleetloop_learner_ingest_latency_seconds", "Chunk produced on the actor -> stored on the learner.", j,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.loss = Gauge("fleetloop_learner_loss", "Loss the newest learner step minimised (steps that skipped the update leave it unchanged).", j, registry=r)
+        self.task_loss = Gauge("fleetloop_learner_task_loss", "Mean unweighted per-sample loss of the newest step's samples, by task and source (what the sampler sees).",
+                               j + ["task", "source"], registry=r)
         self.idle_seconds = Counter("fleetloop_learner_idle_seconds_total", "Time the training loop waited for data or throttling.", j, registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

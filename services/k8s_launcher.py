@@ -258,6 +258,7 @@ class KubernetesLauncher:
                                           "command": ["fleetloop", "actor", "--learner", target, "--job", jid, "--tasks",
                                                       ",".join(job.spec.tasks), "--operator", fleet.operator, "--hz", str(fleet.hz),
                                                       "--spool", "/tmp/spool", "--metrics-port", str(ROBOT_METRICS_PORT),
+                                                      "--metrics-host", "0.0.0.0",
                                                       *tls_args],
                                           "env": [{"name": "FLEETLOOP_ROBOT_TOKEN", "valueFrom": {"secretKeyRef": {
                                               "name": _name(jid, "robot-token"), "key": "token"}}}],

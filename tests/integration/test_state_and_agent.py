@@ -19,6 +19,7 @@ from learner.control_agent import ControlAgent
 from learner.core import LearnerCore
 from services.jobspec import JobSpec
 from services.state import StateStore
+from tests.helpers.chunks import robot_chunk
 from tests.helpers.control_plane import start_redis
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,18 +89,7 @@ def test_enrollment_check_fails_closed_without_redis(redis_server, store):
 
 
 def _chunk(job, actor, episode, seq, version, n=10, end=None):
-    from fleetloop.codec import encode as encode_array
-    from fleetloop.v1 import fleetloop_pb2 as pb
-    rng = np.random.default_rng(seq)
-    c = pb.EpisodeChunk(job_id=job, actor_id=actor, episode_id=episode, seq=seq, task_id="reach-v3", behavior_version=version,
-                        first_step=seq * n)
-    c.observations["state"].CopyFrom(encode_array(rng.normal(size=(n, 39)).astype(np.float32)))
-    c.actions["action"].CopyFrom(encode_array(rng.uniform(-1, 1, size=(n, 4)).astype(np.float32)))
-    c.rewards.CopyFrom(encode_array(np.zeros(n, np.float32)))
-    c.interventions.CopyFrom(encode_array(np.arange(n) < 3))
-    if end is not None:
-        c.end.outcome = end
-    return c
+    return robot_chunk(job, actor, episode, seq, version, n=n, end=end)
 
 
 def test_control_agent_reports_and_executes_commands(tmp_path, store):
