@@ -1,7 +1,7 @@
 """``fleetloop`` command line: the composition root.
 
 Subcommands: ``demo`` (the main job), ``learner``, ``actor``, ``demos record``, ``pretrain``,
-``eval``, ``bench ingest`` / ``bench weights``; control plane: ``up``, ``job ...``, ``admin create-key``
+``eval``, ``bench ingest`` / ``bench weights`` / ``bench load``; control plane: ``up``, ``job ...``, ``admin create-key``
 (:mod:`services.cli_control`).
 """
 
@@ -84,6 +84,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    from bench.load import main
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetloop", description="Fleet post-training: actors -> gRPC -> Ray learner -> weights -> actors.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -156,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--repeats", type=int, default=3)
     bw.add_argument("--out", required=True)
     bw.set_defaults(func=_cmd_bench)
+    bl = bsub.add_parser("load", help="a fleet of lightweight actors against one learner: errors, ack latency, RSS, "
+                                      "ingest rate, vs raw gRPC")
+    bl.add_argument("--actors", type=int, default=200, help="lightweight actors (one stream and connection each)")
+    bl.add_argument("--minutes", type=float, default=5.0, help="length of the fleetloop phase")
+    bl.add_argument("--baseline-minutes", type=float, default=None, help="length of the raw gRPC phase (default min(minutes, 1))")
+    bl.add_argument("--chunk-steps", type=int, default=50)
+    bl.add_argument("--hz", type=float, default=30.0, help="steps per second per actor (0 = as fast as the window allows)")
+    bl.add_argument("--processes", type=int, default=None, help="OS processes driving the actors (default min(actors, 4))")
+    bl.add_argument("--max-inflight", type=int, default=32, help="unacknowledged chunks per actor")
+    bl.add_argument("--learner", default=None, help="HOST:PORT of an existing learner (default: start one)")
+    bl.add_argument("--learner-pid", type=int, default=None, help="pid of --learner for RSS (default: found from the port)")
+    bl.add_argument("--learner-metrics", default=None, help="HOST:PORT of --learner's /metrics")
+    bl.add_argument("--job", default="bench-load", help="job id (the learner's, with --learner)")
+    bl.add_argument("--tasks", default=None, help="comma-separated task ids (default reach, push, pick-place, drawer-open)")
+    bl.add_argument("--token", default=os.environ.get("FLEETLOOP_ROBOT_TOKEN"), help="robot token for --learner")
+    bl.add_argument("--tls-ca", default=None, help="CA file: connect to --learner with TLS")
+    bl.add_argument("--no-training", action="store_true", help="the started learner does not train during the load")
+    bl.add_argument("--max-updates-per-s", type=float, default=10.0, help="training rate cap of the started learner")
+    bl.add_argument("--online-capacity", type=int, default=None, help="started learner's online ring per task, steps")
+    bl.add_argument("--grpc-workers", type=int, default=None, help="started learner's gRPC threads (default 2 x actors + 16)")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bl.add_argument("--out", required=True)
+    bl.set_defaults(func=_cmd_bench_load)
 
     from services.cli_control import add_control_commands
     add_control_commands(sub)

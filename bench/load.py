@@ -1,0 +1,487 @@
+"""``fleetloop bench load``: a fleet of lightweight actors against one real learner, vs raw gRPC.
+
+What runs:
+  - the server is its own OS process (:mod:`bench.load_server`), so its memory and CPU are read by
+    pid: by default a fresh learner (``_RayLearnerImpl``, the body of the Ray actor: ingest log,
+    ledger, replay, staleness gate, sampler, training thread at ``max_updates_per_s``, weight
+    publishing, checkpoints, /metrics) that requires a robot token (generated per run, never
+    recorded); or an existing learner given with ``--learner HOST:PORT`` (its pid found from the
+    port when it is local, or ``--learner-pid``; its /metrics with ``--learner-metrics``);
+  - ``--actors`` lightweight actors (:mod:`bench.load_actor`: no simulation, pre-built realistic
+    chunks from :mod:`bench.load_data`) spread over ``--processes`` OS processes, each actor with its
+    own TCP connection, handshake and stream, ``--hz`` steps per second each;
+  - the raw baseline: the same number of streams, the same generator and pacing, the same kind of
+    bytes, against ``bench.common.RawServer`` (bytes in, 2-byte acks) in its own process. It runs
+    first, for ``--baseline-minutes`` (default: the run's length, at most 1 minute).
+
+Measured per phase: errors by RPC and gRPC status code; ack latency (write -> ack, every ack)
+p50/p90/p99/p99.9/max and per-window p50/p99; ingest rates at the actors (acks) and at the server
+(/metrics counters); server RSS every second and whether it grew over the second half (slope; a
+verdict, not an assertion); server CPU per chunk; duplicates, backoff acks, reconnects; for the
+learner, stored chunks vs acknowledged chunks and the exactly-once audit. Rates and latency
+percentiles exclude the first ``warmup_s``; errors count over the whole phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from bench.common import (Children, collect, load_average, log_progress, machine_info, row, wait_ready,
+                          write_json)
+from bench.common import _fmt as _fmt_float
+from bench.load_actor import ProcPlan, load_process
+from bench.load_stats import (ServerProbe, Sampler, counter_delta, latency_summary, latency_windows, pid_listening_on,
+                              rss_summary)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3"]
+L = "fleetloop_learner_"
+
+
+class LoadConfig(BaseModel):
+    """Options of ``fleetloop bench load``: one CLI flag each, except ``max_episode_steps``,
+    ``warmup_s`` and ``drain_timeout_s`` (their defaults on the command line)."""
+
+    actors: int = Field(200, ge=1, le=4000, description="Lightweight actors (one stream and TCP connection each).")
+    minutes: float = Field(5.0, gt=0, description="Length of the fleetloop phase.")
+    baseline_minutes: float | None = Field(None, gt=0, description="Length of the raw phase (None: min(minutes, 1)).")
+    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per chunk.")
+    hz: float = Field(30.0, ge=0, description="Steps per second per actor (0 = as fast as the window allows).")
+    processes: int | None = Field(None, ge=1, le=256, description="OS processes driving the actors (None: min(actors, 4)).")
+    max_inflight: int = Field(32, ge=1, le=4096, description="Unacknowledged chunks per actor (the FleetClient default).")
+    learner: str | None = Field(None, description="HOST:PORT of an existing learner (None: start one).")
+    learner_pid: int | None = Field(None, ge=1, description="Pid of --learner for RSS (None: found from the port if local).")
+    learner_metrics: str | None = Field(None, description="HOST:PORT of --learner's /metrics (None: no server-side rates).")
+    job: str = Field("bench-load", min_length=1, description="Job id (must be the learner's with --learner).")
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1, description="Task ids of the job.")
+    token: str | None = Field(None, description="Robot token for --learner (a started learner gets a generated one).")
+    tls_ca: str | None = Field(None, description="CA file to connect to --learner with TLS.")
+    training: bool = Field(True, description="The started learner trains (and publishes) during the load.")
+    max_updates_per_s: float = Field(10.0, gt=0, description="Training rate cap of the started learner.")
+    online_capacity: int | None = Field(None, ge=1000, description="Started learner's online ring per task, steps "
+                                        "(None: the learner's default, 200,000).")
+    grpc_workers: int | None = Field(None, ge=4, le=1024, description="Started learner's gRPC threads (None: 2 x actors + 16).")
+    max_episode_steps: int = Field(200, ge=1, description="Episode length limit of the generated episodes.")
+    seed: int = Field(0, description="Seed of the episode banks and jitter.")
+    warmup_s: float | None = Field(None, ge=0, description="Excluded from rates and latencies (None: min(5 s, 10 %)).")
+    drain_timeout_s: float = Field(30.0, gt=0, description="After a phase: time allowed for outstanding acks.")
+    progress: bool = Field(True, description="Show a progress bar on stderr.")
+
+
+# -- the server process ------------------------------------------------------------------------------
+class ServerProcess:
+    """``python -m bench.load_server ...`` as a child process, stopped by pid (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, args: list[str], log_path: Path, start_timeout_s: float = 120.0) -> None:
+        env = {**os.environ, "FLEETLOOP_LOG_LEVEL": "WARNING", "RAY_AUTH_MODE": "disabled",
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.log_path, self.log_tail = log_path, []
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.load_server", *args], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.lines:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bench server {args[0]} did not start (exit {self.proc.returncode}); see {log_path}")
+            time.sleep(0.05)
+        self.address: dict[str, Any] = json.loads(self.lines[0])
+        self.pid: int = self.proc.pid
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip():
+                self.lines.append(line.strip())
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
+        """SIGTERM, wait for the final JSON line (up to ``timeout_s``), SIGKILL if still alive."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+        self._log.close()
+        try:  # warnings and errors the server logged (fleetloop logs never carry secrets)
+            self.log_tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
+        except OSError:
+            self.log_tail = []
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        return json.loads(self.lines[-1]) if len(self.lines) > 1 else None
+
+
+def _learner_config(cfg: LoadConfig, state_dir: Path, token: str) -> dict[str, Any]:
+    train = {"max_updates_per_s": cfg.max_updates_per_s} if cfg.training else \
+        {"min_online_steps": 10 ** 12, "max_updates_per_s": 0.1}
+    return {"job_id": cfg.job, "host": "127.0.0.1", "port": 0, "metrics_port": 0, "state_dir": str(state_dir),
+            "tasks": cfg.tasks, "chunk_steps": cfg.chunk_steps, "max_episode_steps": cfg.max_episode_steps,
+            "robot_tokens": [token], "grpc_workers": _workers(cfg), "device": "cpu", **train,
+            **({"online_capacity": cfg.online_capacity} if cfg.online_capacity else {})}
+
+
+def _workers(cfg: LoadConfig) -> int:
+    """Each actor holds one experience stream; the learner keeps about half its threads for weight
+    subscriptions (``max_streams`` defaults to (grpc_workers - 8) // 2), so 2 x actors + 16 threads
+    leave room for every actor's stream (1024 at most: up to ~500 actors per learner)."""
+    return cfg.grpc_workers or min(1024, 2 * cfg.actors + 16)
+
+
+# -- one phase ---------------------------------------------------------------------------------------------
+def _plans(cfg: LoadConfig, mode: str, target: str, token: str | None, seconds: float) -> list[ProcPlan]:
+    n_proc = min(cfg.actors, cfg.processes or 4)
+    ready = 60.0 + 0.3 * cfg.actors
+    return [ProcPlan(proc=p, actor_indices=list(range(p, cfg.actors, n_proc)), mode=mode, target=target, job_id=cfg.job,
+                     tasks=cfg.tasks, token=token, tls_ca=cfg.tls_ca if mode == "learner" else None,
+                     chunk_steps=cfg.chunk_steps, max_episode_steps=cfg.max_episode_steps, hz=cfg.hz,
+                     max_inflight=cfg.max_inflight, seed=cfg.seed, ready_timeout_s=ready,
+                     drain_timeout_s=cfg.drain_timeout_s, hard_deadline_s=ready + seconds + cfg.drain_timeout_s + 120)
+            for p in range(n_proc)]
+
+
+class _Progress:
+    """A rich progress bar on stderr (plain lines every 15 s when stderr is not a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), console=self.console, disable=not enabled)
+        self._last_line = 0.0
+
+    def __enter__(self) -> "_Progress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def task(self, name: str, seconds: float) -> int:
+        return self.bar.add_task(name, total=seconds, info="")
+
+    def update(self, task: int, done_s: float, info: str) -> None:
+        self.bar.update(task, completed=done_s, info=info)
+        if self.enabled and not self.console.is_terminal and time.monotonic() - self._last_line > 15:
+            self._last_line = time.monotonic()
+            log_progress(f"{done_s:.0f} s: {info}")
+
+
+def _drain(q) -> list[Any]:
+    """Everything waiting in a multiprocessing queue now (never blocks)."""
+    import queue
+
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def run_phase(cfg: LoadConfig, mode: str, target: str, token: str | None, seconds: float, probe: ServerProbe,
+              progress: _Progress) -> dict[str, Any]:
+    """Spawn the load processes, connect every actor, load for ``seconds``, drain; return the raw results."""
+    plans = _plans(cfg, mode, target, token, seconds)
+    rss_now: list[float | None] = [None]
+    sampler = Sampler(probe, 1.0, on_sample=lambda s: rss_now.__setitem__(0, s["rss_mb"])).start()
+    acks: dict[int, dict] = {}
+    try:
+        with Children() as children:
+            ctx = children.ctx
+            go, stop = ctx.Event(), ctx.Event()
+            ready_q, progress_q, result_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+            for plan in plans:
+                children.start(load_process, plan.model_dump_json(), go, stop, ready_q, progress_q, result_q,
+                               name=f"bench-load-{mode}-{plan.proc}")
+            ready = wait_ready(ready_q, len(plans), plans[0].ready_timeout_s + 60, children, f"{mode} load processes")
+            connected = sum(r["connected"] for r in ready)
+            task = progress.task(f"{mode}: {connected}/{cfg.actors} actors", seconds)
+            t_go = time.time()
+            go.set()
+            while (left := t_go + seconds - time.time()) > 0:
+                time.sleep(min(0.5, left))
+                for msg in _drain(progress_q):
+                    acks[msg["proc"]] = msg
+                n_ack = sum(m["acked"] for m in acks.values())
+                n_err = sum(m["errors"] for m in acks.values())
+                rss = rss_now[0]
+                progress.update(task, time.time() - t_go, f"acks {n_ack:,}  errors {n_err}" +
+                                (f"  server RSS {rss:.0f} MB" if rss else ""))
+            stop.set()
+            t_stop = time.time()
+            results = collect(result_q, len(plans), cfg.drain_timeout_s + 60.0)
+            _drain(progress_q)
+            if len(results) < len(plans):
+                raise TimeoutError(f"{mode}: {len(results)} of {len(plans)} load processes reported after the drain")
+    finally:
+        samples = sampler.stop()
+    return {"mode": mode, "plans": len(plans), "t_go": t_go, "t_stop": t_stop, "seconds": seconds, "results": results,
+            "samples": samples, "connected": connected}
+
+
+# -- summaries ----------------------------------------------------------------------------------------
+def summarize(cfg: LoadConfig, phase: dict[str, Any], warmup_s: float, server_final: dict | None) -> dict[str, Any]:
+    """Every figure of one phase (see the module docstring)."""
+    res, samples = phase["results"], phase["samples"]
+    t_go, t_stop = phase["t_go"], phase["t_stop"]
+    t0 = t_go + warmup_s
+    window = t_stop - t0
+    counters = {k: sum(r["counters"][k] for r in res) for k in res[0]["counters"]}
+    counters["max_backlog"] = max(r["counters"]["max_backlog"] for r in res)
+    errors: dict[str, int] = {}
+    details: dict[str, str] = {}
+    for r in res:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in r.get("error_details", {}).items():
+            details.setdefault(k, v)
+    by_code: dict[str, int] = {}
+    for k, v in errors.items():
+        by_code[k.split(":", 1)[1]] = by_code.get(k.split(":", 1)[1], 0) + v
+    t_ack = np.concatenate([np.frombuffer(r["ack_time"], "d") for r in res])
+    lat = np.concatenate([np.frombuffer(r["latency"], "d") for r in res])
+    in_window = (t_ack >= t0) & (t_ack <= t_stop)
+    steps_per_chunk = counters["acked_steps"] / counters["acked"] if counters["acked"] else None
+    out: dict[str, Any] = {
+        "actors_connected": phase["connected"], "processes": phase["plans"], "seconds": round(t_stop - t_go, 3),
+        "window_s": round(window, 3), "warmup_s": warmup_s, "counters": counters,
+        "errors_total": sum(errors.values()), "errors_by_rpc_code": errors, "errors_by_code": by_code,
+        "error_examples": details,
+        "ack_latency": latency_summary(lat[in_window]), "ack_latency_all": latency_summary(lat),
+        "ack_latency_windows": latency_windows(t_ack, lat, t_go, t_stop, max(5.0, (t_stop - t_go) / 30)),
+        "actors_chunks_per_s": int(in_window.sum()) / window if window > 0 else None,
+        "actors_steps_per_s": int(in_window.sum()) * steps_per_chunk / window if window > 0 and steps_per_chunk else None,
+        "mean_steps_per_chunk": steps_per_chunk,
+        "mean_bytes_per_chunk": counters["written_bytes"] / counters["written"] if counters["written"] else None,
+        "intervention_share": float(np.mean([r["intervention_share"] for r in res])),
+        "load_process_cpu_s": sum(r["cpu_s"] for r in res),
+        "rss": rss_summary(samples, t_go, t_stop),
+        "rss_series": [{"t_s": round(s["t"] - t_go, 2), "rss_mb": s["rss_mb"]} for s in samples if s["rss_mb"] is not None],
+    }
+    cpu = [(s["t"], s["cpu_s"]) for s in samples if s.get("cpu_s") is not None and t0 <= s["t"] <= t_stop]
+    names = ((f"{L}ingested_steps_total", f"{L}ingested_chunks_total", f"{L}ingested_bytes_total")
+             if phase["mode"] == "learner" else (None, "fleetloop_bench_raw_messages_total", "fleetloop_bench_raw_bytes_total"))
+    chunks = counter_delta(samples, names[1], t0, t_stop)
+    steps = counter_delta(samples, names[0], t0, t_stop) if names[0] else None
+    nbytes = counter_delta(samples, names[2], t0, t_stop)
+    out["server_chunks_per_s"] = chunks[0] / chunks[1] if chunks and chunks[1] > 0 else None
+    out["server_steps_per_s"] = (steps[0] / steps[1] if steps and steps[1] > 0 else
+                                 (out["server_chunks_per_s"] * steps_per_chunk if out["server_chunks_per_s"] and steps_per_chunk and not names[0] else None))
+    out["server_mb_per_s"] = nbytes[0] / nbytes[1] / 1e6 if nbytes and nbytes[1] > 0 else None
+    if len(cpu) >= 2 and chunks and chunks[0] > 0:
+        out["server_cpu_util"] = (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
+        out["server_cpu_us_per_chunk"] = (cpu[-1][1] - cpu[0][1]) / chunks[0] * 1e6
+    if phase["mode"] == "learner":
+        out["learner"] = _learner_figures(samples, t_go, counters, server_final)
+        if cfg.learner is None:  # the started learner: its ring capacity is known
+            from learner.config import LearnerConfig
+
+            cap = (cfg.online_capacity or LearnerConfig.model_fields["online_capacity"].default) * len(cfg.tasks)
+            full = [p["t_s"] for p in out["learner"].get("series", []) if (p["stored_steps"] or 0) >= cap]
+            out["learner"]["replay"] = {
+                "online_capacity_steps": cap, "full_at_s": full[0] if full else None,
+                "full_before_second_half": bool(full) and full[0] <= (t_stop - t_go) / 2,
+                "how": "stored steps (tasks sent evenly) reach online_capacity x tasks: the rings stop growing"}
+    return out
+
+
+def _learner_figures(samples: list[dict], t_go: float, counters: dict[str, int], final: dict | None) -> dict[str, Any]:
+    """Learner-side counters over the phase and the exactly-once check."""
+    with_m = [s for s in samples if s.get("metrics")]
+    if not with_m:
+        return {"metrics": "unavailable"}
+    before = [s for s in with_m if s["t"] <= t_go]  # nothing is stored before go: the last sample before it is the base
+    first = (before[-1] if before else with_m[0])["metrics"]
+    last = with_m[-1]["metrics"]  # taken after the drain
+    delta = {k: last.get(k, 0.0) - first.get(k, 0.0) for k in last
+             if k.startswith((f"{L}ingested", f"{L}duplicate", f"{L}rejected", f"{L}dropped", f"{L}received", f"{L}steps_total",
+                              f"{L}episodes_total"))}
+    stored = delta.get(f"{L}ingested_chunks_total", 0.0)
+    acked, unacked = counters["acked"], counters["unacked_at_end"]
+    out = {"counter_deltas": delta, "policy_version_end": last.get(f"{L}policy_version"),
+           "stored_chunks": stored, "acked_chunks": acked,
+           "stored_equals_acked": stored == acked if unacked == 0 else acked <= stored <= acked + unacked,
+           "rejected": delta.get(f"{L}rejected_chunks_total", 0.0),
+           "series": [{"t_s": round(s["t"] - t_go, 2), "stored_steps": s["metrics"].get(f"{L}ingested_steps_total"),
+                       "version": s["metrics"].get(f"{L}policy_version")} for s in with_m]}
+    if final:
+        out["audit"] = final.get("audit")
+        out["final_status"] = final.get("status")
+        out["ledger_episodes"], out["open_episodes"] = final.get("ledger_episodes"), final.get("open_episodes")
+        out["log_tail"] = final.get("log_tail")
+    return out
+
+
+def _rows(n: int, fl: dict[str, Any], raw: dict[str, Any]) -> list[dict[str, Any]]:
+    def lat(d: dict, k: str) -> float | None:
+        return d["ack_latency"][k]
+
+    return [
+        row("errors (all RPCs)", "count", n, fl["errors_total"], raw["errors_total"], "lower", "by code in the JSON"),
+        row("ack latency p50", "ms", n, lat(fl, "p50_ms"), lat(raw, "p50_ms"), "lower", "write -> ack, every ack"),
+        row("ack latency p99", "ms", n, lat(fl, "p99_ms"), lat(raw, "p99_ms"), "lower"),
+        row("ack latency max", "ms", n, lat(fl, "max_ms"), lat(raw, "max_ms"), "lower"),
+        row("acked steps/s (actors)", "steps/s", n, fl["actors_steps_per_s"], raw["actors_steps_per_s"], "higher"),
+        row("acked chunks/s (actors)", "msg/s", n, fl["actors_chunks_per_s"], raw["actors_chunks_per_s"], "higher"),
+        row("ingest steps/s (server /metrics)", "steps/s", n, fl["server_steps_per_s"], raw["server_steps_per_s"], "higher",
+            "raw: messages x mean steps per chunk"),
+        row("ingest chunks/s (server /metrics)", "msg/s", n, fl["server_chunks_per_s"], raw["server_chunks_per_s"], "higher"),
+        row("server CPU (all threads)", "cores", n, fl.get("server_cpu_util"), raw.get("server_cpu_util"), "lower",
+            "fleetloop: ingest + training + publishing"),
+        row("server RSS max", "MB", n, fl["rss"].get("max_mb"), raw["rss"].get("max_mb"), "lower"),
+        row("server RSS slope, 2nd half", "MB/min", n, fl["rss"].get("second_half_slope_mb_per_min"),
+            raw["rss"].get("second_half_slope_mb_per_min"), "lower"),
+        row("duplicates acked", "count", n, fl["counters"]["duplicates"], None, "lower", "raw: n/a"),
+        row("backoff acks", "count", n, fl["counters"]["backoff_acks"], None, "lower", "raw: n/a"),
+        row("stream reconnects", "count", n, fl["counters"]["reconnects"], raw["counters"]["reconnects"], "lower"),
+    ]
+
+
+def _verdict(fl: dict[str, Any]) -> dict[str, Any]:
+    lr = fl.get("learner", {})
+    audit = lr.get("audit") or {}
+    c = fl["counters"]
+    return {"zero_errors": fl["errors_total"] == 0 and c["rejected"] == 0 and c["ack_mismatches"] == 0,
+            "all_acked": c["unacked_at_end"] == 0 and c["produced"] == c["acked"],
+            "stored_equals_acked": lr.get("stored_equals_acked"),
+            "duplicates_stored": audit.get("duplicates_stored"),
+            "rss_grew_second_half": fl["rss"].get("grew"),
+            "replay_full_before_second_half": lr.get("replay", {}).get("full_before_second_half"),
+            "offered_load_met": c["schedule_slips"] == 0}
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def run_load(cfg: LoadConfig) -> dict[str, Any]:
+    """Raw phase, then the fleetloop phase; returns the result document."""
+    seconds = cfg.minutes * 60.0
+    base_s = (cfg.baseline_minutes if cfg.baseline_minutes is not None else min(cfg.minutes, 1.0)) * 60.0
+    warm = cfg.warmup_s if cfg.warmup_s is not None else min(5.0, 0.1 * min(seconds, base_s))
+    config = cfg.model_dump(exclude={"token"}) | {
+        "token": "generated per run, not recorded" if cfg.learner is None else ("given" if cfg.token else None),
+        "processes": min(cfg.actors, cfg.processes or 4), "grpc_workers": _workers(cfg) if cfg.learner is None else None,
+        "baseline_seconds": base_s, "seconds": seconds, "warmup_s": warm, "order": "raw phase, then fleetloop phase",
+        "offered_steps_per_s": cfg.actors * cfg.hz if cfg.hz else None,
+        "server": "own process; learner: _RayLearnerImpl without Ray" if cfg.learner is None else f"existing learner {cfg.learner}"}
+    with tempfile.TemporaryDirectory(prefix="fleetloop-bench-load-") as tmp, _Progress(cfg.progress) as progress:
+        tmpd = Path(tmp)
+        log_progress(f"load: raw baseline, {cfg.actors} streams for {base_s:g} s")
+        raw_srv = ServerProcess(["raw", "--workers", str(min(1024, cfg.actors + 32))], tmpd / "raw-server.log")
+        try:
+            raw_phase = run_phase(cfg, "raw", f"127.0.0.1:{raw_srv.address['port']}", None, base_s,
+                                  ServerProbe(raw_srv.pid, f"http://127.0.0.1:{raw_srv.address['metrics_port']}/metrics"),
+                                  progress)
+        finally:
+            raw_final = raw_srv.stop()
+        log_progress(f"load: fleetloop, {cfg.actors} actors for {seconds:g} s")
+        learner_srv, final = None, None
+        if cfg.learner is None:
+            token = secrets.token_urlsafe(24)
+            cfg_path = tmpd / "learner.json"
+            cfg_path.write_text(json.dumps(_learner_config(cfg, tmpd / "learner-state", token)))
+            os.chmod(cfg_path, 0o600)
+            learner_srv = ServerProcess(["learner", str(cfg_path)], tmpd / "learner.log")
+            target, pid = f"127.0.0.1:{learner_srv.address['port']}", learner_srv.pid
+            metrics_url = f"http://127.0.0.1:{learner_srv.address['metrics_port']}/metrics"
+        else:
+            token, target = cfg.token, cfg.learner
+            host, _, port = cfg.learner.rpartition(":")
+            pid = cfg.learner_pid or (pid_listening_on(int(port)) if host in ("127.0.0.1", "localhost", "::1", "[::1]") else None)
+            metrics_url = f"http://{cfg.learner_metrics}/metrics" if cfg.learner_metrics else None
+        try:
+            fl_phase = run_phase(cfg, "learner", target, token, seconds, ServerProbe(pid, metrics_url), progress)
+        finally:
+            if learner_srv is not None:
+                final = learner_srv.stop()
+                final = {**(final or {}), "log_tail": learner_srv.log_tail}
+    fl, raw = summarize(cfg, fl_phase, warm, final), summarize(cfg, raw_phase, warm, None)
+    raw["server_final"] = raw_final
+    config["server_pid_known"] = pid is not None
+    verdict = _verdict(fl)
+    notes = [f"{cfg.actors} actors x {cfg.hz:g} Hz, {cfg.chunk_steps} steps/chunk, ~{fl['mean_bytes_per_chunk'] or 0:,.0f} "
+             f"bytes/chunk, operator steps {fl['intervention_share']:.1%}; fleetloop {fl['seconds']:.0f} s, raw {raw['seconds']:.0f} s",
+             f"errors: fleetloop {fl['errors_total']} {fl['errors_by_rpc_code'] or ''}, raw {raw['errors_total']}; "
+             f"unacked at end {fl['counters']['unacked_at_end']}; stored == acked: {verdict['stored_equals_acked']}; "
+             f"duplicates stored: {verdict['duplicates_stored']}",
+             f"learner RSS {fl['rss'].get('start_mb') or 0:.0f} -> {fl['rss'].get('end_mb') or 0:.0f} MB (max "
+             f"{fl['rss'].get('max_mb') or 0:.0f}); grew over the second half: {verdict['rss_grew_second_half']} "
+             f"({fl['rss'].get('rule', 'no RSS samples')}); replay rings full before the second half: "
+             f"{verdict['replay_full_before_second_half']} (if not, growth while they fill is expected)",
+             f"offered load met (no actor > 1 s behind schedule): {verdict['offered_load_met']}; "
+             f"load average at end {load_average()}"]
+    return {"bench": "load", "machine": machine_info(), "config": config, "rows": _rows(cfg.actors, fl, raw),
+            "verdict": verdict, "runs": {"fleetloop": fl, "raw_grpc": raw}, "notes": notes}
+
+
+def print_load_table(result: dict[str, Any]) -> None:
+    """The comparison table (as ``bench.common.print_table``, with counts shown as integers) and the notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v: float | None, unit: str) -> str:
+        return str(int(v)) if unit == "count" and v is not None else _fmt_float(v)
+
+    m = result["machine"]
+    table = Table(title=f"fleetloop bench load: {result['config']['actors']} actors, fleetloop vs raw gRPC (same run)",
+                  caption=f"{m['cpus_usable']} CPUs, {m['platform']}, Python {m['python']}, "
+                          f"grpcio {m['packages'].get('grpcio')}; ratio = fleetloop / raw")
+    for col, just in (("metric", "left"), ("unit", "left"), ("fleetloop", "right"), ("raw gRPC", "right"),
+                      ("ratio", "right"), ("better", "left"), ("note", "left")):
+        table.add_column(col, justify=just)
+    for r in result["rows"]:
+        table.add_row(r["metric"], r["unit"], fmt(r["fleetloop"], r["unit"]), fmt(r["raw_grpc"], r["unit"]),
+                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}", r["better"], r["note"])
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for note in result.get("notes", []):
+        console.print(f"  - {note}", highlight=False)
+
+
+def main(args) -> int:
+    """``fleetloop bench load``: validate flags (2 on a bad one), run, print the table, write ``args.out``."""
+    from pydantic import ValidationError
+
+    from bench.runner import _with_sigterm_as_exit
+
+    fields = {k: getattr(args, k) for k in LoadConfig.model_fields if getattr(args, k, None) is not None}
+    if isinstance(fields.get("tasks"), str):
+        fields["tasks"] = [t for t in fields["tasks"].split(",") if t]
+    if getattr(args, "no_training", False):
+        fields["training"] = False
+    if getattr(args, "no_progress", False):
+        fields["progress"] = False
+    try:
+        cfg = LoadConfig.model_validate(fields)
+        if cfg.learner is not None and ":" not in cfg.learner:
+            raise ValueError(f"--learner {cfg.learner!r} must be HOST:PORT")
+    except (ValidationError, ValueError) as exc:
+        print(f"fleetloop bench load: {exc}", file=sys.stderr)
+        return 2
+    result = _with_sigterm_as_exit(lambda: run_load(cfg))
+    print_load_table(result)
+    path = write_json(result, args.out)
+    log_progress(f"wrote {path}")
+    return 0
