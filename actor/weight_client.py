@@ -3,8 +3,12 @@
 Contract:
 - keeps at most one verified *pending* version (the newest announced; older pending ones are
   replaced: a parameter queue of depth one);
-- a version is only offered after its sha256 matched the announcement (:func:`load_verified`);
-  a mismatching blob is refused, counted and refetched on the next announcement;
+- a version is only offered after its sha256 matched the announcement (:func:`load_verified`)
+  and the blob parsed as safetensors; anything else is refused (IntegrityError naming the field),
+  counted in ``refused`` / ``refusals`` and retried (3 attempts, then on the next announcement);
+- reassembly trusts nothing the server sends (:func:`fetch_blob`): the announced size is capped
+  before any allocation, every chunk must carry the announced version, digest and size and follow
+  the previous one exactly; memory grows only with the bytes actually received;
 - every fetch has a deadline (``fetch_timeout_s`` + size at ``min_rate_mb_s``); a stalled transfer
   fails instead of hanging; subscribe reconnects with capped backoff.
 The *swap* is the caller's decision (robots swap only between episodes, see ``FleetClient``).
@@ -21,7 +25,7 @@ from typing import Callable
 import grpc
 import torch
 
-from fleetloop.errors import IntegrityError
+from fleetloop.errors import FleetloopError, IntegrityError
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.weights import load_verified
@@ -41,20 +45,69 @@ class VerifiedWeights:
     verified_at: float
 
 
+#: Largest weight blob an actor accepts by default (a VLA's safetensors are a few GiB); a larger
+#: announcement is refused before anything is allocated or downloaded.
+MAX_WEIGHT_BYTES = 32 << 30
+
+
 def fetch_blob(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata, timeout: float,
-               chunk_bytes: int = 1 << 20) -> bytes:
-    """Download the blob of ``ann.version`` (one FetchWeights stream); checks offsets and size."""
-    buf = bytearray(ann.size_bytes)
+               chunk_bytes: int = 1 << 20, max_bytes: int = MAX_WEIGHT_BYTES) -> bytes:
+    """Download the blob of ``ann.version`` (one FetchWeights stream) and reassemble it.
+
+    Refuses with IntegrityError naming the field (and keeps nothing): ``ann.size_bytes`` over
+    ``max_bytes``; a chunk whose version, sha256 or total_size differ from the announcement; a chunk
+    not starting exactly where the previous one ended (gap, overlap, reorder, repeat); bytes past
+    ``size_bytes``; an empty chunk anywhere but once at the end; fewer than ``size_bytes`` in all.
+    The digest itself is checked by the caller (:func:`fleetloop.weights.load_verified`).
+    """
+    size = int(ann.size_bytes)
+    if size > max_bytes:
+        raise IntegrityError(f"announced size_bytes {size} exceeds this actor's limit of {max_bytes}", field="size_bytes",
+                             value=size)
+    parts: list[bytes] = []
     received = 0
+    ended = False
     req = pb.FetchRequest(job_id=job, actor_id=actor, version=ann.version, offset=0, chunk_bytes=chunk_bytes)
     for part in stub.FetchWeights(req, metadata=metadata, timeout=timeout):
-        if part.offset != received or part.offset + len(part.data) > ann.size_bytes:
-            raise IntegrityError(f"weight chunk at offset {part.offset} does not follow {received}", field="offset", value=part.offset)
-        buf[received:received + len(part.data)] = part.data
-        received += len(part.data)
-    if received != ann.size_bytes:
-        raise IntegrityError(f"received {received} of {ann.size_bytes} weight bytes", field="size_bytes", value=received)
-    return bytes(buf)
+        if part.version != ann.version:
+            raise IntegrityError(f"weight chunk of version {part.version} in the fetch of version {ann.version}",
+                                 field="version", value=part.version)
+        if part.sha256 != ann.sha256:
+            raise IntegrityError(f"weight chunk names sha256 {part.sha256[:16]!r}, the announcement {ann.sha256[:16]!r}",
+                                 field="sha256", value=part.sha256[:16])
+        if part.total_size != size:
+            raise IntegrityError(f"weight chunk names total_size {part.total_size}, the announcement {size}",
+                                 field="total_size", value=part.total_size)
+        if part.offset != received or ended:
+            raise IntegrityError(f"weight chunk at offset {part.offset} does not follow {received}"
+                                 + (" (after the end marker)" if ended else ""), field="offset", value=part.offset)
+        data = part.data
+        if received + len(data) > size:
+            raise IntegrityError(f"weight chunk at offset {part.offset} of {len(data)} bytes runs past size_bytes {size}",
+                                 field="data", value=len(data))
+        if not data:
+            if received != size:
+                raise IntegrityError(f"weight chunk of 0 bytes at offset {part.offset} before the end ({size})", field="data",
+                                     value=0)
+            ended = True
+        parts.append(data)
+        received += len(data)
+    if received != size:
+        raise IntegrityError(f"received {received} of {size} weight bytes", field="size_bytes", value=received)
+    return b"".join(parts)
+
+
+def load_checked(blob: bytes, sha256: str) -> dict[str, torch.Tensor]:
+    """:func:`load_verified` (digest first), with a blob that is not loadable safetensors refused as
+    IntegrityError (field ``blob``) instead of a library error: the digest only proves the bytes are
+    the ones announced, not that they are weights."""
+    try:
+        return load_verified(blob, sha256)
+    except IntegrityError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError and friends: garbage published under a valid digest
+        raise IntegrityError(f"{len(blob)}-byte blob {sha256[:16]}... is not loadable safetensors: {type(exc).__name__}: "
+                             f"{str(exc)[:200]}", field="blob", value=len(blob)) from None
 
 
 class WeightClient:
@@ -62,17 +115,19 @@ class WeightClient:
 
     def __init__(self, stub, job: str, actor: str, metadata, current_version: int = -1,
                  on_verified: Callable[[VerifiedWeights], None] | None = None,
-                 fetch_timeout_s: float = 30.0, min_rate_mb_s: float = 5.0) -> None:
+                 fetch_timeout_s: float = 30.0, min_rate_mb_s: float = 5.0, max_weight_bytes: int = MAX_WEIGHT_BYTES) -> None:
         self.stub, self.job, self.actor, self.metadata = stub, job, actor, metadata
         self.on_verified = on_verified
         self.fetch_timeout_s, self.min_rate_mb_s = fetch_timeout_s, min_rate_mb_s
+        self.max_weight_bytes = max_weight_bytes
         self._lock = threading.Lock()
         self._pending: VerifiedWeights | None = None
         self._target: pb.WeightAnnouncement | None = None
         self.current_version = current_version
         self.job_state = "running"  # from the newest announcement ("stopping" asks the actor to finish)
         self.fetched = 0
-        self.refused = 0
+        self.refused = 0                         # transfers or blobs refused (never offered)
+        self.refusals: dict[str, int] = {}       # the same, by the field the refusal named
         self.fetch_seconds: list[float] = []
         self._stop = threading.Event()
         self._call = None
@@ -106,11 +161,18 @@ class WeightClient:
             return None if self._pending is None else self._pending.version
 
     def fetch_now(self, ann: pb.WeightAnnouncement) -> VerifiedWeights:
-        """Fetch and verify ``ann`` synchronously (used at connect time)."""
+        """Fetch and verify ``ann`` synchronously (used at connect time). A refused transfer or blob
+        raises IntegrityError and is counted; grpc.RpcError passes through (transport, not integrity)."""
         t0 = time.monotonic()
-        timeout = self.fetch_timeout_s + ann.size_bytes / (self.min_rate_mb_s * 1e6)
-        blob = fetch_blob(self.stub, self.job, self.actor, ann, self.metadata, timeout)
-        state = load_verified(blob, ann.sha256)
+        timeout = self.fetch_timeout_s + min(ann.size_bytes, self.max_weight_bytes) / (self.min_rate_mb_s * 1e6)
+        try:
+            blob = fetch_blob(self.stub, self.job, self.actor, ann, self.metadata, timeout, max_bytes=self.max_weight_bytes)
+            state = load_checked(blob, ann.sha256)
+        except IntegrityError as exc:
+            with self._lock:
+                self.refused += 1
+                self.refusals[exc.field or "blob"] = self.refusals.get(exc.field or "blob", 0) + 1
+            raise
         dt = time.monotonic() - t0
         self.fetch_seconds.append(dt)
         self.fetched += 1
@@ -161,14 +223,20 @@ class WeightClient:
             for attempt in range(3):
                 try:
                     weights = self.fetch_now(ann)
-                except IntegrityError as exc:
-                    self.refused += 1
+                except FleetloopError as exc:  # IntegrityError: counted by fetch_now
                     event(log, "weights_refused", level=40, job=self.job, actor=self.actor, version=ann.version, error=str(exc))
                     continue
                 except grpc.RpcError as err:
                     event(log, "fetch_failed", level=30, job=self.job, actor=self.actor, version=ann.version,
                           error=str(err.code()), attempt=attempt)
                     self._stop.wait(0.5 * (attempt + 1))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a bug must not end the only thread that brings new weights
+                    with self._lock:
+                        self.refused += 1
+                        self.refusals["internal"] = self.refusals.get("internal", 0) + 1
+                    event(log, "weights_refused", level=40, job=self.job, actor=self.actor, version=ann.version,
+                          error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
                 with self._wake:
                     self._pending = weights

@@ -3,16 +3,23 @@
 Contract: a :class:`Tensor` is ``dtype`` + ``shape`` + row-major little-endian ``data`` with
 ``len(data) == prod(shape) * itemsize``. Decoding never trusts the sender: every mismatch raises
 :class:`~fleetloop.errors.InvalidArgument` naming the field and the offending value. No pickle.
+
+Decoding is zero-copy and bounded: the shape is checked (at most :data:`MAX_NDIM` dimensions, none
+negative, a layout of at most :data:`MAX_LAYOUT_BYTES` even when a dimension is 0) and compared with
+the byte length *before* any array is built, so a shape claiming 10^12 elements costs nothing.
+Raw wire bytes become messages only through :func:`parse_message` (size limit first, then parse),
+which raises only FleetloopError subclasses. ``tests/fuzz`` holds these contracts with hypothesis.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fleetloop.errors import InvalidArgument
+from fleetloop.errors import InvalidArgument, ResourceExhausted
 
 #: Bumped on any incompatible wire change; the handshake refuses a mismatch.
 PROTOCOL_VERSION = 1
@@ -30,6 +37,12 @@ _DTYPES: dict[int, np.dtype] = {
 _NAMES = {1: "FLOAT32", 2: "FLOAT16", 3: "BFLOAT16", 4: "FLOAT64", 5: "INT64", 6: "INT32", 7: "UINT8", 8: "BOOL"}
 _CODES = {v.str: k for k, v in _DTYPES.items()}
 _FLOAT_CODES = {1, 2, 4}
+
+#: Most dimensions a wire tensor may have (numpy's own limit is 64; robots need <= 5: [T, cam, H, W, C]).
+MAX_NDIM = 16
+#: Largest layout a shape may describe, in bytes, counting a 0 dimension as 1 (numpy refuses layouts
+#: past 2^63 even for empty arrays; anything near this is an attack or a bug, never data).
+MAX_LAYOUT_BYTES = 1 << 40
 
 
 def dtype_code(dtype: np.dtype | str) -> int:
@@ -62,15 +75,37 @@ def encode(array: np.ndarray, out=None):
     return out
 
 
+def check_shape(shape: Sequence[int], itemsize: int, field: str) -> tuple[int, ...]:
+    """Validate a wire shape before anything is allocated; returns it as a tuple of ints.
+
+    Refuses (InvalidArgument naming ``field`` and the shape) more than :data:`MAX_NDIM` dimensions,
+    a negative dimension, and a layout past :data:`MAX_LAYOUT_BYTES` (0 dimensions counted as 1).
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) > MAX_NDIM:
+        raise InvalidArgument(f"shape has {len(shape)} dimensions (at most {MAX_NDIM})", field=f"{field}.shape",
+                              value=len(shape))
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"negative dimension in shape {list(shape)}", field=f"{field}.shape", value=list(shape))
+    layout = math.prod(max(d, 1) for d in shape) * itemsize
+    if layout > MAX_LAYOUT_BYTES:
+        raise InvalidArgument(f"shape {list(shape)} describes {layout} bytes (layout limit {MAX_LAYOUT_BYTES})",
+                              field=f"{field}.shape", value=list(shape))
+    return shape
+
+
 def decode(tensor, field: str = "tensor") -> np.ndarray:
-    """Decode a ``fleetloop.v1.Tensor`` to a read-only numpy array, validating size and dtype."""
+    """Decode a ``fleetloop.v1.Tensor`` to a read-only numpy array, validating dtype, shape and size.
+
+    Zero-copy (a view of ``tensor.data``); nothing is allocated before every check passed.
+    """
     code = int(tensor.dtype)
     if code not in _DTYPES:
-        raise InvalidArgument(f"unsupported dtype {dtype_name(code)}", field=f"{field}.dtype", value=code)
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"negative dimension in shape {list(shape)}", field=f"{field}.shape", value=shape)
+        known = f" ({_NAMES[code]})" if code in _NAMES else ""
+        raise InvalidArgument(f"unsupported dtype {code}{known}; the wire carries {sorted(_NAMES[c] for c in _DTYPES)}",
+                              field=f"{field}.dtype", value=code)
     dt = _DTYPES[code]
+    shape = check_shape(tensor.shape, dt.itemsize, field)
     expected = math.prod(shape) * dt.itemsize
     if len(tensor.data) != expected:
         raise InvalidArgument(
@@ -79,6 +114,24 @@ def decode(tensor, field: str = "tensor") -> np.ndarray:
             value=len(tensor.data),
         )
     return np.frombuffer(tensor.data, dtype=dt).reshape(shape)
+
+
+def parse_message(raw: bytes, message_cls, max_bytes: int | None = None, field: str = "message"):
+    """Parse wire bytes into ``message_cls`` (a generated protobuf class), never trusting them.
+
+    Size first: more than ``max_bytes`` -> ResourceExhausted (field ``message_size``, value the
+    length) without parsing. Then any parse failure (truncated, bad wire type, invalid UTF-8 in a
+    string, nesting too deep) -> InvalidArgument naming ``field`` and the length. Nothing else escapes.
+    """
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ResourceExhausted(f"message of {len(raw)} bytes exceeds max_message_bytes {max_bytes}",
+                                field="message_size", value=len(raw))
+    try:
+        return message_cls.FromString(raw)
+    except Exception as exc:  # DecodeError, RecursionError, ...: all mean "not this message"
+        name = getattr(getattr(message_cls, "DESCRIPTOR", None), "name", message_cls.__name__)
+        raise InvalidArgument(f"{len(raw)} bytes are not a valid {name}: {type(exc).__name__}: {exc}"[:300],
+                              field=field, value=len(raw)) from None
 
 
 def check_finite(array: np.ndarray, field: str) -> None:
@@ -122,13 +175,35 @@ def spec_key(spec) -> tuple:
     return (spec.name, int(spec.dtype), tuple(int(d) for d in spec.shape))
 
 
-def describe_specs(specs: Iterable) -> str:
-    """``name:DTYPE[shape]`` list for messages."""
-    return ", ".join(f"{s.name}:{dtype_name(int(s.dtype))}{list(s.shape)}" for s in specs)
+def describe_specs(specs: Iterable, limit: int = 600) -> str:
+    """``name:DTYPE[shape]`` list for messages, at most ``limit`` characters (a hostile spec list
+    must not turn an error message into megabytes of status details)."""
+    specs = list(specs)
+    parts, size = [], 0
+    for s in specs:
+        if size > limit:  # stop early: a list of 10^5 specs is described by its first few
+            break
+        parts.append(f"{s.name[:40]}:{dtype_name(int(s.dtype))}{_short_shape(s.shape)}")
+        size += len(parts[-1]) + 2
+    text = ", ".join(parts)
+    return text if len(text) <= limit and len(parts) == len(specs) else f"{text[:limit]}... ({len(specs)} specs)"
+
+
+def _short_shape(shape) -> str:
+    dims = [int(d) for d in shape]
+    return str(dims) if len(dims) <= MAX_NDIM else f"{dims[:MAX_NDIM]}+{len(dims) - MAX_NDIM} dims"
 
 
 def specs_mismatch(declared: Iterable, expected: Iterable) -> str | None:
-    """None if the two spec lists agree (order-free), else a message naming the difference."""
+    """None if the two spec lists agree (order-free), else a message naming the difference.
+
+    A declared list with a repeated name never agrees (the later entry must not hide the earlier one).
+    """
+    declared, expected = list(declared), list(expected)
+    repeated = sorted(n for n, k in Counter(s.name for s in declared).items() if k > 1)
+    if repeated:
+        shown = ", ".join(repr(n[:40]) for n in repeated[:8])
+        return f"declared [{describe_specs(declared)}] names [{shown}] more than once"
     d = {s.name: spec_key(s) for s in declared}
     e = {s.name: spec_key(s) for s in expected}
     if d == e:

@@ -6,6 +6,11 @@ Usage::
     event(log, "published", job="j1", version=7, bytes=1234)
 
 Secrets never go through here: callers pass token *ids* or hashes, never tokens.
+
+Values come partly from the wire (actor ids, error messages naming bad input), so every value is
+made log-safe: control characters (newlines included) are escaped, so no value can forge a second
+log line, quotes inside quoted values are escaped, and a value longer than ``MAX_VALUE_CHARS`` is
+cut with a marker saying how long it was.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import time
 
 _FIRST = ("job", "actor", "version", "episode", "task")
+MAX_VALUE_CHARS = 300
 
 
 def get_logger(component: str) -> logging.Logger:
@@ -34,7 +40,13 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if len(text) > MAX_VALUE_CHARS:
+        text = f"{text[:MAX_VALUE_CHARS]}...(+{len(text) - MAX_VALUE_CHARS} chars)"
+    # backslashes and control characters escaped exactly once (unicode_escape also doubles backslashes)
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text.replace("\\", "\\\\")
+    if " " in text or '"' in text or "=" in text or not text:
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
