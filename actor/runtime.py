@@ -13,6 +13,13 @@
 Contract:
 - stateless: everything not yet acknowledged lives in the spool folder; restart with the same
   folder and the runtime resends it (exactly-once on the learner by (episode_id, seq));
+- an episode cut by a crash (chunks spooled, no end chunk) is *left open* by default: its
+  spooled chunks are resent and stored (trainable), it just never gets an outcome; the next
+  process on the spool logs ``episode_left_open`` for it. With ``abort_interrupted=True`` that
+  process closes it as ``aborted`` instead: one end chunk with no steps, the next sequence number
+  and ``length`` = the steps that reached the spool (steps still in memory at the crash were never
+  sent and are not counted). Off by default because learners that fail on zero-step end chunks
+  would refuse that chunk forever (``tests/chaos/test_actor_kill.py`` holds the learner side);
 - every step recorded carries the version of the policy that ran the episode (fixed at
   ``begin_episode``); the runtime never swaps weights inside an episode;
 - weights are used only after their sha256 was verified;
@@ -76,6 +83,7 @@ class EpisodeRecorder:
         self._buf: dict[str, list] = {"obs": [], "act": [], "rew": [], "int": []}
         self._first_step = 0
         self._t_first = 0.0
+        self._spooled_reward = 0.0  # reward of the steps already in the spool (for an abort after a crash)
         self.closed = False
 
     def record(self, obs: np.ndarray | Mapping[str, np.ndarray], action: np.ndarray | Mapping[str, np.ndarray],
@@ -122,18 +130,80 @@ class EpisodeRecorder:
         for specs, items, target in ((obs_specs, self._buf["obs"], chunk.observations), (act_specs, self._buf["act"], chunk.actions)):
             if n:
                 arrays = self._stack(items, specs)
+                for name, arr in arrays.items():
+                    encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, target[name])
             else:  # an episode ended before any step: empty tensors, still well-formed
-                arrays = {s.name: np.zeros((0, *s.shape), dtype=_np_dtype(s)) for s in specs}
-            for name, arr in arrays.items():
-                encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, target[name])
+                _empty_tensors(specs, target)
         encode(np.asarray(self._buf["rew"], np.float32), chunk.rewards)
         encode(np.asarray(self._buf["int"], np.bool_), chunk.interventions)
         if end is not None:
             chunk.end.CopyFrom(end)
-        self.client.spool.put(self.episode_id, self.seq, chunk.SerializeToString())
+        spool = self.client.spool
+        spool.put(self.episode_id, self.seq, chunk.SerializeToString())
         self.seq += 1
         self._first_step += n
+        self._spooled_reward += float(sum(self._buf["rew"]))
         self._buf = {"obs": [], "act": [], "rew": [], "int": []}
+        if not hasattr(spool, "mark_open"):  # a bare capture of chunks (benchmarks): no crash recovery to prepare
+            return
+        if end is not None:
+            spool.clear_open(self.episode_id)
+        else:  # after the put: a crash in between is resolved from the spool's own entries on restart
+            spool.mark_open(self.episode_id, {"job_id": self.client.job_id, "actor_id": self.client.actor_id,
+                                              "task_id": self.task_id, "behavior_version": self.version,
+                                              "next_seq": self.seq, "first_step": self._first_step,
+                                              "total_reward": self._spooled_reward})
+
+
+def _empty_tensors(specs, target) -> None:
+    """Fill a chunk's tensor map with zero-step tensors of each spec (well-formed, no data)."""
+    for s in specs:
+        encode(np.zeros((0, *s.shape), dtype=_np_dtype(s)), target[s.name])
+
+
+def close_interrupted_episodes(spool: Spool, observation_specs: Sequence, action_specs: Sequence,
+                               abort: bool = True) -> list[str]:
+    """Handle every episode a previous process on ``spool`` left open (it died mid-episode).
+
+    With ``abort``: spool one end chunk with outcome ABORTED, no steps, the episode's next sequence
+    number and ``length`` = the steps that reached the spool, then drop the marker. The next sequence
+    number and step come from the marker or, if higher, the episode's chunks still in the spool (a
+    crash between a chunk's put and its marker update). Without ``abort``: log it and drop the
+    marker (the episode stays open on the learner). An episode whose end chunk is already spooled
+    only loses its marker. Returns the episode ids closed (or left open)."""
+    closed = []
+    for info in spool.open_episodes():
+        episode_id = info["episode_id"]
+        chunks = [pb.EpisodeChunk.FromString(e.raw) for e in spool.entries_of(episode_id)]
+        if any(c.HasField("end") for c in chunks):
+            spool.clear_open(episode_id)
+            continue
+        if not abort:
+            spool.clear_open(episode_id)
+            event(log, "episode_left_open", level=30, job=info.get("job_id"), actor=info.get("actor_id"),
+                  version=info.get("behavior_version"), episode=episode_id, task=info.get("task_id"),
+                  steps=info.get("first_step"))
+            closed.append(episode_id)
+            continue
+        next_seq = max([int(info.get("next_seq", 0))] + [int(c.seq) + 1 for c in chunks])
+        first_step = max([int(info.get("first_step", 0))] +
+                         [int(c.first_step) + (int(c.rewards.shape[0]) if c.rewards.shape else 0) for c in chunks])
+        chunk = pb.EpisodeChunk(job_id=str(info.get("job_id", "")), actor_id=str(info.get("actor_id", "")),
+                                episode_id=episode_id, seq=next_seq, task_id=str(info.get("task_id", "")),
+                                behavior_version=int(info.get("behavior_version", 0)), first_step=first_step,
+                                produced_at=time.time())
+        _empty_tensors(observation_specs, chunk.observations)
+        _empty_tensors(action_specs, chunk.actions)
+        encode(np.zeros(0, np.float32), chunk.rewards)
+        encode(np.zeros(0, np.bool_), chunk.interventions)
+        chunk.end.CopyFrom(pb.EpisodeEnd(outcome=pb.ABORTED, length=first_step,
+                                         total_reward=float(info.get("total_reward", 0.0))))
+        spool.put(episode_id, next_seq, chunk.SerializeToString())
+        spool.clear_open(episode_id)
+        event(log, "episode_aborted", job=chunk.job_id, actor=chunk.actor_id, version=chunk.behavior_version,
+              episode=episode_id, task=chunk.task_id, seq=next_seq, steps=first_step)
+        closed.append(episode_id)
+    return closed
 
 
 class FleetClient:
@@ -143,7 +213,7 @@ class FleetClient:
                  tasks: Sequence[str], credential: str | None = None, spool_dir: str | None = None,
                  capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float | None = 120.0,
                  send_experience: bool = True, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None) -> None:
+                 tls_key_file: str | None = None, abort_interrupted: bool = False) -> None:
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
         self.tasks, self.credential = list(tasks), credential
@@ -151,6 +221,9 @@ class FleetClient:
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
         self.metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
         self.spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
+        # episodes a killed predecessor on this spool left open: closed as aborted, or left open (module docstring)
+        self.interrupted_episodes = close_interrupted_episodes(self.spool, self.observation_specs, self.action_specs,
+                                                               abort=abort_interrupted)
         if tls_ca_file or tls_cert_file:
             from fleetloop.tls import channel_credentials
             self.channel = grpc.secure_channel(learner, channel_credentials(tls_ca_file, tls_cert_file, tls_key_file),

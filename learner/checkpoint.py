@@ -84,8 +84,15 @@ def _load_one(folder: Path) -> dict[str, Any]:
 
 
 def load_latest(root: Path) -> tuple[int, dict[str, Any]] | None:
-    """Newest intact checkpoint as (step, state), skipping torn ones; None if there is none."""
+    """Newest intact checkpoint as (step, state), skipping torn ones; None if there is none.
+
+    Called once when a learner starts (the only writer of ``root``): it also deletes the temp
+    folders of checkpoints a killed process never finished (``.tmp-ckpt-*``), which nothing else
+    would ever remove."""
     root = Path(root)
+    for partial in root.glob(".tmp-ckpt-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+        event(log, "checkpoint_partial_removed", folder=partial.name)
     candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
     for folder in candidates:
         try:
