@@ -71,6 +71,46 @@ def mlp_policy(obs_dim: int, act_dim: int, num_tasks: int, hidden: list[int] | t
     return MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=conditioned)
 
 
+def recap_mlp_policy(obs_dim: int, act_dim: int, num_tasks: int, hidden: list[int] | tuple[int, ...] = (256, 256),
+                     cond_dim: int = 8) -> MLPPolicy:
+    """Factory for RECAP: an :class:`MLPPolicy` conditioned on the advantage indicator (``cond``:
+    :data:`COND_NONE` = unknown/unconditional, :data:`COND_NEGATIVE`, :data:`COND_POSITIVE`), fed as a
+    learned ``cond_dim``-wide embedding beside the observation and one-hot task."""
+    if int(cond_dim) < 1:
+        raise InvalidArgument(f"cond_dim must be >= 1, got {cond_dim}", field="policy_kwargs.cond_dim", value=cond_dim)
+    return MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=True, cond_dim=int(cond_dim))
+
+
+def cfg_mix(uncond: torch.Tensor, cond: torch.Tensor, beta: float,
+            low: float | None = None, high: float | None = None) -> torch.Tensor:
+    """Classifier-free guidance on deterministic action outputs: ``uncond + beta * (cond - uncond)``.
+
+    ``beta = 0`` gives the unconditional action, ``beta = 1`` the conditional one, and the result is
+    linear in ``beta`` (``beta > 1`` extrapolates past the conditional action, away from the
+    unconditional one). For a policy that outputs action *means* this mixes means, the deterministic
+    analogue of mixing scores/log-probabilities. Optionally clamped to ``[low, high]`` (the action
+    range: extrapolation can leave it)."""
+    out = uncond + float(beta) * (cond - uncond)
+    if low is not None or high is not None:
+        out = torch.clamp(out, min=low, max=high)
+    return out
+
+
+@torch.no_grad()
+def guided_action(policy: nn.Module, obs: torch.Tensor, task: torch.Tensor, beta: float = 1.0,
+                  low: float | None = -1.0, high: float | None = 1.0) -> torch.Tensor:
+    """Inference for an indicator-conditioned policy: :func:`cfg_mix` of ``policy(obs, task,
+    COND_NONE)`` and ``policy(obs, task, COND_POSITIVE)`` with ``beta``, clamped to [low, high]. At
+    ``beta == 1`` only the conditional forward pass runs. A policy without ``conditioned`` just runs."""
+    if not getattr(policy, "conditioned", False):
+        return policy(obs, task, None)
+    pos = policy(obs, task, torch.full((obs.shape[0],), COND_POSITIVE, dtype=torch.long, device=obs.device))
+    if float(beta) == 1.0:
+        return pos if low is None and high is None else torch.clamp(pos, min=low, max=high)
+    unc = policy(obs, task, torch.full((obs.shape[0],), COND_NONE, dtype=torch.long, device=obs.device))
+    return cfg_mix(unc, pos, beta, low, high)
+
+
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
     """Import ``"module:function"``; InvalidArgument naming the value if it cannot be found."""
     if ":" not in name:

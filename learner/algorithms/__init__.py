@@ -7,5 +7,7 @@ package registers every built-in algorithm.
 
 from learner.algorithms.base import ALGORITHMS, Algorithm, UpdateResult, make_algorithm, register
 from learner.algorithms.hg_dagger import HGDagger, HGDaggerConfig
+from learner.algorithms.recap import RecapAlgorithm, RecapConfig
 
-__all__ = ["ALGORITHMS", "Algorithm", "UpdateResult", "make_algorithm", "register", "HGDagger", "HGDaggerConfig"]
+__all__ = ["ALGORITHMS", "Algorithm", "UpdateResult", "make_algorithm", "register", "HGDagger", "HGDaggerConfig",
+           "RecapAlgorithm", "RecapConfig"]
