@@ -18,8 +18,9 @@ Contract:
   process on the spool logs ``episode_left_open`` for it. With ``abort_interrupted=True`` that
   process closes it as ``aborted`` instead: one end chunk with no steps, the next sequence number
   and ``length`` = the steps that reached the spool (steps still in memory at the crash were never
-  sent and are not counted). Off by default because learners that fail on zero-step end chunks
-  would refuse that chunk forever (``tests/chaos/test_actor_kill.py`` holds the learner side);
+  sent and are not counted). Off by default: learners before this release failed on zero-step end
+  chunks (this one stores them: ``tests/fuzz/test_fuzz_server.py``); an interrupted episode left
+  open still has every spooled step stored and trainable, it only lacks an outcome;
 - every step recorded carries the version of the policy that ran the episode (fixed at
   ``begin_episode``); the runtime never swaps weights inside an episode;
 - weights are used only after their sha256 was verified;

@@ -64,7 +64,8 @@ class LearnerConfig(BaseModel):
     min_publish_interval_s: float = Field(0.0, ge=0, description="Never publish more often than this (0 = no limit).")
     max_updates_per_s: float | None = Field(None, gt=0, description="Cap on learner steps per second (None = as fast as possible).")
     min_online_steps: int = Field(0, ge=0, description="Do not train until this many online steps arrived (0 = train on demos at once).")
-    max_ingest_steps_per_s: float | None = Field(None, gt=0, description="Ingest rate above which acks ask actors to back off (None = never).")
+    max_ingest_steps_per_s: float | None = Field(None, gt=0, description="Fleet-wide ingest rate (steps/s over a 5 s window) "
+                                                  "above which acks ask actors to back off (None = never).")
     checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between atomic checkpoints.")
     keep_versions: int = Field(8, ge=2, description="Weight versions kept in memory for fetches (older ones served from disk).")
     online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
@@ -82,7 +83,39 @@ class LearnerConfig(BaseModel):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(None, description="With TLS: also require client certificates signed by this CA (mTLS).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
-    grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each stream holds one thread).")
+    grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each open stream holds one thread; "
+                              "max_streams and max_subscriptions keep threads free for handshakes and weight fetches).")
+    max_streams: int | None = Field(
+        None, ge=1, le=1024, description="Cap on concurrent StreamExperience streams, below the thread pool so stalled or idle "
+        "actors can never take every thread. Extra streams are refused with RESOURCE_EXHAUSTED naming the cap and a "
+        "grpc-retry-pushback-ms trailer; actors back off and retry. None = max(1, (grpc_workers - 8) // 2).")
+    max_subscriptions: int | None = Field(
+        None, ge=1, le=1024, description="Cap on concurrent SubscribeWeights streams (same refusal as max_streams). "
+        "None = max(1, (grpc_workers - 8) // 2). max_streams + max_subscriptions must leave 4 threads of grpc_workers.")
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="An experience stream that brings no chunk for this long (a stalled or half-dead actor, "
+        "or one that stopped reading acks), or a weight stream whose send makes no progress for this long, is ended by the "
+        "learner with UNAVAILABLE ('stream idle ...'), freeing its thread; the actor reconnects and resends its spool.")
+    keepalive_time_s: float = Field(20.0, gt=0, le=3600, description="The server pings every connection after this long "
+                                    "without activity (HTTP/2 keepalive), also connections without calls.")
+    keepalive_timeout_s: float = Field(10.0, gt=0, le=600, description="A ping unanswered for this long closes the connection "
+                                       "and cancels its streams: a dead or black-holed peer is gone after keepalive_time_s + this.")
+    max_actor_steps_per_s: float | None = Field(
+        None, gt=0, description="Per-actor rate limit (token bucket, steps/s; None = off). Over it, acks carry backoff_ms "
+        "(the time the actor's debt needs at this rate); an actor that ignores the hints and exceeds actor_hard_factor x this "
+        "rate gets RESOURCE_EXHAUSTED naming the actor and the rate (counted as rejected reason rate_limited; resent later).")
+    actor_burst_s: float = Field(2.0, gt=0, le=600, description="Depth of each actor's token bucket, in seconds of "
+                                 "max_actor_steps_per_s (a burst this long passes without backoff).")
+    actor_hard_factor: float = Field(3.0, ge=1.0, le=1000, description="Hard limit = this x max_actor_steps_per_s (bucket "
+                                     "depth also x this): past it chunks are refused, not just slowed down.")
+    max_backoff_ms: int = Field(5000, ge=1, le=600_000, description="Largest backoff hint an ack or refusal carries "
+                                "(must stay below stream_idle_timeout_s, so a pausing actor is never cut as idle).")
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="Memory budget (MiB) of the replay buffers plus in-flight ingest; None = no budget (online "
+        "rings hold online_capacity steps per task). With a budget: in-flight ingest (chunks being decoded and stored) is "
+        "capped at 4 x max_message_bytes, the demos' buffers are counted, and each task's online ring holds "
+        "min(online_capacity, what is left / tasks / bytes per step) steps. Evictions are counted in "
+        "dropped_samples_total (evicted, evicted_unsampled); evicting never-trained-on steps makes acks ask for backoff.")
     seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
     actor_metrics_ttl_s: float = Field(600.0, gt=0, description="An actor with no chunk for this long loses its "
                                        "fleetloop_learner_actor_policy_version series (it is back with its next chunk).")
@@ -99,6 +132,30 @@ class LearnerConfig(BaseModel):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a readable file")
         return self
+
+    @model_validator(mode="after")
+    def _flow_limits(self) -> "LearnerConfig":
+        explicit = self.max_streams is not None or self.max_subscriptions is not None
+        if explicit and self.stream_cap + self.subscription_cap > self.grpc_workers - 4:
+            raise ValueError(f"max_streams {self.stream_cap} + max_subscriptions {self.subscription_cap} must leave 4 of "
+                             f"grpc_workers {self.grpc_workers} threads for handshakes and fetches")
+        if self.max_backoff_ms >= self.stream_idle_timeout_s * 1000:
+            raise ValueError(f"max_backoff_ms {self.max_backoff_ms} must be below stream_idle_timeout_s "
+                             f"{self.stream_idle_timeout_s} (a pausing actor would be cut as idle)")
+        if self.memory_budget_mb is not None and self.memory_budget_mb * (1 << 20) < 8 * self.max_message_bytes:
+            raise ValueError(f"memory_budget_mb {self.memory_budget_mb} is below 8 x max_message_bytes "
+                             f"({8 * self.max_message_bytes} bytes): no room for buffers beside in-flight ingest")
+        return self
+
+    @property
+    def stream_cap(self) -> int:
+        """Effective cap on concurrent experience streams (``max_streams`` or its default)."""
+        return self.max_streams if self.max_streams is not None else max(1, (self.grpc_workers - 8) // 2)
+
+    @property
+    def subscription_cap(self) -> int:
+        """Effective cap on concurrent weight subscriptions (``max_subscriptions`` or its default)."""
+        return self.max_subscriptions if self.max_subscriptions is not None else max(1, (self.grpc_workers - 8) // 2)
 
     @field_validator("tasks")
     @classmethod

@@ -8,6 +8,11 @@ staleness, update the algorithm, feed per-(task, source) losses back to the samp
 Restart path (invariant 5): load the newest intact checkpoint (algorithm, optimizer, sampler, step),
 then replay the ingest log into fresh buffers and ledger; the weight store continues its version
 counter from disk, so versions only increase and staleness stays measured against them.
+
+Memory (``memory_budget_mb``): after the demos are loaded, the online rings are sized so that
+demos + online rings (at capacity) + the in-flight ingest limit fit the budget
+(:func:`learner.backpressure.plan_memory`); ``status()["memory"]`` and the
+``fleetloop_learner_buffer_bytes`` gauge report what is allocated.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from fleetloop.logs import event, get_logger
 from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.algorithms import make_algorithm
+from learner.backpressure import INFLIGHT_MESSAGES, FlowControl, MemoryPlan, plan_memory
 from learner.batch import Batch
 from learner.checkpoint import load_latest, save_checkpoint
 from learner.config import LearnerConfig
 from learner.ingest import Ingestor
 from learner.ingest_log import IngestLog
 from learner.metrics import LearnerMetrics
-from learner.replay import ReplayStore
+from learner.replay import ReplayStore, bytes_per_step
 from learner.sampler import AdaptiveSampler
 from learner.specs import to_proto_specs
 from learner.staleness import StalenessGate
@@ -73,22 +79,32 @@ class LearnerCore:
         self.sampler = AdaptiveSampler(config.tasks, config.sampler)
         self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
         self.ingest_log = IngestLog(state_dir / "ingest.log", fsync=config.fsync_log)
+        budgeted = config.memory_budget_mb is not None
+        self.flow = FlowControl(config.max_actor_steps_per_s, config.actor_burst_s, config.actor_hard_factor,
+                                config.max_ingest_steps_per_s, config.max_backoff_ms,
+                                INFLIGHT_MESSAGES * config.max_message_bytes if budgeted else None)
         self.ingestor = Ingestor(self.job, config.tasks, self.obs_specs, self.act_specs, self.replay, self.gate,
-                                 self.ingest_log, self.metrics)
+                                 self.ingest_log, self.metrics, flow=self.flow,
+                                 interventions_only=bool(self.algorithm.eligible("online").get("interventions_only")))
         self.ckpt_dir = state_dir / "checkpoints"
         self.step = 0
         self._last_publish = 0.0
         self._last_ckpt = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._rate_window = (time.monotonic(), 0)
         self.staleness_max = 0  # over every trained online sample, expert corrections included (admitted past the bound)
         self.staleness_max_autonomous = 0
         self.paused = False  # operator pause: no training steps and no publishes; ingest goes on
         self.job_state = "running"  # announced to actors with every weight announcement ('stopping' ends them)
         self.last_loss: float | None = None
         self._train_lock = threading.Lock()  # one update at a time (training thread vs. rollback)
+        for task in config.tasks:  # live values, read at every scrape
+            for source in SOURCES:
+                self.metrics.buffer_bytes.labels(self.job, task, source).set_function(
+                    lambda t=task, s=source: self.replay.nbytes(t, s))
+        self.metrics.inflight_bytes.labels(self.job).set_function(lambda: self.flow.inflight.used)
         self.offline_steps = self._load_offline()
+        self.memory_plan = self._size_buffers()
         self._restore()
 
     # -- start-up ----------------------------------------------------------------------------
@@ -101,6 +117,19 @@ class LearnerCore:
             n += len(ep)
         event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.offline_dataset))
         return n
+
+    def _size_buffers(self) -> MemoryPlan | None:
+        """With a memory budget: size the (still empty) online rings from what the demos left."""
+        if self.cfg.memory_budget_mb is None:
+            return None
+        plan = plan_memory(self.cfg.memory_budget_mb, self.cfg.max_message_bytes, self.replay.nbytes(source="offline"),
+                           len(self.cfg.tasks), bytes_per_step(self.cfg.obs_dim, self.cfg.act_dim), self.cfg.online_capacity,
+                           min_steps=max(2 * self.cfg.chunk_steps, 100))
+        self.replay.set_online_capacity(plan.online_capacity)
+        self.metrics.memory_budget.labels(self.job).set(plan.budget_bytes)
+        event(log, "memory_planned", job=self.job, budget=plan.budget_bytes, inflight=plan.inflight_bytes,
+              offline=plan.offline_bytes, online_capacity=plan.online_capacity, step_bytes=plan.step_bytes)
+        return plan
 
     def _restore(self) -> None:
         restored = load_latest(self.ckpt_dir)
@@ -349,20 +378,25 @@ class LearnerCore:
         self.ingest_log.close()
 
     # -- backpressure ------------------------------------------------------------------------
-    def backoff_ms(self) -> int:
-        """Backpressure hint for acks: when ``max_ingest_steps_per_s`` is set and the fleet sends
-        faster over the current 5 s window, the time (ms) the excess needs at the allowed rate."""
-        rate = self.cfg.max_ingest_steps_per_s
-        if not rate:
-            return 0
-        now = time.monotonic()
-        total = self.ingestor.steps_total
-        t0, s0 = self._rate_window
-        if now - t0 > 5.0:
-            self._rate_window = (now, total)
-            t0, s0 = now, total
-        excess = (total - s0) - rate * (now - t0)
-        return int(min(5000.0, max(0.0, excess / rate * 1000.0)))
+    def backoff_ms(self, actor: str = "") -> int:
+        """Backpressure hint (ms) for an ack to ``actor``: the largest of its rate-limit debt, the
+        fleet's excess over ``max_ingest_steps_per_s`` and the memory-pressure level (see
+        :mod:`learner.backpressure`), capped at ``max_backoff_ms``; counted by reason when > 0."""
+        ms, reason = self.flow.backoff(actor)
+        if ms:
+            self.metrics.backoff_acks.labels(self.job, reason).inc()
+        return ms
+
+    def memory_status(self) -> dict[str, Any]:
+        """Budget and allocated bytes: buffers by source, in-flight ingest now and at its peak."""
+        plan = self.memory_plan
+        inflight = self.flow.inflight
+        return {"budget_bytes": plan.budget_bytes if plan else None, "inflight_limit_bytes": inflight.limit,
+                "online_capacity": self.replay.online_capacity, "online_bytes": self.replay.nbytes(source="online"),
+                "offline_bytes": self.replay.nbytes(source="offline"), "buffer_bytes": self.replay.nbytes(),
+                "inflight_bytes": inflight.used, "inflight_peak_bytes": inflight.peak,
+                "pressure_ms": self.flow.pressure.level_ms(), "pressure_allowed_steps_per_s": self.flow.pressure.allowed,
+                "pressure_tightened": self.flow.pressure.tightened}
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -389,7 +423,7 @@ class LearnerCore:
             "staleness_max": self.staleness_max, "staleness_max_autonomous": self.staleness_max_autonomous, "ingested_steps": self.ingestor.steps_total,
             "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
             "paused": self.paused, "job_state": self.job_state, "loss": self.last_loss,
-            "offline_steps": self.offline_steps,
+            "offline_steps": self.offline_steps, "memory": self.memory_status(),
         }
 
     def audit(self) -> dict[str, Any]:

@@ -1,8 +1,17 @@
 """Ingest: validate an EpisodeChunk, store it exactly once, account for it.
 
 Path of a chunk: ``validate`` (pure; InvalidArgument / NotFound naming field and value) ->
-ledger check (duplicate? ack without storing) -> staleness gate at ingest -> ingest log append
-(the durability point) -> replay store -> ledger record -> episode accounting -> ack.
+ledger check (duplicate? ack without storing) -> per-actor rate limit (RateLimited, nothing
+stored) -> staleness gate at ingest -> ingest log append (the durability point) -> replay store ->
+ledger record -> episode accounting -> ack.
+
+Accounting: every step of a new chunk is counted in ``received_steps_total``; it is either stored
+(``ingested_steps_total``) or dropped at ingest (``dropped_samples_total{reason}`` with the staleness
+gate's reason). A stored step that the online ring later evicts is counted once more in
+``dropped_samples_total`` as ``evicted`` (sampled by training at least once), ``evicted_unsampled``
+(eligible for training, never sampled: the learner was too slow, which raises the memory-pressure
+backoff) or ``evicted_ineligible`` (frames the algorithm never trains on, e.g. HG-DAgger's autonomous
+frames). So received = live online steps + dropped at ingest + evicted (all three reasons).
 
 Invariants: every stored step carries its behaviour version; a (episode_id, seq) pair is stored at
 most once, also across restarts (the log is replayed through the same path with ``durable=False``).
@@ -19,6 +28,7 @@ import numpy as np
 
 from fleetloop.codec import check_finite, decode, decode_map
 from fleetloop.errors import InvalidArgument, NotFound
+from learner.backpressure import FlowControl
 from learner.ingest_log import IngestLog, Ledger
 from learner.metrics import LearnerMetrics
 from learner.replay import ReplayStore
@@ -64,6 +74,9 @@ class EpisodeRecord:
     behavior_version: int
 
 
+_MAX_INDEX = 1 << 40  # seq and first_step: far beyond any episode, far below int64 overflow in the replay
+
+
 def _check_id(value: str, name: str) -> None:
     if not value or len(value) > _MAX_ID:
         raise InvalidArgument(f"{name} {value!r} must be 1..{_MAX_ID} characters", field=name, value=value)
@@ -78,6 +91,10 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
     if chunk.task_id not in tasks:
         raise InvalidArgument(f"task_id {chunk.task_id!r} is not a task of job {job_id!r} ({sorted(tasks)})",
                               field="task_id", value=chunk.task_id)
+    for name in ("seq", "first_step"):
+        if getattr(chunk, name) >= _MAX_INDEX:
+            raise InvalidArgument(f"{name} {getattr(chunk, name)} is past the limit {_MAX_INDEX}", field=name,
+                                  value=getattr(chunk, name))
     if chunk.behavior_version > latest_version:
         raise InvalidArgument(f"behavior_version {chunk.behavior_version} is newer than the learner's {latest_version}",
                               field="behavior_version", value=chunk.behavior_version)
@@ -101,8 +118,11 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
         if outcome is None:
             raise InvalidArgument(f"end.outcome {int(chunk.end.outcome)} is not one of {sorted(OUTCOMES)}",
                                   field="end.outcome", value=int(chunk.end.outcome))
-    first_obs = obs[obs_specs[0].name].reshape(steps, -1).astype(np.float32, copy=False)
-    first_act = acts[act_specs[0].name].reshape(steps, -1).astype(np.float32, copy=False)
+    # explicit widths: reshape(0, -1) cannot infer -1, and a zero-step end chunk is valid (an episode
+    # ended before any step, or closed as aborted after an actor crash)
+    obs_width, act_width = int(np.prod(obs_specs[0].shape)), int(np.prod(act_specs[0].shape))
+    first_obs = obs[obs_specs[0].name].reshape(steps, obs_width).astype(np.float32, copy=False)
+    first_act = acts[act_specs[0].name].reshape(steps, act_width).astype(np.float32, copy=False)
     return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
                         int(chunk.first_step), first_obs, first_act, rewards, inter, outcome, float(chunk.produced_at))
 
@@ -139,8 +159,12 @@ class Ingestor:
     """Stores validated chunks exactly once. Thread-safe (one lock around the store path)."""
 
     def __init__(self, job_id: str, tasks: list[str], obs_specs, act_specs, replay: ReplayStore, gate: StalenessGate,
-                 log: IngestLog, metrics: LearnerMetrics) -> None:
+                 log: IngestLog, metrics: LearnerMetrics, flow: FlowControl | None = None,
+                 interventions_only: bool = False) -> None:
+        """``flow``: rate limits and backpressure (None = none); ``interventions_only``: the algorithm
+        trains on online intervention frames only (evicted autonomous frames are then ``evicted_ineligible``)."""
         self.job_id, self.tasks = job_id, set(tasks)
+        self.flow, self.interventions_only = flow, interventions_only
         self.obs_specs, self.act_specs = list(obs_specs), list(act_specs)
         self.replay, self.gate, self.log, self.m = replay, gate, log, metrics
         self.ledger = Ledger()
@@ -162,6 +186,7 @@ class Ingestor:
         self._c_received = {t: m.received_steps.labels(j, t) for t in tasks}
         self._c_inter = {t: m.intervention_steps.labels(j, t) for t in tasks}
         self._actor_series: set[str] = set()   # actors with a live fleetloop_learner_actor_policy_version series
+        self._c_evicted = {r: m.dropped_samples.labels(j, r) for r in ("evicted", "evicted_unsampled", "evicted_ineligible")}
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
         """Validate and store ``chunk``; returns True if it was a duplicate (not stored again).
@@ -174,14 +199,18 @@ class Ingestor:
                 self._c_dup.inc()
                 return True
         decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
+        if durable and self.flow is not None:
+            self.flow.admit(decoded.actor_id, decoded.steps)  # RateLimited: refused before anything is logged
         with self.lock:
             if self.ledger.seen(decoded.episode_id, decoded.seq):  # raced with a resend on another stream
                 self._c_dup.inc()
                 return True
             if durable:
                 self.log.append(raw if raw is not None else chunk.SerializeToString())
-            self._store(decoded, learner_version)
+            evicted, wasted = self._store(decoded, learner_version)
             self.ledger.record(decoded.episode_id, decoded.seq)
+        if durable and self.flow is not None:
+            self.flow.stored(decoded.steps, evicted, wasted)
         self._c_chunks.inc()
         self._c_bytes.inc(nbytes)
         if durable and decoded.produced_at > 0:
@@ -203,7 +232,23 @@ class Ingestor:
                     pass
         return gone
 
-    def _store(self, c: DecodedChunk, learner_version: int) -> None:
+    def _add_online(self, task: str, *args) -> tuple[int, int]:
+        """Append to the online ring and count what it evicted; returns (eligible steps evicted,
+        of which never sampled)."""
+        ev = self.replay.add_online(task, *args)
+        if not ev.evicted:
+            return 0, 0
+        eligible = ev.interventions if self.interventions_only else ev.evicted
+        wasted = ev.unsampled_interventions if self.interventions_only else ev.unsampled
+        self._c_evicted["evicted"].inc(ev.evicted - ev.unsampled)
+        self._c_evicted["evicted_unsampled"].inc(wasted)
+        self._c_evicted["evicted_ineligible"].inc(ev.unsampled - wasted)
+        return eligible, wasted
+
+    def _store(self, c: DecodedChunk, learner_version: int) -> tuple[int, int]:
+        """Store (or drop) one validated new chunk and account for it; returns (eligible steps its
+        append evicted from the online ring, of which never trained on)."""
+        evicted = wasted = 0
         autonomous = bool((~c.interventions).any())
         decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous,
                                        has_expert_steps=bool(c.interventions.any()), num_steps=c.steps)
@@ -214,12 +259,14 @@ class Ingestor:
             for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
                 if run.size:
                     a, b = int(run[0]), int(run[-1]) + 1
-                    self.replay.add_online(c.task_id, c.obs[a:b], c.actions[a:b], c.rewards[a:b], c.interventions[a:b],
-                                           c.behavior_version, key, c.first_step + a)
+                    e, w = self._add_online(c.task_id, c.obs[a:b], c.actions[a:b], c.rewards[a:b], c.interventions[a:b],
+                                            c.behavior_version, key, c.first_step + a)
+                    evicted, wasted = evicted + e, wasted + w
             self._c_steps[c.task_id].inc(idx.size)
             self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps - idx.size)
         elif c.steps and decision.admit:
-            self.replay.add_online(c.task_id, c.obs, c.actions, c.rewards, c.interventions, c.behavior_version, key, c.first_step)
+            evicted, wasted = self._add_online(c.task_id, c.obs, c.actions, c.rewards, c.interventions,
+                                               c.behavior_version, key, c.first_step)
             self._c_steps[c.task_id].inc(c.steps)
         elif c.steps:
             self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps)
@@ -255,3 +302,4 @@ class Ingestor:
                                                ep.steps, ep.interventions, c.behavior_version))
             self.episodes_total += 1
             self.m.episodes.labels(self.job_id, c.task_id, c.outcome).inc()
+        return evicted, wasted

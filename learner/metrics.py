@@ -22,6 +22,8 @@ class LearnerMetrics:
         self.ingested_bytes = Counter("fleetloop_learner_ingested_bytes_total", "Serialized chunk bytes received and stored.", j, registry=r)
         self.ingested_chunks = Counter("fleetloop_learner_ingested_chunks_total", "Chunks stored.", j, registry=r)
         self.duplicates = Counter("fleetloop_learner_duplicate_chunks_total", "Resent chunks recognised and not stored again.", j, registry=r)
+        self.refused_handshakes = Counter("fleetloop_learner_refused_handshakes_total", "Handshakes refused, by reason.",
+                                          j + ["reason"], registry=r)
         self.rejected = Counter("fleetloop_learner_rejected_chunks_total", "Chunks refused, by reason.", j + ["reason"], registry=r)
         self.staleness = Histogram("fleetloop_learner_staleness_versions", "Learner version minus behaviour version of online samples at training time.",
                                    j, buckets=STALENESS_BUCKETS, registry=r)
@@ -50,6 +52,19 @@ class LearnerMetrics:
         self.task_loss = Gauge("fleetloop_learner_task_loss", "Mean unweighted per-sample loss of the newest step's samples, by task and source (what the sampler sees).",
                                j + ["task", "source"], registry=r)
         self.idle_seconds = Counter("fleetloop_learner_idle_seconds_total", "Time the training loop waited for data or throttling.", j, registry=r)
+        # -- flow control: backpressure, rate limits, memory budget, stream guard --------------------
+        self.backoff_acks = Counter("fleetloop_learner_backoff_acks_total", "Acks that asked the actor to back off, by reason "
+                                    "(actor_rate, ingest_rate, memory_pressure: the largest hint wins).", j + ["reason"], registry=r)
+        self.buffer_bytes = Gauge("fleetloop_learner_buffer_bytes", "Bytes allocated by the replay buffers, by task and source.",
+                                  j + ["task", "source"], registry=r)
+        self.inflight_bytes = Gauge("fleetloop_learner_ingest_inflight_bytes", "Bytes reserved by chunks being decoded and stored now.",
+                                    j, registry=r)
+        self.memory_budget = Gauge("fleetloop_learner_memory_budget_bytes", "Configured memory budget of buffers plus in-flight "
+                                   "ingest (0 = no budget).", j, registry=r)
+        self.streams_open = Gauge("fleetloop_learner_streams_open", "Long-lived RPCs being served now, by rpc.", j + ["rpc"], registry=r)
+        self.streams_closed = Counter("fleetloop_learner_streams_closed_total", "Long-lived RPCs the learner refused or ended, by rpc "
+                                      "and reason (over_cap: refused at the cap; idle_timeout: no progress for stream_idle_timeout_s).",
+                                      j + ["rpc", "reason"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP server; returns the bound port (0 picks a free one)."""

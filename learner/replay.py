@@ -13,12 +13,19 @@ Invariants:
   full, so overflowing one raises :class:`~fleetloop.errors.ResourceExhausted` (raise
   ``offline_capacity``).
 - Appending a chunk of T steps is amortised O(T): arrays grow geometrically up to the capacity
-  (memory is only taken as data arrives), then wrap.
+  (memory is only taken as data arrives: an empty buffer holds none), then wrap.
 - An *intervention index* (a second FIFO ring of the slots holding intervention steps) gives O(1)
   intervention counts and O(n) uniform sampling of intervention frames. It stays exact under
   eviction because eviction is FIFO: the evicted intervention steps are always the oldest ones in
   the index, so eviction just advances its head.
-- ``sample`` draws uniformly *with replacement* and returns copies.
+- ``sample`` draws uniformly *with replacement* and returns copies. Every online slot remembers
+  whether it was ever sampled since it was written, so an eviction is reported as
+  :class:`Eviction` ``(evicted, unsampled)``: steps retired after training on them, and steps lost
+  before the learner ever trained on them (the learner counts both and slows the fleet down on the
+  second).
+- Memory: a buffer holds at most ``capacity`` rows of :func:`bytes_per_step` bytes (arrays grow
+  geometrically up to the capacity, never past it); :meth:`ReplayStore.nbytes` reports what is
+  allocated, so a memory budget can size the online rings (:meth:`ReplayStore.set_online_capacity`).
 
 Thread-safety: every public method takes an internal lock, so an ingest thread may add while the
 training thread samples. Samples are copies, never views of the ring.
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -37,6 +44,23 @@ from fleetloop.errors import FailedPrecondition, InvalidArgument, ResourceExhaus
 Source = Literal["online", "offline"]
 FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
 _MIN_ALLOC = 1024
+_SCALAR_BYTES = 4 + 1 + 8 + 8 + 8 + 8  # rewards f32, interventions bool, versions, episode_keys, steps, insert_times
+
+
+def bytes_per_step(obs_dim: int, act_dim: int) -> int:
+    """Bytes one buffer row takes: the fields of :data:`FIELDS`, its intervention-index slot (i64)
+    and its sampled flag (bool). Capacity x this bounds a buffer's allocation."""
+    return 4 * (int(obs_dim) + int(act_dim)) + _SCALAR_BYTES + 8 + 1
+
+
+class Eviction(NamedTuple):
+    """Steps one append pushed out of an online ring: all of them, those never sampled, the
+    intervention steps among those never sampled, and the intervention steps evicted."""
+
+    evicted: int = 0
+    unsampled: int = 0
+    unsampled_interventions: int = 0
+    interventions: int = 0
 
 
 class _Buffer:
@@ -54,7 +78,9 @@ class _Buffer:
         self.alloc = 0
         self.data: dict[str, np.ndarray] = {}
         self.iv_slots = np.zeros(0, dtype=np.int64)
-        self._grow(min(capacity, _MIN_ALLOC))
+        self.sampled = np.zeros(0, dtype=np.bool_)  # per slot: sampled since written
+        self.evicted_unsampled = 0  # evicted (or truncated) steps that were never sampled
+        self._grow(0)  # nothing allocated until the first add
 
     def _grow(self, alloc: int) -> None:
         # Only called before the ring wraps (alloc < capacity), so slots [0, alloc) are in order.
@@ -66,7 +92,22 @@ class _Buffer:
             new[k][: self.alloc] = old
         iv = np.zeros(alloc, dtype=np.int64)
         iv[: self.alloc] = self.iv_slots
-        self.data, self.iv_slots, self.alloc = new, iv, alloc
+        sampled = np.zeros(alloc, dtype=np.bool_)
+        sampled[: self.alloc] = self.sampled
+        self.data, self.iv_slots, self.sampled, self.alloc = new, iv, sampled, alloc
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this buffer holds (allocated, not just live)."""
+        return sum(a.nbytes for a in self.data.values()) + self.iv_slots.nbytes + self.sampled.nbytes
+
+    def resize(self, capacity: int) -> None:
+        """Change the capacity of an empty buffer (nothing ever written)."""
+        if self.written:
+            raise FailedPrecondition(f"cannot resize a buffer that holds data ({self.size} steps)", field="capacity", value=capacity)
+        self.capacity, self.alloc, self.data = int(capacity), 0, {}
+        self.iv_slots, self.sampled = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)
+        self._grow(0)
 
     def _put(self, arr: np.ndarray, start: int, values: np.ndarray) -> None:
         """Write ``values`` at ring position ``start`` (mod capacity), splitting at the wrap point."""
@@ -77,28 +118,37 @@ class _Buffer:
         if first < n:
             arr[: n - first] = values[first:]
 
-    def add(self, rows: dict[str, np.ndarray]) -> None:
+    def add(self, rows: dict[str, np.ndarray]) -> Eviction:
         t = rows["obs"].shape[0]
         if not self.evict and self.size + t > self.capacity:
             raise OverflowError
         self.added += t
+        evicted = unsampled = unsampled_iv = evicted_iv = 0
         if t > self.capacity:  # only the newest `capacity` steps can be kept
-            self.evicted += t - self.capacity
+            evicted = unsampled = t - self.capacity
+            unsampled_iv = evicted_iv = int(np.count_nonzero(rows["interventions"][: t - self.capacity]))
             rows = {k: v[t - self.capacity:] for k, v in rows.items()}
             t = self.capacity
         overflow = self.size + t - self.capacity
         if overflow > 0:
             oldest = self.written - self.size
             gone = (oldest + np.arange(overflow)) % self.capacity
-            k = int(np.count_nonzero(self.data["interventions"][gone]))
-            self.iv_size -= k
+            gone_iv = self.data["interventions"][gone]
+            never = ~self.sampled[gone]
+            evicted_iv += int(np.count_nonzero(gone_iv))
+            self.iv_size -= int(np.count_nonzero(gone_iv))
             self.size -= overflow
-            self.evicted += overflow
+            evicted += overflow
+            unsampled += int(np.count_nonzero(never))
+            unsampled_iv += int(np.count_nonzero(never & gone_iv))
+        self.evicted += evicted
+        self.evicted_unsampled += unsampled
         need = min(self.capacity, self.written + t)
         if need > self.alloc:
-            self._grow(min(self.capacity, max(need, 2 * self.alloc)))
+            self._grow(min(self.capacity, max(need, 2 * self.alloc, _MIN_ALLOC)))
         for key, values in rows.items():
             self._put(self.data[key], self.written, values)
+        self._put(self.sampled, self.written, np.zeros(t, dtype=np.bool_))
         iv_new = (self.written + np.flatnonzero(rows["interventions"])) % self.capacity
         if iv_new.size:
             self._put(self.iv_slots, self.iv_written, iv_new)
@@ -106,12 +156,16 @@ class _Buffer:
             self.iv_size += iv_new.size
         self.written += t
         self.size += t
+        return Eviction(evicted, unsampled, unsampled_iv, evicted_iv)
 
     def sample_slots(self, n: int, rng: np.random.Generator, interventions_only: bool) -> np.ndarray:
         if interventions_only:
             pos = (self.iv_written - self.iv_size + rng.integers(0, self.iv_size, n)) % self.capacity
-            return self.iv_slots[pos]
-        return (self.written - self.size + rng.integers(0, self.size, n)) % self.capacity
+            slots = self.iv_slots[pos]
+        else:
+            slots = (self.written - self.size + rng.integers(0, self.size, n)) % self.capacity
+        self.sampled[slots] = True
+        return slots
 
     def ordered(self) -> dict[str, np.ndarray]:
         """Copies of the live steps, oldest first."""
@@ -185,12 +239,13 @@ class ReplayStore:
         episode_key: int,
         first_step: int,
         now: float | None = None,
-    ) -> None:
+    ) -> Eviction:
         """Append a chunk of T online steps (step indices ``first_step .. first_step+T-1``).
 
         Every step records ``behavior_version`` (invariant 1) and the insertion time ``now``
-        (default ``time.time()``). Full ring: the oldest steps are evicted. Bad shapes or non-finite
-        values raise InvalidArgument before anything is stored.
+        (default ``time.time()``). Full ring: the oldest steps are evicted; returns what was evicted
+        (and how much of it was never sampled). Bad shapes or non-finite values raise
+        InvalidArgument before anything is stored.
         """
         buf = self._buffer(task_id, "online")
         rows = self._rows(obs, actions, rewards, interventions)
@@ -200,7 +255,23 @@ class ReplayStore:
         rows["steps"] = np.arange(int(first_step), int(first_step) + t, dtype=np.int64)
         rows["insert_times"] = np.full(t, time.time() if now is None else float(now), dtype=np.float64)
         with self._lock:
-            buf.add(rows)
+            return buf.add(rows)
+
+    def set_online_capacity(self, capacity: int) -> None:
+        """Resize every online ring to ``capacity`` steps; only before any online step was added
+        (the learner sizes its rings from its memory budget once the demos are loaded)."""
+        if int(capacity) < 1:
+            raise InvalidArgument(f"online capacity must be >= 1, got {capacity}", field="online_capacity", value=capacity)
+        with self._lock:
+            for task in self.task_ids:
+                self._buffers[(task, "online")].resize(int(capacity))
+            self.online_capacity = int(capacity)
+
+    def nbytes(self, task_id: str | None = None, source: Source | None = None) -> int:
+        """Allocated bytes of one buffer, or of all buffers matching the given task / source."""
+        with self._lock:
+            return sum(b.nbytes for (t, s), b in self._buffers.items()
+                       if (task_id is None or t == task_id) and (source is None or s == source))
 
     def add_offline(
         self,
@@ -258,15 +329,17 @@ class ReplayStore:
             return {k: v[slots] for k, v in buf.data.items()}
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per task: ``{online,offline}_{steps,interventions}``, ``online_evicted``, ``online_added``, ``offline_added``."""
+        """Per task: ``{online,offline}_{steps,interventions}``, ``online_evicted``, ``online_evicted_unsampled``,
+        ``online_added``, ``offline_added``, ``{online,offline}_bytes``."""
         with self._lock:
             out = {}
             for task in self.task_ids:
                 on, off = self._buffers[(task, "online")], self._buffers[(task, "offline")]
                 out[task] = {
                     "online_steps": on.size, "online_interventions": on.iv_size, "online_evicted": on.evicted,
-                    "online_added": on.added,
+                    "online_evicted_unsampled": on.evicted_unsampled, "online_added": on.added, "online_bytes": on.nbytes,
                     "offline_steps": off.size, "offline_interventions": off.iv_size, "offline_added": off.added,
+                    "offline_bytes": off.nbytes,
                 }
             return out
 

@@ -3,12 +3,23 @@
 This is the only place fleetloop errors become gRPC status codes. Every handler checks the
 credential first; bad input ends the RPC with INVALID_ARGUMENT (or the matching code) and a
 message naming the field and value, is counted in ``fleetloop_learner_rejected_chunks_total``,
-and never disturbs other streams. Streams wait with timeouts only, so a cancelled or dead peer
-releases its thread within about a second.
+and never disturbs other streams.
+
+Stalled peers never block others (:mod:`learner.stream_guard`): experience streams and weight
+subscriptions are capped below the thread pool (``max_streams``, ``max_subscriptions``; one more is
+refused with RESOURCE_EXHAUSTED naming the cap), and a stream without progress for
+``stream_idle_timeout_s`` is ended with UNAVAILABLE, freeing its thread; HTTP/2 keepalive
+(``keepalive_time_s`` + ``keepalive_timeout_s``) closes connections to dead or black-holed peers.
+
+Retry contract of RESOURCE_EXHAUSTED: a refusal the peer may retry (rate limit, stream cap,
+in-flight memory budget) carries the trailer ``grpc-retry-pushback-ms`` = the wait in ms; one that
+can never succeed (an oversized chunk) carries ``grpc-retry-pushback-ms: -1`` (gRPC's "do not
+retry"). Acks carry ``backoff_ms`` from :meth:`LearnerCore.backoff_ms` for the chunk's actor.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -24,17 +35,25 @@ from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.auth import Authenticator, StaticTokens, bearer
 from learner.core import LearnerCore
+from learner.stream_guard import StreamGuard
 
 log = get_logger("learner.server")
 SERVICE = "fleetloop.v1.Learner"
+PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry pushback trailer (A6): ms to wait; negative = do not retry
 
 
 def _abort(context: grpc.ServicerContext, exc: FleetloopError | Exception) -> None:
     code = getattr(grpc.StatusCode, grpc_status_name(exc), grpc.StatusCode.INTERNAL)
+    if isinstance(exc, ResourceExhausted):
+        retry = getattr(exc, "retry_after_ms", None)
+        context.set_trailing_metadata(((PUSHBACK, str(int(retry)) if retry is not None else "-1"),))
     context.abort(code, str(exc))
 
 
 def _reason(exc: FleetloopError) -> str:
+    reason = getattr(exc, "reason", None)  # flow-control refusals name their own reason (rate_limited, ...)
+    if reason:
+        return reason
     top = (exc.field or "").split("[")[0].split(".")[0] or "message"
     return f"{exc.code.lower()}:{top}"
 
@@ -55,6 +74,11 @@ class LearnerServicer:
         self.auth = auth or StaticTokens(core.cfg.robot_tokens)
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
         self.sessions: dict[str, dict] = {}
+        self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
+                                                   "SubscribeWeights": self.cfg.subscription_cap,
+                                                   "FetchWeights": self.cfg.grpc_workers},  # short-lived: idle guard only
+                                 self.cfg.stream_idle_timeout_s, core.metrics,
+                                 cap_names={"StreamExperience": "max_streams", "SubscribeWeights": "max_subscriptions"})
 
     def _authorize(self, context: grpc.ServicerContext, job_id: str, credential: str | None = None) -> str:
         token = bearer(context.invocation_metadata()) or credential
@@ -62,15 +86,20 @@ class LearnerServicer:
 
     # -- Handshake ---------------------------------------------------------------------------
     def Handshake(self, req: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
+        """Credential first (nothing about the job is revealed to a caller without one), then protocol,
+        job, actor id, kind, specs and tasks. Every refusal is logged and counted by reason."""
         try:
+            principal = self._authorize(context, req.job_id, req.credential)
             if req.protocol_version != PROTOCOL_VERSION:
                 raise FailedPrecondition(f"protocol_version {req.protocol_version} is not supported; learner speaks {PROTOCOL_VERSION}",
                                          field="protocol_version", value=req.protocol_version)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
-            principal = self._authorize(context, req.job_id, req.credential)
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id", value=req.actor_id)
+            if req.kind not in pb.ActorKind.values():
+                raise FailedPrecondition(f"kind {int(req.kind)} is not a known ActorKind ({sorted(pb.ActorKind.keys())}); "
+                                         f"this job serves ROBOT", field="kind", value=int(req.kind))
             if req.kind != pb.ROBOT:
                 raise FailedPrecondition(f"kind {pb.ActorKind.Name(req.kind)} is not served by this job (robot)", field="kind",
                                          value=pb.ActorKind.Name(req.kind))
@@ -84,6 +113,7 @@ class LearnerServicer:
                 raise InvalidArgument(f"tasks {unknown} are not tasks of job {self.cfg.job_id!r} ({self.cfg.tasks})",
                                       field="tasks", value=unknown)
         except FleetloopError as exc:
+            self.core.metrics.refused_handshakes.labels(self.cfg.job_id, _reason(exc)).inc()
             event(log, "handshake_refused", level=30, job=req.job_id, actor=req.actor_id, error=str(exc))
             _abort(context, exc)
         session = uuid.uuid4().hex
@@ -105,25 +135,43 @@ class LearnerServicer:
         m, job = self.core.metrics, self.cfg.job_id
         try:
             self._authorize(context, job)
+            lease = self.guard.open("StreamExperience", context)
         except FleetloopError as exc:
-            m.rejected.labels(job, _reason(exc)).inc()
-            _abort(context, exc)
-        for raw in request_iterator:
-            try:
-                if len(raw) > self.cfg.max_message_bytes:
-                    raise ResourceExhausted(f"chunk of {len(raw)} bytes exceeds max_message_bytes {self.cfg.max_message_bytes}",
-                                            field="message_size", value=len(raw))
-                try:
-                    chunk = pb.EpisodeChunk.FromString(raw)
-                except DecodeError as exc:
-                    raise InvalidArgument(f"chunk is not a valid EpisodeChunk: {exc}", field="message", value=len(raw)) from None
-                duplicate = self.core.ingestor.ingest(chunk, len(raw), self.core.version, raw=raw)
-            except FleetloopError as exc:
+            if not isinstance(exc, ResourceExhausted):  # a full stream cap refuses no chunk (counted as over_cap)
                 m.rejected.labels(job, _reason(exc)).inc()
-                event(log, "chunk_rejected", level=30, job=job, error=str(exc)[:300])
-                _abort(context, exc)
-            yield pb.Ack(episode_id=chunk.episode_id, seq=chunk.seq, duplicate=duplicate,
-                         learner_version=max(self.core.version, 0), backoff_ms=self.core.backoff_ms())
+            _abort(context, exc)
+        inflight = self.core.flow.inflight
+        try:
+            for raw in request_iterator:
+                lease.touch()
+                try:
+                    if len(raw) > self.cfg.max_message_bytes:
+                        raise ResourceExhausted(f"chunk of {len(raw)} bytes exceeds max_message_bytes {self.cfg.max_message_bytes}",
+                                                field="message_size", value=len(raw))
+                    with inflight.reserve(len(raw)):
+                        try:
+                            chunk = pb.EpisodeChunk.FromString(raw)
+                        except DecodeError as exc:
+                            raise InvalidArgument(f"chunk is not a valid EpisodeChunk: {exc}", field="message",
+                                                  value=len(raw)) from None
+                        lease.actor = chunk.actor_id[:128]
+                        duplicate = self.core.ingestor.ingest(chunk, len(raw), self.core.version, raw=raw)
+                except FleetloopError as exc:
+                    m.rejected.labels(job, _reason(exc)).inc()
+                    event(log, "chunk_rejected", level=30, job=job, actor=lease.actor or "?", error=str(exc)[:300])
+                    _abort(context, exc)
+                except Exception as exc:  # a bug, not bad input: INTERNAL (the actor retries, then sets the chunk aside)
+                    m.rejected.labels(job, "internal").inc()
+                    log.exception("chunk_internal_error job=%s actor=%s", job, lease.actor or "?")
+                    context.abort(grpc.StatusCode.INTERNAL, f"internal error storing a chunk of actor {lease.actor!r}: "
+                                                            f"{type(exc).__name__}: {str(exc)[:200]}")
+                yield pb.Ack(episode_id=chunk.episode_id, seq=chunk.seq, duplicate=duplicate,
+                             learner_version=max(self.core.version, 0), backoff_ms=self.core.backoff_ms(chunk.actor_id))
+                lease.touch()
+        except grpc.RpcError:  # ended by the peer or by the stream guard: nobody to answer
+            return
+        finally:
+            lease.close()
 
     # -- Weights -----------------------------------------------------------------------------
     def SubscribeWeights(self, req: pb.SubscribeRequest, context: grpc.ServicerContext):
@@ -131,18 +179,24 @@ class LearnerServicer:
             self._authorize(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
+            lease = self.guard.open("SubscribeWeights", context)
         except FleetloopError as exc:
             _abort(context, exc)
+        lease.actor = req.actor_id[:128]
         store = self.core.weights
         known = None
-        while context.is_active():
-            info = store.wait_for_change(known[:2] if known else None, timeout=1.0)  # job_state: seen within 1 s
-            if info is None:
-                continue
-            current = (info.version, store.pinned is not None, self.core.job_state)
-            if current != known:
-                known = current
-                yield announcement(info, store.pinned, self.core.job_state)
+        try:
+            while context.is_active():
+                lease.touch()  # progress = the loop turns; a send blocked on a peer that stopped reading stops it
+                info = store.wait_for_change(known[:2] if known else None, timeout=1.0)  # job_state: seen within 1 s
+                if info is None:
+                    continue
+                current = (info.version, store.pinned is not None, self.core.job_state)
+                if current != known:
+                    known = current
+                    yield announcement(info, store.pinned, self.core.job_state)
+        finally:
+            lease.close()
 
     def FetchWeights(self, req: pb.FetchRequest, context: grpc.ServicerContext):
         try:
@@ -153,44 +207,83 @@ class LearnerServicer:
             blob = self.core.weights.blob(req.version)
             if req.offset > len(blob):
                 raise InvalidArgument(f"offset {req.offset} is past the blob's {len(blob)} bytes", field="offset", value=req.offset)
+            lease = self.guard.open("FetchWeights", context)
         except FleetloopError as exc:
             _abort(context, exc)
+        lease.actor = req.actor_id[:128]
         size = min(max(req.chunk_bytes or self.cfg.weight_chunk_bytes, 4096), self.cfg.weight_chunk_bytes)
         view = memoryview(blob)
         served = self.core.metrics.served_bytes.labels(self.cfg.job_id)
-        for off in range(int(req.offset), len(blob), size):
-            if not context.is_active():
-                return
-            data = view[off:off + size]
-            served.inc(len(data))
-            yield pb.WeightChunk(version=info.version, offset=off, data=bytes(data), total_size=len(blob), sha256=info.sha256)
-        if len(blob) == 0 or req.offset == len(blob):
-            yield pb.WeightChunk(version=info.version, offset=len(blob), data=b"", total_size=len(blob), sha256=info.sha256)
+        try:
+            for off in range(int(req.offset), len(blob), size):
+                if not context.is_active():
+                    return
+                lease.touch()  # the previous chunk was sent
+                data = view[off:off + size]
+                served.inc(len(data))
+                yield pb.WeightChunk(version=info.version, offset=off, data=bytes(data), total_size=len(blob), sha256=info.sha256)
+            if len(blob) == 0 or req.offset == len(blob):
+                yield pb.WeightChunk(version=info.version, offset=len(blob), data=b"", total_size=len(blob), sha256=info.sha256)
+        finally:
+            lease.close()
+
+
+def _parsed(cls, method, metrics, job: str):
+    """Wrap a handler so its request arrives as bytes and is parsed here: undecodable bytes get
+    INVALID_ARGUMENT naming the message type (gRPC's own deserializer would answer INTERNAL)."""
+    def parse(raw: bytes, context: grpc.ServicerContext):
+        try:
+            return cls.FromString(raw)
+        except (DecodeError, ValueError) as exc:
+            metrics.rejected.labels(job, f"invalid_argument:{cls.__name__}").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {cls.DESCRIPTOR.full_name} "
+                                                            f"({len(raw)} bytes): {str(exc)[:200]}")
+
+    def unary(raw: bytes, context: grpc.ServicerContext):
+        return method(parse(raw, context), context)
+
+    def streaming(raw: bytes, context: grpc.ServicerContext):
+        yield from method(parse(raw, context), context)
+
+    return streaming if inspect.isgeneratorfunction(method) else unary
+
+
+def server_options(max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float) -> list[tuple[str, int]]:
+    """Channel arguments of the learner's server: message limits and HTTP/2 keepalive. The server
+    pings every connection after ``keepalive_time_s`` without activity (also without calls, and
+    without a data frame in between) and closes it when a ping stays unanswered for
+    ``keepalive_timeout_s``; clients may ping every 5 s (actors ping every 20 s)."""
+    limit = max_message_bytes + (1 << 20)  # headroom so oversized chunks get our clear error, not a transport one
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)), ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.so_reuseport", 0)]
 
 
 def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, max_message_bytes: int,
                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) gRPC server bound to host:port; returns (server, bound port)."""
-    limit = max_message_bytes + (1 << 20)  # headroom so oversized chunks get our clear error, not a transport one
+    """A started-ready (not yet started) gRPC server bound to host:port; returns (server, bound port).
+    Keepalive comes from the servicer's config; at most ``workers - 2`` RPCs run at once (gRPC
+    refuses more with RESOURCE_EXHAUSTED), and the stream caps keep some of those for unary calls."""
+    cfg = servicer.cfg
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleetloop-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                 ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                 ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0)],
+        options=server_options(max_message_bytes, cfg.keepalive_time_s, cfg.keepalive_timeout_s),
         maximum_concurrent_rpcs=workers - 2,
     )
+    m, job = servicer.core.metrics, cfg.job_id
+    raw = lambda b: b  # noqa: E731 - every request is parsed by the handler (clear INVALID_ARGUMENT on garbage)
     handlers = {
         "Handshake": grpc.unary_unary_rpc_method_handler(
-            servicer.Handshake, request_deserializer=pb.HandshakeRequest.FromString,
+            _parsed(pb.HandshakeRequest, servicer.Handshake, m, job), request_deserializer=raw,
             response_serializer=pb.HandshakeResponse.SerializeToString),
         "StreamExperience": grpc.stream_stream_rpc_method_handler(
-            servicer.StreamExperience, request_deserializer=lambda b: b, response_serializer=pb.Ack.SerializeToString),
+            servicer.StreamExperience, request_deserializer=raw, response_serializer=pb.Ack.SerializeToString),
         "SubscribeWeights": grpc.unary_stream_rpc_method_handler(
-            servicer.SubscribeWeights, request_deserializer=pb.SubscribeRequest.FromString,
+            _parsed(pb.SubscribeRequest, servicer.SubscribeWeights, m, job), request_deserializer=raw,
             response_serializer=pb.WeightAnnouncement.SerializeToString),
         "FetchWeights": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchWeights, request_deserializer=pb.FetchRequest.FromString,
+            _parsed(pb.FetchRequest, servicer.FetchWeights, m, job), request_deserializer=raw,
             response_serializer=pb.WeightChunk.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -22,9 +22,9 @@ episode on the learner, and the restarted process reports it (``episode_left_ope
 its marker; a torn spool file (a write cut by a power loss, planted here next to the temp file a
 kill mid-write leaves) is set aside, never sent; the restarted actor drains its spool and exits 0.
 
-Closing the cut episode as ``aborted`` (``FleetClient(abort_interrupted=True)``) needs the learner
-to accept a zero-step end chunk, which it does not yet: ``test_zero_step_end_chunk_is_ingested``
-(strict xfail) holds that, and ``test_abort_chunk_of_an_interrupted_episode`` the actor's side.
+Closing the cut episode as ``aborted`` instead (``FleetClient(abort_interrupted=True)``, off by
+default) sends a zero-step end chunk: ``test_zero_step_end_chunk_is_ingested`` holds the learner
+side, ``test_abort_chunk_of_an_interrupted_episode`` the actor's side.
 """
 
 from __future__ import annotations
@@ -222,11 +222,6 @@ def test_abort_chunk_of_an_interrupted_episode(tmp_path):
     assert reopened.open_episodes() == [] and len(reopened) == 3
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="learner/ingest.py validate(): reshape(steps, -1) fails for a zero-step chunk (numpy cannot "
-                          "infer -1 from size 0), so an episode ended before any step, or closed as aborted after a "
-                          "crash, is never ingested; the ValueError is no FleetloopError, so the servicer ends the "
-                          "stream with UNKNOWN and the actor resends it forever. Fix: reshape(steps, prod(spec.shape)).")
 def test_zero_step_end_chunk_is_ingested(tmp_path):
     from actor.main import robot_specs
     from actor.runtime import close_interrupted_episodes

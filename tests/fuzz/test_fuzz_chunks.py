@@ -171,8 +171,6 @@ def test_unknown_job_is_not_found_naming_it():
     RECORD.case("chunk_decoder.examples", "NotFound")
 
 
-@pytest.mark.xfail(strict=True, reason="finding ingest-zero-step-end-chunk (learner/ingest.py, not this suite's file): "
-                   "validate reshapes obs[0, 39] with reshape(0, -1) -> numpy ValueError")
 def test_zero_step_end_chunk_is_valid():
     """An episode that ends before its first step: EpisodeRecorder.end() sends exactly this chunk."""
     chunk = pb.EpisodeChunk(job_id=JOB, actor_id="a", episode_id="ep-empty", seq=0, task_id=TASKS[0])

@@ -299,11 +299,9 @@ def test_duplicate_and_huge_specs_are_refused_readably(learner, wire):
     assert_alive(learner, wire)
 
 
-# -- open findings in files this suite may not change (strict xfail: they flip when fixed) ---------------
+# -- findings of this suite in learner/server.py and learner/ingest.py, fixed there (regression tests) ----------
 
 
-@pytest.mark.xfail(strict=True, reason="finding handshake-unknown-kind (learner/server.py): pb.ActorKind.Name(7) raises "
-                   "ValueError inside Handshake -> UNKNOWN 'Exception calling application' instead of FAILED_PRECONDITION")
 def test_unknown_actor_kind_is_failed_precondition(learner, wire):
     _, stub, _, _ = wire
     req = valid_handshake("kind-7")
@@ -313,8 +311,6 @@ def test_unknown_actor_kind_is_failed_precondition(learner, wire):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "kind" in info.value.details(), info.value.details()
 
 
-@pytest.mark.xfail(strict=True, reason="finding unary-garbage-internal (learner/server.py build_server): grpc's own "
-                   "request deserializer answers INTERNAL 'Exception deserializing request!'")
 def test_undecodable_handshake_is_invalid_argument(learner, wire):
     _, _, _, handshake = wire
     with pytest.raises(grpc.RpcError) as info:
@@ -323,8 +319,6 @@ def test_undecodable_handshake_is_invalid_argument(learner, wire):
         (info.value.code(), info.value.details())
 
 
-@pytest.mark.xfail(strict=True, reason="finding handshake-refusals-uncounted (learner/server.py, learner/metrics.py): "
-                   "a refused Handshake increases no counter")
 def test_handshake_refusals_are_counted(learner, wire):
     _, stub, _, _ = wire
 
@@ -346,8 +340,6 @@ def test_handshake_refusals_are_counted(learner, wire):
     assert totals() - before == 3
 
 
-@pytest.mark.xfail(strict=True, reason="finding ingest-first-step-overflow (learner/ingest.py validate does not bound "
-                   "first_step; replay's np.arange(int64) overflows after the log append) -> UNKNOWN, not counted")
 def test_first_step_past_int64_is_invalid_argument(learner, wire):
     _, _, stream, _ = wire
     chunk = valid_chunk(f"fs-{uuid.uuid4().hex}", 5)
@@ -357,9 +349,6 @@ def test_first_step_past_int64_is_invalid_argument(learner, wire):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first_step" in info.value.details(), info.value.details()
 
 
-@pytest.mark.xfail(strict=True, reason="finding ingest-zero-step-end-chunk (learner/ingest.py): the 0-step end chunk "
-                   "EpisodeRecorder.end() sends for an episode ended before its first step gets UNKNOWN; the Sender "
-                   "retries it forever and every later chunk of the actor waits behind it")
 @pytest.mark.timeout(120)
 def test_episode_ended_before_first_step_does_not_stall_actor(learner, tmp_path):
     from actor.runtime import FleetClient

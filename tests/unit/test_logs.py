@@ -7,16 +7,24 @@ import logging
 from fleetloop.logs import MAX_VALUE_CHARS, event, get_logger
 
 
-def test_values_cannot_forge_lines_and_are_bounded(caplog):
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_values_cannot_forge_lines_and_are_bounded():
     log = get_logger("test.logs")
-    logging.getLogger("fleetloop").propagate = True
+    sink = _Collect()
+    log.addHandler(sink)
     try:
-        with caplog.at_level(logging.INFO, logger="fleetloop"):
-            event(log, "refused", actor="evil\nts=1 level=error event=forged", error='say "hi"', long="x" * 5000)
+        event(log, "refused", actor="evil\nts=1 level=error event=forged", error='say "hi"', long="x" * 5000)
     finally:
-        logging.getLogger("fleetloop").propagate = False
-    (record,) = [r for r in caplog.records if "event=refused" in r.getMessage()]
-    line = record.getMessage()
+        log.removeHandler(sink)
+    (line,) = sink.lines
     assert "\n" not in line and line.count("event=") == 2  # the forged text stays inside the quoted value
     assert 'actor="evil\\nts=1 level=error event=forged"' in line
     assert 'error="say \\"hi\\""' in line
