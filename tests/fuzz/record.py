@@ -55,31 +55,36 @@ FINDINGS: list[dict[str, str]] = [
      "input": "FetchWeights stream of empty WeightChunks at offset 0",
      "symptom": "any number of empty chunks was accepted: an endless stream of them held the fetch until its deadline",
      "fix": "an empty chunk is legal only as the end marker (offset == size_bytes), once"},
-    {"id": "ingest-zero-step-end-chunk", "status": "open", "where": "learner/ingest.py validate",
+    {"id": "ingest-zero-step-end-chunk", "status": "fixed", "where": "learner/ingest.py validate",
      "input": "EpisodeChunk with 0 steps (shapes [0], [0,39], [0,4]) and end.outcome=ABORTED, as "
               "actor.runtime.EpisodeRecorder.end() sends when an episode ends before its first step",
      "symptom": "ValueError 'cannot reshape array of size 0 into shape (0,newaxis)' -> gRPC UNKNOWN, not counted; "
                 "the actor's Sender retries UNKNOWN forever, so every later chunk of that actor stalls behind it",
      "test": "tests/fuzz/test_fuzz_chunks.py::test_zero_step_end_chunk_is_valid, "
-             "tests/fuzz/test_fuzz_server.py::test_episode_ended_before_first_step_does_not_stall_actor"},
-    {"id": "ingest-first-step-overflow", "status": "open", "where": "learner/ingest.py validate (-> replay.add_online)",
+             "tests/fuzz/test_fuzz_server.py::test_episode_ended_before_first_step_does_not_stall_actor",
+     "fix": "validate reshapes by the spec's flattened size, so a 0-step chunk decodes (fixed in learner/ingest.py)"},
+    {"id": "ingest-first-step-overflow", "status": "fixed", "where": "learner/ingest.py validate (-> replay.add_online)",
      "input": "valid EpisodeChunk with first_step = 2**63 (uint64 on the wire)",
      "symptom": "OverflowError in np.arange(int64) after the chunk was appended to the durable ingest log -> gRPC "
                 "UNKNOWN, not counted; every resend appends it to the log again",
-     "test": "tests/fuzz/test_fuzz_server.py::test_first_step_past_int64_is_invalid_argument"},
-    {"id": "handshake-unknown-kind", "status": "open", "where": "learner/server.py Handshake",
+     "test": "tests/fuzz/test_fuzz_server.py::test_first_step_past_int64_is_invalid_argument",
+     "fix": "validate bounds seq and first_step below 2**40 before anything is logged: INVALID_ARGUMENT naming the field"},
+    {"id": "handshake-unknown-kind", "status": "fixed", "where": "learner/server.py Handshake",
      "input": "HandshakeRequest(kind=7) (proto3 enums are open: any int32 arrives)",
      "symptom": "pb.ActorKind.Name(7) raises ValueError -> gRPC UNKNOWN 'Exception calling application'",
-     "test": "tests/fuzz/test_fuzz_server.py::test_unknown_actor_kind_is_failed_precondition"},
-    {"id": "unary-garbage-internal", "status": "open", "where": "learner/server.py build_server (request deserializers)",
+     "test": "tests/fuzz/test_fuzz_server.py::test_unknown_actor_kind_is_failed_precondition",
+     "fix": "an ActorKind outside the enum is refused with FAILED_PRECONDITION naming the number"},
+    {"id": "unary-garbage-internal", "status": "fixed", "where": "learner/server.py build_server (request deserializers)",
      "input": "b'\\xff\\xff garbage' sent to /fleetloop.v1.Learner/Handshake (same for SubscribeWeights, FetchWeights)",
      "symptom": "grpc's own deserializer fails: INTERNAL 'Exception deserializing request!', not INVALID_ARGUMENT naming "
                 "the message (StreamExperience parses raw bytes itself and gets this right)",
-     "test": "tests/fuzz/test_fuzz_server.py::test_undecodable_handshake_is_invalid_argument"},
-    {"id": "handshake-refusals-uncounted", "status": "open", "where": "learner/server.py Handshake, learner/metrics.py",
+     "test": "tests/fuzz/test_fuzz_server.py::test_undecodable_handshake_is_invalid_argument",
+     "fix": "every unary request arrives as bytes and is parsed by the server: INVALID_ARGUMENT naming the message type"},
+    {"id": "handshake-refusals-uncounted", "status": "fixed", "where": "learner/server.py Handshake, learner/metrics.py",
      "input": "any refused HandshakeRequest (bad protocol, job, token, kind, specs, tasks)",
      "symptom": "no counter increases (rejected_chunks_total counts only StreamExperience)",
-     "test": "tests/fuzz/test_fuzz_server.py::test_handshake_refusals_are_counted"},
+     "test": "tests/fuzz/test_fuzz_server.py::test_handshake_refusals_are_counted",
+     "fix": "fleetloop_learner_refused_handshakes_total{reason} counts every refusal"},
 ]
 
 
@@ -94,7 +99,7 @@ class FuzzRecord:
 
     def case(self, target: str, outcome: str, engine: str = "hypothesis") -> None:
         """Count one example of ``target`` that ended in ``outcome`` (e.g. ``accepted``,
-        ``InvalidArgument``, ``INVALID_ARGUMENT``, ``known-open:<finding id>``)."""
+        ``InvalidArgument``, ``INVALID_ARGUMENT``)."""
         with self._lock:
             self.cases[target] += 1
             self.outcomes[target][outcome] += 1

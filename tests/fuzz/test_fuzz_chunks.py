@@ -35,16 +35,6 @@ FIELDS = {"job_id", "actor_id", "episode_id", "task_id", "behavior_version", "se
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def known_open(chunk: pb.EpisodeChunk | None, exc: BaseException) -> str | None:
-    """Finding id when ``exc`` is the signature of a still-open bug in a file this suite may not change
-    (see record.FINDINGS); None for anything else (which then fails the property)."""
-    if chunk is None or not isinstance(exc, ValueError):
-        return None
-    if chunk.HasField("end") and list(chunk.rewards.shape) == [0] and "cannot reshape array of size 0" in str(exc):
-        return "ingest-zero-step-end-chunk"
-    return None
-
-
 def value_named(exc: FleetloopError) -> bool:
     """True when the message shows the offending value (any usual rendering of it)."""
     msg, v = str(exc), exc.value
@@ -94,10 +84,7 @@ def run_decoder(raw: bytes | None, chunk: pb.EpisodeChunk | None, desc: str, tar
             assert_clear(exc, desc)
             RECORD.case(target, type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - the property is "nothing else escapes"
-            open_bug = known_open(chunk, exc)
-            if open_bug is None:
-                raise AssertionError(f"{desc}: {type(exc).__name__} escaped the decoder: {exc}") from exc
-            RECORD.case(target, f"known-open:{open_bug}")
+            raise AssertionError(f"{desc}: {type(exc).__name__} escaped the decoder: {exc}") from exc
         else:
             assert_valid(decoded, chunk)
             RECORD.case(target, "accepted")
