@@ -3,6 +3,14 @@
 The architecture comes from the handshake (factory name + kwargs + task list), so actor and learner
 agree by construction; ``load`` takes only digest-verified weights (``VerifiedWeights``).
 Inference is single-observation, no grad, CPU by default (robots run locally).
+
+Inference settings come from the RunConfig's ``inference_json`` (the learner fills it from the
+algorithm; RECAP: ``{"guidance_beta": b, "eval_guidance_beta": e, "indicator": "positive"}``). An
+indicator-conditioned policy is asked for the positive indicator and mixed with its unconditional
+output by classifier-free guidance (:func:`fleetloop.policies.guided_action`):
+``a = a_uncond + beta * (a_pos - a_uncond)``, clamped to [-1, 1]; at beta 1 (fleet rollouts) only
+the positive pass runs. An evaluation harness overrides beta with the ``guidance_beta`` argument or
+:meth:`PolicyRunner.set_guidance` (``eval_guidance_beta`` holds the learner's suggestion).
 """
 
 from __future__ import annotations
@@ -13,22 +21,36 @@ import numpy as np
 import torch
 
 from actor.weight_client import VerifiedWeights
-from fleetloop.policies import COND_POSITIVE, build_policy
+from fleetloop.policies import build_policy, guided_action
 
 
 class PolicyRunner:
-    """Deterministic action for (obs, task) under the loaded version."""
+    """Deterministic action for (obs, task) under the loaded version.
 
-    def __init__(self, run_config, obs_dim: int, act_dim: int, device: str = "cpu") -> None:
+    ``guidance``: the CFG beta in use (``guidance_beta`` argument, else the RunConfig's, else 1.0).
+    ``guided_actions`` counts actions computed through guidance (conditioned policies only)."""
+
+    def __init__(self, run_config, obs_dim: int, act_dim: int, device: str = "cpu",
+                 guidance_beta: float | None = None) -> None:
         self.task_ids = list(run_config.task_ids)
         self.task_index = {t: i for i, t in enumerate(self.task_ids)}
         self.device = torch.device(device)
         self.policy = build_policy(run_config.policy_factory, json.loads(run_config.policy_kwargs_json or "{}"),
                                    obs_dim, act_dim, len(self.task_ids)).to(self.device).eval()
-        inference = json.loads(run_config.inference_json or "{}")
-        self.guidance = float(inference.get("guidance_beta", 1.0))
+        self.inference = json.loads(run_config.inference_json or "{}")
+        self.eval_guidance_beta = float(self.inference.get("eval_guidance_beta", self.inference.get("guidance_beta", 1.0)))
         self.conditioned = bool(getattr(self.policy, "conditioned", False))
+        self.guidance = 1.0
+        self.set_guidance(guidance_beta if guidance_beta is not None else float(self.inference.get("guidance_beta", 1.0)))
+        self.guided_actions = 0
         self.version = -1
+
+    def set_guidance(self, beta: float) -> None:
+        """Use CFG ``beta`` from the next action on (0 = unconditional, 1 = positive-conditioned, > 1 sharper)."""
+        beta = float(beta)
+        if not np.isfinite(beta) or beta < 0:
+            raise ValueError(f"guidance beta must be finite and >= 0, got {beta}")
+        self.guidance = beta
 
     def load(self, weights: VerifiedWeights) -> None:
         """Swap in a verified version (call only between episodes)."""
@@ -38,13 +60,10 @@ class PolicyRunner:
     @torch.no_grad()
     def act(self, obs: np.ndarray, task_id: str) -> np.ndarray:
         """Action for one observation: float32 [act_dim]. With a conditioned policy, classifier-free
-        guidance mixes the positive-conditioned and unconditional outputs with ``guidance_beta``."""
+        guidance mixes the positive-conditioned and unconditional outputs with ``guidance``."""
         o = torch.as_tensor(np.asarray(obs, np.float32), device=self.device).unsqueeze(0)
         t = torch.tensor([self.task_index[task_id]], device=self.device)
         if not self.conditioned:
             return self.policy(o, t).squeeze(0).cpu().numpy()
-        pos = self.policy(o, t, torch.tensor([COND_POSITIVE], device=self.device))
-        if self.guidance == 1.0:
-            return pos.squeeze(0).cpu().numpy()
-        unc = self.policy(o, t, torch.tensor([0], device=self.device))
-        return torch.clamp(unc + self.guidance * (pos - unc), -1, 1).squeeze(0).cpu().numpy()
+        self.guided_actions += 1
+        return guided_action(self.policy, o, t, self.guidance).squeeze(0).cpu().numpy()

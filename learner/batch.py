@@ -39,6 +39,17 @@ OFFLINE_VERSION = -1
 SOURCES = {"online": ONLINE, "offline": OFFLINE}
 
 _TENSOR_FIELDS = ("obs", "actions", "task", "interventions", "source", "versions", "rewards", "weights")
+#: Replay sample keys that are batch fields; :data:`REPLAY_META` keys stay in the replay; every other
+#: sample key (e.g. RECAP's ``recap_*`` columns) is carried into ``Batch.extra``.
+SAMPLE_FIELDS = ("obs", "actions", "rewards", "interventions", "versions")
+REPLAY_META = ("episode_keys", "steps", "insert_times")
+
+
+def extra_keys(sample: Mapping[str, np.ndarray]) -> list[str]:
+    """Keys of a replay sample that go into ``Batch.extra`` (sorted): neither batch fields nor replay metadata."""
+    return sorted(k for k in sample if k not in SAMPLE_FIELDS and k not in REPLAY_META)
+
+
 _DTYPES = {
     "obs": np.float32, "actions": np.float32, "task": np.int64, "interventions": np.bool_,
     "source": np.uint8, "versions": np.int64, "rewards": np.float32, "weights": np.float32,
@@ -122,20 +133,27 @@ class Batch:
 
         ``parts`` is a list of ``(task_index, source, sample)`` where ``sample`` is the dict returned by
         :meth:`learner.replay.ReplayStore.sample` (keys ``obs``, ``actions``, ``rewards``,
-        ``interventions``, ``versions``; any further keys are ignored). Weights start at 1; the
-        learner overwrites them with the staleness gate's. At least one part is required.
+        ``interventions``, ``versions``; :data:`REPLAY_META` keys are ignored; any other key, e.g.
+        RECAP's ``recap_*`` columns, goes into ``extra`` and must be in every part, else
+        InvalidArgument naming it). Weights start at 1; the learner overwrites them with the
+        staleness gate's. At least one part is required.
         """
         if not parts:
             raise InvalidArgument("cannot build a batch from zero parts", field="parts", value=0)
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "rewards", "interventions", "versions", "task", "source")}
+        ext = extra_keys(parts[0][2])
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLE_FIELDS, "task", "source", *ext)}
         for task_index, source, sample in parts:
+            if extra_keys(sample) != ext:
+                raise InvalidArgument(f"replay samples disagree on extra columns: {extra_keys(sample)} vs {ext}",
+                                      field="parts.extra", value=extra_keys(sample))
             n = int(sample["obs"].shape[0])
-            for k in ("obs", "actions", "rewards", "interventions", "versions"):
+            for k in (*SAMPLE_FIELDS, *ext):
                 cols[k].append(sample[k])
             cols["task"].append(np.full(n, task_index, dtype=np.int64))
             cols["source"].append(np.full(n, source, dtype=np.uint8))
         cat = {k: np.concatenate(v) for k, v in cols.items()}
-        return cls.from_numpy(**cat)
+        extra = {k: cat.pop(k) for k in ext}
+        return cls.from_numpy(**cat, extra=extra)
 
     def numpy(self) -> dict[str, np.ndarray]:
         """All tensor fields as numpy arrays (copied to CPU); ``extra`` keys are prefixed ``extra.``."""

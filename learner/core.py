@@ -9,6 +9,14 @@ Restart path (invariant 5): load the newest intact checkpoint (algorithm, optimi
 then replay the ingest log into fresh buffers and ledger; the weight store continues its version
 counter from disk, so versions only increase and staleness stays measured against them.
 
+RECAP wiring (an algorithm with ``needs_episode_targets``): the replay store keeps the per-row
+``recap_*`` columns (:mod:`learner.replay`); demos are labelled at load with their manifest outcome,
+online episodes when their outcome is seen (:meth:`LearnerCore._sync_episode_ends`, before every
+step's sampling); ``max_episode_steps`` defaults to the learner's; a fresh start (no checkpoint)
+runs :func:`learner.pretrain.prepare_recap` (value function, then the indicator-conditioned policy
+on the demos) before version 0 is published; initial weights from a plain BC file are lifted into
+the conditioned layout (:func:`learner.pretrain.load_initial_weights`).
+
 Memory (``memory_budget_mb``): after the demos are loaded, the online rings are sized so that
 demos + online rings (at capacity) + the in-flight ingest limit fit the budget
 (:func:`learner.backpressure.plan_memory`); ``status()["memory"]`` and the
@@ -17,6 +25,7 @@ demos + online rings (at capacity) + the in-flight ingest limit fit the budget
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -31,12 +40,13 @@ from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.algorithms import make_algorithm
 from learner.backpressure import INFLIGHT_MESSAGES, FlowControl, MemoryPlan, plan_memory
-from learner.batch import Batch
+from learner.batch import SAMPLE_FIELDS, Batch, extra_keys
 from learner.checkpoint import load_latest, save_checkpoint
 from learner.config import LearnerConfig
 from learner.ingest import Ingestor
 from learner.ingest_log import IngestLog
 from learner.metrics import LearnerMetrics
+from learner.pretrain import load_initial_weights
 from learner.replay import ReplayStore, bytes_per_step
 from learner.sampler import AdaptiveSampler
 from learner.specs import to_proto_specs
@@ -69,13 +79,20 @@ class LearnerCore:
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         policy = build_policy(config.policy_factory, config.policy_kwargs, config.obs_dim, config.act_dim, len(config.tasks))
+        self.initial_meta: dict[str, str] = {}
         if config.initial_weights is not None:
-            from safetensors.torch import load_file
-            policy.load_state_dict(load_file(str(config.initial_weights)))
-        self.algorithm = make_algorithm(config.algorithm, policy.to(self.device), config.algorithm_params, self.device)
+            self.initial_meta = load_initial_weights(policy, Path(config.initial_weights))
+        params = dict(config.algorithm_params)
+        if config.algorithm == "recap":  # returns are normalised by the episode limit the actors obey
+            params.setdefault("max_episode_steps", config.max_episode_steps)
+        self.algorithm = make_algorithm(config.algorithm, policy.to(self.device), params, self.device)
         self.gate = StalenessGate(config.staleness or self.algorithm.default_staleness())
         self.metrics.staleness_bound.labels(self.job).set(self.gate.config.bound)
-        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.online_capacity)
+        self.targets = bool(getattr(self.algorithm, "needs_episode_targets", False))
+        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.online_capacity,
+                                  episode_targets=self.algorithm.episode_targets if self.targets else None)
+        self._ends_seen = 0  # ingestor episode records already applied to the replay's target columns
+        self.recap_startup: dict[str, Any] | None = None
         self.sampler = AdaptiveSampler(config.tasks, config.sampler)
         self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
         self.ingest_log = IngestLog(state_dir / "ingest.log", fsync=config.fsync_log)
@@ -97,6 +114,7 @@ class LearnerCore:
         self.paused = False  # operator pause: no training steps and no publishes; ingest goes on
         self.job_state = "running"  # announced to actors with every weight announcement ('stopping' ends them)
         self.last_loss: float | None = None
+        self.last_stats: dict[str, float] = {}  # the newest train_step's loss and algorithm stats
         self._train_lock = threading.Lock()  # one update at a time (training thread vs. rollback)
         for task in config.tasks:  # live values, read at every scrape
             for source in SOURCES:
@@ -113,7 +131,7 @@ class LearnerCore:
             return 0
         n = 0
         for ep in iter_episodes(self.cfg.offline_dataset, tasks=self.cfg.tasks):
-            self.replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions)
+            self.replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions, outcome=ep.outcome)
             n += len(ep)
         event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.offline_dataset))
         return n
@@ -123,7 +141,8 @@ class LearnerCore:
         if self.cfg.memory_budget_mb is None:
             return None
         plan = plan_memory(self.cfg.memory_budget_mb, self.cfg.max_message_bytes, self.replay.nbytes(source="offline"),
-                           len(self.cfg.tasks), bytes_per_step(self.cfg.obs_dim, self.cfg.act_dim), self.cfg.online_capacity,
+                           len(self.cfg.tasks), bytes_per_step(self.cfg.obs_dim, self.cfg.act_dim, self.targets),
+                           self.cfg.online_capacity,
                            min_steps=max(2 * self.cfg.chunk_steps, 100))
         self.replay.set_online_capacity(plan.online_capacity)
         self.metrics.memory_budget.labels(self.job).set(plan.budget_bytes)
@@ -139,6 +158,11 @@ class LearnerCore:
             self.sampler.load_state_dict(state["sampler"])
             self.step = int(state["step"])
             event(log, "checkpoint_restored", job=self.job, step=self.step)
+        elif self.cfg.algorithm == "recap":  # fresh start: pretrain V (and the policy when nothing was published)
+            from learner.pretrain import prepare_recap
+            self.recap_startup = prepare_recap(self.algorithm, self.replay, self.cfg.tasks, self.cfg.offline_dataset,
+                                               self.cfg.batch_size, self.weights.latest is None, self.initial_meta,
+                                               seed=self.cfg.seed)
         replayed = 0
         from fleetloop.v1 import fleetloop_pb2
         version = self.version
@@ -253,6 +277,8 @@ class LearnerCore:
     def _train_step(self) -> dict[str, float] | None:
         t0 = time.perf_counter()
         with self.ingestor.lock:
+            if self.targets:
+                self._sync_episode_ends()
             online_total = sum(self.replay.size(t, "online") for t in self.cfg.tasks)
             if online_total < self.cfg.min_online_steps:
                 return None
@@ -289,20 +315,39 @@ class LearnerCore:
         if time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_every_s:
             self.checkpoint()
         self.last_loss = float(result.loss)
-        return {"loss": float(result.loss), **result.stats}
+        self.last_stats = {"loss": float(result.loss), **result.stats}
+        return self.last_stats
+
+    def _sync_episode_ends(self) -> int:
+        """Label the replay rows of online episodes whose outcome arrived since the last call (caller
+        holds the ingestor lock). Returns the episodes applied."""
+        ing = self.ingestor
+        total = ing.episodes_total
+        if total == self._ends_seen:
+            return 0
+        recs = list(itertools.islice(reversed(ing.episodes), total - self._ends_seen))[::-1]  # newest first, then reordered
+        keys = ing._episode_keys  # episode id -> the replay's episode key (assigned at ingest)
+        for r in recs:
+            key = keys.get(r.episode_id)
+            if key is not None:
+                self.replay.end_episode(r.task_id, key, r.outcome, r.steps)
+        self._ends_seen = total
+        return len(recs)
 
     def _assemble(self, parts, version: int) -> tuple[Batch | None, dict[tuple[str, str], np.ndarray]]:
         """Concatenate sampled parts, apply the staleness gate, record staleness. Returns the batch
-        and, per (task, source), the batch indices of its kept samples."""
+        and, per (task, source), the batch indices of its kept samples. Sample keys beyond the
+        standard fields (:func:`learner.batch.extra_keys`, e.g. ``recap_*``) go into ``Batch.extra``."""
         if not parts:
             return None, {}
         task_index = {t: i for i, t in enumerate(self.cfg.tasks)}
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("obs", "actions", "rewards", "interventions", "versions", "task", "source")}
+        ext = extra_keys(parts[0][2])
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLE_FIELDS, "task", "source", *ext)}
         spans = {}
         offset = 0
         for task, source, s in parts:
             n = len(s["rewards"])
-            for k in ("obs", "actions", "rewards", "interventions", "versions"):
+            for k in (*SAMPLE_FIELDS, *ext):
                 cols[k].append(s[k])
             cols["task"].append(np.full(n, task_index[task], np.int64))
             cols["source"].append(np.full(n, 0 if source == "online" else 1, np.uint8))
@@ -330,7 +375,8 @@ class LearnerCore:
             groups[key] = np.where(keep[a:b], new_index[a:b], -1)
         sel = {k: v[keep] for k, v in arrays.items()}
         batch = Batch.from_numpy(obs=sel["obs"], actions=sel["actions"], task=sel["task"], interventions=sel["interventions"],
-                                 source=sel["source"], versions=sel["versions"], rewards=sel["rewards"], weights=weights[keep])
+                                 source=sel["source"], versions=sel["versions"], rewards=sel["rewards"], weights=weights[keep],
+                                 extra={k: sel[k] for k in ext} or None)
         return batch, groups
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -424,6 +470,7 @@ class LearnerCore:
             "gate": self.gate.stats(), "device": str(self.device), "time": time.time(),
             "paused": self.paused, "job_state": self.job_state, "loss": self.last_loss,
             "offline_steps": self.offline_steps, "memory": self.memory_status(),
+            "algorithm": self.cfg.algorithm, "train_stats": dict(self.last_stats), "recap_startup": self.recap_startup,
         }
 
     def audit(self) -> dict[str, Any]:

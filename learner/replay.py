@@ -27,6 +27,26 @@ Invariants:
   geometrically up to the capacity, never past it); :meth:`ReplayStore.nbytes` reports what is
   allocated, so a memory budget can size the online rings (:meth:`ReplayStore.set_online_capacity`).
 
+**Episode target columns (RECAP).** A store built with ``episode_targets`` (a function
+``(length, outcome) -> per-step columns``, e.g. :meth:`learner.algorithms.recap.RecapAlgorithm.episode_targets`)
+also keeps, per row, the columns of :data:`TARGET_COLUMNS` (``recap_mc_return``, ``recap_value_mask``,
+``recap_nstep_reward``, ``recap_bootstrap``, ``recap_adv_valid``) and the write number of the row's
+N-step bootstrap observation. Choice: the columns are **stored at episode end**, not computed at
+sample time: they depend only on (step index t, length T, outcome), all known once the outcome
+arrives, so one vectorised write per episode replaces per-sample work on every learner step.
+
+- A new row starts *unknown*: ``recap_adv_valid`` and ``recap_value_mask`` False (no advantage, no
+  value target; RECAP trains it unconditioned). An episode still running stays unknown.
+- Online: each open episode maps step index -> write number (step indices past 4 x capacity are
+  not tracked: those rows stay unknown). :meth:`ReplayStore.end_episode` (outcome of the last
+  chunk) writes the episode's columns into its rows still live; evicted rows are never touched.
+- Offline demos: :meth:`ReplayStore.add_offline` with ``outcome`` (the manifest's) labels at once.
+- :meth:`ReplayStore.sample` adds ``recap_next_obs`` (the bootstrap step's observation, same
+  episode; the row's own where no bootstrap is needed). A bootstrap step never stored (dropped at
+  ingest) or no longer live makes the row's ``recap_adv_valid`` False.
+- Without ``episode_targets`` (HG-DAgger) none of this is allocated or run. :meth:`ReplayStore.restore`
+  resets the columns to unknown (the ingest-log replay at restart relabels ended episodes).
+
 Thread-safety: every public method takes an internal lock, so an ingest thread may add while the
 training thread samples. Samples are copies, never views of the ring.
 """
@@ -35,7 +55,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, Mapping, NamedTuple
 
 import numpy as np
 
@@ -45,12 +65,21 @@ Source = Literal["online", "offline"]
 FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
 _MIN_ALLOC = 1024
 _SCALAR_BYTES = 4 + 1 + 8 + 8 + 8 + 8  # rewards f32, interventions bool, versions, episode_keys, steps, insert_times
+#: Per-row episode target columns of a store with ``episode_targets`` (dtype), in sample order.
+TARGET_COLUMNS: dict[str, type] = {"recap_mc_return": np.float32, "recap_value_mask": np.bool_,
+                                   "recap_nstep_reward": np.float32, "recap_bootstrap": np.float32,
+                                   "recap_adv_valid": np.bool_}
+_NEXT = "_next_w"  # internal column: write number of the bootstrap observation's row (-1: none)
+_TARGET_BYTES = 4 + 1 + 4 + 4 + 1 + 8 + 8  # TARGET_COLUMNS, _NEXT, the open-episode map entry
+#: ``(length, outcome) -> {column: [length] array}``: must return every key of TARGET_COLUMNS and ``recap_next_step``.
+EpisodeTargets = Callable[[int, "str | None"], Mapping[str, np.ndarray]]
 
 
-def bytes_per_step(obs_dim: int, act_dim: int) -> int:
+def bytes_per_step(obs_dim: int, act_dim: int, targets: bool = False) -> int:
     """Bytes one buffer row takes: the fields of :data:`FIELDS`, its intervention-index slot (i64)
-    and its sampled flag (bool). Capacity x this bounds a buffer's allocation."""
-    return 4 * (int(obs_dim) + int(act_dim)) + _SCALAR_BYTES + 8 + 1
+    and its sampled flag (bool), plus the episode target columns with ``targets``. Capacity x this
+    bounds a buffer's allocation."""
+    return 4 * (int(obs_dim) + int(act_dim)) + _SCALAR_BYTES + 8 + 1 + (_TARGET_BYTES if targets else 0)
 
 
 class Eviction(NamedTuple):
@@ -66,8 +95,11 @@ class Eviction(NamedTuple):
 class _Buffer:
     """One ring buffer with an intervention index (internal; not locked, not validated)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int, evict: bool) -> None:
-        self.capacity, self.evict = capacity, evict
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, evict: bool, targets: bool = False) -> None:
+        self.capacity, self.evict, self.targets = capacity, evict, targets
+        self.open: dict[int, np.ndarray] = {}   # targets: open episode key -> write number per step index (-1: none)
+        self.open_last: dict[int, int] = {}     # targets: open episode key -> its newest write number
+        self._prune_at = 256
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.size = 0          # live steps
         self.written = 0       # steps ever written; the slot of write number w is w % capacity
@@ -87,7 +119,10 @@ class _Buffer:
         shapes = {"obs": (alloc, self.obs_dim), "actions": (alloc, self.act_dim)}
         dtypes = {"obs": np.float32, "actions": np.float32, "rewards": np.float32, "interventions": np.bool_,
                   "versions": np.int64, "episode_keys": np.int64, "steps": np.int64, "insert_times": np.float64}
-        new = {k: np.zeros(shapes.get(k, (alloc,)), dtype=dtypes[k]) for k in FIELDS}
+        if self.targets:
+            dtypes.update(TARGET_COLUMNS)
+            dtypes[_NEXT] = np.int64
+        new = {k: np.zeros(shapes.get(k, (alloc,)), dtype=dt) for k, dt in dtypes.items()}
         for k, old in self.data.items():
             new[k][: self.alloc] = old
         iv = np.zeros(alloc, dtype=np.int64)
@@ -122,6 +157,10 @@ class _Buffer:
         t = rows["obs"].shape[0]
         if not self.evict and self.size + t > self.capacity:
             raise OverflowError
+        if self.targets:  # new rows start unknown (no advantage, no value target, no bootstrap row)
+            for key, dt in TARGET_COLUMNS.items():
+                rows.setdefault(key, np.zeros(t, dtype=dt))
+            rows.setdefault(_NEXT, np.full(t, -1, dtype=np.int64))
         self.added += t
         evicted = unsampled = unsampled_iv = evicted_iv = 0
         if t > self.capacity:  # only the newest `capacity` steps can be kept
@@ -168,9 +207,75 @@ class _Buffer:
         return slots
 
     def ordered(self) -> dict[str, np.ndarray]:
-        """Copies of the live steps, oldest first."""
+        """Copies of the live steps, oldest first (target columns included, the internal bootstrap row not)."""
         slots = (self.written - self.size + np.arange(self.size)) % self.capacity
-        return {k: v[slots] for k, v in self.data.items()}
+        return {k: v[slots] for k, v in self.data.items() if k != _NEXT}
+
+    # -- episode target columns (only with ``targets``) ---------------------------------------------
+    def live(self, w: np.ndarray) -> np.ndarray:
+        """Bool per write number: the row written as ``w`` is still stored (FIFO: the newest ``size``)."""
+        return (w >= self.written - self.size) & (w >= 0) & (w < self.written)
+
+    def track(self, key: int, steps: np.ndarray, w: np.ndarray) -> None:
+        """Remember where the open episode ``key``'s steps were written (write numbers ``w``)."""
+        arr = self.open.get(key)
+        need = int(steps.max()) + 1
+        if need > 4 * self.capacity + 4096:  # absurd step index: never allocate for it (rows stay unknown)
+            return
+        if arr is None or arr.size < need:
+            grown = np.full(max(need, 2 * (0 if arr is None else arr.size), 64), -1, dtype=np.int64)
+            if arr is not None:
+                grown[: arr.size] = arr
+            self.open[key] = arr = grown
+        arr[steps] = w
+        self.open_last[key] = int(w[-1])
+        if len(self.open) > self._prune_at:  # episodes that never ended (actor gone) and are fully evicted
+            oldest = self.written - self.size
+            for k in [k for k, last in self.open_last.items() if last < oldest]:
+                del self.open[k], self.open_last[k]
+            self._prune_at = max(256, 2 * len(self.open))
+
+    def label(self, where: np.ndarray, length: int, outcome: str | None, fn: EpisodeTargets) -> int:
+        """Write an episode's target columns into its live rows. ``where``: write number per step
+        index (-1: not stored); ``length``: the episode's step count as reported (the longest stored
+        step index + 1 if larger). Returns the rows labelled."""
+        stored = np.flatnonzero(where >= 0)
+        if not stored.size:
+            return 0
+        length = max(int(length), int(stored[-1]) + 1)
+        cols = fn(length, outcome)
+        w = where[stored]
+        alive = self.live(w)
+        stored, w = stored[alive], w[alive]
+        if not stored.size:
+            return 0
+        slots = w % self.capacity
+        for key in TARGET_COLUMNS:
+            self.data[key][slots] = cols[key][stored]
+        nxt = np.asarray(cols["recap_next_step"])[stored]
+        inside = (nxt >= 0) & (nxt < where.size)
+        next_w = np.where(inside, where[np.where(inside, nxt, 0)], -1)
+        next_w = np.where(self.live(next_w), next_w, -1)  # never stored, or evicted: no bootstrap row
+        self.data[_NEXT][slots] = next_w
+        # a bootstrapped window whose last observation was never stored (dropped at ingest): no advantage
+        missing = (self.data["recap_bootstrap"][slots] > 0) & (next_w < 0)
+        self.data["recap_adv_valid"][slots[missing]] = False
+        return int(stored.size)
+
+    def end(self, key: int, outcome: str | None, length: int, fn: EpisodeTargets) -> int:
+        """Close the open episode ``key``: label its live rows (see :meth:`label`); 0 if unknown."""
+        where = self.open.pop(key, None)
+        self.open_last.pop(key, None)
+        return 0 if where is None else self.label(where, length, outcome, fn)
+
+    def gather_targets(self, out: dict[str, np.ndarray], slots: np.ndarray) -> None:
+        """Complete a sample's target columns in place: replace the internal bootstrap row by
+        ``recap_next_obs`` and mark samples whose bootstrap row is gone as unknown."""
+        next_w = out.pop(_NEXT)
+        need = out["recap_adv_valid"] & (out["recap_bootstrap"] > 0)
+        ok = need & self.live(next_w)
+        out["recap_next_obs"] = self.data["obs"][np.where(ok, next_w % self.capacity, slots)]
+        out["recap_adv_valid"] = out["recap_adv_valid"] & (ok | ~need)
 
 
 class ReplayStore:
@@ -183,7 +288,10 @@ class ReplayStore:
         act_dim: int,
         online_capacity: int = 200_000,
         offline_capacity: int = 200_000,
+        episode_targets: EpisodeTargets | None = None,
     ) -> None:
+        """``episode_targets``: keep the per-row episode target columns (module docstring) computed
+        by this function; None (HG-DAgger) keeps none."""
         if not task_ids or len(set(task_ids)) != len(task_ids):
             raise InvalidArgument(f"task_ids must be non-empty and unique, got {task_ids}", field="task_ids", value=task_ids)
         for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("online_capacity", online_capacity),
@@ -193,10 +301,13 @@ class ReplayStore:
         self.task_ids = list(task_ids)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.online_capacity, self.offline_capacity = int(online_capacity), int(offline_capacity)
+        self.episode_targets = episode_targets
+        on = episode_targets is not None
         self._buffers: dict[tuple[str, str], _Buffer] = {}
         for task in self.task_ids:
-            self._buffers[(task, "online")] = _Buffer(self.obs_dim, self.act_dim, self.online_capacity, evict=True)
-            self._buffers[(task, "offline")] = _Buffer(self.obs_dim, self.act_dim, self.offline_capacity, evict=False)
+            self._buffers[(task, "online")] = _Buffer(self.obs_dim, self.act_dim, self.online_capacity, evict=True, targets=on)
+            self._buffers[(task, "offline")] = _Buffer(self.obs_dim, self.act_dim, self.offline_capacity, evict=False,
+                                                       targets=on)
         self._lock = threading.Lock()
 
     # -- validation ---------------------------------------------------------------------------------
@@ -255,7 +366,29 @@ class ReplayStore:
         rows["steps"] = np.arange(int(first_step), int(first_step) + t, dtype=np.int64)
         rows["insert_times"] = np.full(t, time.time() if now is None else float(now), dtype=np.float64)
         with self._lock:
-            return buf.add(rows)
+            if self.episode_targets is None:
+                return buf.add(rows)
+            w0, steps = buf.written, rows["steps"]
+            ev = buf.add(rows)
+            kept = min(t, buf.capacity)  # a chunk longer than the ring keeps its newest rows
+            buf.track(int(episode_key), steps[t - kept:], w0 + np.arange(kept, dtype=np.int64))
+            return ev
+
+    def end_episode(self, task_id: str, episode_key: int, outcome: str | None, length: int = 0) -> int:
+        """The online episode ``episode_key`` of ``task_id`` ended with ``outcome`` after ``length``
+        steps: write its episode target columns into its rows still stored (no-op without
+        ``episode_targets``, or for an episode with no stored step). Returns the rows labelled."""
+        buf = self._buffer(task_id, "online")
+        if self.episode_targets is None:
+            return 0
+        with self._lock:
+            return buf.end(int(episode_key), outcome, int(length), self.episode_targets)
+
+    def open_episodes(self, task_id: str) -> int:
+        """Online episodes of ``task_id`` with stored steps and no outcome yet (0 without targets)."""
+        buf = self._buffer(task_id, "online")
+        with self._lock:
+            return len(buf.open)
 
     def set_online_capacity(self, capacity: int) -> None:
         """Resize every online ring to ``capacity`` steps; only before any online step was added
@@ -282,10 +415,13 @@ class ReplayStore:
         interventions: np.ndarray,
         episode_key: int = -1,
         now: float | None = None,
+        outcome: str | None = None,
     ) -> None:
         """Append one demonstration episode (step indices 0..T-1, behaviour version -1).
 
-        Raises ResourceExhausted naming the task if the offline buffer would overflow.
+        ``outcome`` (the dataset manifest's, e.g. "success") labels the episode target columns at
+        once when the store keeps them; None leaves them unknown. Raises ResourceExhausted naming
+        the task if the offline buffer would overflow.
         """
         buf = self._buffer(task_id, "offline")
         rows = self._rows(obs, actions, rewards, interventions)
@@ -296,7 +432,10 @@ class ReplayStore:
         rows["insert_times"] = np.full(t, time.time() if now is None else float(now), dtype=np.float64)
         with self._lock:
             try:
+                w0 = buf.written
                 buf.add(rows)
+                if self.episode_targets is not None and outcome is not None:
+                    buf.label(w0 + np.arange(t, dtype=np.int64), t, outcome, self.episode_targets)
             except OverflowError:
                 raise ResourceExhausted(
                     f"offline buffer of task {task_id!r} holds {buf.size} of {buf.capacity} steps; "
@@ -312,7 +451,8 @@ class ReplayStore:
     def sample(
         self, task_id: str, source: Source, n: int, rng: np.random.Generator, interventions_only: bool = False,
     ) -> dict[str, np.ndarray]:
-        """``n`` steps drawn uniformly with replacement: a dict with the keys of :data:`FIELDS`.
+        """``n`` steps drawn uniformly with replacement: a dict with the keys of :data:`FIELDS`, plus,
+        with ``episode_targets``, those of :data:`TARGET_COLUMNS` and ``recap_next_obs`` [n, obs_dim].
 
         ``interventions_only`` samples among intervention steps only. FailedPrecondition naming the
         task and source if there is nothing eligible to sample (and ``n > 0``).
@@ -326,7 +466,10 @@ class ReplayStore:
                 what = "intervention steps" if interventions_only else "steps"
                 raise FailedPrecondition(f"task {task_id!r} has no {source} {what} to sample", field="task_id", value=task_id)
             slots = buf.sample_slots(n, rng, interventions_only) if n else np.zeros(0, dtype=np.int64)
-            return {k: v[slots] for k, v in buf.data.items()}
+            out = {k: v[slots] for k, v in buf.data.items()}
+            if buf.targets:
+                buf.gather_targets(out, slots)
+            return out
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per task: ``{online,offline}_{steps,interventions}``, ``online_evicted``, ``online_evicted_unsampled``,
@@ -352,7 +495,8 @@ class ReplayStore:
 
     def restore(self, task_id: str, source: Source, arrays: dict[str, np.ndarray], evicted: int = 0) -> None:
         """Append steps exported by :meth:`export` (all :data:`FIELDS` required), keeping their
-        versions, episode keys, step indices and insertion times; ``evicted`` is added to the count."""
+        versions, episode keys, step indices and insertion times; ``evicted`` is added to the count.
+        Episode target columns restart unknown (the log replay at restart relabels ended episodes)."""
         buf = self._buffer(task_id, source)
         missing = [k for k in FIELDS if k not in arrays]
         if missing:

@@ -125,10 +125,15 @@ class LearnerServicer:
         run = pb.RunConfig(policy_factory=self.cfg.policy_factory, policy_kwargs_json=json.dumps(self.cfg.policy_kwargs),
                            task_ids=self.cfg.tasks, chunk_steps=self.cfg.chunk_steps,
                            max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
-                           algorithm=self.cfg.algorithm, inference_json="{}")
+                           algorithm=self.cfg.algorithm, inference_json=self._inference_json())
         return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=run,
                                     current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state) if fv else None,
                                     learner_id=self.learner_id)
+
+    def _inference_json(self) -> str:
+        """The algorithm's inference settings for actors (RECAP: guidance beta, indicator), "{}" if it has none."""
+        settings = getattr(self.core.algorithm, "inference_settings", None)
+        return json.dumps(settings()) if callable(settings) else "{}"
 
     # -- Experience --------------------------------------------------------------------------
     def StreamExperience(self, request_iterator, context: grpc.ServicerContext):

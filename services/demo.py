@@ -18,6 +18,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +46,10 @@ class DemoOptions(BaseModel):
     live: bool = Field(True, description="Live terminal view (else one log line per update).")
     publish_every: int = Field(50, ge=1, description="Learner steps between published versions.")
     max_updates_per_s: float = Field(100.0, gt=0, description="Learner step rate cap (leaves CPU to the simulated fleet).")
+    algorithm: Literal["hg_dagger", "recap"] = Field(
+        "hg_dagger", description="Learner algorithm. recap: the BC policy is lifted into the indicator-conditioned policy "
+        "(recap_mlp_policy), the learner pretrains V and the policy on the demos at start-up, robots act with guidance "
+        "beta 1; 'pretrained' in the report stays the BC policy.")
 
 
 def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
@@ -84,9 +89,10 @@ def run_demo(o: DemoOptions) -> dict:
     shutil.rmtree(o.out / "spool", ignore_errors=True)
     token = secrets.token_urlsafe(24)
     job = "demo"
+    policy = {"policy_factory": "fleetloop.policies:recap_mlp_policy"} if o.algorithm == "recap" else {}
     cfg = LearnerConfig(job_id=job, state_dir=state_dir, tasks=o.tasks, initial_weights=pretrained, offline_dataset=demos,
                         publish_every=o.publish_every, min_publish_interval_s=1.0, max_updates_per_s=o.max_updates_per_s,
-                        robot_tokens=[token], metrics_port=0, seed=o.seed)
+                        robot_tokens=[token], metrics_port=0, seed=o.seed, algorithm=o.algorithm, **policy)
     print(f"[4/5] starting Ray, the learner and {o.robots} robots for {o.minutes:g} min", flush=True)
     ray_tmp = f"/tmp/fl-ray-{os.getpid()}"
     handle = start_learner(cfg, num_cpus=2, temp_dir=ray_tmp)
@@ -120,13 +126,14 @@ def run_demo(o: DemoOptions) -> dict:
     robot_rc = [r.proc.returncode for r in robots]
     print(f"[5/5] evaluating the final policy v{final['version']} ({o.eval_trials} held-out trials per task)", flush=True)
     final_weights = state_dir / "weights" / f"v{final['version']}.safetensors"
-    final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials)
+    final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials, **policy)
     overall = {"policy_version": final["version"], "learner_steps": final["step"], "wall_seconds": wall,
                "total_seconds": time.monotonic() - t_start, "staleness_max": final["staleness_max"],
                "staleness_max_autonomous": final.get("staleness_max_autonomous", 0),
                "staleness_bound": final["staleness_bound"], "duplicates_stored": audit["duplicates_stored"],
                "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
-               "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"]}
+               "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"],
+               "algorithm": o.algorithm}
     report = write_report(o.out, o.tasks, pre_eval, final_eval, episodes, t0, overall, versions)
     (o.out / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     shutil.rmtree(ray_tmp, ignore_errors=True)

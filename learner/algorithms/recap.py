@@ -92,6 +92,16 @@ class RecapConfig(BaseModel):
     staleness_policy: Literal["drop", "downweight", "admit"] = Field(
         "admit", description="Autonomous frames past the bound: RECAP learns from off-policy data, so admitted by default.")
     seed: int = Field(0, ge=0, description="Seed of the indicator-dropout random stream.")
+    # start-up of a fresh learner (learner.pretrain.prepare_recap); a checkpoint restart skips all of it
+    value_weights: str | None = Field(None, description="safetensors of a pretrained value function (written by "
+                                      "learner.pretrain.pretrain(algorithm='recap')); loaded instead of pretraining V.")
+    value_datasets: list[str] = Field(default_factory=list, description="Extra fleetloop-demos/v1 datasets (e.g. rollouts "
+                                      "of the BC policy, timeouts included) used only to pretrain V, beside the job's demos.")
+    value_pretrain_steps: int = Field(2000, ge=0, le=1_000_000, description="Offline value steps at a fresh start when "
+                                      "value_weights is unset (batch = the learner's batch_size, lr = value_lr).")
+    policy_pretrain_steps: int = Field(1000, ge=0, le=1_000_000, description="RECAP steps on the demos at a fresh start "
+                                       "(all forced positive, indicator_dropout unknown) so the positive token is trained; "
+                                       "skipped when the initial weights were already pretrained with RECAP.")
 
     @field_validator("betas")
     @classmethod
@@ -227,6 +237,8 @@ class RecapAlgorithm(Algorithm):
 
     name: ClassVar[str] = "recap"
     Config: ClassVar[type[BaseModel]] = RecapConfig
+    #: The learner must build its replay store with :meth:`episode_targets` (per-row ``recap_*`` columns).
+    needs_episode_targets: ClassVar[bool] = True
     config: RecapConfig
 
     def __init__(self, policy: nn.Module, config: BaseModel, device: torch.device | str = "cpu") -> None:
@@ -277,8 +289,14 @@ class RecapAlgorithm(Algorithm):
         return StalenessConfig(bound=self.config.staleness_bound, policy=self.config.staleness_policy, admit_expert=True)
 
     def inference(self, evaluation: bool = False) -> dict[str, float]:
-        """Inference knobs for actors (RunConfig ``inference_json``): the CFG beta."""
+        """The CFG beta of fleet rollouts, or of evaluation runs with ``evaluation``."""
         return {"guidance_beta": self.config.eval_guidance_beta if evaluation else self.config.guidance_beta}
+
+    def inference_settings(self) -> dict[str, Any]:
+        """What the learner sends actors in RunConfig ``inference_json``: ``guidance_beta`` (fleet
+        rollouts), ``eval_guidance_beta`` (for evaluation harnesses) and ``indicator`` (the token the
+        policy is conditioned on at inference: always ``"positive"``)."""
+        return {**self.inference(False), "eval_guidance_beta": self.config.eval_guidance_beta, "indicator": "positive"}
 
     def episode_targets(self, length: int, outcome: str | None, max_len: int | None = None) -> dict[str, np.ndarray]:
         """:func:`value.episode_targets` with this config's reward settings (``max_len`` default
