@@ -3,7 +3,11 @@
 Seeds: trial ``i`` of task ``t`` uses ``EVAL_SEED_BASE + 1000 * task_index + i``; training robots
 and demo recording draw seeds below ``EVAL_SEED_BASE``, so evaluation layouts are never trained on
 (held out). Throughput is episodes per hour of *robot* time at the given ``hz`` (resets excluded):
-``3600 / (mean_length / hz)``; with ``hz=0`` it is reported against simulated wall time.
+``3600 / (mean_length / hz)``; with ``hz=0`` it is 0 (no robot pace to measure against). A timeout
+counts as a failure. ``guidance_beta`` reports the classifier-free guidance the runner applied
+(1.0 = none; only indicator-conditioned policies use it).
+
+Nothing here talks to a learner: the episodes are run with :class:`NoOperator` and no recorder.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class TaskEval:
     mean_length: float
     episodes_per_hour: float
     wall_seconds: float
+    guidance_beta: float = 1.0
 
 
 def evaluate(runner: PolicyRunner, tasks: list[str], trials: int, max_episode_steps: int = 200, hz: float = 30.0,
@@ -50,5 +55,6 @@ def evaluate(runner: PolicyRunner, tasks: list[str], trials: int, max_episode_st
         env.close()
         mean_len = float(np.mean(lengths)) if lengths else 0.0
         per_hour = 3600.0 / (mean_len / hz) if hz > 0 and mean_len else 0.0
-        out[task] = asdict(TaskEval(task, trials, wins, wins / max(trials, 1), mean_len, per_hour, time.monotonic() - t0))
+        out[task] = asdict(TaskEval(task, trials, wins, wins / max(trials, 1), mean_len, per_hour, time.monotonic() - t0,
+                                    float(getattr(runner, "guidance", 1.0))))
     return out
