@@ -31,7 +31,8 @@ def fmt(s: dict[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
 def _header(summary: dict[str, Any]) -> list[str]:
     m = summary.get("machine", {})
     o = summary.get("options", {}).get("resolved", {})
-    return [f"Command: `{summary.get('command') or 'fleetloop experiment ' + summary['experiment']}`  ",
+    note = [f"**Note:** {summary['note']}", ""] if summary.get("note") else []
+    return note + [f"Command: `{summary.get('command') or 'fleetloop experiment ' + summary['experiment']}`  ",
             f"Machine: {m.get('cpus')} CPUs, {m.get('platform')} (host {m.get('host')}); finished {summary.get('finished_at')}; "
             f"wall time {summary.get('wall_seconds', 0) / 60:.1f} min (the runs themselves: "
             f"{summary.get('runs_wall_seconds_total', 0) / 60:.1f} min summed, {summary.get('reused_runs', 0)} reused from an "
