@@ -58,7 +58,9 @@ def _cmd_demos_record(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from learner.pretrain import pretrain
-    info = pretrain(Path(args.dataset), args.tasks.split(","), Path(args.out), steps=args.steps, seed=args.seed)
+    factory = {"policy_factory": "fleetloop.policies:recap_mlp_policy"} if args.algorithm == "recap" else {}
+    info = pretrain(Path(args.dataset), args.tasks.split(","), Path(args.out), steps=args.steps, seed=args.seed,
+                    algorithm=args.algorithm, **factory)
     print(json.dumps(info))
     return 0
 
@@ -107,7 +109,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import DemoOptions, run_demo
-    opts = DemoOptions(robots=args.robots, tasks=args.tasks.split(","), minutes=args.minutes, out=Path(args.out),
+    opts = DemoOptions(algorithm=args.algorithm, robots=args.robots, tasks=args.tasks.split(","), minutes=args.minutes, out=Path(args.out),
                        seed=args.seed, demos_per_task=args.demos_per_task, pretrain_steps=args.pretrain_steps,
                        eval_trials=args.eval_trials, hz=args.hz, live=not args.no_live, demos=args.demos)
     report = run_demo(opts)
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-trials", type=int, default=50, help="evaluation trials per task (pretrained and final)")
     d.add_argument("--hz", type=float, default=0.0, help="robot pacing (0 = as fast as the CPU allows)")
     d.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    d.add_argument("--algorithm", choices=["hg_dagger", "recap"], default="hg_dagger", help="learner algorithm")
     d.set_defaults(func=_cmd_demo)
 
     lr = sub.add_parser("learner", help="run a learner (gRPC server + training) on Ray until signalled")
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="output safetensors file")
     pt.add_argument("--steps", type=int, default=3000)
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--algorithm", choices=["hg_dagger", "recap"], default="hg_dagger",
+                    help="recap: also pretrain the value function (OUT.value.safetensors) and the indicator-conditioned policy")
     pt.set_defaults(func=_cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a frozen policy on fixed held-out seeds (no operator): success, "
