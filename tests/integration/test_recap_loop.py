@@ -120,7 +120,11 @@ def test_recap_learner_and_guided_fleet(offline, tmp_path, caplog, value_mode, b
         online_labelled = core.replay.sample(TASKS[0], "online", 500, np.random.default_rng(0))["recap_adv_valid"].mean()
         assert online_labelled > 0.5  # ended episodes got their columns
         assert len(shares) >= 10
-        assert abs(float(np.mean(shares[len(shares) // 2:])) - TARGET_POSITIVE) < 0.1, shares
+        # frozen: the advantages the threshold window saw come from the same value function, so the share tracks
+        # the target closely; refit: the value function moves between steps and the window lags it (tested
+        # exactly in tests/unit/test_recap.py), so only a loose band is a property here
+        tolerance = 0.1 if value_mode == "frozen" else 0.2
+        assert abs(float(np.mean(shares[len(shares) // 2:])) - TARGET_POSITIVE) < tolerance, shares
         changed = any(not torch.equal(v, v_start[k]) for k, v in core.algorithm.value.state_dict().items())
         assert changed == (value_mode == "refit")
         if value_mode == "refit":
