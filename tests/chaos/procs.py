@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tests.helpers.control_plane import wait_for as _poll
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -50,17 +52,14 @@ def write_summary(scenario: str, summary: dict[str, Any]) -> Path:
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1, alive: list | None = None) -> Any:
     """Poll ``predicate`` until truthy (returned); AssertionError after ``timeout``. ``alive``:
     processes that must stay up meanwhile (their log tail is shown if one exits)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        for p in alive or ():
-            if p.poll() is not None:
-                raise AssertionError(f"{p.name} exited with {p.poll()} while waiting for {what}:\n{p.tail()}")
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+    def check() -> Any:
+        value = predicate()
+        if not value:
+            for p in alive or ():
+                if p.poll() is not None:
+                    raise AssertionError(f"{p.name} exited with {p.poll()} while waiting for {what}:\n{p.tail()}")
+        return value
+    return _poll(check, timeout, interval=interval, what=what)
 
 
 class Proc:

@@ -28,6 +28,7 @@ from learner.ray_learner import _RayLearnerImpl
 from learner.staleness import StalenessConfig
 from tests.chaos.procs import write_summary
 from tests.helpers.chunks import robot_chunk
+from tests.helpers.control_plane import wait_for
 from tests.helpers.tcp_proxy import TcpProxy
 from tests.integration.helpers import RobotThread
 
@@ -65,13 +66,7 @@ class ChaosProxy(TcpProxy):
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll ``predicate`` until truthy; fail naming ``what`` after ``timeout`` s (a bound, not a measurement)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return wait_for(predicate, timeout, interval=interval, what=what)
 
 
 def metric(impl: _RayLearnerImpl, name: str, **labels) -> float:
