@@ -22,7 +22,9 @@ import numpy as np
 from fleetloop.errors import InvalidArgument, ResourceExhausted
 
 #: Bumped on any incompatible wire change; the handshake refuses a mismatch.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: Versions a learner still serves: 1 (robots before LLM rollouts existed) and 2 (LLM rollouts: CompletionGroup, Admit).
+SUPPORTED_PROTOCOL_VERSIONS = frozenset({1, 2})
 
 # DType enum values from fleetloop.v1 (kept here so the codec does not need generated code).
 _DTYPES: dict[int, np.dtype] = {

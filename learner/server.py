@@ -28,7 +28,7 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from fleetloop.codec import PROTOCOL_VERSION, specs_mismatch
+from fleetloop.codec import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, specs_mismatch
 from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, ResourceExhausted,
                               grpc_status_name)
 from fleetloop.logs import event, get_logger
@@ -90,8 +90,9 @@ class LearnerServicer:
         job, actor id, kind, specs and tasks. Every refusal is logged and counted by reason."""
         try:
             principal = self._authorize(context, req.job_id, req.credential)
-            if req.protocol_version != PROTOCOL_VERSION:
-                raise FailedPrecondition(f"protocol_version {req.protocol_version} is not supported; learner speaks {PROTOCOL_VERSION}",
+            if req.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
+                raise FailedPrecondition(f"protocol_version {req.protocol_version} is not supported; learner speaks "
+                                         f"{sorted(SUPPORTED_PROTOCOL_VERSIONS)}",
                                          field="protocol_version", value=req.protocol_version)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetloop.codec import encode, parse_message
+from fleetloop.codec import SUPPORTED_PROTOCOL_VERSIONS, encode, parse_message
 from fleetloop.errors import FleetloopError
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
@@ -185,7 +185,7 @@ def specs_differ(declared, expected) -> bool:
 def handshake_expectation(req: pb.HandshakeRequest, token: str | None) -> dict[str, str]:
     """Every check ``req`` fails, as {gRPC code: word the message must contain}; empty = must succeed."""
     fails: dict[str, list[str]] = {}
-    if req.protocol_version != 1:
+    if req.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
         fails.setdefault("FAILED_PRECONDITION", []).append("protocol_version")
     if req.job_id != JOB:
         fails.setdefault("NOT_FOUND", []).append("job_id")
