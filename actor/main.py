@@ -1,10 +1,15 @@
-"""``fleetloop actor``: one stateless robot process (Meta-World simulated robot + scripted operator)."""
+"""``fleetloop actor``: one stateless robot process (Meta-World simulated robot + scripted operator).
+
+``--kind llm`` runs an LLM rollout server instead (:mod:`actor.llm.main`); the flags below that
+both kinds use (learner, job, actor id, token, spool, tasks, minutes, seed, TLS, metrics) mean the
+same there, ``--tasks`` is optional for it (default: every task of the job)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -29,10 +34,13 @@ def robot_specs() -> tuple[list, list]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """CLI flags of ``fleetloop actor``."""
+    p.add_argument("--kind", choices=["robot", "llm"], default="robot",
+                   help="robot: a simulated Meta-World robot; llm: an LLM rollout server (vLLM) for a GRPO job")
     p.add_argument("--learner", required=True, help="learner gRPC target HOST:PORT")
     p.add_argument("--job", default="demo", help="job id")
     p.add_argument("--actor-id", default=None, help="actor id (default: robot-<pid>)")
-    p.add_argument("--task", "--tasks", dest="tasks", required=True, help="comma-separated task ids this robot runs")
+    p.add_argument("--task", "--tasks", dest="tasks", default=None,
+                   help="comma-separated task ids this actor runs (required for robots; llm: default all of the job's)")
     p.add_argument("--token", default=os.environ.get("FLEETLOOP_ROBOT_TOKEN"), help="robot credential (or $FLEETLOOP_ROBOT_TOKEN)")
     p.add_argument("--spool", default=None, help="spool folder (default /tmp/fleetloop-spool-<actor-id>)")
     p.add_argument("--operator", choices=["scripted", "none"], default="scripted", help="who may take over")
@@ -50,10 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port (0 = any free one)")
     p.add_argument("--metrics-host", default=os.environ.get("FLEETLOOP_METRICS_HOST", "127.0.0.1"),
                    help="address /metrics binds (0.0.0.0 in a container so Prometheus and probes reach it)")
+    from actor.llm.main import add_llm_arguments
+    add_llm_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Connect, run episodes until the deadline / signal, flush the spool, exit 0."""
+    if not args.tasks:
+        print("fleetloop actor: error: the following arguments are required for --kind robot: --task/--tasks", file=sys.stderr)
+        return 2
     actor_id = args.actor_id or f"robot-{os.getpid()}"
     tasks = [t for t in args.tasks.split(",") if t]
     obs_specs, act_specs = robot_specs()

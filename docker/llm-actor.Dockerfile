@@ -61,4 +61,4 @@ EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
   CMD ["/opt/venv/bin/python", "/opt/fleetloop/healthcheck.py", "--port", "9100", "--path", "/metrics", "--tls", "off"]
 ENTRYPOINT ["fleetloop"]
-CMD ["actor", "--kind", "llm", "--learner", "learner:50051", "--job", "llm", "--tasks", "arithmetic", "--spool", "/tmp/spool", "--metrics-port", "9100"]
+CMD ["actor", "--kind", "llm", "--learner", "learner:50051", "--job", "llm", "--spool", "/tmp/spool", "--metrics-port", "9100"]

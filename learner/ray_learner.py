@@ -4,7 +4,8 @@
 cluster), places one :class:`RayLearner` actor (with a GPU when the cluster has one and the config
 allows CUDA, else one CPU), and returns a :class:`LearnerHandle` with its gRPC and metrics
 addresses. Inside the actor, a gRPC server (ingest + weights) and a training thread run over one
-:class:`~learner.core.LearnerCore`.
+:class:`~learner.core.LearnerCore`, or, for an :class:`~learner.llm.config.LlmLearnerConfig`
+(``kind: "llm"`` in its JSON), one :class:`~learner.llm.core.LlmLearnerCore` (GRPO on LLM rollouts).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from fleetloop.logs import event, get_logger
 from learner.config import LearnerConfig
+
+if TYPE_CHECKING:
+    from learner.llm.config import LlmLearnerConfig
 
 log = get_logger("learner.ray")
 
@@ -32,19 +36,35 @@ def _unnice() -> None:
         pass
 
 
+def parse_config(config_json: str) -> "LearnerConfig | LlmLearnerConfig":
+    """A learner config from JSON: ``{"kind": "llm", ...}`` is an :class:`~learner.llm.config.LlmLearnerConfig`
+    (GRPO on LLM rollouts), anything else a robot :class:`LearnerConfig`."""
+    import json
+    data = json.loads(config_json)
+    if isinstance(data, dict) and data.get("kind") == "llm":
+        from learner.llm.config import LlmLearnerConfig
+        return LlmLearnerConfig.model_validate_json(config_json)
+    return LearnerConfig.model_validate_json(config_json)
+
+
 class _RayLearnerImpl:
     """Body of the Ray actor (kept a plain class so it can also run in-process for tests)."""
 
     def __init__(self, config_json: str) -> None:
-        from learner.core import LearnerCore
         from learner.server import LearnerServicer, build_server
 
-        cfg = LearnerConfig.model_validate_json(config_json)
+        cfg = parse_config(config_json)
         _unnice()
-        self.core = LearnerCore(cfg)
+        if isinstance(cfg, LearnerConfig):
+            from learner.core import LearnerCore
+            self.core = LearnerCore(cfg)
+        else:
+            from learner.llm.core import LlmLearnerCore
+            self.core = LlmLearnerCore(cfg)
         self.agent = None
         auth = None
-        if cfg.control_redis_url:
+        redis_url = getattr(cfg, "control_redis_url", None)  # LLM jobs: no control-plane agent yet
+        if redis_url:
             import redis
 
             from learner.auth import EnrollmentTokens, StaticTokens
@@ -62,7 +82,7 @@ class _RayLearnerImpl:
         self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "0.0.0.0") \
             if cfg.metrics_port is not None else None
         self.core.start_training()
-        if cfg.control_redis_url:
+        if redis_url:
             self.agent = ControlAgent(self.core, cfg.control_redis_url, sessions=lambda: dict(self.servicer.sessions))
             self.agent.start()
         self.host = cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
@@ -168,7 +188,7 @@ def actor_name(job_id: str) -> str:
     return f"fleetloop-learner-{job_id}"
 
 
-def start_learner(config: LearnerConfig, ray_address: str | None = None, num_cpus: int | None = None,
+def start_learner(config: "LearnerConfig | LlmLearnerConfig", ray_address: str | None = None, num_cpus: int | None = None,
                   temp_dir: str | None = None, actor_cpus: float = 1.0, actor_gpus: int | None = None) -> LearnerHandle:
     """Start one job's learner on Ray; GPU when the cluster has one and ``config.device`` allows
     (``actor_gpus`` asks for that many explicitly)."""

@@ -15,6 +15,9 @@ Retry contract of RESOURCE_EXHAUSTED: a refusal the peer may retry (rate limit, 
 in-flight memory budget) carries the trailer ``grpc-retry-pushback-ms`` = the wait in ms; one that
 can never succeed (an oversized chunk) carries ``grpc-retry-pushback-ms: -1`` (gRPC's "do not
 retry"). Acks carry ``backoff_ms`` from :meth:`LearnerCore.backoff_ms` for the chunk's actor.
+
+LLM jobs (protocol 2, :mod:`learner.llm`): the same service over an ``LlmLearnerCore``; chunks carry
+one CompletionGroup each, and ``Admit`` hands out rollout tickets (staleness by admission).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from learner.stream_guard import StreamGuard
 log = get_logger("learner.server")
 SERVICE = "fleetloop.v1.Learner"
 PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry pushback trailer (A6): ms to wait; negative = do not retry
+MAX_ADMIT = 1024  # most rollout tickets one Admit may ask for
 
 
 def _abort(context: grpc.ServicerContext, exc: FleetloopError | Exception) -> None:
@@ -66,13 +70,18 @@ def announcement(info, pinned: int | None, job_state: str = "running") -> pb.Wei
 
 
 class LearnerServicer:
-    """Implements the four RPCs of the contract."""
+    """Implements the five RPCs of the contract over a robot :class:`LearnerCore` or an
+    :class:`~learner.llm.core.LlmLearnerCore` (``core.kind == "llm"``): the core decides which actor
+    kind the handshake accepts (the other is FAILED_PRECONDITION naming ``kind``), what the run
+    config carries (``llm_json`` for LLM jobs) and whether Admit serves (robot jobs:
+    FAILED_PRECONDITION). Chunks go to ``core.ingestor`` either way."""
 
     def __init__(self, core: LearnerCore, auth: Authenticator | None = None) -> None:
         self.core = core
         self.cfg = core.cfg
         self.auth = auth or StaticTokens(core.cfg.robot_tokens)
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
+        self.llm = getattr(core, "kind", "robot") == "llm"  # an LlmLearnerCore: LLM handshakes, Admit, group chunks
         self.sessions: dict[str, dict] = {}
         self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
                                                    "SubscribeWeights": self.cfg.subscription_cap,
@@ -98,20 +107,28 @@ class LearnerServicer:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id", value=req.actor_id)
+            served = pb.LLM if self.llm else pb.ROBOT
             if req.kind not in pb.ActorKind.values():
                 raise FailedPrecondition(f"kind {int(req.kind)} is not a known ActorKind ({sorted(pb.ActorKind.keys())}); "
-                                         f"this job serves ROBOT", field="kind", value=int(req.kind))
-            if req.kind != pb.ROBOT:
-                raise FailedPrecondition(f"kind {pb.ActorKind.Name(req.kind)} is not served by this job (robot)", field="kind",
-                                         value=pb.ActorKind.Name(req.kind))
-            for name, declared, expected in (("observation_specs", req.observation_specs, self.core.obs_specs),
-                                             ("action_specs", req.action_specs, self.core.act_specs)):
-                problem = specs_mismatch(declared, expected)
-                if problem:
-                    raise FailedPrecondition(problem, field=name, value=len(declared))
-            unknown = [t for t in req.tasks if t not in self.cfg.tasks]
+                                         f"this job serves {pb.ActorKind.Name(served)}", field="kind", value=int(req.kind))
+            if req.kind != served:
+                raise FailedPrecondition(f"kind {pb.ActorKind.Name(req.kind)} is not served by this job "
+                                         f"({pb.ActorKind.Name(served).lower()})", field="kind", value=pb.ActorKind.Name(req.kind))
+            if self.llm:
+                if req.protocol_version < 2:
+                    raise FailedPrecondition(f"protocol_version {req.protocol_version} has no LLM rollouts; LLM jobs need 2",
+                                             field="protocol_version", value=req.protocol_version)
+                job_tasks = self.cfg.task_ids
+            else:
+                for name, declared, expected in (("observation_specs", req.observation_specs, self.core.obs_specs),
+                                                 ("action_specs", req.action_specs, self.core.act_specs)):
+                    problem = specs_mismatch(declared, expected)
+                    if problem:
+                        raise FailedPrecondition(problem, field=name, value=len(declared))
+                job_tasks = self.cfg.tasks
+            unknown = [t for t in req.tasks if t not in job_tasks]
             if unknown:
-                raise InvalidArgument(f"tasks {unknown} are not tasks of job {self.cfg.job_id!r} ({self.cfg.tasks})",
+                raise InvalidArgument(f"tasks {unknown} are not tasks of job {self.cfg.job_id!r} ({job_tasks})",
                                       field="tasks", value=unknown)
         except FleetloopError as exc:
             self.core.metrics.refused_handshakes.labels(self.cfg.job_id, _reason(exc)).inc()
@@ -123,10 +140,15 @@ class LearnerServicer:
                                   "capabilities": dict(req.capabilities), "principal": principal}
         fv = self.core.weights.fleet_version()
         event(log, "handshake", job=req.job_id, actor=req.actor_id, version=fv.version if fv else -1, principal=principal)
-        run = pb.RunConfig(policy_factory=self.cfg.policy_factory, policy_kwargs_json=json.dumps(self.cfg.policy_kwargs),
-                           task_ids=self.cfg.tasks, chunk_steps=self.cfg.chunk_steps,
-                           max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
-                           algorithm=self.cfg.algorithm, inference_json=self._inference_json())
+        if self.llm:  # one group = one chunk = one whole "episode"
+            run = pb.RunConfig(task_ids=self.cfg.task_ids, chunk_steps=1, max_episode_steps=1,
+                               max_message_bytes=self.cfg.max_message_bytes, algorithm=self.cfg.algorithm,
+                               inference_json="{}", llm_json=json.dumps(self.core.rollout_settings()))
+        else:
+            run = pb.RunConfig(policy_factory=self.cfg.policy_factory, policy_kwargs_json=json.dumps(self.cfg.policy_kwargs),
+                               task_ids=self.cfg.tasks, chunk_steps=self.cfg.chunk_steps,
+                               max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
+                               algorithm=self.cfg.algorithm, inference_json=self._inference_json())
         return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=run,
                                     current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state) if fv else None,
                                     learner_id=self.learner_id)
@@ -161,6 +183,9 @@ class LearnerServicer:
                             raise InvalidArgument(f"chunk is not a valid EpisodeChunk: {exc}", field="message",
                                                   value=len(raw)) from None
                         lease.actor = chunk.actor_id[:128]
+                        if not self.llm and chunk.HasField("group"):
+                            raise InvalidArgument("chunk carries a CompletionGroup; this job trains a robot policy, not an "
+                                                  "LLM", field="group", value=chunk.group.prompt_id[:64])
                         duplicate = self.core.ingestor.ingest(chunk, len(raw), self.core.version, raw=raw)
                 except FleetloopError as exc:
                     m.rejected.labels(job, _reason(exc)).inc()
@@ -233,6 +258,31 @@ class LearnerServicer:
         finally:
             lease.close()
 
+    # -- Admission (LLM jobs) ------------------------------------------------------------------
+    def Admit(self, req: pb.AdmitRequest, context: grpc.ServicerContext) -> pb.AdmitResponse:
+        """Grant up to ``rollouts`` admission tickets (AReaL's capacity rule, see learner.llm.admission).
+        Credential first; then job (NOT_FOUND), kind of job (a robot job: FAILED_PRECONDITION naming
+        ``kind``), ``actor_id`` and ``rollouts`` (1..MAX_ADMIT, else INVALID_ARGUMENT naming it)."""
+        try:
+            self._authorize(context, req.job_id)
+            if req.job_id != self.cfg.job_id:
+                raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
+            if not self.llm:
+                raise FailedPrecondition(f"job {self.cfg.job_id!r} trains a robot policy: Admit serves LLM jobs only",
+                                         field="kind", value="ROBOT")
+            if not req.actor_id or len(req.actor_id) > 128:
+                raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id",
+                                      value=req.actor_id)
+            if not 1 <= req.rollouts <= MAX_ADMIT:
+                raise InvalidArgument(f"rollouts {req.rollouts} must be 1..{MAX_ADMIT}", field="rollouts", value=req.rollouts)
+            grant = self.core.admit(req.actor_id, int(req.rollouts), int(req.current_version))
+        except FleetloopError as exc:
+            event(log, "admit_refused", level=30, job=req.job_id, actor=req.actor_id[:128], error=str(exc)[:300])
+            _abort(context, exc)
+        return pb.AdmitResponse(ticket_ids=grant["ticket_ids"], learner_version=grant["learner_version"],
+                                retry_after_ms=grant["retry_after_ms"], ticket_ttl_s=grant["ticket_ttl_s"],
+                                max_staleness=grant["max_staleness"])
+
 
 def _parsed(cls, method, metrics, job: str):
     """Wrap a handler so its request arrives as bytes and is parsed here: undecodable bytes get
@@ -291,6 +341,9 @@ def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, 
         "FetchWeights": grpc.unary_stream_rpc_method_handler(
             _parsed(pb.FetchRequest, servicer.FetchWeights, m, job), request_deserializer=raw,
             response_serializer=pb.WeightChunk.SerializeToString),
+        "Admit": grpc.unary_unary_rpc_method_handler(
+            _parsed(pb.AdmitRequest, servicer.Admit, m, job), request_deserializer=raw,
+            response_serializer=pb.AdmitResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     bound = server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None else \

@@ -20,6 +20,9 @@ DEFAULT_TASKS = "reach-v3,push-v3,pick-place-v3,drawer-open-v3"
 
 
 def _cmd_actor(args: argparse.Namespace) -> int:
+    if args.kind == "llm":
+        from actor.llm.main import main as llm_main
+        return llm_main(args)
     from actor.main import main
     return main(args)
 
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr.set_defaults(func=_cmd_learner)
 
     from actor.main import add_arguments
-    ac = sub.add_parser("actor", help="run one stateless simulated robot actor")
+    ac = sub.add_parser("actor", help="run one stateless actor: a simulated robot, or (--kind llm) an LLM rollout server")
     add_arguments(ac)
     ac.set_defaults(func=_cmd_actor)
 

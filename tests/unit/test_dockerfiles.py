@@ -36,7 +36,6 @@ DOCKER = REPO / "docker"
 IMAGES = ("controlplane", "learner", "learner-cpu", "robot", "llm-actor")
 CUDA_IMAGES = {"learner", "llm-actor"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-LLM_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 5: LLM actor kind not implemented yet")
 
 
 # -- a small Dockerfile parser -------------------------------------------------------------------
@@ -396,7 +395,7 @@ def _entry_argv(name: str) -> list[str]:
     return [a for kw in ("ENTRYPOINT", "CMD") for i in final.all(kw)[-1:] for a in exec_form(i.value)]
 
 
-@pytest.mark.parametrize("name", [n if n != "llm-actor" else pytest.param(n, marks=LLM_XFAIL) for n in IMAGES])
+@pytest.mark.parametrize("name", IMAGES)
 def test_entrypoint_is_a_real_command(name):
     argv = _entry_argv(name)
     assert argv[0] in PYPROJECT["project"]["scripts"], f"{argv[0]} is not one of the project's console scripts"

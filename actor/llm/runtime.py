@@ -1,0 +1,588 @@
+"""The LLM actor runtime: a rollout server that drives a vLLM engine for one learner's GRPO job.
+
+    actor = LlmActor(LlmActorOptions(learner="learner:50051", job_id="llm", actor_id="llm-0", credential=token))
+    actor.connect()            # handshake (kind LLM, protocol 2), base model, engine, fleet weights
+    stats = actor.run(deadline=time.monotonic() + 600)
+    actor.close()
+
+Loop (one turn): supervise the engine (a dead one is restarted with ``ensure_running``, counted) ->
+apply the newest verified weights, if any -> ``Admit(rollouts_per_admit)`` (none granted: wait
+``retry_after_ms``, counted as admission wait) -> bring the engine to the admitted version (wait up
+to ``weight_wait_s`` for its weights; with a pinned fleet, to the pinned one) -> for each ticket
+sample a prompt, apply the chat template, generate G completions in one ``generate`` call for all
+tickets (an engine that dies mid-call is restarted and the tickets reused once; one whose call
+never returns is abandoned and replaced), score each with :func:`fleetloop.llm_tasks.safe_score`
+(a verifier that raises scores the task's failure score, is logged and flagged ``verifier_error``;
+it never stops the actor) -> one EpisodeChunk per group (``group`` set, ``episode_id`` unique per group, seq 0, end SUCCESS) into the
+spool; the existing :class:`~actor.sender.Sender` ships it (acknowledged data is never lost;
+unacknowledged groups survive a restart on the same spool folder).
+
+Weights: :class:`~actor.weight_client.WeightClient` subscribes, fetches and verifies every announced
+version (digest first); updates are applied between ``generate`` calls only, so every completion is
+tagged with the version its ``generate`` started on (the engine's policy). An update that fails or
+times out (``weight_timeout_s``) is counted (``fleetloop_llm_weight_update_failures_total{reason}``),
+logged, and retried on the next turn unless a newer version arrived meanwhile; the actor never
+hangs on it. A turn that fails for a transient reason (learner unavailable, an engine restart that
+failed) is logged and retried with backoff; a refusal no retry can fix (bad credential, unknown job,
+a robot job) ends :meth:`LlmActor.run` with that error. Structured logs carry job, actor and version.
+
+This package never imports the learner: the model recipe comes from ``RunConfig.llm_json``, the
+tasks from :mod:`fleetloop.llm_tasks`, models from :mod:`fleetloop.llm_models`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from pydantic import BaseModel, ConfigDict, Field
+
+from actor.runtime import _error_from_rpc, channel_options
+from actor.sender import Sender
+from actor.spool import Spool
+from actor.weight_client import VerifiedWeights, WeightClient
+from fleetloop.codec import PROTOCOL_VERSION
+from fleetloop.errors import FailedPrecondition, FleetloopError, ResourceExhausted, Unavailable
+from fleetloop.logs import event, get_logger
+from fleetloop.v1 import fleetloop_pb2 as pb
+from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
+
+log = get_logger("actor.llm")
+_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class LlmActorOptions(BaseModel):
+    """How one LLM actor runs (the job's rollout settings come from the learner at the handshake)."""
+
+    model_config = ConfigDict(extra="forbid")
+    learner: str = Field(description="Learner gRPC target HOST:PORT.")
+    job_id: str = Field("llm", description="Job id.")
+    actor_id: str = Field(min_length=1, max_length=128, description="This rollout server's id.")
+    credential: str | None = Field(None, description="Bearer token (None = the learner runs without auth).")
+    spool_dir: str | None = Field(None, description="Spool folder (default /tmp/fleetloop-spool-<actor_id>).")
+    tasks: list[str] = Field(default_factory=list, description="Task ids to run (empty = all of the job's).")
+    engine: Literal["inprocess", "server"] = Field("inprocess", description="vLLM in this process, or an "
+                                                   "OpenAI-compatible vLLM server subprocess the engine supervises.")
+    model_dir: str | None = Field(None, description="Use this Hugging Face folder instead of the job's model recipe.")
+    model_cache_dir: str = Field("/tmp/fleetloop-models", description="Where 'tiny' / 'smollm2' models are built.")
+    rollouts_per_admit: int = Field(2, ge=1, le=1024, description="Tickets asked per Admit (prompts per generate call).")
+    weight_timeout_s: float = Field(120.0, gt=0, description="Deadline of one live weight update in the engine.")
+    weight_wait_s: float = Field(30.0, ge=0, description="How long to wait for the admitted version's weights before "
+                                 "generating on the version the engine has.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Engine batch limit (None = the engine's default).")
+    dead_engine_grace_s: float = Field(10.0, gt=0, description="A generate call still blocked this long after its "
+                                       "engine died is abandoned and the engine replaced.")
+    seed: int = Field(0, description="Seed of prompt sampling and of the engine's sampling.")
+    connect_timeout_s: float | None = Field(None, gt=0, description="Give up the handshake after this long (None = retry "
+                                            "while the learner is unavailable).")
+    tls_ca_file: str | None = Field(None, description="CA certificate (PEM) to trust: enables TLS.")
+    tls_cert_file: str | None = Field(None, description="Client certificate (PEM) when the learner requires one.")
+    tls_key_file: str | None = Field(None, description="Private key of tls_cert_file.")
+
+
+class LlmActorMetrics:
+    """Prometheus series of an LLM actor (label ``actor``); private registry."""
+
+    def __init__(self, actor: str) -> None:
+        self.registry = r = CollectorRegistry()
+        a = ["actor"]
+        self.actor = actor
+        self.weight_update_seconds = Histogram("fleetloop_llm_weight_update_seconds", "Time to load a new version into "
+                                               "the running engine.", a, registry=r,
+                                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.weight_update_failures = Counter("fleetloop_llm_weight_update_failures_total", "Weight updates that failed "
+                                              "or timed out (retried next turn), by reason.", a + ["reason"], registry=r)
+        self.engine_restarts = Counter("fleetloop_llm_engine_restarts_total", "Dead engines restarted.", a, registry=r)
+        self.groups = Counter("fleetloop_llm_actor_groups_total", "Groups generated and spooled, by task.", a + ["task"],
+                              registry=r)
+        self.tokens = Counter("fleetloop_llm_actor_tokens_total", "Completion tokens generated.", a, registry=r)
+        self.verifier_errors = Counter("fleetloop_llm_actor_verifier_errors_total", "Completions whose verifier raised.",
+                                       a, registry=r)
+        self.reward = Gauge("fleetloop_llm_actor_reward_mean", "Mean reward of the newest generate call.", a, registry=r)
+        self.version = Gauge("fleetloop_llm_actor_policy_version", "Version the engine runs.", a, registry=r)
+        self.generate_seconds = Counter("fleetloop_llm_actor_generate_seconds_total", "Time in generate calls.", a,
+                                        registry=r)
+        self.wait_seconds = Counter("fleetloop_llm_actor_admission_wait_seconds_total", "Time waiting for admission "
+                                    "tickets (rollout-server idle time).", a, registry=r)
+        self.blocked = Counter("fleetloop_llm_actor_admit_blocked_total", "Admit calls that granted nothing.", a, registry=r)
+        self.spool = Gauge("fleetloop_llm_actor_spool_chunks", "Groups waiting for an ack.", a, registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+
+@dataclass
+class LlmActorStats:
+    """What a run did (also the CLI's final log line)."""
+
+    groups: int = 0
+    completions: int = 0
+    tokens: int = 0
+    verifier_errors: int = 0
+    reward_sum: float = 0.0
+    admit_calls: int = 0
+    tickets: int = 0
+    blocked: int = 0
+    weight_updates: int = 0
+    weight_update_failures: int = 0
+    engine_restarts: int = 0
+    generate_s: float = 0.0
+    wait_s: float = 0.0
+    skipped_prompts: int = 0
+    versions: dict[int, int] = field(default_factory=dict)  # engine version -> groups generated on it
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["versions"] = {str(k): v for k, v in self.versions.items()}
+        busy = self.generate_s + self.wait_s
+        d["idle_share"] = self.wait_s / busy if busy > 0 else 0.0
+        return d
+
+
+class _AnnouncedWeightClient(WeightClient):
+    """A WeightClient that also remembers the newest announcement (to know whether the fleet is pinned)."""
+
+    announced: pb.WeightAnnouncement | None = None
+
+    def _handle(self, ann: pb.WeightAnnouncement) -> None:
+        self.announced = ann
+        super()._handle(ann)
+
+
+def resolve_model_dir(settings: dict[str, Any], cache_dir: str | Path, override: str | None = None) -> Path:
+    """The local folder of the job's base model: ``override``, or the recipe in ``settings`` built
+    into ``cache_dir`` ('tiny' from model_seed: the same weights the learner built; 'smollm2')."""
+    from fleetloop import llm_models
+    if override:
+        return Path(override)
+    model, seed = settings.get("model", "tiny"), int(settings.get("model_seed", 0))
+    if model == "tiny":
+        return Path(llm_models.tiny_llama(Path(cache_dir) / f"tiny-llama-seed{seed}", seed=seed))
+    if model == "smollm2":
+        return Path(llm_models.smollm2_export(Path(cache_dir) / "smollm2-135m-instruct"))
+    if not (Path(model) / "config.json").is_file():
+        raise FailedPrecondition(f"the job's model {model!r} is not a folder here; pass --model-dir", field="model", value=model)
+    return Path(model)
+
+
+def default_engine_factory(model_dir: Path, settings: dict[str, Any], opts: LlmActorOptions):
+    """A started :class:`actor.llm.engine.VllmEngine` for ``model_dir`` sized for the job's rollouts."""
+    from actor.llm.engine import EngineConfig, VllmEngine
+    extra: dict[str, Any] = {"max_num_seqs": opts.max_num_seqs} if opts.max_num_seqs else {}
+    cfg = EngineConfig(model_dir=str(model_dir), seed=opts.seed, mode=opts.engine,
+                       max_model_len=int(settings["max_model_len"]), **extra)
+    engine = VllmEngine(cfg)
+    engine.start()
+    return engine
+
+
+class LlmActor:
+    """One LLM rollout server; see the module docstring. One control loop (``run``) per instance."""
+
+    def __init__(self, opts: LlmActorOptions, engine_factory: Callable[..., Any] = default_engine_factory,
+                 metrics: LlmActorMetrics | None = None) -> None:
+        self.opts = opts
+        self.job, self.actor_id = opts.job_id, opts.actor_id
+        self.metadata = (("authorization", f"Bearer {opts.credential}"),) if opts.credential else ()
+        self.metrics = metrics or LlmActorMetrics(opts.actor_id)
+        self.engine_factory = engine_factory
+        self.spool = Spool(opts.spool_dir or f"/tmp/fleetloop-spool-{opts.actor_id}")
+        if opts.tls_ca_file or opts.tls_cert_file:
+            from fleetloop.tls import channel_credentials
+            creds = channel_credentials(opts.tls_ca_file, opts.tls_cert_file, opts.tls_key_file)
+            self.channel = grpc.secure_channel(opts.learner, creds, options=channel_options())
+        else:
+            self.channel = grpc.insecure_channel(opts.learner, options=channel_options())
+        self.stub = pb_grpc.LearnerStub(self.channel)
+        stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience", request_serializer=lambda b: b,
+                                            response_deserializer=pb.Ack.FromString)
+        self.sender = Sender(lambda it: stream(it, metadata=self.metadata), self.spool, self.job, self.actor_id,
+                             on_ack=self._on_ack)
+        self.weights: _AnnouncedWeightClient | None = None
+        self.engine = None
+        self.model_dir: Path | None = None
+        self.settings: dict[str, Any] = {}
+        self.tasks: dict[str, Any] = {}
+        self.tokenizer = None
+        self.learner_version = -1
+        self.stats = LlmActorStats()
+        self.rng = np.random.default_rng(opts.seed)
+        self._retry: VerifiedWeights | None = None  # an update that failed, retried next turn
+        self._stuck = None  # an engine whose generate call never returned (being replaced)
+        self._started = False
+
+    # -- connection --------------------------------------------------------------------------
+    def handshake(self) -> pb.HandshakeResponse:
+        """Handshake as kind LLM (protocol 2), retrying while the learner is unavailable."""
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job, actor_id=self.actor_id, kind=pb.LLM,
+                                  tasks=self.opts.tasks, capabilities={"engine": "vllm", "mode": self.opts.engine})
+        deadline = None if self.opts.connect_timeout_s is None else time.monotonic() + self.opts.connect_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                return self.stub.Handshake(req, metadata=self.metadata, timeout=10.0)
+            except grpc.RpcError as err:
+                if err.code() not in _RETRY:
+                    raise _error_from_rpc(err) from None
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise Unavailable(f"learner {self.opts.learner} unreachable: {err.details()}", field="learner",
+                                      value=self.opts.learner) from None
+                event(log, "learner_unreachable", level=30, job=self.job, actor=self.actor_id, retry_in=delay)
+                time.sleep(delay)
+                delay = min(10.0, delay * 2)
+
+    def connect(self) -> dict[str, Any]:
+        """Handshake, build the base model locally, start the engine, load the fleet version, start the
+        sender and the weight follower. Returns the job's rollout settings. Idempotent."""
+        if self._started:
+            return self.settings
+        from fleetloop.llm_models import load_tokenizer
+        from fleetloop.llm_tasks import make_task
+        resp = self.handshake()
+        if not resp.run_config.llm_json:
+            raise FailedPrecondition("the learner sent no llm_json: not an LLM job", field="llm_json", value="")
+        self.settings = json.loads(resp.run_config.llm_json)
+        specs = [t for t in self.settings["tasks"] if not self.opts.tasks or t["id"] in self.opts.tasks]
+        self.tasks = {t["id"]: (make_task(t["name"], t.get("params") or {}), float(t.get("weight", 1.0))) for t in specs}
+        self.model_dir = model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.settings["max_model_len"] = self._max_model_len(model_dir)
+        t0 = time.monotonic()
+        self.engine = self.engine_factory(model_dir, self.settings, self.opts)
+        event(log, "engine_started", job=self.job, actor=self.actor_id, seconds=time.monotonic() - t0,
+              model=str(model_dir), mode=self.opts.engine)
+        self.weights = _AnnouncedWeightClient(self.stub, self.job, self.actor_id, self.metadata)
+        if resp.HasField("current_policy") and resp.current_policy.size_bytes:
+            self.weights.announced = resp.current_policy
+            self.weights.job_state = resp.current_policy.job_state or "running"
+            self._apply(self.weights.fetch_now(resp.current_policy))
+        self.sender.start()
+        self.weights.start()
+        self._started = True
+        event(log, "connected", job=self.job, actor=self.actor_id, version=self.version, tasks=",".join(self.tasks),
+              group_size=self.settings["group_size"], spooled=len(self.spool))
+        return self.settings
+
+    def _max_model_len(self, model_dir: Path) -> int:
+        want = int(self.settings.get("max_prompt_tokens", 512)) + int(self.settings["max_new_tokens"])
+        try:
+            limit = int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or want)
+        except (OSError, ValueError):
+            limit = want
+        return min(want, limit)
+
+    def _on_ack(self, ack: pb.Ack) -> None:
+        self.learner_version = int(ack.learner_version)
+
+    @property
+    def version(self) -> int:
+        """Version the engine runs (-1 before the first load)."""
+        return -1 if self.engine is None else int(self.engine.version)
+
+    @property
+    def job_stopping(self) -> bool:
+        return self.weights is not None and self.weights.job_state == "stopping"
+
+    # -- weights -----------------------------------------------------------------------------
+    def _apply(self, weights: VerifiedWeights) -> bool:
+        """Load ``weights`` into the engine (timeout -> counted, kept for a retry next turn). True on success."""
+        try:
+            self.supervise()  # a dead engine takes no weights: restart it (on its last good ones) first
+            seconds = self.engine.update_weights(weights.state_dict, weights.version, self.opts.weight_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a failed update must never end the rollout loop
+            reason = "timeout" if "timeout" in type(exc).__name__.lower() else type(exc).__name__
+            self.stats.weight_update_failures += 1
+            self.metrics.weight_update_failures.labels(self.actor_id, reason).inc()
+            event(log, "weight_update_failed", level=40, job=self.job, actor=self.actor_id, version=self.version,
+                  target=weights.version, reason=reason, error=str(exc)[:300])
+            self._retry = weights
+            return False
+        self._retry = None
+        self.stats.weight_updates += 1
+        self.metrics.weight_update_seconds.labels(self.actor_id).observe(float(seconds or 0.0))
+        self.metrics.version.labels(self.actor_id).set(weights.version)
+        if self.weights is not None:
+            self.weights.current_version = weights.version
+        event(log, "weights_loaded", job=self.job, actor=self.actor_id, version=weights.version, seconds=seconds,
+              delay_s=time.time() - weights.announced_at if weights.announced_at else None)
+        return True
+
+    def apply_pending(self) -> bool:
+        """Load the newest verified version not yet in the engine (or retry a failed one). True if one loaded."""
+        new = self.weights.pending() if self.weights is not None else None
+        candidate = new if new is not None else self._retry
+        if candidate is None or candidate.version == self.version:
+            return False
+        return self._apply(candidate)
+
+    def _catch_up(self, learner_version: int) -> None:
+        """Wait (up to weight_wait_s) until the engine runs ``learner_version`` (or the pinned fleet version)."""
+        ann = self.weights.announced if self.weights is not None else None
+        target = int(ann.version) if ann is not None and ann.pinned else learner_version
+        deadline = time.monotonic() + self.opts.weight_wait_s
+        while self.version < target and time.monotonic() < deadline:
+            if not self.apply_pending():
+                time.sleep(0.02)
+        if self.version < target:
+            event(log, "weights_behind", level=30, job=self.job, actor=self.actor_id, version=self.version, target=target)
+
+    def supervise(self) -> None:
+        """Restart a dead engine (it reloads its last good weights); replace a stuck one."""
+        if self._stuck is not None and self._stuck is self.engine:
+            self._replace_engine()
+            return
+        if self.engine.alive():
+            return
+        event(log, "engine_dead", level=40, job=self.job, actor=self.actor_id, version=self.version)
+        t0 = time.monotonic()
+        self.engine.ensure_running()
+        self.stats.engine_restarts += 1
+        self.metrics.engine_restarts.labels(self.actor_id).inc()
+        event(log, "engine_restarted", job=self.job, actor=self.actor_id, version=self.version,
+              seconds=time.monotonic() - t0)
+
+    # -- admission ---------------------------------------------------------------------------
+    def admit(self, n: int) -> pb.AdmitResponse | None:
+        """Ask for ``n`` tickets; None when the learner is unreachable right now (caller retries)."""
+        req = pb.AdmitRequest(job_id=self.job, actor_id=self.actor_id, rollouts=n, current_version=max(self.version, 0))
+        self.stats.admit_calls += 1
+        try:
+            resp = self.stub.Admit(req, metadata=self.metadata, timeout=10.0)
+        except grpc.RpcError as err:
+            if err.code() not in _RETRY:
+                raise _error_from_rpc(err) from None
+            event(log, "admit_unavailable", level=30, job=self.job, actor=self.actor_id, error=str(err.code()))
+            return None
+        self.learner_version = max(self.learner_version, int(resp.learner_version))
+        return resp
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def _sample_prompt(self) -> tuple[str, Any, Any, list[int]] | None:
+        ids = list(self.tasks)
+        weights = np.array([self.tasks[i][1] for i in ids], dtype=np.float64)
+        task_id = ids[int(self.rng.choice(len(ids), p=weights / weights.sum()))]
+        task = self.tasks[task_id][0]
+        prompt = task.sample(self.rng)
+        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        token_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = min(int(self.settings.get("max_prompt_tokens", 512)),
+                    int(self.settings["max_model_len"]) - int(self.settings["max_new_tokens"]))
+        if not token_ids or len(token_ids) > limit:
+            self.stats.skipped_prompts += 1
+            event(log, "prompt_skipped", level=30, job=self.job, actor=self.actor_id, task=task_id, tokens=len(token_ids),
+                  limit=limit)
+            return None
+        return task_id, task, prompt, token_ids
+
+    def rollout(self, resp: pb.AdmitResponse) -> int:
+        """Generate one group per ticket of ``resp`` and spool them; returns groups spooled."""
+        jobs = []
+        for ticket in resp.ticket_ids:
+            for _ in range(5):
+                sampled = self._sample_prompt()
+                if sampled is not None:
+                    jobs.append((ticket, *sampled))
+                    break
+        if not jobs:
+            return 0
+        s = self.settings
+        t0 = time.monotonic()
+        outs = None
+        for attempt in range(2):  # an engine that dies mid-generate is restarted and the tickets reused once
+            try:
+                self.supervise()
+                outs = self._generate([j[4] for j in jobs], n=int(s["group_size"]), max_new_tokens=int(s["max_new_tokens"]),
+                                      temperature=float(s["temperature"]), top_p=float(s["top_p"]),
+                                      seed=int(self.rng.integers(2**31 - 1)))
+                break
+            except Exception as exc:  # noqa: BLE001 - the actor outlives its engine
+                event(log, "generate_failed", level=40, job=self.job, actor=self.actor_id, version=self.version,
+                      attempt=attempt, error=f"{type(exc).__name__}: {exc}"[:300])
+        dt = time.monotonic() - t0
+        if outs is None:  # the tickets expire on the learner (ticket_ttl_s) and free their capacity
+            return 0
+        self.stats.generate_s += dt
+        self.metrics.generate_seconds.labels(self.actor_id).inc(dt)
+        spooled, rewards = 0, []
+        for (ticket, task_id, task, prompt, prompt_ids), samples in zip(jobs, outs):
+            chunk = self._group_chunk(ticket, int(resp.learner_version), task_id, task, prompt, prompt_ids, samples)
+            if chunk is None:
+                continue
+            self.spool.put(chunk.episode_id, 0, chunk.SerializeToString())
+            spooled += 1
+            rewards += [c.reward for c in chunk.group.completions]
+            self.metrics.groups.labels(self.actor_id, task_id).inc()
+        if rewards:
+            self.metrics.reward.labels(self.actor_id).set(float(np.mean(rewards)))
+        self.metrics.spool.labels(self.actor_id).set(len(self.spool))
+        return spooled
+
+    def _generate(self, prompts: list[list[int]], **kw) -> list:
+        """``engine.generate`` watched from here: if the engine is dead and the call has not returned
+        ``dead_engine_grace_s`` later (vLLM's in-process client can wait forever for an EngineCore that
+        was killed), the engine is abandoned and replaced (:meth:`_replace_engine`) and Unavailable raised."""
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["out"] = self.engine.generate(prompts, **kw)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box["err"] = exc
+
+        worker = threading.Thread(target=call, name=f"llm-generate-{self.actor_id}", daemon=True)
+        worker.start()
+        dead_since = None
+        while worker.is_alive():
+            worker.join(0.25)
+            if worker.is_alive() and not self.engine.alive():
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since > self.opts.dead_engine_grace_s:
+                    self._replace_engine()
+                    raise Unavailable("the engine died and its generate call never returned: engine replaced",
+                                      field="engine", value="stuck")
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    def _replace_engine(self) -> None:
+        """Abandon a stuck engine (closed in the background: its lock may never be released) and start a
+        new one on the newest announced weights."""
+        old = self.engine
+        if self._stuck is not old:  # first attempt for this engine (a failed replacement is retried by supervise)
+            self._stuck = old
+            event(log, "engine_stuck", level=40, job=self.job, actor=self.actor_id, version=self.version)
+            threading.Thread(target=old.close, name="llm-engine-close", daemon=True).start()
+        t0 = time.monotonic()
+        self.engine = self.engine_factory(self.model_dir, self.settings, self.opts)
+        self._stuck = None
+        self.stats.engine_restarts += 1
+        self.metrics.engine_restarts.labels(self.actor_id).inc()
+        event(log, "engine_restarted", job=self.job, actor=self.actor_id, version=self.version,
+              seconds=time.monotonic() - t0, replaced=True)
+        ann = self.weights.announced if self.weights is not None else None
+        if ann is not None and ann.size_bytes:
+            try:
+                self._apply(self.weights.fetch_now(ann))
+            except Exception as exc:  # noqa: BLE001 - the next announcement brings weights again
+                event(log, "refetch_failed", level=40, job=self.job, actor=self.actor_id, version=self.version,
+                      error=str(exc)[:300])
+
+    def _group_chunk(self, ticket: str, admitted: int, task_id: str, task, prompt, prompt_ids: list[int],
+                     samples) -> pb.EpisodeChunk | None:
+        from fleetloop.llm_tasks import safe_score
+        comps = []
+        for smp in samples:
+            if not len(smp.token_ids):  # the learner refuses empty completions: drop the group, say so
+                event(log, "empty_completion", level=30, job=self.job, actor=self.actor_id, version=smp.policy_version,
+                      task=task_id)
+                return None
+            reward, ok = safe_score(task, prompt, smp.text, {"job": self.job, "actor": self.actor_id,
+                                                            "version": smp.policy_version})
+            comps.append(pb.Completion(token_ids=list(smp.token_ids), logprobs=[min(0.0, float(x)) for x in smp.logprobs],
+                                       reward=reward, policy_version=int(smp.policy_version), text=smp.text[:4096],
+                                       finish_reason=str(smp.finish_reason or ""), verifier_error=not ok))
+            self.stats.verifier_errors += int(not ok)
+            self.stats.tokens += len(smp.token_ids)
+        errors = sum(c.verifier_error for c in comps)
+        if errors:
+            self.metrics.verifier_errors.labels(self.actor_id).inc(errors)
+        version = min(c.policy_version for c in comps)
+        self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
+        self.stats.groups += 1
+        self.stats.completions += len(comps)
+        self.stats.reward_sum += float(sum(c.reward for c in comps))
+        self.metrics.tokens.labels(self.actor_id).inc(sum(len(c.token_ids) for c in comps))
+        episode = f"{self.actor_id}-{uuid.uuid4().hex[:16]}"
+        return pb.EpisodeChunk(
+            job_id=self.job, actor_id=self.actor_id, episode_id=episode, seq=0, task_id=task_id, behavior_version=version,
+            produced_at=time.time(),
+            end=pb.EpisodeEnd(outcome=pb.SUCCESS, total_reward=float(np.mean([c.reward for c in comps])), length=len(comps)),
+            group=pb.CompletionGroup(prompt_id=str(prompt.id)[:128], prompt_text=self._prompt_text(prompt_ids),
+                                     prompt_token_ids=prompt_ids, completions=comps, ticket_id=ticket,
+                                     admitted_version=admitted, task_id=task_id))
+
+    def _prompt_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)[:4096]
+
+    # -- loop --------------------------------------------------------------------------------
+    def step(self) -> int:
+        """One turn of the loop (see the module docstring); returns groups spooled."""
+        self.supervise()
+        self.apply_pending()
+        resp = self.admit(self.opts.rollouts_per_admit)
+        if resp is None:
+            self._wait(1.0)
+            return 0
+        if not resp.ticket_ids:
+            self.stats.blocked += 1
+            self.metrics.blocked.labels(self.actor_id).inc()
+            self._wait(max(resp.retry_after_ms, 20) / 1000.0)
+            return 0
+        self.stats.tickets += len(resp.ticket_ids)
+        if resp.learner_version > self.version:
+            self._catch_up(int(resp.learner_version))
+        return self.rollout(resp)
+
+    def _wait(self, seconds: float) -> None:
+        """Idle time waiting for admission; new weights are applied meanwhile."""
+        t0 = time.monotonic()
+        end = t0 + seconds
+        while time.monotonic() < end:
+            if not self.apply_pending():
+                time.sleep(min(0.02, max(0.0, end - time.monotonic())))
+        dt = time.monotonic() - t0
+        self.stats.wait_s += dt
+        self.metrics.wait_seconds.labels(self.actor_id).inc(dt)
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False, deadline: float | None = None,
+            max_groups: int | None = None) -> LlmActorStats:
+        """Loop until ``should_stop()``, the monotonic ``deadline``, ``max_groups`` groups, or the job stopping."""
+        self.connect()
+        backoff = 1.0
+        while not should_stop() and not self.job_stopping:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if max_groups is not None and self.stats.groups >= max_groups:
+                break
+            try:
+                self.step()
+                backoff = 1.0
+            except (FleetloopError, grpc.RpcError) as exc:  # a refusal that no retry can fix ends the actor
+                if not isinstance(exc, (Unavailable, ResourceExhausted)) and not isinstance(exc, grpc.RpcError):
+                    raise
+                self._step_failed(exc, backoff)
+                backoff = min(30.0, backoff * 2)
+            except Exception as exc:  # noqa: BLE001 - e.g. an engine restart that failed: retried after a pause
+                self._step_failed(exc, backoff)
+                backoff = min(30.0, backoff * 2)
+        return self.stats
+
+    def _step_failed(self, exc: BaseException, backoff: float) -> None:
+        event(log, "step_failed", level=40, job=self.job, actor=self.actor_id, version=self.version, retry_in=backoff,
+              error=f"{type(exc).__name__}: {exc}"[:300])
+        time.sleep(backoff)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every spooled group is acknowledged; False on timeout."""
+        return self.spool.wait_empty(timeout)
+
+    def close(self, flush_timeout: float = 10.0) -> None:
+        """Flush (bounded), stop the sender, the weight follower and the engine, close the channel."""
+        if self._started:
+            self.flush(flush_timeout)
+        self.sender.stop()
+        if self.weights is not None:
+            self.weights.stop()
+        if self.engine is not None:
+            self.engine.close()
+        self.channel.close()
+
