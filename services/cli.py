@@ -1,7 +1,7 @@
 """``fleetloop`` command line: the composition root.
 
-Subcommands: ``demo`` (the main job), ``learner``, ``actor``, ``demos record``, ``pretrain``,
-``eval``, ``experiment``, ``bench ingest`` / ``bench weights`` / ``bench load``; control plane: ``up``, ``job ...``, ``admin create-key``
+Subcommands: ``demo`` (the main job; ``demo llm``: GRPO with vLLM rollout servers), ``learner``, ``actor``, ``demos record``, ``pretrain``,
+``eval``, ``experiment``, ``bench ingest`` / ``bench weights`` / ``bench load`` / ``bench async``; control plane: ``up``, ``job ...``, ``admin create-key``
 (:mod:`services.cli_control`).
 """
 
@@ -111,6 +111,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.mode == "llm":
+        from services.llm_demo import LlmDemoOptions, run_llm_demo
+        model = "tiny" if args.tiny else (args.model or "smollm2")
+        # the robot demo's defaults (9 minutes, runs/demo) mean "not given" here
+        minutes = args.minutes if args.minutes != 9.0 else (0.75 if args.tiny else 12.0)
+        out = args.out if args.out != "runs/demo" else "runs/llm-demo"
+        run_llm_demo(LlmDemoOptions(minutes=minutes, out=Path(out), model=model, task=args.task, servers=args.servers,
+                                    eta=args.eta, lr=args.lr, seed=args.seed, live=not args.no_live),
+                     command=" ".join(["fleetloop", *sys.argv[1:]]))
+        return 0
     from services.demo import DemoOptions, run_demo
     opts = DemoOptions(algorithm=args.algorithm, robots=args.robots, tasks=args.tasks.split(","), minutes=args.minutes, out=Path(args.out),
                        seed=args.seed, demos_per_task=args.demos_per_task, pretrain_steps=args.pretrain_steps,
@@ -124,6 +134,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_bench_async(args: argparse.Namespace) -> int:
+    from bench.llm_async import main
+    return main(args)
+
+
 def _cmd_bench_load(args: argparse.Namespace) -> int:
     from bench.load import main
     return main(args)
@@ -133,7 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetloop", description="Fleet post-training: actors -> gRPC -> Ray learner -> weights -> actors.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="the main job: a simulated Meta-World fleet improving one policy online")
+    d = sub.add_parser("demo", help="the main job: a simulated Meta-World fleet improving one policy online; "
+                                    "'demo llm': GRPO on an LLM with vLLM rollout servers")
+    d.add_argument("mode", nargs="?", choices=["robots", "llm"], default="robots",
+                   help="robots (default): the Meta-World fleet; llm: services.llm_demo (see --model, --servers, --eta)")
+    dl = d.add_argument_group("demo llm")
+    dl.add_argument("--model", default=None, help="llm: smollm2 (default) | tiny | a Hugging Face folder")
+    dl.add_argument("--task", default="arith", help="llm: built-in verifiable task")
+    dl.add_argument("--servers", type=int, default=2, help="llm: rollout servers (one vLLM engine each)")
+    dl.add_argument("--eta", type=int, default=1, help="llm: max staleness in versions (0 = synchronous)")
+    dl.add_argument("--lr", type=float, default=None, help="llm: GRPO learning rate (default: the model preset's)")
+    dl.add_argument("--tiny", action="store_true", help="llm: tiny random Llama, about a minute after start-up (CI)")
     d.add_argument("--robots", type=int, default=4, help="number of simulated robots")
     d.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World v3 task ids")
     d.add_argument("--minutes", type=float, default=9.0, help="length of the online phase")
@@ -244,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--repeats", type=int, default=3)
     bw.add_argument("--out", required=True)
     bw.set_defaults(func=_cmd_bench)
+    ba = bsub.add_parser("async", help="LLM GRPO: synchronous (eta=0) vs asynchronous (eta>0) rollouts, wall clock "
+                                       "per step and to a reward, idle shares, staleness")
+    from bench.llm_async import add_arguments as add_async_arguments
+    add_async_arguments(ba)
+    ba.set_defaults(func=_cmd_bench_async)
     bl = bsub.add_parser("load", help="a fleet of lightweight actors against one learner: errors, ack latency, RSS, "
                                       "ingest rate, vs raw gRPC")
     bl.add_argument("--actors", type=int, default=200, help="lightweight actors (one stream and connection each)")
