@@ -396,3 +396,19 @@ def check_lm_state_dict(
     if missing:
         raise InvalidArgument(f"{len(missing)} weights missing, e.g. {missing[:3]}", field="state_dict", value=missing[0])
     return out
+
+
+def resolve_model(model: str, seed: int, cache_dir: str | Path, *, missing_hint: str = "") -> Path:
+    """The Hugging Face folder of a job's ``model``: 'tiny' (from ``seed``: the learner and every actor
+    build the same weights) and 'smollm2' are built into ``cache_dir`` (idempotent); anything else is
+    a folder that must hold a config.json (FailedPrecondition naming ``model`` otherwise, with
+    ``missing_hint`` appended)."""
+    if model == "tiny":
+        return Path(tiny_llama(Path(cache_dir) / f"tiny-llama-seed{seed}", seed=seed))
+    if model == "smollm2":
+        return Path(smollm2_export(Path(cache_dir) / "smollm2-135m-instruct"))
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FailedPrecondition(f"model {model!r} is neither 'tiny', 'smollm2' nor a Hugging Face model folder "
+                                 f"(no config.json){missing_hint}", field="model", value=model)
+    return path

@@ -40,7 +40,6 @@ naming the field (``task_params.<name>``, ``line N: <field>``) and value.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fleetloop.errors import InvalidArgument
 from fleetloop.logs import event, get_logger
+from fleetloop.plugins import import_callable
 
 log = get_logger("llm_tasks")
 
@@ -346,16 +346,7 @@ RewardFn = Callable[[str, str, str], float]
 
 def resolve_reward(spec: str) -> RewardFn:
     """Import a ``"module:function"`` reward; InvalidArgument naming ``reward`` if it cannot be found."""
-    if ":" not in spec:
-        raise InvalidArgument(f"reward {spec!r} must look like 'module:function'", field="reward", value=spec)
-    module_name, func_name = spec.split(":", 1)
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidArgument(f"reward {spec!r} not importable: {exc}", field="reward", value=spec) from exc
-    if not callable(func):
-        raise InvalidArgument(f"reward {spec!r} is not callable", field="reward", value=spec)
-    return func
+    return import_callable(spec, field="reward", what="reward")
 
 
 def exact_match(completion_text: str, answer: str, strict_format: bool = False) -> float:

@@ -18,7 +18,6 @@ a state dict from one loads into the other. A VLA replaces this by naming anothe
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from fleetloop.errors import InvalidArgument
+from fleetloop.plugins import import_callable
 
 DEFAULT_FACTORY = "fleetloop.policies:mlp_policy"
 
@@ -113,16 +113,7 @@ def guided_action(policy: nn.Module, obs: torch.Tensor, task: torch.Tensor, beta
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
     """Import ``"module:function"``; InvalidArgument naming the value if it cannot be found."""
-    if ":" not in name:
-        raise InvalidArgument(f"policy factory {name!r} must look like 'module:function'", field="policy_factory", value=name)
-    module_name, func_name = name.split(":", 1)
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidArgument(f"policy factory {name!r} not importable: {exc}", field="policy_factory", value=name) from exc
-    if not callable(func):
-        raise InvalidArgument(f"policy factory {name!r} is not callable", field="policy_factory", value=name)
-    return func
+    return import_callable(name, field="policy_factory", what="policy factory")
 
 
 def build_policy(factory: str, kwargs: dict[str, Any] | str | None, obs_dim: int, act_dim: int, num_tasks: int) -> nn.Module:

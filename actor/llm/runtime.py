@@ -36,15 +36,14 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 
+from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
 from actor.runtime import _error_from_rpc, channel_options
 from actor.sender import Sender
 from actor.spool import Spool
@@ -88,66 +87,6 @@ class LlmActorOptions(BaseModel):
     tls_key_file: str | None = Field(None, description="Private key of tls_cert_file.")
 
 
-class LlmActorMetrics:
-    """Prometheus series of an LLM actor (label ``actor``); private registry."""
-
-    def __init__(self, actor: str) -> None:
-        self.registry = r = CollectorRegistry()
-        a = ["actor"]
-        self.actor = actor
-        self.weight_update_seconds = Histogram("fleetloop_llm_weight_update_seconds", "Time to load a new version into "
-                                               "the running engine.", a, registry=r,
-                                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
-        self.weight_update_failures = Counter("fleetloop_llm_weight_update_failures_total", "Weight updates that failed "
-                                              "or timed out (retried next turn), by reason.", a + ["reason"], registry=r)
-        self.engine_restarts = Counter("fleetloop_llm_engine_restarts_total", "Dead engines restarted.", a, registry=r)
-        self.groups = Counter("fleetloop_llm_actor_groups_total", "Groups generated and spooled, by task.", a + ["task"],
-                              registry=r)
-        self.tokens = Counter("fleetloop_llm_actor_tokens_total", "Completion tokens generated.", a, registry=r)
-        self.verifier_errors = Counter("fleetloop_llm_actor_verifier_errors_total", "Completions whose verifier raised.",
-                                       a, registry=r)
-        self.reward = Gauge("fleetloop_llm_actor_reward_mean", "Mean reward of the newest generate call.", a, registry=r)
-        self.version = Gauge("fleetloop_llm_actor_policy_version", "Version the engine runs.", a, registry=r)
-        self.generate_seconds = Counter("fleetloop_llm_actor_generate_seconds_total", "Time in generate calls.", a,
-                                        registry=r)
-        self.wait_seconds = Counter("fleetloop_llm_actor_admission_wait_seconds_total", "Time waiting for admission "
-                                    "tickets (rollout-server idle time).", a, registry=r)
-        self.blocked = Counter("fleetloop_llm_actor_admit_blocked_total", "Admit calls that granted nothing.", a, registry=r)
-        self.spool = Gauge("fleetloop_llm_actor_spool_chunks", "Groups waiting for an ack.", a, registry=r)
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
-
-
-@dataclass
-class LlmActorStats:
-    """What a run did (also the CLI's final log line)."""
-
-    groups: int = 0
-    completions: int = 0
-    tokens: int = 0
-    verifier_errors: int = 0
-    reward_sum: float = 0.0
-    admit_calls: int = 0
-    tickets: int = 0
-    blocked: int = 0
-    weight_updates: int = 0
-    weight_update_failures: int = 0
-    engine_restarts: int = 0
-    generate_s: float = 0.0
-    wait_s: float = 0.0
-    skipped_prompts: int = 0
-    versions: dict[int, int] = field(default_factory=dict)  # engine version -> groups generated on it
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(vars(self))
-        d["versions"] = {str(k): v for k, v in self.versions.items()}
-        busy = self.generate_s + self.wait_s
-        d["idle_share"] = self.wait_s / busy if busy > 0 else 0.0
-        return d
-
-
 class _AnnouncedWeightClient(WeightClient):
     """A WeightClient that also remembers the newest announcement (to know whether the fleet is pinned)."""
 
@@ -164,14 +103,8 @@ def resolve_model_dir(settings: dict[str, Any], cache_dir: str | Path, override:
     from fleetloop import llm_models
     if override:
         return Path(override)
-    model, seed = settings.get("model", "tiny"), int(settings.get("model_seed", 0))
-    if model == "tiny":
-        return Path(llm_models.tiny_llama(Path(cache_dir) / f"tiny-llama-seed{seed}", seed=seed))
-    if model == "smollm2":
-        return Path(llm_models.smollm2_export(Path(cache_dir) / "smollm2-135m-instruct"))
-    if not (Path(model) / "config.json").is_file():
-        raise FailedPrecondition(f"the job's model {model!r} is not a folder here; pass --model-dir", field="model", value=model)
-    return Path(model)
+    return llm_models.resolve_model(settings.get("model", "tiny"), int(settings.get("model_seed", 0)), cache_dir,
+                                    missing_hint="; pass --model-dir")
 
 
 def default_engine_factory(model_dir: Path, settings: dict[str, Any], opts: LlmActorOptions):

@@ -63,18 +63,10 @@ CORRECT_REWARD = 1.0 - 1e-6
 
 
 def resolve_model(model: str, seed: int, cache_dir: Path) -> Path:
-    """The HF folder of ``model``: 'tiny' and 'smollm2' are built into ``cache_dir`` (idempotent),
-    anything else is a path that must exist (FailedPrecondition naming ``model`` otherwise)."""
+    """The HF folder of ``model`` (:func:`fleetloop.llm_models.resolve_model`; imported here lazily so
+    this module loads without transformers)."""
     from fleetloop import llm_models
-    if model == "tiny":
-        return Path(llm_models.tiny_llama(Path(cache_dir) / f"tiny-llama-seed{seed}", seed=seed))
-    if model == "smollm2":
-        return Path(llm_models.smollm2_export(Path(cache_dir) / "smollm2-135m-instruct"))
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise FailedPrecondition(f"model {model!r} is neither 'tiny', 'smollm2' nor a Hugging Face model folder "
-                                 f"(no config.json)", field="model", value=model)
-    return path
+    return llm_models.resolve_model(model, seed, cache_dir)
 
 
 class LlmLearnerCore:
