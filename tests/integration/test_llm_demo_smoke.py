@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (the LLM extra is part of `make install`: missing = a broken install)
+import vllm  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[2]
 

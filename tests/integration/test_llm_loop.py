@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (the LLM extra is part of `make install`)
 
 from fleetloop.codec import PROTOCOL_VERSION  # noqa: E402
 from fleetloop.v1 import fleetloop_pb2 as pb  # noqa: E402
@@ -376,7 +376,6 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_llm_loop_with_vllm(tmp_path, model_cache, toy_task):
-    pytest.importorskip("vllm")
     impl = _learner(tmp_path, model_cache, toy_task)
     log_path = tmp_path / "actor.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(toy_task["params"]["path"]).rsplit("/", 1)[0]]),

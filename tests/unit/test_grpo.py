@@ -310,7 +310,8 @@ def test_skip_when_no_signal_and_state_round_trip():
 
 
 def test_tiny_llama_logprobs_and_update():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
