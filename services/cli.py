@@ -8,6 +8,7 @@ Subcommands: ``demo`` (the main job; ``demo llm``: GRPO with vLLM rollout server
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -311,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--no-progress", action="store_true", help="no progress bar")
     bl.add_argument("--out", required=True)
     bl.set_defaults(func=_cmd_bench_load)
+
+    from bench.registry import BENCHES
+    for name, (module, help_text) in BENCHES.items():
+        bp = bsub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(bp)
+        bp.set_defaults(func=lambda a, module=module: importlib.import_module(module).main(a))
 
     from services.cli_control import add_control_commands
     add_control_commands(sub)
