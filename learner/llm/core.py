@@ -6,9 +6,10 @@ admission controller and a FIFO queue of validated groups. It exposes what
 ``job_state``, ``version``, ``flow.inflight``, ``backoff_ms``, ``ingestor.ingest``, ``status``) plus
 ``kind = "llm"``, :meth:`admit` and :meth:`rollout_settings`.
 
-Versions: version 0 is the base model, published at start (a restart on a state dir with
-published weights continues from the newest version's weights, with a fresh optimizer); then one
-version per learner step (version v = the weights after v steps of this run's history).
+Versions: version 0 is the base model, published at start; then one version per learner step
+(version v = the weights after v steps of this job's history; each version records its
+``learner_step``). A restart on a state dir with published weights continues from the newest
+version's weights, its learner step and the optimizer state (see Durability).
 
 Training thread (:meth:`train_step`): wait until ``batch_groups`` groups that arrived under a live
 admission ticket are queued, take exactly that many (FIFO: the admission rule counts on it) plus up
@@ -25,13 +26,32 @@ eta = 0 the fleet would otherwise deadlock; likewise a GRPO update that raises i
 ``fleetloop_llm_update_failures_total`` and the step still publishes). Each step records mean reward,
 accuracy, staleness and loss per version in ``status()["history"]``.
 
-Idempotency: (episode_id, seq) is stored once, in memory (:class:`~learner.llm.ingest.GroupIngestor`).
-Groups still queued and the ledger are lost with the process (LLM jobs have no ingest log yet); a
-resend after a restart is then stored again, which is harmless for on-policy GRPO data but means
-"exactly once" holds per learner process only.
+Durability (:mod:`learner.llm.durability` has the contract; files under ``STATE_DIR/llm``): acknowledged
+groups are never lost and are stored exactly once, also across crashes. A group's chunk is appended
+(fsynced) to the group log before it is stored and acknowledged. Each step marks the records it took
+(trained or dropped), writes the consumed marker atomically as *pending* for its learner step,
+publishes, then commits: a crash never retrains groups of a published step and never loses groups of
+an unpublished one (they are trained again). On start the ledger is rebuilt (a resend of any
+acknowledged group is a duplicate) and every acknowledged, unconsumed group is re-queued, untracked
+(its ticket died with the old process), in log order; re-queued groups obey the same staleness rule (more
+than ``eta`` versions stale when a step takes it: dropped and counted, never trained). Fully consumed
+log segments are compacted after each commit (keys to ``ledger.log``, ~50 bytes per group), so the log
+holds the records from the oldest unconsumed group on plus at most one segment.
+
+Optimizer: the AdamW state (2x the trainable parameters in float32: ~1.1 GB for SmolLM2-135M, ~MBs for
+the tiny model) and the optimizer step counter are checkpointed to ``STATE_DIR/llm/optimizer``
+(:mod:`learner.llm.optimizer_state`): after a step once ``optimizer_ckpt.every_s`` seconds
+passed since the last save (``LlmLearnerConfig.optimizer_checkpoint_every_s``, default 300 s), as a CPU
+snapshot written in the background (the training thread pays the copy, 1-2 s per GB here; the write, ~100
+MiB/s here, runs beside it), and synchronously on :meth:`LlmLearnerCore.checkpoint` and a clean
+:meth:`LlmLearnerCore.stop`. Per version would be exact but costs SmolLM2 a 1.1 GB write per ~40 s step.
+A restart restores the newest intact one onto the newest weights; after a crash it may be a few steps
+older than the weights (``status()["durability"]["optimizer"]["behind_steps"]``), still far closer than
+fresh moments. A missing, torn or mismatched checkpoint logs ``optimizer_fresh`` and training goes on
+with a fresh optimizer.
 
 Thread-safety: gRPC threads ingest and admit while one thread trains; the queue has its own
-condition, GRPO updates and rollbacks hold ``_train_lock``.
+condition, GRPO updates, publishes and optimizer checkpoints hold ``_train_lock`` (re-entrant).
 """
 
 from __future__ import annotations
@@ -39,6 +59,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +73,23 @@ from learner.algorithms import make_algorithm
 from learner.backpressure import FlowControl
 from learner.core import pick_device
 from learner.llm.config import LlmLearnerConfig
+from learner.llm.durability import GroupJournal, recover_groups
 from learner.llm.ingest import GroupIngestor, ValidatedGroup
 from learner.llm.metrics import LlmMetrics
+from learner.llm.optimizer_state import OptimizerCheckpointer, restore_optimizer
 from learner.metrics import LearnerMetrics
 from learner.weight_store import WeightStore
 
 log = get_logger("learner.llm")
 #: A completion counts as correct (accuracy) when its reward reaches the tasks' full score.
 CORRECT_REWARD = 1.0 - 1e-6
+
+
+def _chunk_key(payload: bytes) -> tuple[str, int]:
+    """(episode_id, seq) of a logged EpisodeChunk."""
+    from fleetloop.v1 import fleetloop_pb2 as pb
+    chunk = pb.EpisodeChunk.FromString(payload)
+    return chunk.episode_id, int(chunk.seq)
 
 
 def resolve_model(model: str, seed: int, cache_dir: Path) -> Path:
@@ -109,11 +139,12 @@ class LlmLearnerCore:
         self.flow = FlowControl(None, 1.0, 1.0, None, config.max_backoff_ms, None)
         self._cond = threading.Condition()
         self._queue: deque[ValidatedGroup] = deque()   # groups that arrived under a live ticket, FIFO
-        self._extra: deque[ValidatedGroup] = deque()   # groups without one (expired, unknown, no ticket)
+        self._extra: deque[ValidatedGroup] = deque()   # groups without one (expired, unknown, no ticket, re-queued)
+        self.journal = GroupJournal(state_dir / "llm", _chunk_key)
         self.ingestor = GroupIngestor(
             {"job_id": self.job, "task_ids": frozenset(self.tasks), "group_size": config.group_size,
              "vocab_size": self.vocab_size, "max_new_tokens": config.max_new_tokens,
-             "max_prompt_tokens": config.max_prompt_tokens}, self._on_group, self.llm_metrics)
+             "max_prompt_tokens": config.max_prompt_tokens}, self._on_group, self.llm_metrics, journal=self.journal)
         self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
         self.step = 0
         self.paused = False
@@ -123,17 +154,21 @@ class LlmLearnerCore:
         self.history: deque[dict[str, Any]] = deque(maxlen=config.history_size)
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (engine version at its last Admit, time)
         self.groups_total = 0
+        self.groups_requeued = 0
         self.groups_by_version: dict[int, int] = {}  # oldest policy_version of a group -> groups stored
         self.trained_groups = 0
         self.dropped_stale = 0
         self.staleness_max = 0
         self.idle_s = 0.0
         self.busy_s = 0.0
-        self._train_lock = threading.Lock()
+        self._train_lock = threading.RLock()
         self._stop = threading.Event()
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self.llm_metrics.queue.labels(self.job).set_function(lambda: len(self._queue) + len(self._extra))
+        self.optimizer_dir = state_dir / "llm" / "optimizer"
         self._start_versions()
+        self._restore_durable_state()
 
     # -- versions ----------------------------------------------------------------------------
     def _start_versions(self) -> None:
@@ -148,9 +183,23 @@ class LlmLearnerCore:
             raise FailedPrecondition(f"weights v{latest.version} in {self.weights.root} do not fit model {self.cfg.model!r} "
                                      f"(missing {sorted(set(missing) & self._publish_names)[:5]}, unexpected "
                                      f"{sorted(unexpected)[:5]})", field="state_dir", value=str(self.cfg.state_dir))
+        self.step = int(latest.learner_step)
         self.metrics.version.labels(self.job).set(latest.version)
         self._sync_fleet_metric()
-        event(log, "resumed", job=self.job, version=latest.version)
+        event(log, "resumed", job=self.job, version=latest.version, step=self.step)
+
+    def _restore_durable_state(self) -> None:
+        """Optimizer state, then the group log: ledger rebuilt, unconsumed groups re-queued (see Durability)."""
+        self.optimizer_restore = restore_optimizer(self.optimizer_dir, self.algorithm, self.step)
+        every_s = float(self.cfg.optimizer_checkpoint_every_s)
+        self.optimizer_ckpt = OptimizerCheckpointer(self.optimizer_dir, self.algorithm, every_s)
+        marker = self.journal.load_marker(self.step)
+        rec = recover_groups(self.journal, self.ingestor, self.version, self._requeue)
+        self.recovery = {"marker": marker, **asdict(rec)}
+        if rec.records or rec.ledger_keys or self.optimizer_restore["restored"]:
+            event(log, "durable_state_restored", job=self.job, version=self.version, step=self.step, marker=marker,
+                  requeued=rec.requeued, consumed=rec.consumed, skipped=rec.skipped, ledger_keys=rec.ledger_keys,
+                  optimizer=self.optimizer_restore["restored"], optimizer_behind=self.optimizer_restore["behind_steps"])
 
     @property
     def version(self) -> int:
@@ -159,10 +208,13 @@ class LlmLearnerCore:
         return -1 if latest is None else latest.version
 
     def publish(self) -> int:
-        """Serialise the policy, store it as the next version, announce it. Returns the version."""
+        """Serialise the policy, store it as the next version, announce it. Returns the version.
+        Holds the training lock: a manual publish never falls between a step's marker and its publish."""
         t0 = time.perf_counter()
-        blob = state_dict_to_blob({k: v for k, v in self.algorithm.policy_state_dict().items() if k in self._publish_names})
-        info = self.weights.publish(blob, self.step)
+        with self._train_lock:
+            blob = state_dict_to_blob({k: v for k, v in self.algorithm.policy_state_dict().items()
+                                       if k in self._publish_names})
+            info = self.weights.publish(blob, self.step)
         dt = time.perf_counter() - t0
         self.metrics.publish_seconds.labels(self.job).observe(dt)
         self.metrics.published_bytes.labels(self.job).inc(info.size_bytes)
@@ -233,6 +285,13 @@ class LlmLearnerCore:
             self.groups_by_version[vg.min_version] = self.groups_by_version.get(vg.min_version, 0) + 1
             self._cond.notify_all()
 
+    def _requeue(self, vg: ValidatedGroup) -> None:
+        """A group re-queued from the group log at start: untracked (no live ticket), not counted as received."""
+        with self._cond:
+            self._extra.append(vg)
+            self.groups_requeued += 1
+            self._cond.notify_all()
+
     def backoff_ms(self, actor: str = "") -> int:
         """Ack backpressure hint (admission already bounds what actors produce: 0 unless flow control says so)."""
         ms, _ = self.flow.backoff(actor)
@@ -287,7 +346,11 @@ class LlmLearnerCore:
                           error=f"{type(exc).__name__}: {exc}"[:300])
                     log.exception("update_failed job=%s", self.job)
             self.step += 1
+            self.journal.mark_consumed(g.record for g in groups)
+            self.journal.prepare(self.step)   # pending: counts once this step's version is published
             new_version = self.publish()
+            self.journal.commit(self.step)    # committed: compact fully consumed log segments
+            self.optimizer_ckpt.maybe_save(self.step, new_version)
         dt = time.perf_counter() - t0
         self._busy(dt)
         record = self._record(fresh, version, new_version, result, dt, len(dropped))
@@ -361,17 +424,26 @@ class LlmLearnerCore:
                 self._stop.wait(1.0)
 
     def stop(self, checkpoint: bool = True) -> None:
-        """Stop training (the weight store is already durable; ``checkpoint`` is accepted for symmetry)."""
+        """Stop training; with ``checkpoint`` save the optimizer state (weights and the group log are already
+        durable); close the group log. Idempotent."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._stopped:
+            return
+        self._stopped = True
+        with self._train_lock:
+            if checkpoint:
+                self.optimizer_ckpt.save_now(self.step, self.version)
+            self.optimizer_ckpt.wait()
+        self.journal.close()
 
     def checkpoint(self) -> Path:
-        """The newest published weights are the LLM learner's checkpoint (optimizer state is not kept)."""
-        latest = self.weights.latest
-        return self.weights.root / f"v{latest.version}.safetensors"
+        """Save the optimizer state now; returns its checkpoint folder (the weights are the newest version's)."""
+        with self._train_lock:
+            return self.optimizer_ckpt.save_now(self.step, self.version, force=True) or self.optimizer_dir
 
     # -- status ------------------------------------------------------------------------------
     @property
@@ -394,6 +466,9 @@ class LlmLearnerCore:
             "tasks": list(self.tasks), "eta": self.cfg.eta, "staleness_bound": self.cfg.eta,
             "group_size": self.cfg.group_size, "batch_groups": self.cfg.batch_groups,
             "groups_total": self.groups_total, "groups_queued": queued, "groups_by_version": by_version,
+            "groups_requeued": self.groups_requeued,
+            "durability": {**self.journal.stats(), "recovery": dict(self.recovery),
+                           "optimizer": {**self.optimizer_restore, "saver": self.optimizer_ckpt.stats()}},
             "trained_groups": self.trained_groups, "dropped_stale": self.dropped_stale, "staleness_max": self.staleness_max,
             "duplicates": ing.duplicates, "rejected": dict(ing.rejected), "admission": self.admission.stats(),
             "learner_idle_s": self.idle_s, "learner_busy_s": self.busy_s, "learner_idle_share": self.idle_share,

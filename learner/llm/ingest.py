@@ -16,8 +16,11 @@ naming the field with its index and the value, e.g. ``group.completions[3].logpr
 - ``group.admitted_version`` <= learner version.
 
 :class:`GroupIngestor` adds exactly-once storage: (episode_id, seq) is stored at most once; a resend
-is acknowledged as a duplicate without storing. The ledger lives in memory (no ingest log for LLM
-jobs in this issue): a learner restart forgets it, together with the groups still queued.
+is acknowledged as a duplicate without storing. With a journal (:class:`~learner.llm.durability.GroupJournal`,
+as the LLM learner runs it) a new group is appended to the group log *before* it is stored and
+acknowledged, and its record index is kept on the :class:`ValidatedGroup`; on start the learner
+replays the journal (:func:`~learner.llm.durability.recover_groups`, through :meth:`GroupIngestor.remember`),
+so the ledger and the unconsumed groups survive a restart and a resend after it is still a duplicate.
 Refusals are counted by field with indices removed (``fleetloop_llm_rejected_groups_total``).
 """
 
@@ -53,6 +56,10 @@ class ValidatedGroup:
     max_version: int
     verifier_errors: int = 0
     received_at: float = field(default_factory=time.time)
+    #: index of its record in the group log (-1: not logged); what the consumed marker counts
+    record: int = -1
+    #: re-queued from the group log at start (its admission ticket died with the previous process)
+    replayed: bool = False
 
     @property
     def rewards(self) -> list[float]:
@@ -163,24 +170,41 @@ def reason_of(exc: FleetloopError) -> str:
 
 
 class GroupIngestor:
-    """Exactly-once storage of validated groups (in-memory ledger); hands each new one to ``on_group``.
+    """Exactly-once storage of validated groups; hands each new one to ``on_group``.
 
     ``ingest`` has the signature the servicer calls on any core's ingestor and returns True for a
     duplicate. ``limits`` are the keyword arguments of :func:`validate_group` except learner_version.
+    ``journal`` (optional; anything with ``append(payload, key) -> index``) makes storage durable: the
+    chunk's bytes are appended before the group is stored, and an append that fails stores nothing
+    (the error reaches the sender, who resends). Without it the ledger lives in memory only.
     """
 
-    def __init__(self, limits: dict[str, Any], on_group: Callable[[ValidatedGroup], None], metrics=None) -> None:
+    def __init__(self, limits: dict[str, Any], on_group: Callable[[ValidatedGroup], None], metrics=None,
+                 journal=None) -> None:
         self.limits = dict(limits)
         self.on_group = on_group
         self.m = metrics
+        self.journal = journal
         self.lock = threading.Lock()
         self._seen: set[tuple[str, int]] = set()
         self.duplicates = 0
         self.stored = 0
         self.rejected: dict[str, int] = {}
 
+    def known(self, key: tuple[str, int]) -> bool:
+        """True when (episode_id, seq) is in the ledger."""
+        with self.lock:
+            return key in self._seen
+
+    def remember(self, key: tuple[str, int]) -> None:
+        """Put (episode_id, seq) in the ledger without storing anything (replay of the journal)."""
+        with self.lock:
+            self._seen.add(key)
+
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
-        """Validate and store ``chunk``; True when (episode_id, seq) was stored before (nothing stored now)."""
+        """Validate and store ``chunk``; True when (episode_id, seq) was stored before (nothing stored now).
+        With a journal and ``durable``, ``raw`` (the chunk's wire bytes; re-serialised when None) is logged
+        first."""
         key = (chunk.episode_id, int(chunk.seq))
         with self.lock:
             if key in self._seen:
@@ -199,6 +223,8 @@ class GroupIngestor:
             if key in self._seen:  # raced with a resend on another stream
                 self.duplicates += 1
                 return True
+            if durable and self.journal is not None:
+                vg.record = self.journal.append(raw if raw is not None else chunk.SerializeToString(), key)
             self._seen.add(key)
             self.stored += 1
             self.on_group(vg)
