@@ -16,6 +16,7 @@ the positive pass runs. An evaluation harness overrides beta with the ``guidance
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ class PolicyRunner:
         self.set_guidance(guidance_beta if guidance_beta is not None else float(self.inference.get("guidance_beta", 1.0)))
         self.guided_actions = 0
         self.version = -1
+        self.installed_at: float | None = None
+        self.installs = 0
 
     def set_guidance(self, beta: float) -> None:
         """Use CFG ``beta`` from the next action on (0 = unconditional, 1 = positive-conditioned, > 1 sharper)."""
@@ -53,9 +56,13 @@ class PolicyRunner:
         self.guidance = beta
 
     def load(self, weights: VerifiedWeights) -> None:
-        """Swap in a verified version (call only between episodes)."""
+        """Swap in a verified version (call only between episodes). Afterwards ``installed_at``
+        (``time.monotonic()``) is when this version became the one :meth:`act` uses (the end of the
+        "published -> running on the robot" latency) and ``installs`` counts the swaps."""
         self.policy.load_state_dict(weights.state_dict)
         self.version = weights.version
+        self.installed_at = time.monotonic()
+        self.installs += 1
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, task_id: str) -> np.ndarray:

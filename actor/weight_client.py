@@ -3,10 +3,15 @@
 Contract:
 - keeps at most one verified *pending* version (the newest announced; older pending ones are
   replaced: a parameter queue of depth one);
-- a version is only offered after its sha256 matched the announcement (:func:`load_verified`)
-  and the blob parsed as safetensors; anything else is refused (IntegrityError naming the field),
-  counted in ``refused`` / ``refusals`` and retried (3 attempts, then on the next announcement);
-- reassembly trusts nothing the server sends (:func:`fetch_blob`): the announced size is capped
+- a version is only offered after its sha256 matched the announcement and the blob parsed as
+  safetensors (:func:`fleetloop.weights.verified_views`: the digest is computed while the chunks
+  arrive, the tensors are views of the one received buffer); anything else is refused
+  (IntegrityError naming the field), counted in ``refused`` / ``refusals`` and retried (3
+  attempts, then on the next announcement);
+- one copy of the weights per fetch: given the ``channel``, chunks are parsed without copying their
+  payload (:mod:`fleetloop.weight_wire`), appended to one buffer, and the offered tensors are views
+  of it; the client keeps no reference to a version once it was handed over;
+- reassembly trusts nothing the server sends (:func:`fetch_into`): the announced size is capped
   before any allocation, every chunk must carry the announced version, digest and size and follow
   the previous one exactly; memory grows only with the bytes actually received;
 - every fetch has a deadline (``fetch_timeout_s`` + size at ``min_rate_mb_s``); a stalled transfer
@@ -19,8 +24,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import grpc
 import torch
@@ -28,9 +33,11 @@ import torch
 from fleetloop.errors import FleetloopError, IntegrityError
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
-from fleetloop.weights import load_verified
+from fleetloop.weight_wire import Chunk, parse_chunk
+from fleetloop.weights import BlobAssembler, load_verified, verified_views
 
 log = get_logger("actor.weights")
+SERVICE = "fleetloop.v1.Learner"
 
 
 @dataclass
@@ -43,32 +50,59 @@ class VerifiedWeights:
     size_bytes: int
     announced_at: float
     verified_at: float
+    #: monotonic times of this fetch: ``fetch_start``, ``downloaded`` (last byte in, digest computed
+    #: on the way), ``verified`` (digest compared, tensors parsed); empty when built elsewhere.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 #: Largest weight blob an actor accepts by default (a VLA's safetensors are a few GiB); a larger
 #: announcement is refused before anything is allocated or downloaded.
 MAX_WEIGHT_BYTES = 32 << 30
+#: Chunk size an actor asks for (the learner clamps it to its ``weight_chunk_bytes``).
+FETCH_CHUNK_BYTES = 1 << 20
 
 
-def fetch_blob(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata, timeout: float,
-               chunk_bytes: int = 1 << 20, max_bytes: int = MAX_WEIGHT_BYTES) -> bytes:
-    """Download the blob of ``ann.version`` (one FetchWeights stream) and reassemble it.
+def _chunks(stub, raw_fetch, req: pb.FetchRequest, metadata, timeout: float) -> Iterator[Chunk]:
+    """The FetchWeights stream as :class:`fleetloop.weight_wire.Chunk` tuples: read by the generated
+    code from ``stub``, or, with ``raw_fetch`` (the same RPC with identity (de)serializers), by
+    :func:`fleetloop.weight_wire.parse_chunk`, whose ``data`` is a view (no copy)."""
+    if raw_fetch is None:
+        for part in stub.FetchWeights(req, metadata=metadata, timeout=timeout):
+            yield Chunk(part.version, part.offset, part.data, part.total_size, part.sha256)
+    else:
+        for wire in raw_fetch(req.SerializeToString(), metadata=metadata, timeout=timeout):
+            yield parse_chunk(wire)
+
+
+def raw_fetch_callable(channel: grpc.Channel):
+    """FetchWeights on ``channel`` with bytes in and out (for :func:`fetch_into`'s ``raw_fetch``)."""
+    return channel.unary_stream(f"/{SERVICE}/FetchWeights", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+
+
+def fetch_into(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata, timeout: float,
+               sink: BlobAssembler | None = None, chunk_bytes: int = FETCH_CHUNK_BYTES,
+               max_bytes: int = MAX_WEIGHT_BYTES, raw_fetch=None) -> BlobAssembler:
+    """Download the blob of ``ann.version`` (one FetchWeights stream) into ``sink`` (a new
+    :class:`BlobAssembler` by default), which hashes each chunk as it arrives; returns the sink.
+    With ``raw_fetch`` (:func:`raw_fetch_callable`) chunks are parsed without copying their bytes.
 
     Refuses with IntegrityError naming the field (and keeps nothing): ``ann.size_bytes`` over
     ``max_bytes``; a chunk whose version, sha256 or total_size differ from the announcement; a chunk
     not starting exactly where the previous one ended (gap, overlap, reorder, repeat); bytes past
     ``size_bytes``; an empty chunk anywhere but once at the end; fewer than ``size_bytes`` in all.
-    The digest itself is checked by the caller (:func:`fleetloop.weights.load_verified`).
+    Memory grows only with the bytes received. The digest itself is checked by the caller
+    (:func:`fleetloop.weights.verified_views`).
     """
     size = int(ann.size_bytes)
     if size > max_bytes:
         raise IntegrityError(f"announced size_bytes {size} exceeds this actor's limit of {max_bytes}", field="size_bytes",
                              value=size)
-    parts: list[bytes] = []
+    sink = BlobAssembler() if sink is None else sink
     received = 0
     ended = False
     req = pb.FetchRequest(job_id=job, actor_id=actor, version=ann.version, offset=0, chunk_bytes=chunk_bytes)
-    for part in stub.FetchWeights(req, metadata=metadata, timeout=timeout):
+    for part in _chunks(stub, raw_fetch, req, metadata, timeout):
         if part.version != ann.version:
             raise IntegrityError(f"weight chunk of version {part.version} in the fetch of version {ann.version}",
                                  field="version", value=part.version)
@@ -90,11 +124,30 @@ def fetch_blob(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata,
                 raise IntegrityError(f"weight chunk of 0 bytes at offset {part.offset} before the end ({size})", field="data",
                                      value=0)
             ended = True
-        parts.append(data)
+        sink.append(data)
         received += len(data)
     if received != size:
         raise IntegrityError(f"received {received} of {size} weight bytes", field="size_bytes", value=received)
-    return b"".join(parts)
+    return sink
+
+
+def fetch_blob(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata, timeout: float,
+               chunk_bytes: int = FETCH_CHUNK_BYTES, max_bytes: int = MAX_WEIGHT_BYTES) -> bytes:
+    """:func:`fetch_into`, returned as one ``bytes`` object (a copy; for callers that need bytes)."""
+    return bytes(fetch_into(stub, job, actor, ann, metadata, timeout, chunk_bytes=chunk_bytes, max_bytes=max_bytes).buffer)
+
+
+def views_checked(sink: BlobAssembler, sha256: str) -> dict[str, torch.Tensor]:
+    """:func:`fleetloop.weights.verified_views` (digest first, then zero-copy tensor views), with
+    anything that is not an IntegrityError refused as one (field ``blob``): the digest only proves
+    the bytes are the ones announced, not that they are weights."""
+    try:
+        return verified_views(sink, sha256)
+    except IntegrityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a parser surprise must not escape as anything but a refusal
+        raise IntegrityError(f"{len(sink)}-byte blob {sha256[:16]}... is not loadable safetensors: {type(exc).__name__}: "
+                             f"{str(exc)[:200]}", field="blob", value=len(sink)) from None
 
 
 def load_checked(blob: bytes, sha256: str) -> dict[str, torch.Tensor]:
@@ -115,8 +168,12 @@ class WeightClient:
 
     def __init__(self, stub, job: str, actor: str, metadata, current_version: int = -1,
                  on_verified: Callable[[VerifiedWeights], None] | None = None,
-                 fetch_timeout_s: float = 30.0, min_rate_mb_s: float = 5.0, max_weight_bytes: int = MAX_WEIGHT_BYTES) -> None:
+                 fetch_timeout_s: float = 30.0, min_rate_mb_s: float = 5.0, max_weight_bytes: int = MAX_WEIGHT_BYTES,
+                 channel: grpc.Channel | None = None) -> None:
+        """``channel``: the channel ``stub`` was made from; given, weight chunks are read without
+        copying their payload (:func:`raw_fetch_callable`), else through the generated code."""
         self.stub, self.job, self.actor, self.metadata = stub, job, actor, metadata
+        self._raw_fetch = raw_fetch_callable(channel) if channel is not None else None
         self.on_verified = on_verified
         self.fetch_timeout_s, self.min_rate_mb_s = fetch_timeout_s, min_rate_mb_s
         self.max_weight_bytes = max_weight_bytes
@@ -162,22 +219,30 @@ class WeightClient:
 
     def fetch_now(self, ann: pb.WeightAnnouncement) -> VerifiedWeights:
         """Fetch and verify ``ann`` synchronously (used at connect time). A refused transfer or blob
-        raises IntegrityError and is counted; grpc.RpcError passes through (transport, not integrity)."""
+        raises IntegrityError and is counted; grpc.RpcError passes through (transport, not integrity).
+
+        The blob is hashed while it arrives and its tensors are views of the received buffer
+        (:func:`fetch_into`, :func:`views_checked`): one copy of the weights in this process, and no
+        pass over them after the last byte but the header parse."""
         t0 = time.monotonic()
         timeout = self.fetch_timeout_s + min(ann.size_bytes, self.max_weight_bytes) / (self.min_rate_mb_s * 1e6)
         try:
-            blob = fetch_blob(self.stub, self.job, self.actor, ann, self.metadata, timeout, max_bytes=self.max_weight_bytes)
-            state = load_checked(blob, ann.sha256)
+            sink = fetch_into(self.stub, self.job, self.actor, ann, self.metadata, timeout, max_bytes=self.max_weight_bytes,
+                              raw_fetch=self._raw_fetch)
+            t1 = time.monotonic()
+            state = views_checked(sink, ann.sha256)
         except IntegrityError as exc:
             with self._lock:
                 self.refused += 1
                 self.refusals[exc.field or "blob"] = self.refusals.get(exc.field or "blob", 0) + 1
             raise
-        dt = time.monotonic() - t0
+        t2 = time.monotonic()
+        dt = t2 - t0
         self.fetch_seconds.append(dt)
         self.fetched += 1
         event(log, "weights_verified", job=self.job, actor=self.actor, version=ann.version, bytes=ann.size_bytes, seconds=dt)
-        return VerifiedWeights(ann.version, ann.sha256, state, ann.size_bytes, ann.published_at, time.time())
+        return VerifiedWeights(ann.version, ann.sha256, state, ann.size_bytes, ann.published_at, time.time(),
+                               {"fetch_start": t0, "downloaded": t1, "verified": t2})
 
     def _run(self) -> None:
         delay = 0.2
@@ -242,4 +307,7 @@ class WeightClient:
                     self._pending = weights
                 if self.on_verified is not None:
                     self.on_verified(weights)
+                # drop this frame's reference: otherwise the version just handed over stays alive
+                # (a whole extra copy of the weights) until the next fetch finishes
+                del weights
                 break

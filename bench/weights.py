@@ -1,181 +1,205 @@
-"""Weight delivery: publish -> every actor holds the verified version, vs raw gRPC of the same bytes.
+"""Weight delivery: publish -> every robot verified and running the version, vs raw gRPC of the same bytes.
+
+Sweep: for each policy size (``--sizes-mb``, MB = 10^6 bytes) and each fan-out N (``--actors``; 1
+is always measured, the ratios need it):
 
 fleetloop path:
-  an in-process learner (``_RayLearnerImpl``, training idle); N actor processes (``spawn``) each
-  run the real ``actor.weight_client.WeightClient`` (SubscribeWeights stream -> fetch thread ->
-  ``fetch_blob`` over FetchWeights in 1 MiB chunks -> ``load_verified``: sha256 check + safetensors
-  load), subclassed only to timestamp announcement, download and verification. The bench calls
-  ``core.weights.publish(blob)`` (hash, atomic write with fsync, announce) with a safetensors blob
-  of random float32 tensors of the requested size (``fleetloop.weights.state_dict_to_blob``) and
-  times from just before that call until the last actor has verified the version. One warm-up
-  round (excluded), then ``repeats`` rounds with a fresh blob each; median and max reported. Run
-  with 1 actor, and with N actors when N > 1.
+  an in-process learner (``_RayLearnerImpl``, training idle, ``keep_versions=2``) and N robot
+  processes (``spawn``, :func:`bench.weights_procs.robot`), each with the real
+  ``actor.weight_client.WeightClient`` (SubscribeWeights -> fetch thread -> FetchWeights chunks
+  hashed as they arrive into one buffer -> digest check -> zero-copy safetensors views) and the
+  real ``actor.policy_runner.PolicyRunner`` running an MLP whose parameters total the size (4
+  hidden layers, width solved for the size). The bench publishes with ``core.weights.publish(blob)``
+  (sha256 || fsync'd write, then announce) a safetensors blob of that MLP's state dict (random
+  float32, one value changed per round so each version has its own digest) and times from just
+  before that call:
+  - *delivered*: the last robot has the version verified (digest matched, tensors parsed);
+  - *running*: the last robot has installed it (``PolicyRunner.load`` returned: the next action
+    uses it). Robots swap only between episodes (``--episode-s``, idle episodes), so *running*
+    includes up to one episode of waiting, reported separately as the boundary wait.
+  One warm-up round (excluded), then ``repeats`` rounds; median, P50 and P99 (linear
+  interpolation; with few rounds P99 is close to the maximum) over rounds.
 
-raw baselines (same run, same blobs, rounds alternating with fleetloop's so both see the same load):
+raw baseline (same run, same blobs, rounds alternating with fleetloop's under the same load):
   a unary-stream gRPC handler with identity serializers (bench.common.RawServer) streams the blob in
-  1 MiB chunks to 1 client process, and to N client processes at once; timed from the moment the
-  bench tells the clients to start until the last one has the whole blob (the sha256 of the
-  received bytes is taken afterwards and reported separately, not counted in the baseline).
+  the same chunk size to N client processes at once (:func:`bench.weights_procs.raw_client`),
+  timed from the start signal until the last client holds every byte (chunks kept as received; the
+  client's sha256 afterwards is reported separately and not counted).
 
-ratios (lower is better): fleetloop 1-actor time / raw 1-client time; N-actor time / 1-actor time
-(fleetloop and raw each).
+ratios (lower is better): fleetloop 1-actor delivered / raw 1-client; N-actor / 1-actor time
+(fleetloop and raw each). Also reported: per-stage medians, CPU seconds of the learner process and
+of the robots per round (is fan-out serialised on the learner, or is the machine full?), the
+learner's bytes served, and peak RSS of every process. A configuration that would not fit in the
+machine's available memory is skipped with a note (never half-run).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (JOB, MB, Children, RawServer, child_setup, collect, log_progress, machine_info, median,
-                          quiet_fleetloop_logs, ratio, raw_download_client, row, start_learner_in_process,
-                          stop_learner_in_process, wait_ready)
+from bench.common import (JOB, MB, TASK, Children, RawServer, collect, log_progress, machine_info, median,
+                          print_table, quiet_fleetloop_logs, ratio, row, wait_ready, write_json)
+from bench.weights_procs import cpu_seconds, peak_rss_mb
+from bench.weights_report import before_after_notes, notes, rows_goals_plots
 
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 240.0
 CHUNK_BYTES = 1 << 20
+HIDDEN_LAYERS = 4
+FACTORY = "fleetloop.policies:mlp_policy"
 
 
-def make_blob(size_mb: float, seed: int) -> bytes:
-    """A safetensors blob of random float32 tensors (at most 16 MiB each) totalling ``size_mb`` MB of data."""
+# -- the policy and its blobs ------------------------------------------------------------------
+def policy_spec(size_mb: float) -> dict[str, Any]:
+    """An MLP (``HIDDEN_LAYERS`` hidden layers of one width) for the default Meta-World specs whose
+    float32 parameters total about ``size_mb`` MB."""
+    from learner.config import LearnerConfig
+
+    cfg = LearnerConfig(job_id=JOB, tasks=[TASK])
+    obs, act, tasks = cfg.obs_dim, cfg.act_dim, 1
+    target = size_mb * MB / 4
+    a, b = HIDDEN_LAYERS - 1, obs + tasks + act + HIDDEN_LAYERS  # params = a h^2 + b h + act
+    width = max(1, int((-b + math.sqrt(b * b + 4 * a * max(0.0, target - act))) / (2 * a)))
+    return {"factory": FACTORY, "kwargs": {"hidden": [width] * HIDDEN_LAYERS}, "obs_dim": obs, "act_dim": act,
+            "params": a * width * width + b * width + act}
+
+
+def base_tensors(spec: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Random float32 tensors with the shapes of ``spec``'s MLP (built on the meta device: no init cost)."""
     import numpy as np
     import torch
 
-    from fleetloop.weights import state_dict_to_blob
+    from fleetloop.policies import build_policy
 
-    n = max(1, int(size_mb * MB / 4))
-    per = 4 << 20
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_policy(spec["factory"], spec["kwargs"], spec["obs_dim"],
+                                                             spec["act_dim"], 1).state_dict().items()}
     rng = np.random.default_rng(seed)
-    tensors = {f"layers.{i}.weight": torch.from_numpy(rng.standard_normal(min(per, n - off), dtype=np.float32))
-               for i, off in enumerate(range(0, n, per))}
-    return state_dict_to_blob(tensors)
+    return {k: torch.from_numpy(rng.random(s, dtype=np.float32) * 0.02 - 0.01) for k, s in shapes.items()}
 
 
-# -- child: one fleetloop actor's weight client -------------------------------------------------
-def weight_actor(idx: int, target: str, ready_q, report_q, stop, hard_deadline_s: float) -> None:
-    """Child process: follow announcements with a (timestamping) WeightClient until ``stop``."""
-    client = channel = None
+def make_blob(base: dict[str, Any], rnd: int) -> bytes:
+    """``base`` as a safetensors blob with the first value of every tensor set to ``rnd``: a version
+    with its own digest, same size (the values do not matter to a transfer). Written directly
+    (8-byte header length, JSON header padded to 8 bytes, tensors in order) with one ``bytes.join``
+    over memoryviews: one copy, where ``safetensors.torch.save`` holds two at its peak."""
+    import json
+    import struct
+
+    header, off = {}, 0
+    for name, t in base.items():
+        t.view(-1)[0] = float(rnd)
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return b"".join([struct.pack("<Q", len(raw)), raw, *(memoryview(t.numpy()).cast("B") for t in base.values())])
+
+
+# -- learner -----------------------------------------------------------------------------------
+def start_learner(state_dir: Path, chunk_bytes: int):
+    """The real learner in this process, training idle, at most 2 versions held in memory and the
+    newest 3 on disk."""
+    from learner.config import LearnerConfig
+    from learner.ray_learner import _RayLearnerImpl
+
+    cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
+                        min_online_steps=10 ** 12, max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu",
+                        keep_versions=2, weight_chunk_bytes=chunk_bytes)
+    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl.core.weights.keep_on_disk = 3  # a 780 MB sweep would otherwise leave ~25 GB of old versions on disk
+    return impl
+
+
+def stop_learner(impl) -> None:
     try:
-        life = child_setup(hard_deadline_s)
-        import threading
-
-        import grpc
-
-        from actor.runtime import channel_options
-        from actor.weight_client import VerifiedWeights, WeightClient, fetch_blob
-        from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
-        from fleetloop.weights import load_verified
-
-        class TimedWeightClient(WeightClient):
-            """The real client; only records when each announcement arrived and when each fetch
-            finished downloading and verifying (same calls as ``WeightClient.fetch_now``)."""
-
-            def __init__(self, *a: Any, **kw: Any) -> None:
-                super().__init__(*a, **kw)
-                self.announced_at: dict[int, float] = {}
-                self.subscribed = threading.Event()
-
-            def _handle(self, ann) -> None:
-                self.announced_at.setdefault(ann.version, time.monotonic())
-                self.subscribed.set()
-                super()._handle(ann)
-
-            def fetch_now(self, ann) -> VerifiedWeights:
-                t0 = time.monotonic()
-                timeout = self.fetch_timeout_s + ann.size_bytes / (self.min_rate_mb_s * 1e6)
-                blob = fetch_blob(self.stub, self.job, self.actor, ann, self.metadata, timeout)
-                t1 = time.monotonic()
-                state = load_verified(blob, ann.sha256)
-                t2 = time.monotonic()
-                self.fetched += 1
-                report_q.put({"idx": idx, "version": ann.version, "announced": self.announced_at.get(ann.version, t0),
-                              "fetch_start": t0, "fetched": t1, "verified": t2, "bytes": len(blob), "tensors": len(state)})
-                return VerifiedWeights(ann.version, ann.sha256, state, ann.size_bytes, ann.published_at, time.time())
-
-        channel = grpc.insecure_channel(target, options=channel_options())
-        stub = pb_grpc.LearnerStub(channel)
-        client = TimedWeightClient(stub, JOB, f"bench-weights-{idx}", (), current_version=0)
-        client.start()
-        if not client.subscribed.wait(60):
-            raise TimeoutError("no announcement on SubscribeWeights within 60 s")
-        ready_q.put({"idx": idx, "ready": True})
-        while not stop.wait(0.5) and life.ok():
-            pass
-    except Exception as exc:  # report, never hang the parent
-        ready_q.put({"idx": idx, "error": repr(exc)[:500]})
-        report_q.put({"idx": idx, "error": repr(exc)[:500]})
+        impl.server.stop(grace=1.0).wait(10.0)
     finally:
-        if client is not None:
-            client.stop()
-        if channel is not None:
-            channel.close()
+        impl.core.stop(checkpoint=False)
 
 
-# -- measurements ------------------------------------------------------------------------------
-def _round_timeout(size_bytes: int) -> float:
-    return 60.0 + size_bytes / (5 * MB)
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_needed(size_bytes: int, n: int) -> int:
+    """Peak estimate of a configuration: each robot holds its policy plus one received buffer and
+    ~300 MB of process (torch); each raw client holds the chunks of one blob and ~100 MB."""
+    return int(n * (2.1 * size_bytes + 400e6))
+
+
+# -- rounds ------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def _round_timeout(size_bytes: int, n: int) -> float:
+    return 60.0 + n * size_bytes / (20 * MB)
 
 
 def _fleetloop_round(core, report_q, n: int, blob: bytes, step: int) -> dict[str, Any]:
-    """Publish ``blob`` and wait until all ``n`` actors verified it."""
+    """Publish ``blob``; wait until all ``n`` robots run it."""
+    served = core.metrics.served_bytes.labels(JOB)
+    served0, cpu0 = served._value.get(), cpu_seconds()
     t0 = time.monotonic()
     info = core.weights.publish(blob, step)
     t_pub = time.monotonic()
-    reps = collect(report_q, n, _round_timeout(len(blob)), accept=lambda m: m["version"] == info.version)
+    reps = collect(report_q, n, _round_timeout(len(blob), n), accept=lambda m: m["version"] == info.version)
     if len(reps) < n:
-        raise TimeoutError(f"version {info.version}: {len(reps)} of {n} actors verified it in time")
-    return {"version": info.version, "bytes": info.size_bytes,
-            "delivery_s": max(m["verified"] for m in reps) - t0,
-            "publish_s": t_pub - t0,
-            "after_publish_s": max(m["verified"] for m in reps) - t_pub,
+        raise TimeoutError(f"version {info.version}: {len(reps)} of {n} robots ran it in time")
+    cpu1 = cpu_seconds()
+    delivered, running = max(m["verified"] for m in reps) - t0, max(m["installed"] for m in reps) - t0
+    return {"version": info.version, "bytes": info.size_bytes, "delivery_s": delivered, "running_s": running,
+            "publish_s": t_pub - t0, **{f"publish_{k}": v for k, v in core.weights.last_publish_timings.items()},
             "announce_s": max(m["announced"] for m in reps) - t_pub,
-            "fetch_s": median([m["fetched"] - m["fetch_start"] for m in reps]),
-            "verify_s": median([m["verified"] - m["fetched"] for m in reps]),
-            "handoff_s": median([m["fetch_start"] - m["announced"] for m in reps])}
+            "handoff_s": median([m["fetch_start"] - m["announced"] for m in reps]),
+            "download_s": median([m["downloaded"] - m["fetch_start"] for m in reps]),
+            "verify_s": median([m["verified"] - m["downloaded"] for m in reps]),
+            "boundary_wait_s": median([m["took"] - m["verified"] for m in reps]),
+            "install_s": median([m["installed"] - m["took"] for m in reps]),
+            "first_action_s": median([m["acted"] - m["installed"] for m in reps]),
+            "learner_cpu_s": cpu1 - cpu0, "robots_cpu_s": sum(m["cpu_s"] for m in reps),
+            "learner_served_bytes": served._value.get() - served0,
+            "per_robot_running": sorted(m["installed"] - t0 for m in reps),
+            "robot_rss_peak_mb": max(m["rss_peak_mb"] or 0 for m in reps)}
 
 
 def _raw_round(server: RawServer, cmd_qs: list, report_q, rnd: int, blob: bytes) -> dict[str, Any]:
-    """Tell every raw client to download ``blob``; wait until all have it."""
     import hashlib
 
     server.blob = blob
     digest = hashlib.sha256(blob).hexdigest()
+    cpu0 = cpu_seconds()
     t0 = time.monotonic()
     for q in cmd_qs:
         q.put(rnd)
-    reps = collect(report_q, len(cmd_qs), _round_timeout(len(blob)), accept=lambda m: m["round"] == rnd)
+    reps = collect(report_q, len(cmd_qs), _round_timeout(len(blob), len(cmd_qs)), accept=lambda m: m["round"] == rnd)
     if len(reps) < len(cmd_qs):
         raise TimeoutError(f"raw round {rnd}: {len(reps)} of {len(cmd_qs)} clients finished in time")
     if any(m["sha256"] != digest or m["bytes"] != len(blob) for m in reps):
         raise RuntimeError(f"raw round {rnd}: a client received different bytes")
     return {"bytes": len(blob), "delivery_s": max(m["received"] for m in reps) - t0,
-            "delivery_plus_sha256_s": max(m["hashed"] for m in reps) - t0,
-            "start_s": max(m["start"] for m in reps) - t0}
-
-
-def measure(core, target: str, server: RawServer, n: int, blobs: list[bytes], step0: int) -> tuple[dict, dict]:
-    """``n`` fleetloop actors and ``n`` raw clients, all up at once; for each blob a fleetloop round
-    then a raw round (paired under the same machine load). The first blob is a warm-up round."""
-    fl_rounds, raw_rounds = [], []
-    with Children() as children:
-        ctx = children.ctx
-        ready_q, fl_q, raw_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
-        cmd_qs = [ctx.Queue() for _ in range(n)]
-        try:
-            hard = READY_TIMEOUT_S + 2 * sum(_round_timeout(len(b)) for b in blobs)
-            for i in range(n):
-                children.start(weight_actor, i, target, ready_q, fl_q, stop, hard, name=f"bench-weights-{i}")
-                children.start(raw_download_client, i, server.target, cmd_qs[i], ready_q, raw_q, hard,
-                               name=f"bench-raw-download-{i}")
-            wait_ready(ready_q, 2 * n, READY_TIMEOUT_S, children, "weight clients and raw gRPC download clients")
-            for r, blob in enumerate(blobs):
-                fl_rounds.append({"round": r, "warmup": r == 0, **_fleetloop_round(core, fl_q, n, blob, step0 + r)})
-                raw_rounds.append({"round": r, "warmup": r == 0, **_raw_round(server, cmd_qs, raw_q, r, blob)})
-        finally:
-            stop.set()
-            for q in cmd_qs:
-                q.put(None)
-    return _summary(fl_rounds), _summary(raw_rounds)
+            "delivery_plus_sha256_s": max(m["hashed"] for m in reps) - t0, "start_s": max(m["start"] for m in reps) - t0,
+            "server_cpu_s": cpu_seconds() - cpu0, "clients_cpu_s": sum(m["cpu_s"] for m in reps),
+            "client_rss_peak_mb": max(m["rss_peak_mb"] or 0 for m in reps)}
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,57 +209,307 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         if key.endswith("_s"):
             vals = [r[key] for r in timed]
             out[f"{key[:-2]}_median_s"] = median(vals)
+            out[f"{key[:-2]}_p99_s"] = percentile(vals, 99)
             out[f"{key[:-2]}_max_s"] = max(vals)
     out["mb_per_s_median"] = timed[0]["bytes"] / MB / out["delivery_median_s"]
     return out
 
 
-def run_weights(size_mb: float, actors: int, repeats: int) -> dict[str, Any]:
-    """Run fleetloop (1 and N actors) and raw (1 and N clients) deliveries of the same blobs."""
-    counts = sorted({1, actors})
-    config = {"size_mb": size_mb, "actors": actors, "repeats": repeats, "warmup_rounds": 1, "chunk_bytes": CHUNK_BYTES,
-              "actor_counts_measured": counts, "clients": "separate processes (multiprocessing spawn)",
-              "training": "off: min_online_steps=10**12, max_updates_per_s=0.1", "mb": "10^6 bytes",
-              "timing": "fleetloop: before core.weights.publish -> last actor verified; "
-                        "raw: start signal -> last client received all bytes"}
-    log_progress(f"weights: building {repeats + 1} blobs of {size_mb:g} MB")
-    blobs = [make_blob(size_mb, seed=r) for r in range(repeats + 1)]
-    config["blob_bytes"] = len(blobs[0])
-    fl: dict[int, dict] = {}
-    raw: dict[int, dict] = {}
-    with quiet_fleetloop_logs(), tempfile.TemporaryDirectory(prefix="fleetloop-bench-weights-") as tmp:
-        impl = start_learner_in_process(Path(tmp) / "learner")
+def measure(core, target: str, server: RawServer, spec: dict[str, Any], n: int, base, rounds: int, step0: int,
+            episode_s: float, client_path: str) -> tuple[dict, dict]:
+    """``n`` robots and ``n`` raw clients up at once; per round a fleetloop then a raw delivery of the
+    same fresh blob. Round 0 is the warm-up."""
+    from bench import weights_procs
+
+    fl_rounds, raw_rounds = [], []
+    size = None
+    with Children() as children:
+        ctx = children.ctx
+        ready_q, fl_q, raw_q, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
+        cmd_qs = [ctx.Queue() for _ in range(n)]
+        latest = core.weights.latest
+        known = 0 if latest is None else latest.version  # robots start on the newest version: none is fetched at start
         try:
-            with RawServer(chunk_bytes=CHUNK_BYTES) as server:
-                step = 1
-                for n in counts:
-                    log_progress(f"weights: {n} actor(s) / raw client(s), 1 warm-up + {repeats} round(s) of "
-                                 f"{size_mb:g} MB, fleetloop and raw alternating")
-                    fl[n], raw[n] = measure(impl.core, f"127.0.0.1:{impl.port}", server, n, blobs, step)
-                    step += len(blobs)
+            hard = READY_TIMEOUT_S + 3 * rounds * _round_timeout(int(spec["params"] * 4), n)
+            for i in range(n):
+                children.start(weights_procs.robot, i, target, spec, ready_q, fl_q, stop, hard, episode_s, client_path,
+                               known, name=f"bench-robot-{i}")
+                children.start(weights_procs.raw_client, i, server.target, cmd_qs[i], ready_q, raw_q, hard,
+                               name=f"bench-raw-download-{i}")
+            wait_ready(ready_q, 2 * n, READY_TIMEOUT_S, children, "robots and raw gRPC download clients")
+            for r in range(rounds + 1):
+                blob = make_blob(base, step0 + r)
+                size = len(blob)
+                fl_rounds.append({"round": r, "warmup": r == 0, **_fleetloop_round(core, fl_q, n, blob, step0 + r)})
+                raw_rounds.append({"round": r, "warmup": r == 0, **_raw_round(server, cmd_qs, raw_q, r, blob)})
+                server.blob = b""
+                del blob
         finally:
-            stop_learner_in_process(impl)
-    rows = []
-    for n in counts:
-        rows += [row("publish -> all verified, median", "s", n, fl[n]["delivery_median_s"], raw[n]["delivery_median_s"], "lower",
-                     "raw: transfer only"),
-                 row("publish -> all verified, max", "s", n, fl[n]["delivery_max_s"], raw[n]["delivery_max_s"], "lower"),
-                 row("announce -> all verified, median", "s", n, fl[n]["after_publish_median_s"], raw[n]["delivery_median_s"],
-                     "lower", "fleetloop without the publish call (sha256 + fsync'd write)"),
-                 row("delivery rate (per actor), median", "MB/s", n, fl[n]["mb_per_s_median"], raw[n]["mb_per_s_median"],
-                     "higher")]
-    rows.append(row("download only (FetchWeights), median", "s", 1, fl[1]["fetch_median_s"], raw[1]["delivery_median_s"],
-                    "lower", "fleetloop: fetch_blob alone, no announce/verify"))
-    if actors > 1:
-        rows.append(row(f"{actors}-actor time / 1-actor time", "x", f"{actors}/1",
-                        ratio(fl[actors]["delivery_median_s"], fl[1]["delivery_median_s"]),
-                        ratio(raw[actors]["delivery_median_s"], raw[1]["delivery_median_s"]), "lower"))
-    f1 = fl[1]
-    notes = [f"blob {len(blobs[0]):,} bytes; fleetloop 1-actor median breakdown: publish (sha256 + fsync'd write) "
-             f"{f1['publish_median_s'] * 1e3:.1f} ms, announce {f1['announce_median_s'] * 1e3:.1f} ms, "
-             f"hand-off to fetch thread {f1['handoff_median_s'] * 1e3:.1f} ms, download {f1['fetch_median_s'] * 1e3:.1f} ms, "
-             f"verify+load {f1['verify_median_s'] * 1e3:.1f} ms",
-             f"raw 1-client transfer + client sha256: {raw[1]['delivery_plus_sha256_median_s'] * 1e3:.1f} ms (median)"]
-    return {"bench": "weights", "machine": machine_info(), "config": config, "rows": rows,
-            "runs": {"fleetloop": {str(n): v for n, v in fl.items()}, "raw_grpc": {str(n): v for n, v in raw.items()}},
-            "notes": notes}
+            stop.set()
+            for q in cmd_qs:
+                q.put(None)
+    fl, raw = _summary(fl_rounds), _summary(raw_rounds)
+    timed = [r for r in fl_rounds if not r["warmup"]]
+    fl["running_samples_s"] = sorted(r["running_s"] for r in timed)
+    fl["per_robot_running_samples_s"] = sorted(x for r in timed for x in r["per_robot_running"])
+    fl["learner_served_copies_median"] = median([r["learner_served_bytes"] / size for r in timed])
+    fl["robot_rss_peak_mb"] = max(r["robot_rss_peak_mb"] for r in fl_rounds)
+    raw["client_rss_peak_mb"] = max(r["client_rss_peak_mb"] for r in raw_rounds)
+    return fl, raw
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+def run_sweep(sizes_mb: list[float], counts: list[int], repeats: list[int], episode_s: float = 0.05,
+              chunk_bytes: int = CHUNK_BYTES, client_path: str = "streaming", compare: bool = False) -> dict[str, Any]:
+    """Every size x every fan-out (1 always included), fleetloop and raw alternating; the result
+    document. ``compare``: also the before/after section for the largest size (:func:`_before_after`)."""
+    t_start = time.monotonic()
+    machine = machine_info()
+    before_after: dict[str, Any] | None = None
+    counts = sorted({1, *counts})
+    config = {"sizes_mb": sizes_mb, "actors": counts, "repeats": dict(zip(map(str, sizes_mb), repeats)),
+              "warmup_rounds": 1, "chunk_bytes": chunk_bytes, "episode_s": episode_s, "client_path": client_path,
+              "before_after": compare,
+              "policy": f"{FACTORY}, {HIDDEN_LAYERS} hidden layers, width solved per size, float32",
+              "clients": "separate processes (multiprocessing spawn), torch 1 thread each",
+              "learner": "in this process, training off (min_online_steps=10**12), keep_versions=2",
+              "mb": "10^6 bytes",
+              "timing": "fleetloop: before core.weights.publish -> last robot verified (delivered) / installed (running); "
+                        "raw: start signal -> last client received all bytes"}
+    results: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    with quiet_fleetloop_logs(), tempfile.TemporaryDirectory(prefix="fleetloop-bench-weights-") as tmp:
+        impl = start_learner(Path(tmp) / "learner", chunk_bytes)
+        try:
+            with RawServer(chunk_bytes=chunk_bytes) as server:
+                step = 1
+                for size_mb, reps in zip(sizes_mb, repeats):
+                    spec = policy_spec(size_mb)
+                    log_progress(f"weights: {size_mb:g} MB policy (MLP width {spec['kwargs']['hidden'][0]}), building tensors")
+                    base = base_tensors(spec)
+                    size_bytes = int(spec["params"] * 4)
+                    per_size = results.setdefault(f"{size_mb:g}", {"spec": spec, "fleetloop": {}, "raw_grpc": {}})
+                    for n in counts:
+                        need, avail = memory_needed(size_bytes, n) + 3 * size_bytes, mem_available_bytes()
+                        if avail is not None and need > avail - 1_000_000_000:
+                            skipped.append(f"{size_mb:g} MB x {n} robots skipped: needs ~{need / 1e9:.1f} GB, "
+                                           f"{avail / 1e9:.1f} GB available")
+                            log_progress(skipped[-1])
+                            continue
+                        log_progress(f"weights: {size_mb:g} MB, {n} robot(s) / raw client(s), 1 warm-up + {reps} rounds")
+                        fl, raw = measure(impl.core, f"127.0.0.1:{impl.port}", server, spec, n, base, reps, step, episode_s,
+                                          client_path)
+                        per_size["fleetloop"][str(n)], per_size["raw_grpc"][str(n)] = fl, raw
+                        step += reps + 1
+                    if compare and size_mb == max(sizes_mb):
+                        before_after, step = _before_after(impl, server, spec, base, counts, reps, step, episode_s, skipped,
+                                                           Path(tmp))
+                    del base
+        finally:
+            stop_learner(impl)
+    doc = {"bench": "weights", "machine": machine, "config": config,
+           "command": command_line(sizes_mb, counts, repeats, episode_s, chunk_bytes, client_path, compare), "runs": results}
+    doc.update(rows_goals_plots(results, counts))
+    if before_after is not None:
+        doc["before_after"] = before_after
+    doc["notes"] = notes(results) + (before_after_notes(before_after, results) if before_after else []) + skipped
+    doc["bench_process_rss_peak_mb"] = peak_rss_mb()
+    doc["wall_s"] = time.monotonic() - t_start
+    return doc
+
+
+def _before_after(impl, server: RawServer, spec: dict[str, Any], base, counts: list[int], reps: int, step: int,
+                  episode_s: float, skipped: list[str], tmp: Path) -> tuple[dict[str, Any], int]:
+    """Before/after of this change set, same run, largest size:
+
+    - client path: the robots again, with ``client_path="legacy"`` (chunks joined, then sha256, then
+      ``safetensors.torch.load``), 1 robot and the largest fan-out that fits in memory;
+    - publish: the previous sequential publish (sha256, then the fsync'd write, each timed) vs
+      ``WeightStore.publish`` (both at once), same blob, 4 each, order alternating (the disk's
+      speed varies by seconds from one write to the next, so only the sha256 time is the change's);
+    - serving: CPU seconds to produce every FetchWeights chunk message of the blob, the previous
+      way (``pb.WeightChunk(data=bytes(slice)).SerializeToString()``) vs ``learner.weight_serving``.
+    """
+    import hashlib
+
+    from fleetloop.dataset import atomic_write
+    from fleetloop.v1 import fleetloop_pb2 as pb
+    from learner.weight_serving import chunks
+    from learner.weight_store import WeightStore
+
+    size_bytes = int(spec["params"] * 4)
+    out: dict[str, Any] = {"client_path": {}, "what": "before = the previous code path, after = this one; same run"}
+    for n in sorted({1, max(counts)}):
+        need, avail = int(n * (3.2 * size_bytes + 400e6)) + 3 * size_bytes, mem_available_bytes()
+        if avail is not None and need > avail - 1_000_000_000:
+            skipped.append(f"before/after (legacy client) x {n} robots skipped: needs ~{need / 1e9:.1f} GB, "
+                           f"{avail / 1e9:.1f} GB available")
+            continue
+        log_progress(f"weights: before/after, legacy client path, {n} robot(s), 1 warm-up + {reps} rounds")
+        fl, raw = measure(impl.core, f"127.0.0.1:{impl.port}", server, spec, n, base, reps, step, episode_s, "legacy")
+        step += reps + 1
+        out["client_path"][str(n)] = {"legacy": {k: fl[k] for k in fl if k.endswith(("_median_s", "_p99_s", "_mb"))},
+                                      "raw_delivery_median_s": raw["delivery_median_s"]}
+    blob = make_blob(base, step)
+    step += 1
+    sha_s, write_s, par = [], [], []
+    store = WeightStore(tmp / "publish-compare", keep_in_memory=1, keep_on_disk=1)
+    for i in range(4):  # the disk's speed varies by seconds between writes: alternate the order, keep every sample
+        for kind in (("sequential", "parallel") if i % 2 == 0 else ("parallel", "sequential")):
+            if kind == "sequential":
+                t0 = time.monotonic()
+                hashlib.sha256(blob).hexdigest()
+                t1 = time.monotonic()
+                atomic_write(tmp / "publish-compare" / "sequential.safetensors", blob)
+                sha_s.append(t1 - t0)
+                write_s.append(time.monotonic() - t1)
+                (tmp / "publish-compare" / "sequential.safetensors").unlink()
+            else:
+                t0 = time.monotonic()
+                store.publish(blob, i)
+                par.append(time.monotonic() - t0)
+    seq = [a + b for a, b in zip(sha_s, write_s)]
+    out["publish"] = {"sequential_s": seq, "sha256_s": sha_s, "write_fsync_s": write_s, "parallel_s": par,
+                      "sequential_median_s": median(seq), "parallel_median_s": median(par),
+                      "sha256_median_s": median(sha_s), "write_fsync_median_s": median(write_s)}
+    sha = hashlib.sha256(blob).hexdigest()
+    c0 = cpu_seconds()
+    view = memoryview(blob)
+    for off in range(0, len(blob), CHUNK_BYTES):
+        pb.WeightChunk(version=1, offset=off, data=bytes(view[off:off + CHUNK_BYTES]), total_size=len(blob),
+                       sha256=sha).SerializeToString()
+    c1 = cpu_seconds()
+    for _n, _wire in chunks(1, sha, blob, 0, CHUNK_BYTES):
+        pass
+    c2 = cpu_seconds()
+    out["serving_cpu_per_copy"] = {"previous_s": c1 - c0, "one_copy_s": c2 - c1}
+    del blob, view
+    return out, step
+
+
+def command_line(sizes_mb, counts, repeats, episode_s, chunk_bytes, client_path, compare) -> str:
+    return (f"fleetloop bench weights --sizes-mb {','.join(f'{s:g}' for s in sizes_mb)} --actors {','.join(map(str, counts))}"
+            f" --repeats {','.join(map(str, repeats))} --episode-s {episode_s:g} --chunk-bytes {chunk_bytes}"
+            + (f" --client {client_path}" if client_path != "streaming" else "") + (" --before-after" if compare else "")
+            + " --out F.json")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise ValueError(f"{flag} {text!r} must be comma-separated positive numbers")
+    return vals
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    vals = _floats(text, flag)
+    if any(v != int(v) for v in vals):
+        raise ValueError(f"{flag} {text!r} must be comma-separated positive integers")
+    return [int(v) for v in vals]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fleetloop bench weights``."""
+    parser.add_argument("--sizes-mb", default="10", help="comma-separated policy sizes, MB (10^6 bytes)")
+    parser.add_argument("--size-mb", type=float, default=None, help="one size (kept for old commands; overrides --sizes-mb)")
+    parser.add_argument("--actors", default="1,4", help="comma-separated robot counts (1 is always measured)")
+    parser.add_argument("--repeats", default="3", help="timed rounds per configuration: one number, or one per size")
+    parser.add_argument("--episode-s", type=float, default=0.05, help="robot episode length (swaps happen between episodes)")
+    parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help="FetchWeights and raw chunk size (4096..4 MiB)")
+    parser.add_argument("--client", default="streaming", choices=["streaming", "legacy"],
+                        help="robot fetch path: streaming (hash on arrival, zero-copy views) or legacy (join, hash, "
+                             "safetensors load: the previous path, for before/after)")
+    parser.add_argument("--before-after", action="store_true",
+                        help="also measure the previous client path, publish and chunk encoding (largest size)")
+    parser.add_argument("--merge", default=None, help="comma-separated result files of earlier runs to merge into --out "
+                                                       "(nothing is measured)")
+    parser.add_argument("--out", required=True)
+
+
+def merge_docs(paths: list[str]) -> dict[str, Any]:
+    """One result document from several runs of this bench (e.g. one per size, each under the time
+    limit): their ``runs`` united (a size measured twice: the later file wins), rows, goals, plots and
+    notes recomputed from them; the first file's machine; every command kept."""
+    import json
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    runs: dict[str, Any] = {}
+    for d in docs:
+        if d.get("bench") != "weights":
+            raise ValueError(f"--merge: {d.get('bench')!r} is not a weights result")
+        runs.update(d["runs"])
+    runs = dict(sorted(runs.items(), key=lambda kv: float(kv[0])))
+    counts = sorted({int(n) for per in runs.values() for n in per["fleetloop"]})
+    before_after = next((d["before_after"] for d in docs if d.get("before_after")), None)
+    doc = {"bench": "weights", "machine": docs[0]["machine"],
+           "config": {**docs[0]["config"], "sizes_mb": [float(s) for s in runs], "actors": counts,
+                      "repeats": {k: v for d in docs for k, v in d["config"]["repeats"].items()},
+                      "merged_from": [{"command": d["command"], "machine_time": d["machine"]["time"],
+                                       "loadavg_1m_at_start": d["machine"]["loadavg_1m_at_start"],
+                                       "git_commit": d["machine"]["git_commit"]} for d in docs]},
+           "command": " && ".join(d["command"] for d in docs), "runs": runs}
+    doc.update(rows_goals_plots(runs, counts))
+    if before_after is not None:
+        doc["before_after"] = before_after
+    doc["notes"] = notes(runs) + (before_after_notes(before_after, runs) if before_after else []) + \
+        [n for d in docs for n in d["notes"] if "skipped" in n]
+    doc["bench_process_rss_peak_mb"] = max(d.get("bench_process_rss_peak_mb") or 0 for d in docs)
+    doc["wall_s"] = sum(d["wall_s"] for d in docs)
+    return doc
+
+
+def plan(args: argparse.Namespace):
+    """Check the arguments (ValueError naming the bad one); return the run."""
+    if getattr(args, "merge", None):
+        paths = [p for p in args.merge.split(",") if p.strip()]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if len(paths) < 2 or missing:
+            raise ValueError(f"--merge {args.merge!r} must name at least two existing result files (missing: {missing})")
+        return lambda: merge_docs(paths)
+    sizes = [float(args.size_mb)] if getattr(args, "size_mb", None) is not None else _floats(args.sizes_mb, "--sizes-mb")
+    if getattr(args, "size_mb", None) is not None and not args.size_mb > 0:
+        raise ValueError(f"--size-mb {args.size_mb} must be > 0")
+    counts = _ints(args.actors, "--actors")
+    repeats = _ints(args.repeats, "--repeats")
+    if len(repeats) == 1:
+        repeats = repeats * len(sizes)
+    if len(repeats) != len(sizes):
+        raise ValueError(f"--repeats {args.repeats!r} must be one number or one per size ({len(sizes)})")
+    episode_s = float(getattr(args, "episode_s", 0.05))
+    if not 0 < episode_s <= 10:
+        raise ValueError(f"--episode-s {episode_s} must be in (0, 10]")
+    chunk = int(getattr(args, "chunk_bytes", CHUNK_BYTES))
+    if not 4096 <= chunk <= 4 << 20:
+        raise ValueError(f"--chunk-bytes {chunk} must be in 4096..{4 << 20}")
+    client_path = getattr(args, "client", "streaming")
+    if client_path not in ("streaming", "legacy"):
+        raise ValueError(f"--client {client_path!r} must be streaming or legacy")
+    compare = bool(getattr(args, "before_after", False))
+    return lambda: run_sweep(sizes, counts, repeats, episode_s, chunk, client_path, compare)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run, print the table, write ``args.out``; 0, or 2 on a bad argument."""
+    import sys
+
+    from bench.runner import _with_sigterm_as_exit
+
+    try:
+        job = plan(args)
+    except ValueError as exc:
+        print(f"fleetloop bench weights: {exc}", file=sys.stderr)
+        return 2
+    result = _with_sigterm_as_exit(job)
+    print_table(result)
+    path = write_json(result, args.out)
+    log_progress(f"wrote {path}")
+    return 0
+
+
+def run_weights(size_mb: float, actors: int, repeats: int) -> dict[str, Any]:
+    """The earlier entry point (``bench.runner``): one size, 1 and ``actors`` robots."""
+    return run_sweep([float(size_mb)], sorted({1, int(actors)}), [int(repeats)])

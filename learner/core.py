@@ -25,6 +25,7 @@ demos + online rings (at capacity) + the in-flight ingest limit fit the budget
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
@@ -55,6 +56,27 @@ from learner.weight_store import WeightStore
 
 log = get_logger("learner")
 SOURCES = ("online", "offline")
+
+
+def observe_many(histogram, values: np.ndarray) -> None:
+    """Observe every element of ``values`` in one prometheus ``Histogram`` child: the same buckets,
+    sum and count as calling ``observe`` once per element, in one update per distinct value.
+
+    Why: the learner observes the staleness of every online sample of every step; one ``observe``
+    (plus a ``labels`` lookup) per sample was about a quarter of a CPU learner step (256 samples).
+    Uses the client's bucket fields when it has them (prometheus_client's ``Histogram``), else
+    falls back to ``observe`` per element."""
+    if values.size == 0:
+        return
+    vals, counts = np.unique(values, return_counts=True)
+    bounds, buckets, total = (getattr(histogram, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for v in values.tolist():
+            histogram.observe(float(v))
+        return
+    for v, c in zip(vals.tolist(), counts.tolist()):
+        total.inc(float(v) * c)
+        buckets[bisect.bisect_left(bounds, float(v))].inc(c)  # first bucket with v <= bound, as observe()
 
 
 def pick_device(requested: str) -> torch.device:
@@ -357,8 +379,7 @@ class LearnerCore:
         keep, weights, staleness = self.gate.at_training(version, arrays["versions"], arrays["interventions"], arrays["source"])
         online = arrays["source"] == 0
         observed = staleness[online & keep]
-        for s in observed:
-            self.metrics.staleness.labels(self.job).observe(float(s))
+        observe_many(self.metrics.staleness.labels(self.job), observed)
         if observed.size:
             self.staleness_max = max(self.staleness_max, int(observed.max()))
         auto = staleness[online & keep & ~arrays["interventions"].astype(bool)]

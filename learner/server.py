@@ -39,6 +39,8 @@ from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.auth import Authenticator, StaticTokens, bearer
 from learner.core import LearnerCore
 from learner.stream_guard import StreamGuard
+from learner.weight_serving import chunks as weight_chunks
+from learner.weight_serving import serialize_chunk as serialize_weight_chunk
 
 log = get_logger("learner.server")
 SERVICE = "fleetloop.v1.Learner"
@@ -243,18 +245,14 @@ class LearnerServicer:
             _abort(context, exc)
         lease.actor = req.actor_id[:128]
         size = min(max(req.chunk_bytes or self.cfg.weight_chunk_bytes, 4096), self.cfg.weight_chunk_bytes)
-        view = memoryview(blob)
         served = self.core.metrics.served_bytes.labels(self.cfg.job_id)
-        try:
-            for off in range(int(req.offset), len(blob), size):
+        try:  # chunks pre-encoded with one copy of their bytes (learner.weight_serving); serializer passes them through
+            for n, wire in weight_chunks(info.version, info.sha256, blob, int(req.offset), size):
                 if not context.is_active():
                     return
                 lease.touch()  # the previous chunk was sent
-                data = view[off:off + size]
-                served.inc(len(data))
-                yield pb.WeightChunk(version=info.version, offset=off, data=bytes(data), total_size=len(blob), sha256=info.sha256)
-            if len(blob) == 0 or req.offset == len(blob):
-                yield pb.WeightChunk(version=info.version, offset=len(blob), data=b"", total_size=len(blob), sha256=info.sha256)
+                served.inc(n)
+                yield wire
         finally:
             lease.close()
 
@@ -340,7 +338,7 @@ def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, 
             response_serializer=pb.WeightAnnouncement.SerializeToString),
         "FetchWeights": grpc.unary_stream_rpc_method_handler(
             _parsed(pb.FetchRequest, servicer.FetchWeights, m, job), request_deserializer=raw,
-            response_serializer=pb.WeightChunk.SerializeToString),
+            response_serializer=serialize_weight_chunk),
         "Admit": grpc.unary_unary_rpc_method_handler(
             _parsed(pb.AdmitRequest, servicer.Admit, m, job), request_deserializer=raw,
             response_serializer=pb.AdmitResponse.SerializeToString),

@@ -52,6 +52,8 @@ class WeightStore:
         self._blobs: OrderedDict[int, bytes] = OrderedDict()
         self._index: dict[int, VersionInfo] = {}
         self._pinned: int | None = None
+        #: seconds of the last publish's sha256 and durable write (they run at the same time)
+        self.last_publish_timings: dict[str, float] = {}
         self._load_index()
 
     # -- persistence -------------------------------------------------------------------------
@@ -77,12 +79,33 @@ class WeightStore:
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, blob: bytes, learner_step: int) -> VersionInfo:
-        """Store ``blob`` as the next version and wake subscribers. Returns its metadata."""
+        """Store ``blob`` as the next version and wake subscribers. Returns its metadata.
+
+        The sha256 and the durable write (write, fsync, rename) run at the same time, in two
+        threads (both release the GIL), so publishing costs about the longer of the two, not their
+        sum; subscribers are woken only after both finished (announced = durable)."""
         with self._cond:
             version = self._next_version
             self._next_version += 1
-            info = VersionInfo(version, sha256_hex(blob), len(blob), learner_step, time.time())
-            atomic_write(self.root / f"v{version}.safetensors", blob)
+            digest: list[str] = []
+            t0 = time.monotonic()
+            took: dict[str, float] = {}
+
+            def _hash() -> None:
+                digest.append(sha256_hex(blob))
+                took["sha256_s"] = time.monotonic() - t0
+
+            hasher = threading.Thread(target=_hash, name="fleetloop-publish-sha256", daemon=True)
+            hasher.start()
+            try:
+                atomic_write(self.root / f"v{version}.safetensors", blob)
+                took["write_fsync_s"] = time.monotonic() - t0
+            finally:
+                hasher.join()
+            self.last_publish_timings = took
+            if not digest:
+                raise RuntimeError(f"sha256 of version {version} failed ({len(blob)} bytes)")
+            info = VersionInfo(version, digest[0], len(blob), learner_step, time.time())
             self._index[version] = info
             self._blobs[version] = blob
             while len(self._blobs) > self._keep:
@@ -91,6 +114,18 @@ class WeightStore:
             self._save_index()
             self._cond.notify_all()
             return info
+
+    @property
+    def keep_on_disk(self) -> int:
+        """How many of the newest versions stay on disk (besides version 0 and a pinned one)."""
+        return self._keep_disk
+
+    @keep_on_disk.setter
+    def keep_on_disk(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"keep_on_disk {n} must be >= 1")
+        with self._cond:
+            self._keep_disk = int(n)
 
     def _prune(self) -> None:
         """Keep version 0, the pinned version and the newest ``keep_on_disk`` versions on disk."""

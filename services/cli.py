@@ -148,6 +148,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_bench_weights(args: argparse.Namespace) -> int:
+    from bench.weights import main
+    return main(args)
+
+
 def _cmd_bench_async(args: argparse.Namespace) -> int:
     from bench.llm_async import main
     return main(args)
@@ -277,12 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--chunk-steps", type=int, default=50)
     bi.add_argument("--out", required=True)
     bi.set_defaults(func=_cmd_bench)
-    bw = bsub.add_parser("weights", help="weight delivery (publish -> all actors verified) vs raw gRPC")
-    bw.add_argument("--size-mb", type=float, default=10.0)
-    bw.add_argument("--actors", type=int, default=1)
-    bw.add_argument("--repeats", type=int, default=3)
-    bw.add_argument("--out", required=True)
-    bw.set_defaults(func=_cmd_bench)
+    bw = bsub.add_parser("weights", help="weight delivery (publish -> all robots verified and running) vs raw gRPC, "
+                                         "sizes x fan-out")
+    from bench.weights import add_arguments as add_weights_arguments
+    add_weights_arguments(bw)
+    bw.set_defaults(func=_cmd_bench_weights)
     ba = bsub.add_parser("async", help="LLM GRPO: synchronous (eta=0) vs asynchronous (eta>0) rollouts, wall clock "
                                        "per step and to a reward, idle shares, staleness")
     from bench.llm_async import add_arguments as add_async_arguments

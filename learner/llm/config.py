@@ -65,6 +65,9 @@ class LlmLearnerConfig(_Serving):
     optimizer_checkpoint_every_s: float = Field(300.0, gt=0, description="Seconds between background saves of the GRPO "
                                                 "optimizer state (AdamW: twice the model, 1.1 GB for SmolLM2-135M); also "
                                                 "saved on checkpoint() and a clean stop. A crash restores the last save.")
+    keep_versions_on_disk: int = Field(4, ge=1, description="Newest weight versions kept on disk besides version 0 and a "
+                                       "pinned one (each is the whole model: with the store's robot default of 100, a "
+                                       "SmolLM2 job filled 32-41 GB of disk per benchmark run).")
     keep_versions: int = Field(2, ge=2, description="Weight versions kept in memory for fetches (older ones served from "
                                "disk). 2 here, not the robot default of 8: an LLM version is the whole model (538 MB for "
                                "SmolLM2-135M in float32), and 8 cached blobs held 4.3 GB of the learner's 9.7 GB.")

@@ -145,7 +145,8 @@ class LlmLearnerCore:
             {"job_id": self.job, "task_ids": frozenset(self.tasks), "group_size": config.group_size,
              "vocab_size": self.vocab_size, "max_new_tokens": config.max_new_tokens,
              "max_prompt_tokens": config.max_prompt_tokens}, self._on_group, self.llm_metrics, journal=self.journal)
-        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
+        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions,
+                                   keep_on_disk=config.keep_versions_on_disk)
         self.step = 0
         self.paused = False
         self.job_state = "running"

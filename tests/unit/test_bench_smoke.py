@@ -47,15 +47,40 @@ def test_ingest_smoke(tmp_path, capsys):
 
 
 def test_weights_smoke(tmp_path):
+    """Two tiny sizes x 1 and 2 robots (real learner, robots running the real weight client and
+    policy runner, raw clients): every figure beside its baseline, goals, plots, and per round the
+    version installed (running) no earlier than verified."""
+    from bench.weights import main
+
     out = tmp_path / "weights.json"
-    args = argparse.Namespace(bench_cmd="weights", size_mb=1.0, actors=1, repeats=1, out=str(out))
-    assert run_bench(args) == 0
+    args = argparse.Namespace(sizes_mb="0.5,1", size_mb=None, actors="2", repeats="1", episode_s=0.02, chunk_bytes=65536,
+                              client="streaming", out=str(out))
+    assert main(args) == 0
     doc = json.loads(out.read_text())
     _check_common(doc, "weights")
-    assert doc["config"]["blob_bytes"] >= 1_000_000
-    fl, raw = doc["runs"]["fleetloop"]["1"], doc["runs"]["raw_grpc"]["1"]
-    assert fl["delivery_median_s"] > 0 and raw["delivery_median_s"] > 0
-    assert len([r for r in fl["rounds"] if not r["warmup"]]) == 1
+    assert doc["config"]["sizes_mb"] == [0.5, 1.0] and doc["config"]["actors"] == [1, 2]
+    assert doc["command"].startswith("fleetloop bench weights --sizes-mb 0.5,1 --actors 1,2")
+    for size in ("0.5", "1"):
+        for n in ("1", "2"):
+            fl, raw = doc["runs"][size]["fleetloop"][n], doc["runs"][size]["raw_grpc"][n]
+            assert fl["delivery_median_s"] > 0 and raw["delivery_median_s"] > 0
+            timed = [r for r in fl["rounds"] if not r["warmup"]]
+            assert len(timed) == 1 and all(r["running_s"] >= r["delivery_s"] for r in timed)
+            assert len(fl["per_robot_running_samples_s"]) == int(n) and fl["learner_served_copies_median"] == int(n)
+    assert {g["goal"] for g in doc["goals"]} >= {"weight delivery to 1 actor <= 1.3x raw gRPC (1 MB)",
+                                                 "delivery to 2 actors <= 2x the 1-actor time (1 MB)"}
+    assert all(isinstance(g["met"], bool) and g["measured"] > 0 for g in doc["goals"])
+    assert doc["plots"]["delivery_vs_size"]["x"] == [0.5, 1.0] and doc["profile"]["top"]
+
+
+def test_weights_bad_arguments_return_2(tmp_path):
+    from bench.weights import main
+
+    for bad in (dict(sizes_mb="0"), dict(actors="1,x"), dict(repeats="1,2,3"), dict(chunk_bytes=10)):
+        base = dict(sizes_mb="1", size_mb=None, actors="1", repeats="1", episode_s=0.05, chunk_bytes=65536,
+                    client="streaming", out=str(tmp_path / "w.json"))
+        assert main(argparse.Namespace(**(base | bad))) == 2, bad
+    assert not (tmp_path / "w.json").exists()
 
 
 def test_bad_arguments_return_2(tmp_path):
