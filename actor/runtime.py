@@ -39,6 +39,7 @@ import numpy as np
 from actor.sender import Sender
 from actor.spool import Spool
 from actor.weight_client import VerifiedWeights, WeightClient
+from fleetloop.channels import channel_options
 from fleetloop.codec import PROTOCOL_VERSION, encode
 from fleetloop.errors import FleetloopError, InvalidArgument, Unavailable
 from fleetloop.logs import event, get_logger
@@ -48,14 +49,6 @@ from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 log = get_logger("actor")
 _OUTCOMES = {"success": pb.SUCCESS, "failure": pb.FAILURE, "timeout": pb.TIMEOUT, "aborted": pb.ABORTED}
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def channel_options(max_message_bytes: int = 16 << 20) -> list[tuple[str, int]]:
-    """gRPC channel options shared by actors: message limits, keepalive, reconnect backoff."""
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5_000)]
 
 
 def _error_from_rpc(err: grpc.RpcError) -> FleetloopError:
@@ -272,7 +265,8 @@ class FleetClient:
                 time.sleep(delay)
                 delay = min(10.0, delay * 2)
         self.run_config = resp.run_config
-        self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified)
+        self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified,
+                                    channel=self.channel)
         if resp.HasField("current_policy"):
             self.weights.job_state = resp.current_policy.job_state or "running"
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:

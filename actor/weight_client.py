@@ -131,36 +131,29 @@ def fetch_into(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata,
     return sink
 
 
-def fetch_blob(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata, timeout: float,
-               chunk_bytes: int = FETCH_CHUNK_BYTES, max_bytes: int = MAX_WEIGHT_BYTES) -> bytes:
-    """:func:`fetch_into`, returned as one ``bytes`` object (a copy; for callers that need bytes)."""
-    return bytes(fetch_into(stub, job, actor, ann, metadata, timeout, chunk_bytes=chunk_bytes, max_bytes=max_bytes).buffer)
-
-
-def views_checked(sink: BlobAssembler, sha256: str) -> dict[str, torch.Tensor]:
-    """:func:`fleetloop.weights.verified_views` (digest first, then zero-copy tensor views), with
-    anything that is not an IntegrityError refused as one (field ``blob``): the digest only proves
-    the bytes are the ones announced, not that they are weights."""
+def _refused_unless_loadable(load: Callable[[], dict[str, torch.Tensor]], size: int, sha256: str) -> dict[str, torch.Tensor]:
+    """``load()``, with anything but an IntegrityError refused as one (field ``blob``): the digest only
+    proves the bytes are the ones announced, not that they are weights (garbage published under a
+    valid digest)."""
     try:
-        return verified_views(sink, sha256)
+        return load()
     except IntegrityError:
         raise
     except Exception as exc:  # noqa: BLE001 - a parser surprise must not escape as anything but a refusal
-        raise IntegrityError(f"{len(sink)}-byte blob {sha256[:16]}... is not loadable safetensors: {type(exc).__name__}: "
-                             f"{str(exc)[:200]}", field="blob", value=len(sink)) from None
+        raise IntegrityError(f"{size}-byte blob {sha256[:16]}... is not loadable safetensors: {type(exc).__name__}: "
+                             f"{str(exc)[:200]}", field="blob", value=size) from None
+
+
+def views_checked(sink: BlobAssembler, sha256: str) -> dict[str, torch.Tensor]:
+    """:func:`fleetloop.weights.verified_views` (digest first, then zero-copy tensor views), refused as
+    IntegrityError when the bytes are not loadable weights."""
+    return _refused_unless_loadable(lambda: verified_views(sink, sha256), len(sink), sha256)
 
 
 def load_checked(blob: bytes, sha256: str) -> dict[str, torch.Tensor]:
-    """:func:`load_verified` (digest first), with a blob that is not loadable safetensors refused as
-    IntegrityError (field ``blob``) instead of a library error: the digest only proves the bytes are
-    the ones announced, not that they are weights."""
-    try:
-        return load_verified(blob, sha256)
-    except IntegrityError:
-        raise
-    except Exception as exc:  # safetensors' SafetensorError and friends: garbage published under a valid digest
-        raise IntegrityError(f"{len(blob)}-byte blob {sha256[:16]}... is not loadable safetensors: {type(exc).__name__}: "
-                             f"{str(exc)[:200]}", field="blob", value=len(blob)) from None
+    """:func:`load_verified` (digest first, whole blob in memory), refused as IntegrityError when the
+    bytes are not loadable weights."""
+    return _refused_unless_loadable(lambda: load_verified(blob, sha256), len(blob), sha256)
 
 
 class WeightClient:

@@ -100,9 +100,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process (all its threads)."""
-    t = os.times()
-    return t.user + t.system
+    """User + system CPU time of this process, all its threads (CLOCK_PROCESS_CPUTIME_ID: ns
+    resolution, unlike ``os.times``)."""
+    return time.process_time()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (VmHWM), MB; None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
 
 
 # -- child processes ---------------------------------------------------------------------------
@@ -308,10 +320,10 @@ class RawServer:
 
 
 def raw_channel(target: str):
-    """A client channel with the actors' own options (actor.runtime.channel_options)."""
+    """A client channel with the actors' own options (:func:`fleetloop.channels.channel_options`; no torch import)."""
     import grpc
 
-    from actor.runtime import channel_options
+    from fleetloop.channels import channel_options
 
     return grpc.insecure_channel(target, options=channel_options())
 
@@ -356,41 +368,6 @@ def raw_ingest_client(idx: int, target: str, messages: list[bytes], window: int,
         ready_q.put({"idx": idx, "error": repr(exc)[:500]})
 
 
-def raw_download_client(idx: int, target: str, cmd_q, ready_q, report_q, hard_deadline_s: float) -> None:
-    """Child process: for each round number received on ``cmd_q``, download ``RawServer.Download``
-    fully and report (round, start, end, end+sha256) on the system-wide monotonic clock."""
-    try:
-        life = child_setup(hard_deadline_s)
-        import hashlib
-        import queue as queue_mod
-
-        import grpc
-
-        channel = raw_channel(target)
-        grpc.channel_ready_future(channel).result(timeout=30)
-        call = channel.unary_stream(RAW_DOWNLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        ready_q.put({"idx": idx, "ready": True})
-        while life.ok():
-            try:
-                rnd = cmd_q.get(timeout=0.5)
-            except queue_mod.Empty:
-                continue
-            if rnd is None:
-                break
-            t0 = time.monotonic()
-            blob = b"".join(call(b"", timeout=120))
-            t1 = time.monotonic()
-            digest = hashlib.sha256(blob).hexdigest()
-            t2 = time.monotonic()
-            report_q.put({"idx": idx, "round": rnd, "start": t0, "received": t1, "hashed": t2, "bytes": len(blob),
-                          "sha256": digest})
-        channel.close()
-    except Exception as exc:
-        ready_q.put({"idx": idx, "error": repr(exc)[:500]})
-        report_q.put({"idx": idx, "error": repr(exc)[:500]})
-
-
-# -- output ------------------------------------------------------------------------------------
 def row(metric: str, unit: str, actors: int | str, fleetloop: float | None, raw: float | None, better: str,
         note: str = "") -> dict[str, Any]:
     """One comparison: a fleetloop figure beside its raw-gRPC baseline and their ratio (fleetloop / raw)."""

@@ -46,8 +46,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bench.common import (EPISODE_STEPS, TASK, Children, RawServer, log_progress, machine_info, print_table,
-                          quiet_fleetloop_logs, row, start_learner_in_process, stop_learner_in_process, write_json)
+from bench.common import (EPISODE_STEPS, TASK, Children, RawServer, log_progress, machine_info, quiet_fleetloop_logs,
+                          row, start_learner_in_process, stop_learner_in_process)
 from bench.fleet_pool import HEADER, MAX_INFLIGHT, READY_TIMEOUT_S, Pool
 
 PCTS = (50, 90, 99)
@@ -341,17 +341,7 @@ def config_from_args(args: argparse.Namespace) -> LatencyConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run, print the table, write the JSON; 2 on a bad flag."""
-    import sys
+    """Run, write the JSON, print the table; 2 on a bad flag."""
+    from bench.runner import run_reported
 
-    from bench.runner import _with_sigterm_as_exit
-
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"fleetloop bench latency: {exc}", file=sys.stderr)
-        return 2
-    result = _with_sigterm_as_exit(lambda: run_latency(cfg))
-    print_table(result)
-    log_progress(f"wrote {write_json(result, args.out)}")
-    return 0
+    return run_reported("latency", args, lambda a: (lambda cfg=config_from_args(a): run_latency(cfg)))

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import log_progress, machine_info, print_table, ratio, row, write_json
+from bench.common import log_progress, machine_info, ratio, row
 
 SPEEDUP_TARGET = 1.8  # 90 % parallel efficiency on 2 workers: the usual bar for "scales"
 SETTLE_S = 10.0  # after ray.init, before the first timed run: Ray's own processes are busy starting
@@ -83,22 +83,22 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``fleetloop bench learner-scaling``: run, print the table, write ``args.out``; 2 on a bad argument."""
-    try:
-        workers, hidden = _parse(args)
-    except ValueError as exc:
-        print(f"fleetloop bench learner-scaling: {exc}", file=sys.stderr)
-        return 2
-    t0 = time.monotonic()
-    result = run_scaling(workers, args.batch, args.steps, args.warmup, args.device, hidden, args.profile_steps,
-                         args.seed)
-    result["wall_s"] = round(time.monotonic() - t0, 1)
-    result["command"] = (" ".join(["fleetloop", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"]
-                         else f"fleetloop bench learner-scaling --out {args.out}")
-    print_table(result)
-    path = write_json(result, args.out)
-    log_progress(f"wrote {path}")
-    return 0
+    """``fleetloop bench learner-scaling``: run, write ``args.out``, print the table; 2 on a bad argument."""
+    from bench.runner import run_reported
+
+    def plan(a: argparse.Namespace):
+        workers, hidden = _parse(a)
+
+        def run() -> dict[str, Any]:
+            t0 = time.monotonic()
+            result = run_scaling(workers, a.batch, a.steps, a.warmup, a.device, hidden, a.profile_steps, a.seed)
+            result["wall_s"] = round(time.monotonic() - t0, 1)
+            result["command"] = (" ".join(["fleetloop", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"]
+                                 else f"fleetloop bench learner-scaling --out {a.out}")
+            return result
+        return run
+
+    return run_reported("learner-scaling", args, plan)
 
 
 def run_scaling(workers: list[int], batch: int, steps: int, warmup: int, device: str, hidden: list[int],

@@ -23,9 +23,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from bench.common import load_average, log_progress, machine_info, ratio, write_json
+from bench.common import load_average, log_progress, machine_info, ratio
 
 TINY = {"model": "tiny", "group_size": 4, "batch_groups": 2, "max_new_tokens": 8, "lr": 1e-3, "rollouts_per_admit": 1}
 
@@ -223,32 +223,35 @@ def print_async_table(result: dict[str, Any]) -> None:
         console.print(f"  - {note}", highlight=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    """``fleetloop bench async``: run, print the table, write ``args.out``; 2 on a bad argument."""
-    try:
-        etas = parse_etas(args.etas)
-        if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps {args.steps} must be >= 1")
-        if args.repeats < 1:
-            raise ValueError(f"--repeats {args.repeats} must be >= 1")
-        if args.servers < 1:
-            raise ValueError(f"--servers {args.servers} must be >= 1")
-    except ValueError as exc:
-        print(f"fleetloop bench async: {exc}", file=sys.stderr)
-        return 2
+def plan(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:
+    """Check the flags (ValueError naming the bad one); return the run (result with wall_s and command)."""
+    etas = parse_etas(args.etas)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be >= 1")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} must be >= 1")
+    if args.servers < 1:
+        raise ValueError(f"--servers {args.servers} must be >= 1")
     out = Path(args.out)
     steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
-    t0 = time.monotonic()
-    result = run_async(etas, steps, model=args.model, servers=args.servers, target_reward=args.target_reward,
-                       max_minutes=args.max_minutes, seed=args.seed,
-                       out_dir=Path(args.work_dir) if args.work_dir else out.with_suffix("").parent / (out.stem + "-runs"),
-                       tiny=args.tiny, repeats=args.repeats)
-    result["wall_s"] = round(time.monotonic() - t0, 1)
-    result["command"] = " ".join(["fleetloop", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "fleetloop bench async"
-    path = write_json(result, out)  # first: a table that fails to print must not lose the measurement
-    print_async_table(result)
-    log_progress(f"wrote {path}")
-    return 0
+
+    def run() -> dict[str, Any]:
+        t0 = time.monotonic()
+        result = run_async(etas, steps, model=args.model, servers=args.servers, target_reward=args.target_reward,
+                           max_minutes=args.max_minutes, seed=args.seed,
+                           out_dir=Path(args.work_dir) if args.work_dir else out.with_suffix("").parent / (out.stem + "-runs"),
+                           tiny=args.tiny, repeats=args.repeats)
+        result["wall_s"] = round(time.monotonic() - t0, 1)
+        result["command"] = " ".join(["fleetloop", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "fleetloop bench async"
+        return result
+    return run
+
+
+def main(args: argparse.Namespace) -> int:
+    """``fleetloop bench async``: run, write ``args.out``, print the table; 2 on a bad argument."""
+    from bench.runner import run_reported
+
+    return run_reported("async", args, plan, table=print_async_table)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

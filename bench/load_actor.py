@@ -106,7 +106,7 @@ class LoadActor:
     def __init__(self, idx: int, plan: ProcPlan, bank, stats: ProcStats, stop: asyncio.Event) -> None:
         import grpc
 
-        from actor.runtime import channel_options
+        from fleetloop.channels import channel_options
 
         self.idx, self.plan, self.bank, self.stats, self.stop = idx, plan, bank, stats, stop
         self.actor_id = f"load-actor-{idx:04d}"

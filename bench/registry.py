@@ -1,14 +1,19 @@
-"""Benchmarks that plug into ``fleetloop bench NAME`` by module (lazy: nothing is imported until used).
+"""Benchmarks that plug into ``fleetloop bench NAME`` by module.
 
 Each entry is ``name -> (module, help)``; the module exposes ``add_arguments(parser)`` (its flags,
-``--out`` among them) and ``main(args) -> int`` (run, print a table, write the JSON; 2 on a bad
-argument). ``ingest``, ``weights``, ``async`` and ``load`` are wired in :mod:`services.cli` directly.
+``--out`` among them) and ``main(args) -> int`` (run, write the JSON, print a table; 2 on a bad
+argument: :func:`bench.runner.run_reported`). :mod:`services.cli` imports every module listed here
+when it builds its parser, so their top-level imports stay light (torch, ray, grpc inside functions).
+``ingest`` and ``load`` are wired in :mod:`services.cli` directly.
 """
 
 from __future__ import annotations
 
 #: name -> (module with add_arguments/main, one-line help). Add one line per benchmark.
 BENCHES: dict[str, tuple[str, str]] = {
+    "weights": ("bench.weights", "weight delivery (publish -> all robots verified and running) vs raw gRPC, sizes x fan-out"),
+    "async": ("bench.llm_async", "LLM GRPO: synchronous (eta=0) vs asynchronous (eta>0) rollouts, wall clock per step and "
+                                 "to a reward, idle shares, staleness"),
     "utilisation": ("bench.utilisation", "learner idle share, updates/s and staleness under a fast and a slow fleet, vs no fleet"),
     "latency": ("bench.latency", "step produced on an actor -> trainable on the learner, P50/P99, vs raw gRPC one-way"),
     "learner-scaling": ("bench.learner_scaling", "learner samples/s, 1 and 2 Ray Train DDP workers (gloo; NCCL on CUDA) vs one process"),

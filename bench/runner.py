@@ -1,4 +1,6 @@
-"""Entry point of ``fleetloop bench ingest|weights``: run, print the table, write the JSON."""
+"""Entry point of ``fleetloop bench ingest`` and the one way every benchs ``main`` runs: check the
+arguments (exit code 2 on a bad one, naming it), run with SIGTERM as SystemExit, write the JSON, print
+the table (:func:`run_reported`)."""
 
 from __future__ import annotations
 
@@ -32,17 +34,7 @@ def plan(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:
         if not 1 <= args.chunk_steps <= 10_000:
             raise ValueError(f"--chunk-steps {args.chunk_steps} must be in 1..10000")
         return lambda: run_ingest(counts, float(args.seconds), int(args.chunk_steps))
-    if args.bench_cmd == "weights":
-        from bench.weights import run_weights
-
-        if args.size_mb <= 0:
-            raise ValueError(f"--size-mb {args.size_mb} must be > 0")
-        if args.actors < 1:
-            raise ValueError(f"--actors {args.actors} must be >= 1")
-        if args.repeats < 1:
-            raise ValueError(f"--repeats {args.repeats} must be >= 1")
-        return lambda: run_weights(float(args.size_mb), int(args.actors), int(args.repeats))
-    raise ValueError(f"unknown benchmark {args.bench_cmd!r} (ingest | weights)")
+    raise ValueError(f"unknown benchmark {args.bench_cmd!r} (ingest)")
 
 
 def _with_sigterm_as_exit(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -61,15 +53,24 @@ def _with_sigterm_as_exit(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """``fleetloop bench``: run, print the table, write ``args.out``; 0 on success, 2 on a bad argument."""
+def run_reported(name: str, args: argparse.Namespace, plan_fn: Callable[[argparse.Namespace], Callable[[], dict[str, Any]]],
+                 table: Callable[[dict[str, Any]], None] = print_table) -> int:
+    """``fleetloop bench NAME``: ``plan_fn(args)`` checks the arguments (ValueError naming the bad one:
+    printed, exit code 2, nothing written) and returns the run; the run goes under
+    :func:`_with_sigterm_as_exit`; its result is written to ``args.out`` first (a table that fails to
+    print must not lose a measurement), then printed with ``table``. Returns 0."""
     try:
-        job = plan(args)
+        job = plan_fn(args)
     except ValueError as exc:
-        print(f"fleetloop bench: {exc}", file=sys.stderr)
+        print(f"fleetloop bench {name}: {exc}", file=sys.stderr)
         return 2
     result = _with_sigterm_as_exit(job)
-    print_table(result)
     path = write_json(result, args.out)
+    table(result)
     log_progress(f"wrote {path}")
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``fleetloop bench ingest``: run, write ``args.out``, print the table; 0 on success, 2 on a bad argument."""
+    return run_reported(args.bench_cmd, args, plan)

@@ -41,7 +41,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bench.common import (EPISODE_STEPS, JOB, TASK, Children, cpu_seconds, load_average, log_progress, machine_info,
-                          print_table, quiet_fleetloop_logs, row, write_json)
+                          quiet_fleetloop_logs, row)
 
 TRAIN_THREAD = "fleetloop-train"
 
@@ -432,20 +432,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="result JSON path")
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run, print the table, write the JSON; 2 on a bad flag."""
-    import sys
-
-    from bench.runner import _with_sigterm_as_exit
-
+def config_from_args(args: argparse.Namespace) -> UtilisationConfig:
+    """The validated config (ValueError naming the flag and value)."""
     try:
-        cfg = UtilisationConfig(**{k: getattr(args, k) for k in UtilisationConfig.model_fields if hasattr(args, k)})
+        return UtilisationConfig(**{k: getattr(args, k) for k in UtilisationConfig.model_fields if hasattr(args, k)})
     except ValidationError as exc:
         err = exc.errors()[0]
-        print(f"fleetloop bench utilisation: --{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}",
-              file=sys.stderr)
-        return 2
-    result = _with_sigterm_as_exit(lambda: run_utilisation(cfg))
-    print_table(result)
-    log_progress(f"wrote {write_json(result, args.out)}")
-    return 0
+        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run, write the JSON, print the table; 2 on a bad flag."""
+    from bench.runner import run_reported
+
+    return run_reported("utilisation", args, lambda a: (lambda cfg=config_from_args(a): run_utilisation(cfg)))

@@ -42,9 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (JOB, MB, TASK, Children, RawServer, collect, log_progress, machine_info, median,
-                          print_table, quiet_fleetloop_logs, ratio, row, wait_ready, write_json)
-from bench.weights_procs import cpu_seconds, peak_rss_mb
+from bench.common import (JOB, MB, TASK, Children, RawServer, collect, cpu_seconds, log_progress, machine_info, median,
+                          peak_rss_mb, quiet_fleetloop_logs, wait_ready)
 from bench.weights_report import before_after_notes, notes, rows_goals_plots
 
 READY_TIMEOUT_S = 240.0
@@ -493,23 +492,7 @@ def plan(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run, print the table, write ``args.out``; 0, or 2 on a bad argument."""
-    import sys
+    """Run, write ``args.out``, print the table; 0, or 2 on a bad argument."""
+    from bench.runner import run_reported
 
-    from bench.runner import _with_sigterm_as_exit
-
-    try:
-        job = plan(args)
-    except ValueError as exc:
-        print(f"fleetloop bench weights: {exc}", file=sys.stderr)
-        return 2
-    result = _with_sigterm_as_exit(job)
-    print_table(result)
-    path = write_json(result, args.out)
-    log_progress(f"wrote {path}")
-    return 0
-
-
-def run_weights(size_mb: float, actors: int, repeats: int) -> dict[str, Any]:
-    """The earlier entry point (``bench.runner``): one size, 1 and ``actors`` robots."""
-    return run_sweep([float(size_mb)], sorted({1, int(actors)}), [int(repeats)])
+    return run_reported("weights", args, plan)

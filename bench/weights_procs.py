@@ -11,24 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import JOB, RAW_DOWNLOAD, TASK, child_setup
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads (CLOCK_PROCESS_CPUTIME_ID: ns resolution, unlike os.times)."""
-    return time.process_time()
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set (VmHWM), MB; None where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
+from bench.common import JOB, RAW_DOWNLOAD, TASK, child_setup, cpu_seconds, peak_rss_mb, raw_channel
 
 
 def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, hard_deadline_s: float,
@@ -57,7 +40,7 @@ def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, 
         import torch
 
         from actor.policy_runner import PolicyRunner
-        from actor.runtime import channel_options
+        from fleetloop.channels import channel_options
         from actor.weight_client import VerifiedWeights, WeightClient, load_checked
         from fleetloop.v1 import fleetloop_pb2 as pb
         from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
@@ -139,13 +122,7 @@ def raw_client(idx: int, target: str, cmd_q, ready_q, report_q, hard_deadline_s:
 
         import grpc
 
-        # the actors' channel options (actor.runtime.channel_options), written out: importing
-        # actor.runtime would import torch, ~200 MB more in each raw client (and RAM is the limit here)
-        options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20),
-                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5_000)]
-        channel = grpc.insecure_channel(target, options=options)
+        channel = raw_channel(target)
         grpc.channel_ready_future(channel).result(timeout=30)
         call = channel.unary_stream(RAW_DOWNLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         ready_q.put({"idx": idx, "ready": True})

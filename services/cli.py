@@ -148,16 +148,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def _cmd_bench_weights(args: argparse.Namespace) -> int:
-    from bench.weights import main
-    return main(args)
-
-
-def _cmd_bench_async(args: argparse.Namespace) -> int:
-    from bench.llm_async import main
-    return main(args)
-
-
 def _cmd_bench_load(args: argparse.Namespace) -> int:
     from bench.load import main
     return main(args)
@@ -282,16 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--chunk-steps", type=int, default=50)
     bi.add_argument("--out", required=True)
     bi.set_defaults(func=_cmd_bench)
-    bw = bsub.add_parser("weights", help="weight delivery (publish -> all robots verified and running) vs raw gRPC, "
-                                         "sizes x fan-out")
-    from bench.weights import add_arguments as add_weights_arguments
-    add_weights_arguments(bw)
-    bw.set_defaults(func=_cmd_bench_weights)
-    ba = bsub.add_parser("async", help="LLM GRPO: synchronous (eta=0) vs asynchronous (eta>0) rollouts, wall clock "
-                                       "per step and to a reward, idle shares, staleness")
-    from bench.llm_async import add_arguments as add_async_arguments
-    add_async_arguments(ba)
-    ba.set_defaults(func=_cmd_bench_async)
     bl = bsub.add_parser("load", help="a fleet of lightweight actors against one learner: errors, ack latency, RSS, "
                                       "ingest rate, vs raw gRPC")
     bl.add_argument("--actors", type=int, default=200, help="lightweight actors (one stream and connection each)")

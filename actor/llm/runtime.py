@@ -44,7 +44,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
-from actor.runtime import _error_from_rpc, channel_options
+from actor.runtime import _error_from_rpc
+from fleetloop.channels import channel_options
 from actor.sender import Sender
 from actor.spool import Spool
 from actor.weight_client import VerifiedWeights, WeightClient

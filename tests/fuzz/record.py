@@ -37,7 +37,7 @@ FINDINGS: list[dict[str, str]] = [
      "symptom": "the refusal echoed every dimension: ~160 kB of status details, past gRPC's metadata limit, so the "
                 "client got RESOURCE_EXHAUSTED 'Stream removed (received metadata size exceeds hard limit)' instead",
      "fix": "spec descriptions capped (names 40 chars, shapes 16 dims, 600 chars per list)"},
-    {"id": "weights-claimed-size-allocated", "status": "fixed", "where": "actor/weight_client.py fetch_blob",
+    {"id": "weights-claimed-size-allocated", "status": "fixed", "where": "actor/weight_client.py fetch_into",
      "input": "WeightAnnouncement(size_bytes=10**15) with a 120-byte blob",
      "symptom": "bytearray(size_bytes) allocated before any byte arrived: MemoryError (not an IntegrityError: the "
                 "background fetcher thread died with it)",
@@ -46,12 +46,12 @@ FINDINGS: list[dict[str, str]] = [
      "input": "blob b'\\xff'*64 announced with its own (matching) sha256",
      "symptom": "SafetensorError escaped fetch_now: not counted, and it ended the background fetcher thread for good",
      "fix": "a blob that does not parse as safetensors is refused with IntegrityError(field='blob'), counted"},
-    {"id": "weights-chunk-identity-unchecked", "status": "fixed", "where": "actor/weight_client.py fetch_blob",
+    {"id": "weights-chunk-identity-unchecked", "status": "fixed", "where": "actor/weight_client.py fetch_into",
      "input": "WeightChunk.version / sha256 / total_size differing from the announcement",
      "symptom": "chunks naming another version, digest or size were assembled without notice (only the final digest "
                 "guarded the bytes; a wrong chunk surfaced as a bare digest mismatch)",
      "fix": "every chunk must carry the announced version, sha256 and total_size (IntegrityError naming the field)"},
-    {"id": "weights-endless-empty-chunks", "status": "fixed", "where": "actor/weight_client.py fetch_blob",
+    {"id": "weights-endless-empty-chunks", "status": "fixed", "where": "actor/weight_client.py fetch_into",
      "input": "FetchWeights stream of empty WeightChunks at offset 0",
      "symptom": "any number of empty chunks was accepted: an endless stream of them held the fetch until its deadline",
      "fix": "an empty chunk is legal only as the end marker (offset == size_bytes), once"},
