@@ -19,7 +19,12 @@ Files:
   each with a ``.reason.txt``, kept for inspection.
 - ``DIR/open/<sha256(episode_id)[:32]>.json``: one marker per episode that has chunks in flight but
   no end chunk yet (:meth:`mark_open` / :meth:`clear_open`). A marker left behind by a killed actor
-  names an episode the restarted actor closes as ``aborted`` (see ``FleetClient``).
+  names an episode the restarted actor closes as ``aborted`` (see ``FleetClient``). The first mark of
+  an episode creates the file atomically (temp + rename); later marks (one per chunk) overwrite it in
+  place with one ``pwrite`` at offset 0 through a descriptor kept open, the JSON padded with spaces to
+  the file's length, so a process killed at any moment leaves the old or the new marker, never a mix
+  (creating a file costs ~0.2-0.5 ms on ext4 here, a pwrite ~1 us; with ``fsync`` each write is
+  fsynced). A marker torn by a power loss without ``fsync`` does not parse and is dropped, as before.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 _MAGIC = b"FLS1"
 _HEADER = struct.Struct("<4sII")
+_MAX_MARKER_FDS = 16  # open-episode markers kept open for in-place rewrites (a robot has one open episode)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class Spool:
         self._entries: OrderedDict[int, SpoolEntry] = OrderedDict()
         self._bytes = 0
         self.torn = 0  # torn files found at load (moved to rejected/)
+        self._markers: OrderedDict[str, tuple[int, int]] = OrderedDict()  # episode -> (open fd, file length)
+        self._marker_lock = threading.Lock()
         self._load()
 
     def _load(self) -> None:
@@ -185,11 +193,36 @@ class Spool:
 
     def mark_open(self, episode_id: str, info: dict[str, Any]) -> None:
         """Record (atomically) that ``episode_id`` has chunks spooled but no end chunk yet; ``info``
-        (JSON-able) is what a restarted actor needs to close it."""
-        _write_file(self._marker(episode_id), json.dumps({**info, "episode_id": episode_id}).encode(), self._fsync)
+        (JSON-able) is what a restarted actor needs to close it. See the module docstring: the first
+        mark creates the file (temp + rename), later ones overwrite it in place with one pwrite."""
+        data = json.dumps({**info, "episode_id": episode_id}).encode()
+        with self._marker_lock:
+            held = self._markers.pop(episode_id, None)
+            if held is not None:
+                fd, length = held
+                try:
+                    os.pwrite(fd, data.ljust(length), 0)  # one write: the old or the new marker, never a mix
+                    if self._fsync:
+                        os.fsync(fd)
+                    self._markers[episode_id] = (fd, max(length, len(data)))
+                    return
+                except OSError:  # the file went away (or the disk failed): start over with a fresh file
+                    os.close(fd)
+            path = self._marker(episode_id)
+            _write_file(path, data, self._fsync)
+            try:
+                self._markers[episode_id] = (os.open(path, os.O_WRONLY), len(data))
+            except OSError:
+                return  # nothing cached: the next mark writes a fresh file again
+            while len(self._markers) > _MAX_MARKER_FDS:  # episodes left open without a clear: keep fds bounded
+                os.close(self._markers.popitem(last=False)[1][0])
 
     def clear_open(self, episode_id: str) -> None:
         """The episode's end chunk is spooled: forget its marker."""
+        with self._marker_lock:
+            held = self._markers.pop(episode_id, None)
+            if held is not None:
+                os.close(held[0])
         self._marker(episode_id).unlink(missing_ok=True)
 
     def open_episodes(self) -> list[dict[str, Any]]:

@@ -1,56 +1,103 @@
-"""Ingest throughput: K actors streaming experience into one learner, vs raw gRPC of the same bytes.
+"""Ingest throughput: K actors streaming experience into one learner, vs raw gRPC of the same bytes,
+for four payloads (:mod:`bench.payloads`: state-only robot steps, steps with three 224x224 RGB
+images raw or JPEG/PNG-compressed, LLM token groups) and fleet sizes K (default 1, 4, 16, 32).
 
-fleetloop path (per actor count K):
-  an in-process learner (``learner.ray_learner._RayLearnerImpl``: the real LearnerCore, gRPC
-  server and training thread, no Ray) on a loopback port; K actor processes (multiprocessing
-  ``spawn``, so no shared GIL) each run the real actor runtime (``FleetClient`` + ``EpisodeRecorder``,
-  disk spool in a temp folder, background ``Sender``) and record synthetic state-only episodes of
-  200 steps (obs ``state`` f32[39], action ``action`` f32[4], random values) as fast as they can.
-  A robot never outruns its uplink forever: an actor waits while more than ``BACKLOG`` chunks sit
-  unacknowledged in its spool. Measured on the learner: steps, chunks and serialized bytes stored
-  (``status()['ingested_steps']`` and the ``fleetloop_learner_ingested_*`` counters) over the
-  window after a warm-up.
+fleetloop path (per payload and K): the real learner in this process, serving on a loopback port:
+robot payloads ``LearnerCore`` + ``LearnerServicer`` + gRPC server (``learner.ray_learner._RayLearnerImpl``,
+no Ray) with the payload's observation specs; LLM groups an ``LlmLearnerCore`` ('tiny' model, groups
+journaled with fsync before the ack, admission tickets) + the same servicer. Training is kept off the
+CPU (robots: ``min_online_steps=10**12`` and ``max_updates_per_s=0.1``; LLM: the training thread is not
+started), so the figure is the ingest path. K actors in at most ``processes`` client processes
+(:mod:`bench.ingest_workers`) run the real actor runtime (handshake, disk spool, background Sender;
+LLM: Admit tickets per group). Measured on the learner: steps (groups) and bytes stored.
 
-  Training is kept off the CPU: ``min_online_steps=10**12`` means ``train_step`` returns at once
-  (after a buffer-size check under the ingest lock), and ``max_updates_per_s=0.1`` makes the
-  training loop sleep ~10 s between those checks (see ``bench.common.start_learner_in_process``).
+raw baseline (same payload and K, same run, same total window): a bytes-in/bytes-out stream-stream
+gRPC handler (``bench.common.RawServer``) in this process; K streams in the same client processes
+send the very same serialized chunks with the actors' flow control (at most ``raw_window``
+unacknowledged); each message is acknowledged with 2 bytes. steps/s = bytes / bytes per step.
 
-raw baseline (same K, same run, same total window):
-  a generic stream-stream gRPC handler with identity serializers (bench.common.RawServer) in this
-  process; K client processes send the very same serialized ``EpisodeChunk`` bytes (built with the
-  real ``EpisodeRecorder``) with the same flow control as the actor's Sender (at most
-  ``max_inflight`` = 32 unacknowledged messages); each message is acknowledged with 2 bytes.
-  Reported: messages/s, MB/s and equivalent steps/s (bytes / bytes per step of the same episode).
+Both paths are up at once and take turns in ``slices`` alternating slices (fleetloop first), each
+after a short warm-up and after the other path's traffic drained, so a shared machine's changing load
+hits both alike. ratio = fleetloop / raw (1.0 = fleetloop adds nothing over the transport).
 
-Both paths are up at once and take turns (fleetloop slice, raw slice, fleetloop slice, ...): the
-measurement time is split into up to 5 alternating slices of >= 1.5 s each, each after a short
-warm-up and after the other path's traffic has drained, so a shared machine's changing load hits
-both alike. Rates are totals over all slices; per-slice ratios are kept to show the spread.
-
-ratio = fleetloop / raw (higher is better; 1.0 = fleetloop adds nothing over the transport).
+Profile (``profile_seconds`` > 0): after the measured slices of the largest K of each payload, one
+more fleetloop slice runs under py-spy (``.venv/bin/py-spy``, sampling this process: the learner)
+and the functions with the largest inclusive share of the learner's busy samples are reported.
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.common import (EPISODE_STEPS, JOB, MB, TASK, Children, RawServer, child_setup, collect, cpu_seconds,
-                          load_average, log_progress, machine_info, quiet_fleetloop_logs, ratio, raw_ingest_client, row,
-                          start_learner_in_process, stop_learner_in_process, wait_ready)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-OBS_DIM, ACT_DIM = 39, 4
-MAX_INFLIGHT = 32          # the FleetClient default
-BACKLOG = 2 * MAX_INFLIGHT  # spooled-but-unacknowledged chunks an actor lets pile up before it waits
-READY_TIMEOUT_S = 180.0
+from bench.common import (JOB, MB, TASK, Children, RawServer, collect, cpu_seconds, load_average, log_progress,
+                          machine_info, print_table, quiet_fleetloop_logs, ratio, row, wait_ready, write_json)
+from bench.payloads import PAYLOADS, PayloadSpec, payload_spec
+
+MAX_INFLIGHT = 32           # the FleetClient default
+READY_TIMEOUT_S = 240.0
+SPOOL_BUDGET_BYTES = 32 << 20  # per actor: spooled-but-unacknowledged bytes before it waits (at least 4 chunks)
 
 
-def synthetic_episode(seed: int, steps: int = EPISODE_STEPS):
-    """Random observations [steps, 39], actions [steps, 4] in [-1, 1] and rewards [steps] (float32)."""
+class IngestConfig(BaseModel):
+    """Flags of ``fleetloop bench ingest`` (every one documented in ``--help``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    actors: str = Field("1,4,16,32", description="Comma-separated actor counts K (each 1..64).")
+    payload: str = Field(",".join(PAYLOADS), description=f"Comma-separated payloads: {', '.join(PAYLOADS)}.")
+    seconds: float = Field(4.0, gt=0, le=300, description="Measured seconds per path per (payload, K), split into slices.")
+    slices: int = Field(2, ge=1, le=10, description="Alternating fleetloop/raw slices per (payload, K).")
+    warmup_s: float = Field(1.5, ge=0, le=60, description="Unmeasured warm-up before the first slice (0.5 s before the others).")
+    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per chunk of the state payload (images use 8).")
+    episode_steps: int = Field(200, ge=1, le=100_000, description="Steps per episode (image payloads: at most 64).")
+    image_codec: str = Field("jpeg", pattern="^(jpeg|png)$", description="Encoding of images-compressed: jpeg (q90) or png.")
+    processes: int = Field(8, ge=1, le=64, description="Most client processes; each hosts K/processes actors and raw streams.")
+    profile_seconds: float = Field(3.0, ge=0, le=60, description="py-spy the learner for this long at the largest K of each "
+                                                                 "payload (0: no profile).")
+
+    @field_validator("actors")
+    @classmethod
+    def _counts(cls, v: str) -> str:
+        try:
+            counts = [int(x) for x in str(v).split(",") if x.strip()]
+        except ValueError:
+            counts = []
+        if not counts or any(not 1 <= c <= 64 for c in counts):
+            raise ValueError("must be comma-separated integers in 1..64")
+        return ",".join(str(c) for c in counts)
+
+    @field_validator("payload")
+    @classmethod
+    def _payloads(cls, v: str) -> str:
+        names = [x.strip() for x in str(v).split(",") if x.strip()]
+        bad = [n for n in names if n not in PAYLOADS]
+        if not names or bad:
+            raise ValueError(f"must be a comma-separated subset of {', '.join(PAYLOADS)}")
+        return ",".join(names)
+
+    @property
+    def actor_counts(self) -> list[int]:
+        return [int(x) for x in self.actors.split(",")]
+
+    @property
+    def payloads(self) -> list[str]:
+        return self.payload.split(",")
+
+
+# -- state-payload helpers other benches use (latency, fleet_pool) -------------------------------
+def synthetic_episode(seed: int, steps: int = 200):
+    """Random observations [steps, 39], actions [steps, 4] in [-1, 1] and rewards [steps] (float32):
+    the state payload's values (:class:`bench.payloads.RobotSource` draws the same from the same seed)."""
     import numpy as np
+
+    from bench.payloads import ACT_DIM, OBS_DIM
 
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((steps, OBS_DIM), dtype=np.float32),
@@ -58,93 +105,64 @@ def synthetic_episode(seed: int, steps: int = EPISODE_STEPS):
             rng.standard_normal(steps, dtype=np.float32))
 
 
-def episode_messages(chunk_steps: int, actor_id: str, seed: int, steps: int = EPISODE_STEPS) -> list[bytes]:
-    """The serialized EpisodeChunks of one synthetic episode, produced by the real EpisodeRecorder
-    (a duck-typed client captures what it would spool): the exact bytes an actor sends."""
-    from types import SimpleNamespace
+def episode_messages(chunk_steps: int, actor_id: str, seed: int, steps: int = 200) -> list[bytes]:
+    """The serialized EpisodeChunks of one synthetic state-only episode, produced by the real
+    EpisodeRecorder: the exact bytes an actor sends (:func:`bench.payloads.robot_messages`)."""
+    from bench.payloads import robot_messages
 
-    from actor.main import robot_specs
-    from actor.runtime import EpisodeRecorder
-    from fleetloop.v1 import fleetloop_pb2 as pb
-
-    obs_specs, act_specs = robot_specs()
-    captured: list[bytes] = []
-    fake = SimpleNamespace(job_id=JOB, actor_id=actor_id, observation_specs=obs_specs, action_specs=act_specs,
-                           run_config=pb.RunConfig(chunk_steps=chunk_steps, task_ids=[TASK]),
-                           spool=SimpleNamespace(put=lambda episode_id, seq, raw: captured.append(raw)),
-                           _episode_closed=lambda rec, outcome: None)
-    obs, act, rew = synthetic_episode(seed, steps)
-    rec = EpisodeRecorder(fake, TASK, f"{actor_id}-{uuid.uuid4().hex[:16]}", 0)
-    for t in range(steps):
-        rec.record(obs[t], act[t], float(rew[t]), False)
-    rec.end("timeout")
-    return captured
+    return robot_messages(payload_spec("state", chunk_steps), actor_id, seed, steps, JOB, TASK)
 
 
-# -- child: one fleetloop actor -----------------------------------------------------------------
-def fleet_actor(idx: int, target: str, spool_dir: str, ready_q, active, stop, result_q, hard_deadline_s: float) -> None:
-    """Child process: connect with the real runtime, then record synthetic episodes whenever
-    ``active`` is set (whole episodes; paused between them otherwise) until ``stop``."""
-    client = None
-    try:
-        life = child_setup(hard_deadline_s)
-        from actor.main import robot_specs
-        from actor.runtime import FleetClient
+# -- learners in this process -------------------------------------------------------------------
+class _Learner:
+    """A learner serving on loopback in this process; ``counters()`` = what it stored so far."""
 
-        obs_specs, act_specs = robot_specs()
-        client = FleetClient(target, JOB, f"bench-actor-{idx}", obs_specs, act_specs, [TASK], spool_dir=spool_dir,
-                             max_inflight=MAX_INFLIGHT, connect_timeout_s=60.0)
-        client.connect()
-        obs, act, rew = synthetic_episode(1000 + idx)
-        rewards = [float(r) for r in rew]
-        ready_q.put({"idx": idx, "ready": True})
-        episodes = steps = 0
-        waited = 0.0
-        cpu0 = cpu_seconds()
-        while not stop.is_set() and life.ok():
-            if not active.is_set():
-                active.wait(0.2)
-                continue
-            ep = client.begin_episode(TASK)
-            for t in range(EPISODE_STEPS):
-                ep.record(obs[t], act[t], rewards[t], False)
-            ep.end("timeout")
-            episodes += 1
-            steps += EPISODE_STEPS
-            t0 = time.monotonic()
-            while len(client.spool) > BACKLOG and not stop.is_set() and life.ok():
-                time.sleep(0.002)
-            waited += time.monotonic() - t0
-        result_q.put({"idx": idx, "episodes": episodes, "steps_recorded": steps, "acked_chunks": client.sender.acked,
-                      "duplicates": client.sender.duplicates, "rejected": client.sender.rejected,
-                      "reconnects": client.sender.reconnects, "spooled_at_stop": len(client.spool),
-                      "backlog_wait_s": round(waited, 3), "cpu_s": round(cpu_seconds() - cpu0, 3)})
-    except Exception as exc:  # report, never hang the parent
-        ready_q.put({"idx": idx, "error": repr(exc)[:500]})
-        result_q.put({"idx": idx, "error": repr(exc)[:500]})
-    finally:
-        if client is not None:
-            client.close(flush_timeout=0)
+    def __init__(self, spec: PayloadSpec, state_dir: Path, chunk_steps: int, episode_steps: int) -> None:
+        self.spec, self.state_dir = spec, state_dir
+        self.group_bytes = 0.0  # LLM: serialized bytes of one group chunk (set by the caller)
+        if spec.robot:
+            from bench.payloads import learner_specs
+            from learner.config import LearnerConfig
+            from learner.ray_learner import _RayLearnerImpl
 
+            cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
+                                chunk_steps=chunk_steps, max_episode_steps=episode_steps, min_online_steps=10 ** 12,
+                                max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu", **learner_specs(spec))
+            self.impl = _RayLearnerImpl(cfg.model_dump_json())
+            self.core, self.server, self.port = self.impl.core, self.impl.server, self.impl.port
+        else:
+            from bench.payloads import llm_learner_config
+            from learner.llm.config import LlmLearnerConfig
+            from learner.llm.core import LlmLearnerCore
+            from learner.server import LearnerServicer, build_server
 
-# -- measurements ------------------------------------------------------------------------------
-def _learner_counters(core) -> dict[str, float]:
-    reg, labels = core.metrics.registry, {"job": JOB}
-    return {"steps": float(core.status()["ingested_steps"]),
-            "bytes": reg.get_sample_value("fleetloop_learner_ingested_bytes_total", labels) or 0.0,
-            "messages": reg.get_sample_value("fleetloop_learner_ingested_chunks_total", labels) or 0.0,
-            "lat_sum": reg.get_sample_value("fleetloop_learner_ingest_latency_seconds_sum", labels) or 0.0,
-            "lat_count": reg.get_sample_value("fleetloop_learner_ingest_latency_seconds_count", labels) or 0.0}
+            cfg = LlmLearnerConfig.model_validate(llm_learner_config(str(state_dir), JOB, TASK))
+            self.core = LlmLearnerCore(cfg)  # training thread not started: groups queue, nothing trains
+            servicer = LearnerServicer(self.core)
+            self.server, self.port = build_server(servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
+            self.server.start()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def counters(self) -> dict[str, float]:
+        if self.spec.robot:
+            reg, labels = self.core.metrics.registry, {"job": JOB}
+            return {"steps": float(self.core.ingestor.steps_total),
+                    "bytes": reg.get_sample_value("fleetloop_learner_ingested_bytes_total", labels) or 0.0,
+                    "messages": reg.get_sample_value("fleetloop_learner_ingested_chunks_total", labels) or 0.0}
+        stored = float(self.core.ingestor.stored)  # every group chunk has the same size (fixed-length ids)
+        return {"steps": stored, "bytes": stored * self.group_bytes, "messages": stored}
+
+    def stop(self) -> None:
+        try:
+            self.server.stop(grace=1.0).wait(10.0)
+        finally:
+            self.core.stop(checkpoint=False)
 
 
-def _raw_counters(server: RawServer) -> dict[str, float]:
-    messages, nbytes = server.counters()
-    return {"messages": float(messages), "bytes": float(nbytes)}
-
-
+# -- one (payload, K) ------------------------------------------------------------------------------
 def _slice(active, counters: Callable[[], dict[str, float]], warm: float, seconds: float) -> dict[str, float]:
-    """Let one path run: ``warm`` seconds unmeasured, then ``seconds`` measured; then pause it and
-    wait until its in-flight traffic has drained (its message counter stands still)."""
+    """Let one path run: ``warm`` s unmeasured, ``seconds`` measured; then pause it and wait until its
+    in-flight traffic drained (its message counter stands still for 0.3 s, at most 15 s)."""
     active.set()
     try:
         time.sleep(warm)
@@ -155,8 +173,8 @@ def _slice(active, counters: Callable[[], dict[str, float]], warm: float, second
         active.clear()
     out = {k: b[k] - a[k] for k in a}
     out.update(window_s=t1 - t0, server_cpu_s=c1 - c0)
-    last, quiet_since, give_up = counters()["messages"], time.monotonic(), time.monotonic() + 10.0
-    while time.monotonic() - quiet_since < 0.2 and time.monotonic() < give_up:
+    last, quiet_since, give_up = counters()["messages"], time.monotonic(), time.monotonic() + 15.0
+    while time.monotonic() - quiet_since < 0.3 and time.monotonic() < give_up:
         time.sleep(0.05)
         now = counters()["messages"]
         if now != last:
@@ -164,100 +182,159 @@ def _slice(active, counters: Callable[[], dict[str, float]], warm: float, second
     return out
 
 
-def _totals(slices: list[dict[str, float]], bytes_per_step: float | None = None) -> dict[str, Any]:
+def _totals(slices: list[dict[str, float]], per_step: float | None = None) -> dict[str, Any]:
     tot = {k: sum(s[k] for s in slices) for k in slices[0]}
     dt, msgs = tot["window_s"], tot["messages"]
-    steps = tot["steps"] if bytes_per_step is None else tot["bytes"] / bytes_per_step
-    out = {"window_s": dt, "messages": msgs, "bytes": tot["bytes"], "steps": steps,
-           "steps_per_s": steps / dt, "messages_per_s": msgs / dt, "mb_per_s": tot["bytes"] / dt / MB,
-           "server_cpu_util": tot["server_cpu_s"] / dt,
-           "server_cpu_us_per_message": tot["server_cpu_s"] / msgs * 1e6 if msgs else None,
-           "slices": slices}
-    if "lat_count" in tot:
-        out["mean_produce_to_store_s"] = tot["lat_sum"] / tot["lat_count"] if tot["lat_count"] else None
-    return out
+    steps = tot["steps"] if per_step is None else tot["bytes"] / per_step
+    return {"window_s": dt, "messages": msgs, "bytes": tot["bytes"], "steps": steps, "steps_per_s": steps / dt,
+            "messages_per_s": msgs / dt, "mb_per_s": tot["bytes"] / dt / MB, "server_cpu_util": tot["server_cpu_s"] / dt,
+            "server_cpu_us_per_message": tot["server_cpu_s"] / msgs * 1e6 if msgs else None, "slices": slices}
 
 
-def _client_cpu_per_message(reports: list[dict[str, Any]], count_key: str) -> float | None:
-    """CPU time of the client processes (ready -> stop, all threads) per acknowledged message, in us."""
-    n = sum(r.get(count_key, 0) for r in reports)
-    return sum(r.get("cpu_s", 0.0) for r in reports) / n * 1e6 if n else None
+def _backlog(spec: PayloadSpec, chunk_bytes: float) -> int:
+    """Unacknowledged chunks an actor lets pile up before it waits: 2 windows, at most SPOOL_BUDGET_BYTES."""
+    return max(4, min(2 * MAX_INFLIGHT, int(SPOOL_BUDGET_BYTES // max(1.0, chunk_bytes))))
 
 
-def measure(k: int, seconds: float, warmup: float, chunk_steps: int, tmp: Path) -> dict[str, Any]:
-    """Both paths for ``k`` clients, in alternating slices; returns {'fleetloop', 'raw_grpc', 'ratio'}."""
-    messages = [episode_messages(chunk_steps, f"bench-raw-{i}", 1000 + i) for i in range(k)]
-    bytes_per_step = sum(len(m) for m in messages[0]) / EPISODE_STEPS
-    n_slices = max(1, min(5, int(seconds / 1.5)))
-    fl_slices, raw_slices = [], []
-    impl = start_learner_in_process(tmp / f"learner-k{k}", chunk_steps)
+def measure(spec: PayloadSpec, k: int, cfg: IngestConfig, tmp: Path, profile_s: float = 0.0) -> dict[str, Any]:
+    """Both paths for ``k`` actors of ``spec`` in alternating slices (plus a profiled slice when ``profile_s``)."""
+    from bench.ingest_workers import raw_messages
+
+    episode_steps = min(cfg.episode_steps, 64) if spec.images else cfg.episode_steps
+    sample = raw_messages(spec, 4242, JOB, TASK)
+    msg_bytes = sum(len(m) for m in sample) / len(sample)
+    per_step = msg_bytes if not spec.robot else sum(len(m) for m in sample) / (16 if spec.images else 200)
+    backlog = _backlog(spec, msg_bytes)
+    procs = min(k, cfg.processes)
+    shares = [list(range(p, k, procs)) for p in range(procs)]
+    state_dir = tmp / f"learner-{spec.name}-k{k}"
+    learner = _Learner(spec, state_dir, spec.chunk_steps, episode_steps)
+    learner.group_bytes = msg_bytes
+    fl_slices, raw_slices, profile = [], [], None
     try:
-        with RawServer() as server, Children() as children:
+        with RawServer(max_message_bytes=8 << 20) as server, Children() as children:
             ctx = children.ctx
             ready_q, result_q = ctx.Queue(), ctx.Queue()
             fl_active, raw_active, stop = ctx.Event(), ctx.Event(), ctx.Event()
+            per = cfg.seconds / cfg.slices
+            hard = READY_TIMEOUT_S + 2 * (cfg.warmup_s + cfg.seconds) + 20 * cfg.slices + profile_s + 120
+            wcfg = {"spec": spec.__dict__, "learner": learner.target, "raw_target": server.target, "job": JOB, "task": TASK,
+                    "spool_root": str(tmp / f"spool-{spec.name}-k{k}"), "max_inflight": MAX_INFLIGHT,
+                    "episode_steps": episode_steps, "backlog": backlog, "raw_window": min(MAX_INFLIGHT, backlog)}
             try:
-                hard = READY_TIMEOUT_S + 2 * (warmup + seconds) + 10 * n_slices + 60
-                for i in range(k):
-                    children.start(fleet_actor, i, f"127.0.0.1:{impl.port}", str(tmp / f"spool-k{k}-{i}"), ready_q,
-                                   fl_active, stop, result_q, hard, name=f"bench-actor-{i}")
-                    children.start(raw_ingest_client, i, server.target, messages[i], MAX_INFLIGHT, ready_q, raw_active,
-                                   stop, result_q, hard, name=f"bench-raw-client-{i}")
-                wait_ready(ready_q, 2 * k, READY_TIMEOUT_S, children, "actors and raw gRPC clients")
-                for n in range(n_slices):
-                    warm = warmup if n == 0 else min(warmup, 0.5)
-                    fl_slices.append(_slice(fl_active, lambda: _learner_counters(impl.core), warm, seconds / n_slices))
-                    raw_slices.append(_slice(raw_active, lambda: _raw_counters(server), warm, seconds / n_slices))
+                for p, share in enumerate(shares):
+                    children.start(_worker_entry, p, wcfg | {"actors": share}, ready_q, fl_active, raw_active, stop,
+                                   result_q, hard, name=f"bench-ingest-{p}")
+                wait_ready(ready_q, procs, READY_TIMEOUT_S, children, f"{spec.name}: client processes")
+                for n in range(cfg.slices):
+                    warm = cfg.warmup_s if n == 0 else min(cfg.warmup_s, 0.5)
+                    fl_slices.append(_slice(fl_active, learner.counters, warm, per))
+                    raw_slices.append(_slice(raw_active, lambda: _raw_counters(server), warm, per))
+                if profile_s > 0:
+                    profile = _profiled_slice(fl_active, profile_s)
             finally:
                 stop.set()
                 fl_active.set()
                 raw_active.set()
-            reports = collect(result_q, 2 * k, 30.0)
+            reports = collect(result_q, procs, 60.0)
     finally:
-        stop_learner_in_process(impl)
-    actors = sorted((r for r in reports if "acked_chunks" in r), key=lambda r: r["idx"])
-    clients = sorted((r for r in reports if "acked" in r), key=lambda r: r["idx"])
-    fl = _totals(fl_slices)
-    fl.update(client_cpu_us_per_message=_client_cpu_per_message(actors, "acked_chunks"), actors=actors,
+        learner.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(tmp / f"spool-{spec.name}-k{k}", ignore_errors=True)
+    actors = sorted((a for r in reports for a in r.get("actors", [])), key=lambda a: a["idx"])
+    raw_streams = [s for r in reports for s in r.get("raw", [])]
+    fl, raw = _totals(fl_slices), _totals(raw_slices, per_step)
+    fl_acked, raw_acked = sum(a["acked"] for a in actors), sum(s["acked"] for s in raw_streams)
+    fl_cpu, raw_cpu = (sum(r["cpu_s"][key] for r in reports if "cpu_s" in r) for key in ("fleetloop", "raw"))
+    fl.update(client_cpu_us_per_message=fl_cpu / fl_acked * 1e6 if fl_acked else None, actors=actors,
               loadavg_1m_at_end=load_average())
-    raw = _totals(raw_slices, bytes_per_step)
-    raw.update(client_cpu_us_per_message=_client_cpu_per_message(clients, "acked"), clients=clients,
-               message_bytes=[len(m) for m in messages[0]], bytes_per_step=bytes_per_step)
-    by_slice = [ratio(f["steps"] / f["window_s"], r["bytes"] / bytes_per_step / r["window_s"])
+    raw.update(client_cpu_us_per_message=raw_cpu / raw_acked * 1e6 if raw_acked else None,
+               streams=raw_streams, message_bytes=round(msg_bytes), bytes_per_step=per_step)
+    by_slice = [ratio(f["steps"] / f["window_s"], r["bytes"] / per_step / r["window_s"])
                 for f, r in zip(fl_slices, raw_slices)]
-    return {"actors": k, "fleetloop": fl, "raw_grpc": raw,
+    return {"payload": spec.name, "actors": k, "processes": procs, "backlog_chunks": backlog,
+            "episode_steps": episode_steps, "fleetloop": fl, "raw_grpc": raw, "profile": profile,
             "ratio": {key: ratio(fl[key], raw[key]) for key in ("steps_per_s", "messages_per_s", "mb_per_s")}
             | {"steps_per_s_by_slice": by_slice}}
 
 
-def run_ingest(actor_counts: list[int], seconds: float, chunk_steps: int) -> dict[str, Any]:
-    """Run both paths for every K in ``actor_counts``; returns the result document (rows + details)."""
-    warmup = min(2.0, max(0.5, 0.2 * seconds))
-    config = {"actors": actor_counts, "seconds": seconds, "warmup_s": warmup, "chunk_steps": chunk_steps,
-              "episode_steps": EPISODE_STEPS, "obs": f"state float32[{OBS_DIM}]", "action": f"action float32[{ACT_DIM}]",
-              "task": TASK, "max_inflight": MAX_INFLIGHT, "actor_backlog_chunks": BACKLOG,
-              "training": "off: min_online_steps=10**12 (train_step returns at once), max_updates_per_s=0.1 (loop sleeps ~10 s)",
-              "clients": "separate processes (multiprocessing spawn)", "mb": "10^6 bytes",
-              "slices": max(1, min(5, int(seconds / 1.5))), "order": "fleetloop, raw, fleetloop, raw, ..."}
-    runs, rows = [], []
+def _worker_entry(*args):
+    from bench.ingest_workers import worker
+
+    worker(*args)
+
+
+def _raw_counters(server: RawServer) -> dict[str, float]:
+    messages, nbytes = server.counters()
+    return {"messages": float(messages), "bytes": float(nbytes), "steps": 0.0}
+
+
+def _profiled_slice(active, seconds: float) -> dict[str, Any] | None:
+    """One unmeasured fleetloop slice with py-spy sampling this process (the learner); None without py-spy."""
+    from bench.ingest_profile import py_spy_profile
+
+    active.set()
+    try:
+        time.sleep(0.5)
+        return py_spy_profile(seconds)
+    finally:
+        active.clear()
+        time.sleep(1.0)  # let the backlog drain before the next configuration
+
+
+# -- the whole run --------------------------------------------------------------------------------
+def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
+    """Every (payload, K) of ``cfg``; returns the result document (rows, goals, plots, profile, runs)."""
+    from bench.ingest_report import build_document
+
+    t_start = time.monotonic()
+    runs = []
+    specs = [payload_spec(p, cfg.chunk_steps, cfg.image_codec) for p in cfg.payloads]
     with quiet_fleetloop_logs(), tempfile.TemporaryDirectory(prefix="fleetloop-bench-ingest-") as tmp:
-        for k in actor_counts:
-            log_progress(f"ingest: {k} actor(s) / raw client(s), {seconds:g} s each path in alternating slices "
-                         f"(+{warmup:g} s warm-up)")
-            run = measure(k, seconds, warmup, chunk_steps, Path(tmp))
-            runs.append(run)
-            fl, raw = run["fleetloop"], run["raw_grpc"]
-            rows += [row("steps/s", "steps/s", k, fl["steps_per_s"], raw["steps_per_s"], "higher",
-                         "raw: bytes / bytes per step"),
-                     row("chunks/s", "msg/s", k, fl["messages_per_s"], raw["messages_per_s"], "higher"),
-                     row("throughput", "MB/s", k, fl["mb_per_s"], raw["mb_per_s"], "higher"),
-                     row("server CPU per chunk", "us", k, fl["server_cpu_us_per_message"], raw["server_cpu_us_per_message"],
-                         "lower", "CPU time of the serving process / messages"),
-                     row("client CPU per chunk", "us", k, fl["client_cpu_us_per_message"], raw["client_cpu_us_per_message"],
-                         "lower", "CPU time of the actor / raw client processes / acked messages")]
-    notes = [f"{chunk_steps} steps per chunk, ~{runs[0]['raw_grpc']['message_bytes'][0]} bytes per chunk" if runs else "",
-             "fleetloop: bytes/steps stored on the learner; raw: bytes received by a bytes-in/bytes-out gRPC handler",
-             "fleetloop actors also record the episode (EpisodeRecorder) and spool every chunk to disk; raw clients "
-             "resend prepared bytes: the client CPU row shows that share"]
-    return {"bench": "ingest", "machine": machine_info(), "config": config, "rows": rows, "runs": runs,
-            "notes": [n for n in notes if n]}
+        for spec in specs:
+            for k in cfg.actor_counts:
+                log_progress(f"ingest {spec.name}: {k} actor(s) / raw stream(s), {cfg.seconds:g} s each path in "
+                             f"{cfg.slices} alternating slices")
+                prof = cfg.profile_seconds if k == max(cfg.actor_counts) else 0.0
+                runs.append(measure(spec, k, cfg, Path(tmp), prof))
+    return build_document(cfg, specs, runs, machine_info(), time.monotonic() - t_start, command(cfg))
+
+
+def command(cfg: IngestConfig) -> str:
+    """The command line that reproduces ``cfg``."""
+    defaults = IngestConfig()
+    parts = ["fleetloop bench ingest"]
+    for name in IngestConfig.model_fields:
+        value = getattr(cfg, name)
+        if value != getattr(defaults, name):
+            parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else
+                         f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts + ["--out F.json"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fleetloop bench ingest``."""
+    for name, field in IngestConfig.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
+                       help=field.description)
+    p.add_argument("--out", required=True, help="result JSON path")
+
+
+def plan(args: argparse.Namespace) -> IngestConfig:
+    """The config of ``args``; ValueError naming the flag and value when one is bad."""
+    try:
+        return IngestConfig(**{k: getattr(args, k) for k in IngestConfig.model_fields if hasattr(args, k)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run, write the JSON, print the table; 2 on a bad flag (:func:`bench.runner.run_reported`)."""
+    from bench.runner import run_reported
+
+    def plan_run(a: argparse.Namespace) -> Callable[[], dict[str, Any]]:
+        cfg = plan(a)
+        return lambda: run_ingest(cfg)
+
+    return run_reported("ingest", args, plan_run)

@@ -4,13 +4,15 @@ Each entry is ``name -> (module, help)``; the module exposes ``add_arguments(par
 ``--out`` among them) and ``main(args) -> int`` (run, write the JSON, print a table; 2 on a bad
 argument: :func:`bench.runner.run_reported`). :mod:`services.cli` imports every module listed here
 when it builds its parser, so their top-level imports stay light (torch, ray, grpc inside functions).
-``ingest`` and ``load`` are wired in :mod:`services.cli` directly.
+``load`` is wired in :mod:`services.cli` directly.
 """
 
 from __future__ import annotations
 
 #: name -> (module with add_arguments/main, one-line help). Add one line per benchmark.
 BENCHES: dict[str, tuple[str, str]] = {
+    "ingest": ("bench.ingest", "ingest steps/s and MB/s, 1-32 actors, state / images / compressed images / LLM groups, "
+                               "vs raw gRPC"),
     "weights": ("bench.weights", "weight delivery (publish -> all robots verified and running) vs raw gRPC, sizes x fan-out"),
     "async": ("bench.llm_async", "LLM GRPO: synchronous (eta=0) vs asynchronous (eta>0) rollouts, wall clock per step and "
                                  "to a reward, idle shares, staleness"),

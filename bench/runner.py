@@ -1,4 +1,4 @@
-"""Entry point of ``fleetloop bench ingest`` and the one way every benchs ``main`` runs: check the
+"""The one way every bench's ``main`` runs: check the
 arguments (exit code 2 on a bad one, naming it), run with SIGTERM as SystemExit, write the JSON, print
 the table (:func:`run_reported`)."""
 
@@ -11,30 +11,6 @@ import threading
 from typing import Any, Callable
 
 from bench.common import log_progress, print_table, write_json
-
-
-def _actor_counts(text: str) -> list[int]:
-    try:
-        counts = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        counts = []
-    if not counts or any(c < 1 for c in counts):
-        raise ValueError(f"--actors {text!r} must be comma-separated positive integers")
-    return counts
-
-
-def plan(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:
-    """Check the arguments of ``args.bench_cmd`` (ValueError naming the bad one); return the run."""
-    if args.bench_cmd == "ingest":
-        from bench.ingest import run_ingest
-
-        counts = _actor_counts(args.actors)
-        if args.seconds <= 0:
-            raise ValueError(f"--seconds {args.seconds} must be > 0")
-        if not 1 <= args.chunk_steps <= 10_000:
-            raise ValueError(f"--chunk-steps {args.chunk_steps} must be in 1..10000")
-        return lambda: run_ingest(counts, float(args.seconds), int(args.chunk_steps))
-    raise ValueError(f"unknown benchmark {args.bench_cmd!r} (ingest)")
 
 
 def _with_sigterm_as_exit(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -70,7 +46,3 @@ def run_reported(name: str, args: argparse.Namespace, plan_fn: Callable[[argpars
     log_progress(f"wrote {path}")
     return 0
 
-
-def run_bench(args: argparse.Namespace) -> int:
-    """``fleetloop bench ingest``: run, write ``args.out``, print the table; 0 on success, 2 on a bad argument."""
-    return run_reported(args.bench_cmd, args, plan)

@@ -9,6 +9,11 @@ negative, a layout of at most :data:`MAX_LAYOUT_BYTES` even when a dimension is 
 the byte length *before* any array is built, so a shape claiming 10^12 elements costs nothing.
 Raw wire bytes become messages only through :func:`parse_message` (size limit first, then parse),
 which raises only FleetloopError subclasses. ``tests/fuzz`` holds these contracts with hypothesis.
+
+Compressed images (``Tensor.encoding`` PNG / JPEG, one encoded image per ``[H, W, C]`` frame in
+``frames``): :func:`encode` writes them with ``encoding="png"|"jpeg"``, :func:`decode` validates and
+decodes them (:mod:`fleetloop.image_codec`); :func:`decode_map` compares a tensor's declared shape with
+its spec *before* decoding any frame, so no image larger than the job's spec is ever decompressed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fleetloop import image_codec
 from fleetloop.errors import InvalidArgument, ResourceExhausted
 
 #: Bumped on any incompatible wire change; the handshake refuses a mismatch.
@@ -45,6 +51,8 @@ MAX_NDIM = 16
 #: Largest layout a shape may describe, in bytes, counting a 0 dimension as 1 (numpy refuses layouts
 #: past 2^63 even for empty arrays; anything near this is an attack or a bug, never data).
 MAX_LAYOUT_BYTES = 1 << 40
+#: Most bytes one compressed (PNG / JPEG) tensor may decode to when no spec bounds it (256 MiB).
+MAX_DECODED_IMAGE_BYTES = 1 << 28
 
 
 def dtype_code(dtype: np.dtype | str) -> int:
@@ -61,8 +69,12 @@ def dtype_name(code: int) -> str:
     return _NAMES.get(code, f"UNKNOWN({code})")
 
 
-def encode(array: np.ndarray, out=None):
-    """Fill (or create) a ``fleetloop.v1.Tensor`` from a numpy array."""
+def encode(array: np.ndarray, out=None, encoding: str | int = "raw", quality: int = 90, png_level: int = 1):
+    """Fill (or create) a ``fleetloop.v1.Tensor`` from a numpy array.
+
+    ``encoding`` 'raw' (default): row-major bytes in ``data``. 'png' (lossless) or 'jpeg' (lossy,
+    ``quality`` 1..95): a uint8 ``[..., H, W, C]`` array as one encoded image per frame in ``frames``
+    (see :mod:`fleetloop.image_codec`; ``png_level`` is the zlib level)."""
     if out is None:
         from fleetloop.v1 import fleetloop_pb2
 
@@ -70,10 +82,17 @@ def encode(array: np.ndarray, out=None):
     arr = np.ascontiguousarray(array)
     code = dtype_code(arr.dtype)
     arr = arr.astype(_DTYPES[code], copy=False)
+    enc = image_codec.encoding_code(encoding)
     out.dtype = code
     del out.shape[:]
     out.shape.extend(int(d) for d in arr.shape)
-    out.data = arr.tobytes()
+    del out.frames[:]
+    out.encoding = enc
+    if enc == image_codec.RAW:
+        out.data = arr.tobytes()
+    else:
+        out.data = b""
+        out.frames.extend(image_codec.encode_frames(arr, enc, quality=quality, png_level=png_level))
     return out
 
 
@@ -96,10 +115,12 @@ def check_shape(shape: Sequence[int], itemsize: int, field: str) -> tuple[int, .
     return shape
 
 
-def decode(tensor, field: str = "tensor") -> np.ndarray:
+def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_IMAGE_BYTES) -> np.ndarray:
     """Decode a ``fleetloop.v1.Tensor`` to a read-only numpy array, validating dtype, shape and size.
 
-    Zero-copy (a view of ``tensor.data``); nothing is allocated before every check passed.
+    Raw: zero-copy (a view of ``tensor.data``); nothing is allocated before every check passed.
+    PNG / JPEG: uint8 only, at most ``max_decoded_bytes`` decoded, every frame checked (see
+    :mod:`fleetloop.image_codec`).
     """
     code = int(tensor.dtype)
     if code not in _DTYPES:
@@ -108,6 +129,11 @@ def decode(tensor, field: str = "tensor") -> np.ndarray:
                               field=f"{field}.dtype", value=code)
     dt = _DTYPES[code]
     shape = check_shape(tensor.shape, dt.itemsize, field)
+    if tensor.encoding:
+        return _decode_images(tensor, code, shape, field, max_decoded_bytes)
+    if len(tensor.frames):
+        raise InvalidArgument(f"a RAW tensor carries its values in data, not in {len(tensor.frames)} frames",
+                              field=f"{field}.frames", value=len(tensor.frames))
     expected = math.prod(shape) * dt.itemsize
     if len(tensor.data) != expected:
         raise InvalidArgument(
@@ -116,6 +142,24 @@ def decode(tensor, field: str = "tensor") -> np.ndarray:
             value=len(tensor.data),
         )
     return np.frombuffer(tensor.data, dtype=dt).reshape(shape)
+
+
+def _decode_images(tensor, code: int, shape: tuple[int, ...], field: str, max_decoded_bytes: int) -> np.ndarray:
+    enc = int(tensor.encoding)
+    if enc not in image_codec.NAMES:
+        raise InvalidArgument(f"unknown encoding {enc}; the wire carries {sorted(image_codec.NAMES.values())}",
+                              field=f"{field}.encoding", value=enc)
+    if code != image_codec.UINT8:
+        raise InvalidArgument(f"{image_codec.NAMES[enc]} tensors are UINT8, not {dtype_name(code)}", field=f"{field}.dtype",
+                              value=code)
+    if tensor.data:
+        raise InvalidArgument(f"an encoded ({image_codec.NAMES[enc]}) tensor carries its values in frames; data must be "
+                              f"empty, got {len(tensor.data)} bytes", field=f"{field}.data", value=len(tensor.data))
+    size = math.prod(shape)
+    if size > max_decoded_bytes:
+        raise InvalidArgument(f"shape {list(shape)} decodes to {size} bytes (limit {max_decoded_bytes})",
+                              field=f"{field}.shape", value=list(shape))
+    return image_codec.decode_frames(tensor.frames, shape, enc, field)
 
 
 def parse_message(raw: bytes, message_cls, max_bytes: int | None = None, field: str = "message"):
@@ -224,7 +268,14 @@ def decode_map(tensors: Mapping[str, object], specs: Sequence, steps: int, field
     for spec in specs:
         if spec.name not in tensors:
             raise InvalidArgument(f"missing tensor {spec.name!r}", field=f"{field}[{spec.name}]", value=None)
-        arr = decode(tensors[spec.name], f"{field}[{spec.name}]")
+        tensor = tensors[spec.name]
+        if tensor.encoding:  # shape against the spec before any frame is decompressed
+            want = [steps, *(int(d) for d in spec.shape)]
+            if list(tensor.shape) != want:
+                raise InvalidArgument(f"shape {list(tensor.shape)[:MAX_NDIM]} does not match spec {spec.name!r} "
+                                      f"[T={steps}, {want[1:]}]", field=f"{field}[{spec.name}].shape",
+                                      value=list(tensor.shape)[:MAX_NDIM])
+        arr = decode(tensor, f"{field}[{spec.name}]")
         check_against_spec(arr, spec, steps, f"{field}[{spec.name}]")
         out[spec.name] = arr
     return out

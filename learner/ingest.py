@@ -19,6 +19,7 @@ most once, also across restarts (the log is replayed through the same path with 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -120,7 +121,7 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
                                   field="end.outcome", value=int(chunk.end.outcome))
     # explicit widths: reshape(0, -1) cannot infer -1, and a zero-step end chunk is valid (an episode
     # ended before any step, or closed as aborted after an actor crash)
-    obs_width, act_width = int(np.prod(obs_specs[0].shape)), int(np.prod(act_specs[0].shape))
+    obs_width, act_width = math.prod(obs_specs[0].shape), math.prod(act_specs[0].shape)  # math.prod: ~20x np.prod here
     first_obs = obs[obs_specs[0].name].reshape(steps, obs_width).astype(np.float32, copy=False)
     first_act = acts[act_specs[0].name].reshape(steps, act_width).astype(np.float32, copy=False)
     return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
@@ -186,6 +187,7 @@ class Ingestor:
         self._c_received = {t: m.received_steps.labels(j, t) for t in tasks}
         self._c_inter = {t: m.intervention_steps.labels(j, t) for t in tasks}
         self._actor_series: set[str] = set()   # actors with a live fleetloop_learner_actor_policy_version series
+        self._g_actor: dict = {}                # actor -> its resolved version gauge child (a labels() lookup per chunk costs)
         self._c_evicted = {r: m.dropped_samples.labels(j, r) for r in ("evicted", "evicted_unsampled", "evicted_ineligible")}
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
@@ -226,6 +228,7 @@ class Ingestor:
             gone = [a for a in self._actor_series if now - self.actor_stats[a].last_seen > ttl_s]
             for actor in gone:
                 self._actor_series.discard(actor)
+                self._g_actor.pop(actor, None)
                 try:
                     self.m.actor_version.remove(self.job_id, actor)
                 except KeyError:
@@ -291,8 +294,11 @@ class Ingestor:
         at.version, at.last_seen, at.task = c.behavior_version, now, c.task_id
         at.steps += c.steps
         at.intervention_steps += n_inter
-        self.m.actor_version.labels(self.job_id, c.actor_id).set(c.behavior_version)
-        self._actor_series.add(c.actor_id)
+        gauge = self._g_actor.get(c.actor_id)
+        if gauge is None or c.actor_id not in self._actor_series:  # new, or its series was forgotten (idle)
+            gauge = self._g_actor[c.actor_id] = self.m.actor_version.labels(self.job_id, c.actor_id)
+            self._actor_series.add(c.actor_id)
+        gauge.set(c.behavior_version)
         if c.outcome is not None:
             self._open.pop(c.episode_id, None)
             tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1

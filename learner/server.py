@@ -188,7 +188,8 @@ class LearnerServicer:
                         if not self.llm and chunk.HasField("group"):
                             raise InvalidArgument("chunk carries a CompletionGroup; this job trains a robot policy, not an "
                                                   "LLM", field="group", value=chunk.group.prompt_id[:64])
-                        duplicate = self.core.ingestor.ingest(chunk, len(raw), self.core.version, raw=raw)
+                        version = self.core.version  # read once per chunk (the weight store scans its index)
+                        duplicate = self.core.ingestor.ingest(chunk, len(raw), version, raw=raw)
                 except FleetloopError as exc:
                     m.rejected.labels(job, _reason(exc)).inc()
                     event(log, "chunk_rejected", level=30, job=job, actor=lease.actor or "?", error=str(exc)[:300])
@@ -199,7 +200,7 @@ class LearnerServicer:
                     context.abort(grpc.StatusCode.INTERNAL, f"internal error storing a chunk of actor {lease.actor!r}: "
                                                             f"{type(exc).__name__}: {str(exc)[:200]}")
                 yield pb.Ack(episode_id=chunk.episode_id, seq=chunk.seq, duplicate=duplicate,
-                             learner_version=max(self.core.version, 0), backoff_ms=self.core.backoff_ms(chunk.actor_id))
+                             learner_version=max(version, 0), backoff_ms=self.core.backoff_ms(chunk.actor_id))
                 lease.touch()
         except grpc.RpcError:  # ended by the peer or by the stream guard: nobody to answer
             return

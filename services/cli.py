@@ -143,11 +143,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["overall"]["duplicates_stored"] == 0 else 1
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.runner import run_bench
-    return run_bench(args)
-
-
 def _cmd_bench_load(args: argparse.Namespace) -> int:
     from bench.load import main
     return main(args)
@@ -266,12 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
-    bi = bsub.add_parser("ingest", help="ingest throughput vs raw gRPC of the same bytes")
-    bi.add_argument("--actors", default="1,4", help="comma-separated actor counts")
-    bi.add_argument("--seconds", type=float, default=5.0, help="measurement time per configuration")
-    bi.add_argument("--chunk-steps", type=int, default=50)
-    bi.add_argument("--out", required=True)
-    bi.set_defaults(func=_cmd_bench)
     bl = bsub.add_parser("load", help="a fleet of lightweight actors against one learner: errors, ack latency, RSS, "
                                       "ingest rate, vs raw gRPC")
     bl.add_argument("--actors", type=int, default=200, help="lightweight actors (one stream and connection each)")

@@ -16,6 +16,18 @@ from tests.fuzz.record import ROOT, RECORD
 
 pytest.importorskip("atheris")
 RUNS = 20_000
+RSS_BUDGET_MB = 1024
+
+
+def _rss_limit_mb() -> int:
+    """libFuzzer's -rss_limit_mb for the child: its budget above this process's peak RSS.
+
+    libFuzzer checks getrusage's peak RSS, and Linux carries the peak across fork and exec, so a
+    child started from a pytest that has grown to 2.2 GB (torch, Ray, earlier tests) reports 2.2 GB
+    before its first input: a fixed 1024 MB limit failed at random with "out-of-memory"."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + RSS_BUDGET_MB
 
 
 @pytest.mark.timeout(240)
@@ -25,7 +37,7 @@ def test_atheris_chunk_decoder(mode, tmp_path):
     corpus.mkdir()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.atheris_chunks", str(counts), mode, f"-runs={RUNS}", "-seed=7",
-                             "-max_len=4096", "-rss_limit_mb=1024", str(corpus)],
+                             "-max_len=4096", f"-rss_limit_mb={_rss_limit_mb()}", str(corpus)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=200)

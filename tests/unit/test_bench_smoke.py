@@ -12,7 +12,6 @@ import math
 
 import pytest
 
-from bench.runner import run_bench
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,17 +31,31 @@ def _check_common(doc: dict, bench: str) -> None:
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (row["metric"], key, value)
 
 
+def _ingest_args(tmp_path, **over) -> argparse.Namespace:
+    from bench.ingest import IngestConfig
+
+    base = {name: field.default for name, field in IngestConfig.model_fields.items()}
+    base.update(actors="1", seconds=0.6, slices=1, warmup_s=0.3, profile_seconds=0.0, processes=1, episode_steps=32,
+                out=str(tmp_path / "nested" / "ingest.json"))
+    return argparse.Namespace(**(base | over))
+
+
+@pytest.mark.timeout(300)
 def test_ingest_smoke(tmp_path, capsys):
-    out = tmp_path / "nested" / "ingest.json"
-    args = argparse.Namespace(bench_cmd="ingest", actors="1", seconds=1.0, chunk_steps=50, out=str(out))
-    assert run_bench(args) == 0
-    doc = json.loads(out.read_text())
+    """Every payload (state, raw images, JPEG images, LLM groups) through the real learner and raw gRPC:
+    each run stored data on both paths, no actor had a chunk rejected, figures beside baselines."""
+    from bench.ingest import main
+
+    args = _ingest_args(tmp_path, payload="state,images,images-compressed,llm")
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "nested" / "ingest.json").read_text())
     _check_common(doc, "ingest")
-    assert doc["config"]["actors"] == [1] and doc["config"]["chunk_steps"] == 50
-    (run,) = doc["runs"]
-    assert run["fleetloop"]["steps"] > 0 and run["raw_grpc"]["messages"] > 0
-    assert all(a.get("rejected", 0) == 0 and "error" not in a for a in run["fleetloop"]["actors"])
-    assert run["ratio"]["steps_per_s"] > 0
+    assert doc["config"]["actors"] == "1"
+    assert [r["payload"] for r in doc["runs"]] == ["state", "images", "images-compressed", "llm"]
+    for run in doc["runs"]:
+        assert run["fleetloop"]["steps"] > 0 and run["raw_grpc"]["messages"] > 0, run["payload"]
+        assert all(a.get("rejected", 0) == 0 and "error" not in a for a in run["fleetloop"]["actors"]), run["payload"]
+        assert run["ratio"]["steps_per_s"] > 0
     assert "steps/s" in capsys.readouterr().out
 
 
@@ -83,10 +96,14 @@ def test_weights_bad_arguments_return_2(tmp_path):
     assert not (tmp_path / "w.json").exists()
 
 
-def test_bad_arguments_return_2(tmp_path):
-    args = argparse.Namespace(bench_cmd="ingest", actors="0", seconds=1.0, chunk_steps=50, out=str(tmp_path / "x.json"))
-    assert run_bench(args) == 2
-    assert not (tmp_path / "x.json").exists()
+def test_ingest_bad_arguments_return_2(tmp_path, capsys):
+    from bench.ingest import main
+
+    for bad, flag in ((dict(actors="0"), "--actors"), (dict(payload="video"), "--payload"), (dict(seconds=-1.0), "--seconds"),
+                      (dict(image_codec="gif"), "--image-codec")):
+        assert main(_ingest_args(tmp_path, **bad)) == 2, bad
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "nested" / "ingest.json").exists()
 
 
 # -- fleetloop bench load ------------------------------------------------------------------------------
