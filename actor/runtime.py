@@ -64,36 +64,93 @@ def _np_dtype(spec) -> np.dtype:
     return _DTYPES.get(int(spec.dtype), np.dtype("<f4"))
 
 
+class _Rows:
+    """One chunk's rows of the tensors of ``specs``, preallocated as ``[chunk_steps, *spec.shape]``
+    arrays in the spec's dtype and reused chunk after chunk (a step is one row write, not a list
+    entry np.stack'ed at the seal). A value whose shape differs from its spec, or whose dtype does
+    not cast to the spec's within its kind (float64 -> float32 does; float -> uint8 does not), is
+    refused with InvalidArgument naming ``<what>[<name>]`` before anything is written."""
+
+    def __init__(self, specs, capacity: int, what: str) -> None:
+        self.specs, self.what = list(specs), what
+        self.shapes = {s.name: tuple(int(d) for d in s.shape) for s in self.specs}
+        self.arrays = {s.name: np.empty((capacity, *self.shapes[s.name]), dtype=_np_dtype(s)) for s in self.specs}
+        first = self.specs[0].name if len(self.specs) == 1 else None
+        self._single = (first, self.shapes[first], self.arrays[first]) if first is not None else None
+
+    def put(self, i: int, value) -> None:
+        """Write step ``i``: a mapping by spec name, or (one spec only) its array."""
+        if type(value) is np.ndarray and self._single is not None:  # the common case, kept cheap (~1 us)
+            name, shape, target = self._single
+            if value.shape == shape and value.dtype == target.dtype:
+                target[i] = value
+                return
+            target[i] = self._checked(name, value)
+            return
+        if isinstance(value, Mapping):
+            items = [(s.name, value[s.name]) for s in self.specs]
+        elif len(self.specs) == 1:
+            items = [(self.specs[0].name, value)]
+        else:
+            raise InvalidArgument(f"{self.what} is one array but the job declares {len(self.specs)} {self.what} tensors "
+                                  f"({[s.name for s in self.specs]}); pass a mapping by name", field=self.what,
+                                  value=type(value).__name__)
+        checked = [(name, self._checked(name, v)) for name, v in items]
+        for name, arr in checked:
+            self.arrays[name][i] = arr
+
+    def views(self, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` rows of each tensor (views: encode them before the next chunk reuses the rows)."""
+        return {name: arr[:n] for name, arr in self.arrays.items()} if n else {}
+
+
 class EpisodeRecorder:
-    """Records one episode's steps and spools them in chunks of ``chunk_steps``."""
+    """Records one episode's steps and spools them in chunks.
+
+    A chunk is sealed (encoded, spooled, handed to the sender) when it holds ``chunk_steps`` steps,
+    or when ``max_chunk_wait_s`` (RunConfig; 0 = no limit) has passed since its first step, and at
+    the episode's end. The seal happens when the next step is recorded (or at ``end``), so the end
+    chunk always carries steps unless the episode had none; a step therefore waits at most
+    ``min((chunk_steps - 1) / hz, max_chunk_wait_s)`` plus one step period before it is sent.
+    """
 
     def __init__(self, client: "FleetClient", task_id: str, episode_id: str, version: int) -> None:
         self.client, self.task_id, self.episode_id, self.version = client, task_id, episode_id, version
         self.chunk_steps = client.run_config.chunk_steps
+        self.max_chunk_wait_s = float(getattr(client.run_config, "max_chunk_wait_s", 0.0) or 0.0)
         self.seq = 0
         self.steps = 0
         self.intervention_steps = 0
         self.total_reward = 0.0
-        self._buf: dict[str, list] = {"obs": [], "act": [], "rew": [], "int": []}
+        self._obs = _Rows(client.observation_specs, self.chunk_steps, "obs")
+        self._act = _Rows(client.action_specs, self.chunk_steps, "action")
+        self._rew = np.empty(self.chunk_steps, np.float32)
+        self._int = np.empty(self.chunk_steps, np.bool_)
+        self._n = 0                 # steps in the chunk being recorded
         self._first_step = 0
-        self._t_first = 0.0
+        self._t_first = 0.0         # wall clock of the chunk's first step (produced_at)
+        self._t_first_mono = 0.0
         self._spooled_reward = 0.0  # reward of the steps already in the spool (for an abort after a crash)
         self.closed = False
 
     def record(self, obs: np.ndarray | Mapping[str, np.ndarray], action: np.ndarray | Mapping[str, np.ndarray],
                reward: float, intervened: bool) -> None:
         """Add one step: the observation the action was chosen on, the action executed, the reward
-        received, and whether the operator (not the policy) chose it."""
+        received, and whether the operator (not the policy) chose it. InvalidArgument (nothing
+        recorded) when a tensor does not match its spec."""
         if self.closed:
             raise InvalidArgument(f"episode {self.episode_id} is already closed", field="episode_id", value=self.episode_id)
-        if len(self._buf["rew"]) >= self.chunk_steps:  # flush lazily so the last chunk always has steps
+        if self._n >= self.chunk_steps or (self._n and self.max_chunk_wait_s
+                                           and time.monotonic() - self._t_first_mono >= self.max_chunk_wait_s):
             self._flush(end=None)
-        if not self._buf["rew"]:
-            self._t_first = time.time()
-        self._buf["obs"].append(obs)
-        self._buf["act"].append(action)
-        self._buf["rew"].append(float(reward))
-        self._buf["int"].append(bool(intervened))
+        i = self._n
+        self._obs.put(i, obs)      # both checked before the step counts
+        self._act.put(i, action)
+        if i == 0:
+            self._t_first, self._t_first_mono = time.time(), time.monotonic()
+        self._rew[i] = reward
+        self._int[i] = bool(intervened)
+        self._n = i + 1
         self.steps += 1
         self.intervention_steps += int(bool(intervened))
         self.total_reward += float(reward)
@@ -108,36 +165,29 @@ class EpisodeRecorder:
         self.closed = True
         self.client._episode_closed(self, outcome)
 
-    def _stack(self, items: list, specs) -> dict[str, np.ndarray]:
-        if isinstance(items[0], Mapping):
-            return {s.name: np.stack([np.asarray(i[s.name]) for i in items]) for s in specs}
-        return {specs[0].name: np.stack([np.asarray(i) for i in items])}
-
     def _flush(self, end: pb.EpisodeEnd | None) -> None:
-        n = len(self._buf["rew"])
+        n = self._n
         if n == 0 and end is None:
             return
         chunk = pb.EpisodeChunk(job_id=self.client.job_id, actor_id=self.client.actor_id, episode_id=self.episode_id,
                                 seq=self.seq, task_id=self.task_id, behavior_version=self.version,
-                                first_step=self._first_step, produced_at=self._t_first or time.time())
-        obs_specs, act_specs = self.client.observation_specs, self.client.action_specs
-        for specs, items, target in ((obs_specs, self._buf["obs"], chunk.observations), (act_specs, self._buf["act"], chunk.actions)):
+                                first_step=self._first_step, produced_at=self._t_first if n else time.time())
+        for rows, target in ((self._obs, chunk.observations), (self._act, chunk.actions)):
             if n:
-                arrays = self._stack(items, specs)
-                for name, arr in arrays.items():
-                    encode(arr.astype(np.float32, copy=False) if arr.dtype == np.float64 else arr, target[name])
+                for name, arr in rows.views(n).items():
+                    encode(arr, target[name])
             else:  # an episode ended before any step: empty tensors, still well-formed
-                _empty_tensors(specs, target)
-        encode(np.asarray(self._buf["rew"], np.float32), chunk.rewards)
-        encode(np.asarray(self._buf["int"], np.bool_), chunk.interventions)
+                _empty_tensors(rows.specs, target)
+        encode(self._rew[:n], chunk.rewards)
+        encode(self._int[:n], chunk.interventions)
         if end is not None:
             chunk.end.CopyFrom(end)
         spool = self.client.spool
         spool.put(self.episode_id, self.seq, chunk.SerializeToString())
         self.seq += 1
         self._first_step += n
-        self._spooled_reward += float(sum(self._buf["rew"]))
-        self._buf = {"obs": [], "act": [], "rew": [], "int": []}
+        self._spooled_reward += float(self._rew[:n].sum(dtype=np.float64))
+        self._n = 0
         if not hasattr(spool, "mark_open"):  # a bare capture of chunks (benchmarks): no crash recovery to prepare
             return
         if end is not None:

@@ -233,17 +233,19 @@ def child_setup(hard_deadline_s: float) -> Lifeline:
 
 
 # -- the learner, in this process -----------------------------------------------------------------
-def start_learner_in_process(state_dir: Path, chunk_steps: int = 50):
+def start_learner_in_process(state_dir: Path, chunk_steps: int = 50, max_chunk_wait_s: float | None = None):
     """The real learner (``_RayLearnerImpl``: LearnerCore + gRPC server + training thread, no Ray)
     on a free loopback port, with the Meta-World default specs and training kept idle:
     ``min_online_steps=10**12`` makes ``train_step`` return at once after a buffer-size check under
-    the ingest lock, and ``max_updates_per_s=0.1`` makes the loop sleep ~10 s between such checks."""
+    the ingest lock, and ``max_updates_per_s=0.1`` makes the loop sleep ~10 s between such checks.
+    ``max_chunk_wait_s`` None: the learner's default."""
     from learner.config import LearnerConfig
     from learner.ray_learner import _RayLearnerImpl
 
     cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
                         chunk_steps=chunk_steps, max_episode_steps=EPISODE_STEPS, min_online_steps=10 ** 12,
-                        max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu")
+                        max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu",
+                        **({} if max_chunk_wait_s is None else {"max_chunk_wait_s": max_chunk_wait_s}))
     return _RayLearnerImpl(cfg.model_dump_json())
 
 

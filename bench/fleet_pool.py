@@ -116,6 +116,7 @@ def _run_raw(idx: int, cmd: dict[str, Any], life) -> dict[str, Any]:
     from bench.common import RAW_INGEST, raw_channel
 
     body, chunk, hz = cmd["body"], int(cmd["chunk_steps"]), float(cmd["hz"])
+    max_wait = float(cmd.get("max_chunk_wait_s") or 0.0)  # seal like EpisodeRecorder's time cap (same bytes per message)
     channel = raw_channel(cmd["target"])
     import grpc
 
@@ -160,7 +161,7 @@ def _run_raw(idx: int, cmd: dict[str, Any], life) -> dict[str, Any]:
             time.sleep(wait)
         next_due += dt
         pending.append(time.time())
-        if len(pending) == chunk:
+        if len(pending) == chunk or (max_wait and time.time() - pending[0] >= max_wait):
             step_times.append(pending)
             pending = []
             outbox.put(body)

@@ -70,6 +70,11 @@ class LearnerConfig(BaseModel):
     keep_versions: int = Field(8, ge=2, description="Weight versions kept in memory for fetches (older ones served from disk).")
     online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
     chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per experience chunk asked of actors.")
+    max_chunk_wait_s: float = Field(0.5, ge=0.0, le=3600.0,
+                                    description="Longest an actor holds a chunk open, seconds from its first step; a "
+                                                "chunk is sealed at chunk_steps steps or after this long, whichever "
+                                                "comes first (0: no time limit). Bounds step -> trainable latency: "
+                                                "at 30 Hz, 50-step chunks alone would hold a step up to 1.6 s.")
     max_episode_steps: int = Field(200, ge=1, description="Episode step limit (TIMEOUT past it).")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted (and sent).")
     weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")

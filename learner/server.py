@@ -149,6 +149,7 @@ class LearnerServicer:
         else:
             run = pb.RunConfig(policy_factory=self.cfg.policy_factory, policy_kwargs_json=json.dumps(self.cfg.policy_kwargs),
                                task_ids=self.cfg.tasks, chunk_steps=self.cfg.chunk_steps,
+                               max_chunk_wait_s=self.cfg.max_chunk_wait_s,
                                max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
                                algorithm=self.cfg.algorithm, inference_json=self._inference_json())
         return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=run,

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from fleetloop.errors import FleetloopError, InvalidArgument, NotFound
 
 #: Largest positive log-prob accepted (float32 rounding of log(1) may come out slightly above 0).
@@ -91,15 +93,18 @@ def _check_tokens(ids, name: str, vocab_size: int, limit: int, limit_name: str) 
 
 
 def _check_logprobs(values, n_tokens: int, name: str) -> list[float]:
-    out = list(values)
-    if len(out) != n_tokens:
-        raise InvalidArgument(f"{name} has {len(out)} values for {n_tokens} token_ids (must be equal)", field=name,
-                              value=len(out))
-    for i, v in enumerate(out):
-        if not math.isfinite(v) or v > LOGPROB_TOL:
-            raise InvalidArgument(f"{name}[{i}] = {v} is not a log-probability (finite, <= 0)", field=f"{name}[{i}]",
-                                  value=v)
-    return [min(v, 0.0) for v in out]
+    """The log-probs as floats clipped to <= 0; InvalidArgument naming the first bad index otherwise.
+    One vectorised check (a per-value Python loop was 30% of the learner's ingest CPU per group)."""
+    n = len(values)
+    if n != n_tokens:
+        raise InvalidArgument(f"{name} has {n} values for {n_tokens} token_ids (must be equal)", field=name, value=n)
+    arr = np.fromiter(values, dtype=np.float64, count=n)
+    bad = ~np.isfinite(arr) | (arr > LOGPROB_TOL)
+    if bad.any():
+        i = int(np.argmax(bad))
+        v = float(arr[i])
+        raise InvalidArgument(f"{name}[{i}] = {v} is not a log-probability (finite, <= 0)", field=f"{name}[{i}]", value=v)
+    return np.minimum(arr, 0.0).tolist()
 
 
 def validate_group(chunk, *, job_id: str, task_ids: set[str] | frozenset[str], group_size: int, vocab_size: int,

@@ -1,0 +1,142 @@
+"""EpisodeRecorder: chunking (full chunks, the time cap max_chunk_wait_s, the end chunk), the
+preallocated rows (values survive reuse across chunks) and refusals of steps that do not match the
+job's specs (nothing recorded). A real disk Spool; the chunks are parsed back and checked with the
+learner's own validation."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from actor.runtime import EpisodeRecorder
+from actor.spool import Spool
+from fleetloop.codec import make_spec
+from fleetloop.errors import InvalidArgument
+from fleetloop.v1 import fleetloop_pb2 as pb
+from learner.ingest import validate
+
+JOB, TASK = "job-rec", "reach-v3"
+
+
+def _client(tmp_path, chunk_steps: int, max_wait: float = 0.0, images: bool = False):
+    obs = [make_spec("state", "float32", [3])]
+    if images:
+        obs.append(make_spec("cam", "uint8", [2, 2, 3]))
+    act = [make_spec("action", "float32", [2], [-1.0, -1.0], [1.0, 1.0])]
+    closed = []
+    client = SimpleNamespace(job_id=JOB, actor_id="a-1", observation_specs=obs, action_specs=act,
+                             run_config=pb.RunConfig(chunk_steps=chunk_steps, task_ids=[TASK], max_chunk_wait_s=max_wait),
+                             spool=Spool(tmp_path / "spool"), _episode_closed=lambda rec, outcome: closed.append(outcome))
+    return client, closed
+
+
+def _chunks(client) -> list:
+    out = []
+    entry = client.spool.next_after(-1, 0.0)
+    while entry is not None:
+        chunk = pb.EpisodeChunk()
+        chunk.ParseFromString(entry.raw)
+        out.append(chunk)
+        entry = client.spool.next_after(entry.counter, 0.0)
+    return out
+
+
+def _validated(client, chunk):
+    return validate(chunk, JOB, {TASK}, client.observation_specs, client.action_specs, 0)
+
+
+def test_full_chunks_then_end_chunk_carry_every_step_in_order(tmp_path):
+    client, closed = _client(tmp_path, chunk_steps=4)
+    rec = EpisodeRecorder(client, TASK, "ep-1", 0)
+    for t in range(10):
+        rec.record(np.full(3, t, np.float64), np.array([t / 10, -t / 10]), float(t), intervened=t % 3 == 0)
+    rec.end("success")
+    chunks = _chunks(client)
+    assert [len(c.rewards.data) // 4 for c in chunks] == [4, 4, 2]  # the end chunk carries the last steps
+    assert [c.seq for c in chunks] == [0, 1, 2] and [c.first_step for c in chunks] == [0, 4, 8]
+    decoded = [_validated(client, c) for c in chunks]
+    obs = np.concatenate([d.obs for d in decoded])
+    assert obs.dtype == np.float32 and obs[:, 0].tolist() == list(range(10))  # rows reused, values intact
+    assert np.concatenate([d.rewards for d in decoded]).tolist() == list(range(10))
+    assert np.concatenate([d.interventions for d in decoded]).tolist() == [t % 3 == 0 for t in range(10)]
+    assert chunks[-1].end.outcome == pb.SUCCESS and chunks[-1].end.length == 10 and closed == ["success"]
+    assert client.spool.open_episodes() == []  # the end chunk cleared the open-episode marker
+
+
+def test_time_cap_seals_a_partial_chunk_at_the_next_step(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=50, max_wait=0.05)
+    rec = EpisodeRecorder(client, TASK, "ep-2", 0)
+    rec.record(np.zeros(3), np.zeros(2), 0.0, False)
+    rec.record(np.zeros(3), np.zeros(2), 0.0, False)
+    assert _chunks(client) == []  # within the cap: nothing sealed yet
+    time.sleep(0.06)
+    rec.record(np.ones(3), np.zeros(2), 1.0, False)  # past the cap: the first two steps are sealed
+    chunks = _chunks(client)
+    assert len(chunks) == 1 and len(chunks[0].rewards.data) // 4 == 2 and not chunks[0].HasField("end")
+    assert client.spool.open_episodes()[0]["next_seq"] == 1
+    rec.end("timeout")
+    chunks = _chunks(client)
+    assert [len(c.rewards.data) // 4 for c in chunks] == [2, 1] and chunks[1].first_step == 2
+
+
+def test_no_time_cap_when_zero(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=3, max_wait=0.0)
+    rec = EpisodeRecorder(client, TASK, "ep-3", 0)
+    rec.record(np.zeros(3), np.zeros(2), 0.0, False)
+    time.sleep(0.02)
+    rec.record(np.zeros(3), np.zeros(2), 0.0, False)
+    assert _chunks(client) == []
+
+
+def test_episode_without_steps_sends_one_empty_end_chunk(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=4, images=True)
+    rec = EpisodeRecorder(client, TASK, "ep-4", 0)
+    rec.end("aborted")
+    (chunk,) = _chunks(client)
+    assert chunk.end.outcome == pb.ABORTED and _validated(client, chunk).steps == 0
+
+
+def test_mapping_observations_with_images(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=2, images=True)
+    rec = EpisodeRecorder(client, TASK, "ep-5", 0)
+    for t in range(3):
+        rec.record({"state": np.full(3, t, np.float32), "cam": np.full((2, 2, 3), t, np.uint8)}, np.zeros(2), 0.0, False)
+    rec.end("failure")
+    cams = [np.frombuffer(c.observations["cam"].data, np.uint8).reshape(-1, 2, 2, 3) for c in _chunks(client)]
+    assert [int(c[i, 0, 0, 0]) for c in cams for i in range(len(c))] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("obs, action, field, value", [
+    (np.zeros(4), np.zeros(2), "obs[state]", [4]),                          # wrong shape (never broadcast)
+    (np.zeros(3), np.zeros((1, 2)), "action[action]", [1, 2]),
+    (np.zeros(3, dtype=np.complex64), np.zeros(2), "obs[state]", "complex64"),  # does not cast within its kind
+])
+def test_step_not_matching_its_spec_is_refused_and_not_recorded(tmp_path, obs, action, field, value):
+    client, _ = _client(tmp_path, chunk_steps=2)
+    rec = EpisodeRecorder(client, TASK, "ep-6", 0)
+    rec.record(np.zeros(3), np.zeros(2), 1.0, False)
+    with pytest.raises(InvalidArgument) as err:
+        rec.record(obs, action, 5.0, False)
+    assert err.value.field == field and err.value.value == value
+    assert rec.steps == 1 and rec.total_reward == 1.0
+    rec.end("timeout")
+    assert [len(c.rewards.data) // 4 for c in _chunks(client)] == [1]
+
+
+def test_uint8_spec_refuses_float_images(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=2, images=True)
+    rec = EpisodeRecorder(client, TASK, "ep-7", 0)
+    with pytest.raises(InvalidArgument) as err:
+        rec.record({"state": np.zeros(3), "cam": np.zeros((2, 2, 3))}, np.zeros(2), 0.0, False)
+    assert err.value.field == "obs[cam]" and err.value.value == "float64"
+
+
+def test_one_array_for_several_observation_tensors_is_refused(tmp_path):
+    client, _ = _client(tmp_path, chunk_steps=2, images=True)
+    rec = EpisodeRecorder(client, TASK, "ep-8", 0)
+    with pytest.raises(InvalidArgument) as err:
+        rec.record(np.zeros(3), np.zeros(2), 0.0, False)
+    assert err.value.field == "obs" and "pass a mapping" in str(err.value)
