@@ -99,6 +99,17 @@ class _Rows:
         for name, arr in checked:
             self.arrays[name][i] = arr
 
+    def _checked(self, name: str, value) -> np.ndarray:
+        arr = np.asarray(value)
+        target = self.arrays[name]
+        if arr.shape != self.shapes[name]:
+            raise InvalidArgument(f"{self.what}[{name!r}] has shape {list(arr.shape)}; its spec says "
+                                  f"{list(self.shapes[name])}", field=f"{self.what}[{name}]", value=list(arr.shape))
+        if arr.dtype != target.dtype and not np.can_cast(arr.dtype, target.dtype, "same_kind"):
+            raise InvalidArgument(f"{self.what}[{name!r}] is {arr.dtype}; its spec says {target.dtype}",
+                                  field=f"{self.what}[{name}]", value=str(arr.dtype))
+        return arr
+
     def views(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of each tensor (views: encode them before the next chunk reuses the rows)."""
         return {name: arr[:n] for name, arr in self.arrays.items()} if n else {}
