@@ -183,10 +183,14 @@ class EpisodeRecorder:
         chunk = pb.EpisodeChunk(job_id=self.client.job_id, actor_id=self.client.actor_id, episode_id=self.episode_id,
                                 seq=self.seq, task_id=self.task_id, behavior_version=self.version,
                                 first_step=self._first_step, produced_at=self._t_first if n else time.time())
+        images = getattr(self.client, "image_encoding", None) or {}
         for rows, target in ((self._obs, chunk.observations), (self._act, chunk.actions)):
             if n:
                 for name, arr in rows.views(n).items():
-                    encode(arr, target[name])
+                    if rows is self._obs and name in images:
+                        encode(arr, target[name], encoding=images[name], quality=self.client.jpeg_quality)
+                    else:
+                        encode(arr, target[name])
             else:  # an episode ended before any step: empty tensors, still well-formed
                 _empty_tensors(rows.specs, target)
         encode(self._rew[:n], chunk.rewards)
@@ -208,6 +212,30 @@ class EpisodeRecorder:
                                               "task_id": self.task_id, "behavior_version": self.version,
                                               "next_seq": self.seq, "first_step": self._first_step,
                                               "total_reward": self._spooled_reward})
+
+
+def _check_image_encoding(encodings: Mapping[str, str], obs_specs: Sequence, quality: int) -> dict[str, str]:
+    """The validated ``image_encoding`` of :class:`FleetClient` (see there)."""
+    from fleetloop import image_codec
+
+    by_name = {s.name: s for s in obs_specs}
+    out = {}
+    for name, enc in encodings.items():
+        field = f"image_encoding[{name}]"
+        if name not in by_name:
+            raise InvalidArgument(f"{field}: no observation tensor {name!r} (this actor declares {sorted(by_name)})",
+                                  field=field, value=name)
+        code = image_codec.encoding_code(enc)
+        if code == image_codec.RAW:
+            continue
+        spec = by_name[name]
+        if int(spec.dtype) != image_codec.UINT8:
+            raise InvalidArgument(f"{field}: {enc} needs a uint8 tensor; {name!r} is not", field=field, value=int(spec.dtype))
+        image_codec.check_image_layout([int(d) for d in spec.shape], code, field)
+        out[name] = str(enc).lower()
+    if out and not 1 <= int(quality) <= 95:
+        raise InvalidArgument(f"jpeg_quality {quality} must be in 1..95", field="jpeg_quality", value=quality)
+    return out
 
 
 def _empty_tensors(specs, target) -> None:
@@ -268,9 +296,17 @@ class FleetClient:
                  tasks: Sequence[str], credential: str | None = None, spool_dir: str | None = None,
                  capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float | None = 120.0,
                  send_experience: bool = True, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None, abort_interrupted: bool = False) -> None:
+                 tls_key_file: str | None = None, abort_interrupted: bool = False,
+                 image_encoding: Mapping[str, str] | None = None, jpeg_quality: int = 90) -> None:
+        """``image_encoding``: observation name -> 'jpeg' (lossy, ``jpeg_quality`` 1..95) or 'png'
+        (lossless) for uint8 [..., H, W, C] camera tensors, compressed per frame on this actor before
+        they are spooled and sent (``Tensor.encoding``; the learner decodes and checks every frame).
+        InvalidArgument naming ``image_encoding[name]`` for an unknown name, a non-uint8 or non-image
+        spec, or an unknown encoding."""
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
+        self.image_encoding = _check_image_encoding(image_encoding or {}, self.observation_specs, jpeg_quality)
+        self.jpeg_quality = int(jpeg_quality)
         self.tasks, self.credential = list(tasks), credential
         self.capabilities = dict(capabilities or {})
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience

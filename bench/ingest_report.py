@@ -146,9 +146,11 @@ def build_document(cfg, specs: list[PayloadSpec], runs: list[dict[str, Any]], ma
                      f"(Tensor.encoding); the learner decodes and checks every frame. Frames are encoded once per actor "
                      f"(a camera or hardware encoder delivering {image.images.upper()}); encoding on this CPU would cost "
                      f"{codec['encode_ms_per_frame']:.2f} ms per frame, decoding {codec['decode_ms_per_frame']:.2f} ms, "
-                     f"compression {codec['compression_ratio']:.1f}x. The actor runtime's EpisodeRecorder has no "
-                     f"per-tensor encoding option yet, so these chunks are built by bench.payloads._record_encoded "
-                     f"(the same fields, spool and open-episode markers) and shipped by the real Sender")
+                     f"compression {codec['compression_ratio']:.1f}x. An actor that encodes on its own CPU uses "
+                     f"FleetClient(image_encoding={{name: 'jpeg'}}) (EpisodeRecorder compresses per chunk); the bench "
+                     f"models cameras that deliver encoded frames, so its chunks are built by "
+                     f"bench.payloads._record_encoded (the same fields, spool and open-episode markers) and shipped by "
+                     f"the real Sender")
     if any(not s.robot for s in specs):
         notes.append(f"llm: GRPO groups of {LLM_GROUP_SIZE} completions x {LLM_COMPLETION_TOKENS} tokens (+ log-probs, "
                      f"text), {LLM_PROMPT_TOKENS}-token prompts, 'tiny' model vocabulary; each group under a real admission "

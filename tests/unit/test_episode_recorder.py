@@ -140,3 +140,40 @@ def test_one_array_for_several_observation_tensors_is_refused(tmp_path):
     with pytest.raises(InvalidArgument) as err:
         rec.record(np.zeros(3), np.zeros(2), 0.0, False)
     assert err.value.field == "obs" and "pass a mapping" in str(err.value)
+
+
+@pytest.mark.parametrize("codec", ["png", "jpeg"])
+def test_image_encoding_compresses_camera_frames_and_the_learner_decodes_them(tmp_path, codec):
+    from actor.runtime import _check_image_encoding
+
+    client, _ = _client(tmp_path, chunk_steps=2, images=True)
+    client.image_encoding, client.jpeg_quality = _check_image_encoding({"cam": codec}, client.observation_specs, 90), 90
+    rec = EpisodeRecorder(client, TASK, "ep-9", 0)
+    frames = [np.full((2, 2, 3), 40 * t, np.uint8) for t in range(3)]
+    for t, f in enumerate(frames):
+        rec.record({"state": np.zeros(3, np.float32), "cam": f}, np.zeros(2), 0.0, False)
+    rec.end("success")
+    chunks = _chunks(client)
+    cam = chunks[0].observations["cam"]
+    assert cam.encoding == (pb.ENCODING_PNG if codec == "png" else pb.ENCODING_JPEG) and len(cam.frames) == 2
+    assert not cam.data and list(cam.shape) == [2, 2, 2, 3]  # T=2 frames of 2x2 RGB
+    for c in chunks:
+        assert _validated(client, c).steps in (1, 2)  # the learner's validation decodes every frame
+    from fleetloop.codec import decode
+
+    got = np.concatenate([decode(c.observations["cam"]) for c in chunks])
+    if codec == "png":  # lossless
+        assert np.array_equal(got, np.stack(frames))
+    else:
+        assert np.abs(got.astype(int) - np.stack(frames).astype(int)).max() <= 8
+
+
+@pytest.mark.parametrize("enc, field", [({"nope": "jpeg"}, "image_encoding[nope]"), ({"state": "jpeg"}, "image_encoding[state]"),
+                                        ({"cam": "gif"}, "encoding")])
+def test_image_encoding_refuses_what_it_cannot_encode(enc, field):
+    from actor.runtime import _check_image_encoding
+
+    obs = [make_spec("state", "float32", [3]), make_spec("cam", "uint8", [2, 2, 3])]
+    with pytest.raises(InvalidArgument) as err:
+        _check_image_encoding(enc, obs, 90)
+    assert err.value.field == field
