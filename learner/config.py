@@ -88,8 +88,10 @@ class LearnerConfig(BaseModel):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(None, description="With TLS: also require client certificates signed by this CA (mTLS).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
-    grpc_workers: int = Field(64, ge=4, le=1024, description="gRPC server thread pool (each open stream holds one thread; "
-                              "max_streams and max_subscriptions keep threads free for handshakes and weight fetches).")
+    grpc_workers: int = Field(136, ge=4, le=1024, description="gRPC server thread pool (each open stream holds one thread; "
+                              "max_streams and max_subscriptions keep threads free for handshakes and weight fetches). "
+                              "The default serves 64 robots at once (one experience stream and one weight subscription "
+                              "each); the 65th is told RESOURCE_EXHAUSTED and retries. Raise it for a larger fleet.")
     max_streams: int | None = Field(
         None, ge=1, le=1024, description="Cap on concurrent StreamExperience streams, below the thread pool so stalled or idle "
         "actors can never take every thread. Extra streams are refused with RESOURCE_EXHAUSTED naming the cap and a "

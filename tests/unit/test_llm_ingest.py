@@ -213,7 +213,7 @@ def test_config_shorthand_and_shared_fields():
 @pytest.mark.parametrize("kwargs, words", [
     ({"tasks": ["arith", "arith"]}, "unique"),
     ({"max_backoff_ms": 70_000}, "stream_idle_timeout_s"),              # LearnerConfig's rule, shared
-    ({"max_streams": 40, "max_subscriptions": 30}, "grpc_workers"),     # LearnerConfig's rule, shared
+    ({"max_streams": 100, "max_subscriptions": 40}, "grpc_workers"),    # LearnerConfig's rule, shared
     ({"algorithm_params": {"temperature": 0.5}}, "algorithm_params.temperature"),
     ({"algorithm_params": {"max_staleness": 3}}, "eta"),
     ({"group_size": 1}, "group_size"),
