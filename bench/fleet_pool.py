@@ -53,12 +53,14 @@ def _run_fleet(idx: int, cmd: dict[str, Any], life) -> dict[str, Any]:
     obs_specs, act_specs = robot_specs()
     client = FleetClient(cmd["target"], JOB, f"{cmd['prefix']}-{idx}", obs_specs, act_specs, [TASK],
                          spool_dir=cmd["spool"], max_inflight=MAX_INFLIGHT, connect_timeout_s=60.0)
-    puts: list[tuple[str, int, float]] = []
+    from fleetloop.v1 import fleetloop_pb2 as pb
+
+    puts: list[tuple[str, int, float, int]] = []  # (episode, seq, spooled at, first step): chunks vary in size
     put = client.spool.put
 
     def timed_put(episode_id: str, seq: int, raw: bytes) -> None:
         put(episode_id, seq, raw)
-        puts.append((episode_id, seq, time.time()))
+        puts.append((episode_id, seq, time.time(), pb.EpisodeChunk.FromString(raw).first_step))
 
     client.spool.put = timed_put
     try:

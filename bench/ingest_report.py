@@ -95,9 +95,13 @@ def _goals(specs: list[PayloadSpec], runs: list[dict[str, Any]]) -> list[dict[st
         if spec.name == "state":
             steps = big["fleetloop"]["steps_per_s"]
             ok = steps >= STATE_STEPS_TARGET
+            by_k = "; ".join(f"{r['actors']} actor(s): {r['fleetloop']['steps_per_s']:,.0f}"
+                             for r in sorted(mine, key=lambda r: r["actors"]))
             goals.append({"goal": f"state-only >= 50,000 steps/s into the buffer ({big['actors']} actors)",
                           "target": STATE_STEPS_TARGET, "measured": steps, "unit": "steps/s", "met": ok,
-                          "limit": "" if ok else _limit(spec, big)})
+                          "limit": "" if ok else f"steps/s by fleet size: {by_k}. The rate falls as streams are added "
+                                                 f"(each open stream holds a gRPC server thread, and actor processes, "
+                                                 f"learner threads and raw streams share 2 cores). " + _limit(spec, big)})
     return goals
 
 

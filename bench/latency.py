@@ -139,19 +139,29 @@ def fleet_phase(pool: Pool, k: int, chunk: int, cfg: LatencyConfig, tmp: Path, b
     produced = base + obs[:, 0] + obs[:, 1]
     trainable = arr["insert_times"]
     ident = obs[:, 2].astype(np.int64) * (1 << 32) + obs[:, 3].astype(np.int64)
-    # per step: the chunk it travelled in (episode key, step index) -> spooled and received times
-    key_of_chunk, t_put, t_recv = [], [], []
+    # per step: the chunk it travelled in (episode key, first step of the chunk) -> spooled and received
+    # times; chunks vary in size (sealed at C steps or after max_chunk_wait_s), so each row is mapped
+    # to the chunk of its episode with the largest first step <= its step
+    t_put, t_recv, firsts_of = [], [], {}
     for a in actors:
-        for episode_id, seq, put_at in a["puts"]:
+        for episode_id, seq, put_at, first in a["puts"]:
             r = recv.get((episode_id, seq))
             if r is not None and episode_id in keys:
-                key_of_chunk.append((keys[episode_id], seq))
+                firsts_of.setdefault(keys[episode_id], []).append((first, len(t_put)))
                 t_put.append(put_at)
                 t_recv.append(r[0])
-    chunk_index = {kc: i for i, kc in enumerate(key_of_chunk)}
-    seq_of_row = arr["steps"] // chunk  # EpisodeRecorder: chunk n holds steps n*C .. n*C + C-1
-    rows_chunk = np.array([chunk_index.get((int(kk), int(s)), -1) for kk, s in zip(arr["episode_keys"], seq_of_row)],
-                          dtype=np.int64)
+    for v in firsts_of.values():
+        v.sort()
+    lookup = {kk: (np.array([f for f, _ in v]), np.array([i for _, i in v])) for kk, v in firsts_of.items()}
+
+    def chunk_of(kk: int, step: int) -> int:
+        if kk not in lookup:
+            return -1
+        firsts, index = lookup[kk]
+        j = int(np.searchsorted(firsts, step, side="right")) - 1
+        return int(index[j]) if j >= 0 else -1
+
+    rows_chunk = np.array([chunk_of(int(kk), int(s)) for kk, s in zip(arr["episode_keys"], arr["steps"])], dtype=np.int64)
     put_arr, recv_arr = np.asarray(t_put + [np.nan]), np.asarray(t_recv + [np.nan])
     spooled, received = put_arr[rows_chunk], recv_arr[rows_chunk]
     measured = produced >= (produced.min() if produced.size else 0.0) + cfg.warmup_s
