@@ -149,8 +149,13 @@ def test_slow_learner_tight_budget_fast_fleet(tmp_path):
         assert s.backoff_acks > 0 and s.rejected == 0, (a.name, s.backoff_acks, s.rejected)
         assert 0.7 * SPOOL_CAP <= a.max_spool_bytes <= SPOOL_CAP, (a.name, a.max_spool_bytes)
     assert samples[-1]["pressure_acks"] > 0
-    first_full = next(i for i, s in enumerate(samples) if s["received"] >= capacity)
+    # the early window: from the last sample before the buffer filled to the first with 3 buffers
+    # received. It must span at least one sampling interval: a fast ingest path fills 3 buffers
+    # between two samples 0.25 s apart, and a window starting at the first full sample was then empty
+    # (rate 0).
+    first_full = max(0, next(i for i, s in enumerate(samples) if s["received"] >= capacity) - 1)
     early_end = next((i for i, s in enumerate(samples) if s["received"] >= 3 * capacity), len(samples) - 1)
+    early_end = max(early_end, first_full + 1)
     late_start = next(i for i, s in enumerate(samples) if s["updates"] >= 0.75 * samples[-1]["updates"])
 
     def waste(a: int, b: int) -> float:

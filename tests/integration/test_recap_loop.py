@@ -120,11 +120,14 @@ def test_recap_learner_and_guided_fleet(offline, tmp_path, caplog, value_mode, b
         online_labelled = core.replay.sample(TASKS[0], "online", 500, np.random.default_rng(0))["recap_adv_valid"].mean()
         assert online_labelled > 0.5  # ended episodes got their columns
         assert len(shares) >= 10
-        # frozen: the advantages the threshold window saw come from the same value function, so the share tracks
-        # the target closely; refit: the value function moves between steps and the window lags it (tested
-        # exactly in tests/unit/test_recap.py), so only a loose band is a property here
-        tolerance = 0.1 if value_mode == "frozen" else 0.2
-        assert abs(float(np.mean(shares[len(shares) // 2:])) - TARGET_POSITIVE) < tolerance, shares
+        # the threshold is the (1 - target) quantile of the window of recent advantages (tested exactly in
+        # tests/unit/test_recap.py); a training batch here holds only ~5-10 labelled, non-forced samples drawn
+        # from all online data (older episodes too), so each step's share is noisy (sd ~0.17) and the mean
+        # over the second half sits within ~0.15 of the target, frozen or refit: a 0.1 band for frozen failed
+        # most standalone runs, at commit 0831664 too (0.21 seen). A broken threshold gives 0 or 1.
+        tolerance = 0.2
+        second_half = float(np.mean(shares[len(shares) // 2:]))
+        assert abs(second_half - TARGET_POSITIVE) < tolerance, (second_half, shares)
         changed = any(not torch.equal(v, v_start[k]) for k, v in core.algorithm.value.state_dict().items())
         assert changed == (value_mode == "refit")
         if value_mode == "refit":
