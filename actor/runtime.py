@@ -128,7 +128,8 @@ class EpisodeRecorder:
     def __init__(self, client: "FleetClient", task_id: str, episode_id: str, version: int) -> None:
         self.client, self.task_id, self.episode_id, self.version = client, task_id, episode_id, version
         self.chunk_steps = client.run_config.chunk_steps
-        self.max_chunk_wait_s = float(getattr(client.run_config, "max_chunk_wait_s", 0.0) or 0.0)
+        self.max_chunk_wait_s = float(client.run_config.max_chunk_wait_s)
+        self._images = getattr(client, "image_encoding", None) or {}  # obs name -> 'jpeg' | 'png' (bench fakes have none)
         self.seq = 0
         self.steps = 0
         self.intervention_steps = 0
@@ -183,7 +184,7 @@ class EpisodeRecorder:
         chunk = pb.EpisodeChunk(job_id=self.client.job_id, actor_id=self.client.actor_id, episode_id=self.episode_id,
                                 seq=self.seq, task_id=self.task_id, behavior_version=self.version,
                                 first_step=self._first_step, produced_at=self._t_first if n else time.time())
-        images = getattr(self.client, "image_encoding", None) or {}
+        images = self._images
         for rows, target in ((self._obs, chunk.observations), (self._act, chunk.actions)):
             if n:
                 for name, arr in rows.views(n).items():

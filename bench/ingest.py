@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bench.common import (JOB, MB, TASK, Children, RawServer, collect, cpu_seconds, load_average, log_progress,
-                          machine_info, print_table, quiet_fleetloop_logs, ratio, row, wait_ready, write_json)
+                          machine_info, quiet_fleetloop_logs, ratio, wait_ready)
 from bench.payloads import PAYLOADS, PayloadSpec, payload_spec
 
 MAX_INFLIGHT = 32           # the FleetClient default
@@ -314,19 +313,16 @@ def command(cfg: IngestConfig) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``fleetloop bench ingest``."""
-    for name, field in IngestConfig.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
-                       help=field.description)
-    p.add_argument("--out", required=True, help="result JSON path")
+    from bench.runner import add_model_arguments
+
+    add_model_arguments(p, IngestConfig)
 
 
 def plan(args: argparse.Namespace) -> IngestConfig:
     """The config of ``args``; ValueError naming the flag and value when one is bad."""
-    try:
-        return IngestConfig(**{k: getattr(args, k) for k in IngestConfig.model_fields if hasattr(args, k)})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+    from bench.runner import model_from_args
+
+    return model_from_args(IngestConfig, args)
 
 
 def main(args: argparse.Namespace) -> int:

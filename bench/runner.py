@@ -13,6 +13,26 @@ from typing import Any, Callable
 from bench.common import log_progress, print_table, write_json
 
 
+def add_model_arguments(p: argparse.ArgumentParser, model) -> None:
+    """One ``--flag-name`` per field of the pydantic ``model`` (type and default from the field, help
+    from its description), plus ``--out``."""
+    for name, field in model.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
+                       help=field.description)
+    p.add_argument("--out", required=True, help="result JSON path")
+
+
+def model_from_args(model, args: argparse.Namespace):
+    """``model`` validated from the flags in ``args``; ValueError naming the flag and value when one is bad."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**{k: getattr(args, k) for k in model.model_fields if hasattr(args, k)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+
+
 def _with_sigterm_as_exit(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``job`` with SIGTERM raising SystemExit, so the benches' cleanup (children stopped by pid,
     servers stopped, temp folders removed) also runs when the bench is terminated."""

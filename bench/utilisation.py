@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from bench.common import (EPISODE_STEPS, JOB, TASK, Children, cpu_seconds, load_average, log_progress, machine_info,
                           quiet_fleetloop_logs, row)
@@ -426,19 +426,16 @@ def _command(cfg: UtilisationConfig) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``fleetloop bench utilisation``."""
-    for name, field in UtilisationConfig.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default,
-                       help=field.description)
-    p.add_argument("--out", required=True, help="result JSON path")
+    from bench.runner import add_model_arguments
+
+    add_model_arguments(p, UtilisationConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> UtilisationConfig:
     """The validated config (ValueError naming the flag and value)."""
-    try:
-        return UtilisationConfig(**{k: getattr(args, k) for k in UtilisationConfig.model_fields if hasattr(args, k)})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValueError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from None
+    from bench.runner import model_from_args
+
+    return model_from_args(UtilisationConfig, args)
 
 
 def main(args: argparse.Namespace) -> int:
