@@ -114,7 +114,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         name=args.name, seeds=args.seeds, out=Path(args.out or f"runs/experiments/{args.name}"), minutes=args.minutes,
         robots=[int(x) for x in args.robots.split(",")] if args.robots else None,
         tasks=args.tasks.split(",") if args.tasks else None, tiny=args.tiny, hz=args.hz, parallel=args.parallel,
-        eval_trials=args.eval_trials, curve_trials=args.curve_trials, eval_interval_s=args.eval_interval,
+        eval_trials=args.eval_trials, curve_trials=args.curve_trials, eval_interval_s=args.eval_interval, eval_mode=args.eval_mode,
+        eval_coarse_stride=args.eval_stride,
         intervention_budget=args.intervention_budget, rounds=args.rounds, max_updates_per_s=args.max_updates_per_s,
         pretrain_steps=args.pretrain_steps, demos_per_task=args.demos_per_task, eval_workers=args.eval_workers,
         only=args.only.split(",") if args.only else None, eval_guidance_beta=args.guidance_beta,
@@ -246,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--eval-trials", type=int, default=None, help="final evaluation trials per task (default 50)")
     ex.add_argument("--curve-trials", type=int, default=None, help="periodic evaluation trials per task (default 20)")
     ex.add_argument("--eval-interval", type=float, default=None, help="seconds between periodic evaluations (default 30)")
+    ex.add_argument("--eval-mode", choices=["live", "deferred"], default=None,
+                    help="periodic evaluation during the run (live) or of snapshots taken every --eval-interval and "
+                         "evaluated after the run (deferred: never competes with robots and learner for CPU); default: "
+                         "live for main and sampler, deferred for scaling")
+    ex.add_argument("--eval-stride", type=int, default=None,
+                    help="deferred evaluation: every k-th snapshot until one reaches 0.8, then the gap before it (default 3)")
     ex.add_argument("--intervention-budget", type=float, default=None,
                     help="fleet-wide operator-step cap as a share of the robot-step budget (default 0.25; 0 = none)")
     ex.add_argument("--rounds", type=int, default=None, help="offline rounds of the baseline (default 5)")

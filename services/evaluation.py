@@ -209,7 +209,18 @@ class PeriodicEvaluator:
     there. A version already evaluated is not run again: its result is repeated with ``reused``.
     Each finished evaluation appends a point to ``series``: ``t`` (run time of the snapshot),
     ``version``, ``mean``, ``tasks`` (success per task), ``trials``, ``eval_seconds`` and the
-    ``context`` the caller gave at snapshot time (robot steps, interventions, learner step)."""
+    ``context`` the caller gave at snapshot time (robot steps, interventions, learner step).
+
+    ``deferred=True`` (the scaling protocol): :meth:`poll` only takes the snapshots (a file copy, no
+    evaluation while robots and learner run, so evaluations never compete with them for CPU and the
+    time resolution is ``interval_s`` however long an evaluation takes); :meth:`finish` evaluates them
+    afterwards, in time order, searching for the first snapshot whose mean reaches ``target``:
+    every ``coarse_stride``-th snapshot (and the last) until one reaches it, then the snapshots of the
+    gap before that one, in order, up to the first that reaches it (with ``coarse_stride`` 1 this is
+    every snapshot up to the first hit: time-to-target exact on the snapshot grid; a larger stride
+    assumes no earlier gap holds a hit its coarse neighbours missed, and costs far fewer evaluations).
+    After the hit only about ``curve_points_after`` evenly spaced snapshots plus the last are
+    evaluated (the curve's shape). Snapshots not evaluated are counted in ``skipped``."""
 
     pool: EvalPool
     snapshot: Callable[[], tuple[int, bytes]]
@@ -220,7 +231,13 @@ class PeriodicEvaluator:
     eval_kwargs: dict[str, Any] = field(default_factory=dict)
     series: list[dict[str, Any]] = field(default_factory=list)
     episodes: int = 0  # evaluation episodes run (never sent anywhere)
+    deferred: bool = False
+    target: float | None = None
+    curve_points_after: int = 6
+    coarse_stride: int = 1
+    skipped: int = 0  # deferred snapshots not evaluated (after the target was reached)
     _pending: _Pending | None = None
+    _snapshots: list[tuple[float, int, dict[str, Any], Path]] = field(default_factory=list)
     _next_t: float = 0.0
     _done: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -239,7 +256,9 @@ class PeriodicEvaluator:
         version, blob = self.snapshot()
         self._next_t = t + self.interval_s
         if version in self._done:
-            self._add(t, version, context, self._done[version], reused=True, seconds=0.0)
+            point = self._add(t, version, context, self._done[version], reused=True, seconds=0.0)
+            if self.deferred:
+                point["deferred"] = True
             return
         self.snap_dir.mkdir(parents=True, exist_ok=True)
         path = self.snap_dir / f"v{version}.safetensors"
@@ -247,6 +266,9 @@ class PeriodicEvaluator:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, path)
+        if self.deferred:
+            self._snapshots.append((t, version, dict(context), path))
+            return
         self._pending = _Pending(t, version, context, self.pool.submit(path, self.tasks, self.trials, **self.eval_kwargs),
                                  time.monotonic())
 
@@ -271,7 +293,46 @@ class PeriodicEvaluator:
         event(log, "periodic_eval", version=version, t=round(t, 1), mean=round(point["mean"], 3), reused=reused)
         return point
 
-    def finish(self) -> list[dict[str, Any]]:
-        """Wait for the evaluation in flight (if any) and return the series."""
+    def finish(self, on_progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+        """Wait for the evaluation in flight (if any); deferred: evaluate the snapshots taken (see the
+        class docstring; ``on_progress(evaluated, planned)`` after each). Returns the series."""
         self._collect(wait=True)
+        snaps, self._snapshots = self._snapshots, []
+        if not snaps:
+            return self.series
+        evaluated: dict[int, float] = {}  # snapshot index -> mean
+
+        def run(i: int) -> bool:
+            if i not in evaluated:
+                t, version, context, path = snaps[i]
+                if version in self._done:
+                    point = self._add(t, version, context, self._done[version], reused=True, seconds=0.0)
+                else:
+                    self._pending = _Pending(t, version, context,
+                                             self.pool.submit(path, self.tasks, self.trials, **self.eval_kwargs),
+                                             time.monotonic())
+                    point = self._collect(wait=True)[0]
+                point["deferred"] = True
+                evaluated[i] = point["mean"]
+                if on_progress is not None:
+                    on_progress(len(evaluated), len(snaps))
+            return self.target is not None and evaluated[i] >= self.target
+
+        last, stride = len(snaps) - 1, max(1, int(self.coarse_stride))
+        hit = None
+        for i in list(range(0, last + 1, stride)) + ([last] if last % stride else []):  # coarse scan to the first hit
+            if run(i):
+                hit = i
+                break
+        if hit is not None:
+            for i in range(max(0, hit - stride + 1), hit):  # refine the gap before the coarse hit, in time order
+                if run(i):
+                    hit = i
+                    break
+            rest = list(range(hit + 1, last + 1))
+            step = max(1, -(-len(rest) // max(1, self.curve_points_after)))
+            for k, i in enumerate(rest):  # after the target: a sparse curve, evenly spaced, plus the last snapshot
+                if (k + 1) % step == 0 or i == last:
+                    run(i)
+        self.skipped = len(snaps) - len(evaluated)
         return self.series

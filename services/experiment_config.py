@@ -63,6 +63,14 @@ class RunSpec(BaseModel):
     batch_size: int = Field(256, ge=1, description="Samples per learner step.")
     max_episode_steps: int = Field(200, ge=1, description="Episode step limit.")
     eval_interval_s: float = Field(30.0, gt=0, description="Seconds of run time between periodic evaluations.")
+    eval_mode: Literal["live", "deferred"] = Field(
+        "live", description="live: periodic evaluations run during the run (on eval_workers processes beside the robots "
+                            "and the learner); deferred: the run only snapshots the newest version every eval_interval_s "
+                            "and evaluates the snapshots after the robots and learner have stopped, so evaluation never "
+                            "competes with them for CPU (scaling's default).")
+    eval_coarse_stride: int = Field(
+        1, ge=1, description="Deferred evaluation: evaluate every k-th snapshot until one reaches the target, then refine "
+                             "the gap before it (1 = every snapshot up to the first hit).")
     curve_trials: int = Field(20, ge=1, description="Trials per task of each periodic evaluation.")
     eval_trials: int = Field(50, ge=1, description="Trials per task of the final evaluation (the protocol).")
     eval_workers: int = Field(1, ge=1, description="Evaluation worker processes of the run.")
@@ -100,6 +108,10 @@ class ExperimentOptions(BaseModel):
     eval_trials: int | None = Field(None, ge=1, description="Final evaluation trials per task (default 50).")
     curve_trials: int | None = Field(None, ge=1, description="Periodic evaluation trials per task (default 20).")
     eval_interval_s: float | None = Field(None, gt=0, description="Seconds between periodic evaluations (default 30).")
+    eval_mode: Literal["live", "deferred"] | None = Field(
+        None, description="Periodic evaluation during the run (live) or of snapshots after it (deferred); default: "
+                          "live for main and sampler, deferred for scaling.")
+    eval_coarse_stride: int | None = Field(None, ge=1, description="Deferred evaluation's coarse stride (default 3).")
     intervention_budget: float | None = Field(None, ge=0, le=1, description="Main/sampler intervention cap share "
                                               "(default 0.25; 0 = no cap).")
     rounds: int | None = Field(None, ge=1, description="Offline rounds of the baseline (default 5).")
@@ -113,13 +125,15 @@ class ExperimentOptions(BaseModel):
     reuse: bool = Field(True, description="Reuse a finished run whose spec is unchanged (resume an interrupted experiment).")
 
 
+_EVAL_MODE = {"main": "live", "sampler": "live", "scaling": "deferred"}
 _DEFAULTS = {"minutes": {"main": 10.0, "sampler": 10.0, "scaling": 20.0}, "robots": {"main": [4], "sampler": [4],
              "scaling": [1, 2, 4, 8]}, "hz": 30.0, "eval_trials": 50, "curve_trials": 20, "eval_interval_s": 30.0,
-             "intervention_budget": 0.25, "rounds": 5, "max_updates_per_s": 50.0, "pretrain_steps": 3000, "demos_per_task": 2,
-             "seeds": 3}
+             "eval_mode": _EVAL_MODE, "eval_coarse_stride": 3, "intervention_budget": 0.25, "rounds": 5,
+             "max_updates_per_s": 50.0, "pretrain_steps": 3000, "demos_per_task": 2, "seeds": 3}
 _TINY = {"minutes": {"main": 0.3, "sampler": 0.3, "scaling": 0.3}, "robots": {"main": [2], "sampler": [2], "scaling": [1, 2]},
-         "hz": 30.0, "eval_trials": 3, "curve_trials": 2, "eval_interval_s": 6.0, "intervention_budget": 0.25, "rounds": 2,
-         "max_updates_per_s": 20.0, "pretrain_steps": 100, "demos_per_task": 1, "seeds": 1}
+         "hz": 30.0, "eval_trials": 3, "curve_trials": 2, "eval_interval_s": 6.0, "eval_mode": _EVAL_MODE,
+         "eval_coarse_stride": 1, "intervention_budget": 0.25, "rounds": 2, "max_updates_per_s": 20.0,
+         "pretrain_steps": 100, "demos_per_task": 1, "seeds": 1}
 
 
 def resolved(o: ExperimentOptions) -> dict[str, Any]:
@@ -178,18 +192,21 @@ def _configs(name: str, r: dict[str, Any], o: ExperimentOptions) -> list[dict[st
 
 
 def plan(o: ExperimentOptions) -> list[RunSpec]:
-    """Every run of the experiment, seeds innermost (so a partial experiment has every configuration)."""
+    """Every run of the experiment, seeds innermost (so a partial experiment has every configuration);
+    scaling: seeds outermost, so runs started together (``parallel``) are one seed's fleet sizes side
+    by side, meeting the same machine load."""
     r = resolved(o)
     common = {"experiment": o.name, "tasks": r["tasks"], "robots": r["robots"][0], "hz": r["hz"], "minutes": r["minutes"],
               "rounds": r["rounds"], "max_updates_per_s": r["max_updates_per_s"], "eval_interval_s": r["eval_interval_s"],
-              "curve_trials": r["curve_trials"], "eval_trials": r["eval_trials"], "eval_workers": o.eval_workers}
+              "eval_mode": r["eval_mode"], "eval_coarse_stride": r["eval_coarse_stride"], "curve_trials": r["curve_trials"],
+              "eval_trials": r["eval_trials"], "eval_workers": o.eval_workers}
+    configs = [cfg for cfg in _configs(o.name, r, o) if not o.only or cfg["config"] in o.only]
+    pairs = ([(cfg, seed) for seed in range(r["seeds"]) for cfg in configs] if o.name == "scaling"
+             else [(cfg, seed) for cfg in configs for seed in range(r["seeds"])])
     specs = []
-    for cfg in _configs(o.name, r, o):
-        if o.only and cfg["config"] not in o.only:
-            continue
-        for seed in range(r["seeds"]):
-            fields = {**common, **cfg, "seed": seed}
-            if fields.get("eval_guidance_beta") is None:
-                fields.pop("eval_guidance_beta", None)
-            specs.append(RunSpec(**fields))
+    for cfg, seed in pairs:
+        fields = {**common, **cfg, "seed": seed}
+        if fields.get("eval_guidance_beta") is None:
+            fields.pop("eval_guidance_beta", None)
+        specs.append(RunSpec(**fields))
     return specs

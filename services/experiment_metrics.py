@@ -150,6 +150,8 @@ SUMMARY_FIELDS = {  # summary name -> dotted path in a run record
     "episodes": "usage.episodes",
     "learner_steps": "usage.learner_steps",
     "policy_version": "usage.policy_version",
+    "pace_ratio": "usage.pace_ratio",
+    "first_data_s": "usage.first_data_s",
     "final_episodes_per_hour": "final_episodes_per_hour",
     "final_mean_episode_length": "final_mean_episode_length",
 }
@@ -196,16 +198,51 @@ def mean_curve(runs: Sequence[Mapping[str, Any]], grid: Sequence[float], key: st
     return {"x": list(grid), "mean": means, "std": stds}
 
 
-def scaling_speedups(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Time-to-target speed-up of N robots over 1 robot from per-config summaries carrying ``robots``
-    and ``time_to_target_s``: ``mean ttt(1) / mean ttt(N)`` and the goal ``0.8 N``. None where either
-    side never reached the target (then ``lower_bound`` uses the 1-robot budget if given)."""
+def censored_time_to_target(runs: Sequence[Mapping[str, Any]]) -> dict[int, tuple[float, bool]]:
+    """Per seed: ``(time, reached)``; a run that never reached the target counts at its wall budget
+    (``budget.wall_seconds``, else its stop time): a lower bound on its real time-to-target."""
+    out: dict[int, tuple[float, bool]] = {}
+    for r in runs:
+        if r.get("status") != "ok":
+            continue
+        t = r.get("time_to_target_s")
+        if t is not None:
+            out[int(r["seed"])] = (float(t), True)
+        else:
+            out[int(r["seed"])] = (float(_get(r, "budget.wall_seconds") or _get(r, "usage.wall_seconds") or 0.0), False)
+    return out
+
+
+def scaling_speedups(configs: Mapping[str, Mapping[str, Any]],
+                     runs_by_robots: Mapping[int, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+    """Time-to-target speed-up of N robots over 1 robot, from per-config summaries carrying ``robots``
+    and ``time_to_target_s``: ``mean ttt(1) / mean ttt(N)`` over the seeds that reached it, and the
+    goal ``0.8 N``.
+
+    With ``runs_by_robots`` (the run records), also censoring-aware figures: a run that never reached
+    the target counts at its budget (:func:`censored_time_to_target`), so ``speedup_censored`` is a
+    lower bound when only 1-robot runs were censored, an upper bound when only N-robot runs were
+    (``bound``: exact, lower, upper or unknown); and ``speedup_paired``: mean and std over seeds of
+    ``ttt_seed(1) / ttt_seed(N)`` (the same seed shares demos, start policy and robot layouts)."""
     by_n = {int(c["robots"]): c for c in configs.values() if c.get("robots") is not None}
     base = by_n.get(1)
+    cens = {n: censored_time_to_target(rs) for n, rs in (runs_by_robots or {}).items()}
     out: dict[str, Any] = {}
     for n, c in sorted(by_n.items()):
         t_n = c["time_to_target_s"]["mean"]
         t_1 = base["time_to_target_s"]["mean"] if base else None
-        out[str(n)] = {"robots": n, "time_to_target_s": t_n, "speedup": (t_1 / t_n) if t_1 and t_n else None,
-                       "goal": 0.8 * n, "reached": c.get("reached_target")}
+        row = {"robots": n, "time_to_target_s": t_n, "speedup": (t_1 / t_n) if t_1 and t_n else None,
+               "goal": 0.8 * n, "reached": c.get("reached_target")}
+        if n in cens and 1 in cens and cens[n] and cens[1]:
+            one, mine = cens[1], cens[n]
+            m1 = sum(t for t, _ in one.values()) / len(one)
+            mn = sum(t for t, _ in mine.values()) / len(mine)
+            c1, cn = not all(ok for _, ok in one.values()), not all(ok for _, ok in mine.values())
+            row["time_to_target_censored_s"] = mn
+            row["speedup_censored"] = m1 / mn if mn > 0 else None
+            row["bound"] = ("exact" if n == 1 or not (c1 or cn) else "unknown" if (c1 and cn)
+                            else "lower" if c1 else "upper")
+            paired = [one[s][0] / mine[s][0] for s in sorted(set(one) & set(mine)) if mine[s][0] > 0]
+            row["speedup_paired"] = mean_std(paired)
+        out[str(n)] = row
     return out

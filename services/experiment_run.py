@@ -14,7 +14,9 @@ Methods:
 
 Both: when the fleet's operator steps reach the intervention budget, the robots are restarted
 without operator (the human goes home); periodic evaluation runs on separate processes
-(:class:`services.evaluation.PeriodicEvaluator`) every ``eval_interval_s`` of run time, and the final
+(:class:`services.evaluation.PeriodicEvaluator`) every ``eval_interval_s`` of run time (``eval_mode``
+deferred: the run only snapshots the newest version then, and the snapshots are evaluated once robots
+and learner have stopped), and the final
 policy gets the protocol evaluation (``eval_trials`` per task). The run checks that the learner
 received exactly the steps the robots say they sent (evaluation episodes never reach it) and that
 nothing was stored twice. Run time ``t`` is wall-clock seconds since the robots were first started.
@@ -200,14 +202,16 @@ class Run:
                        "max_steps": spec.max_episode_steps, "guidance_beta": spec.eval_guidance_beta}
         pool = EvalPool(spec.eval_workers, nice=10)
         self.evaluator = PeriodicEvaluator(pool, self.learner.snapshot, self.run_dir / "eval-snapshots", spec.tasks,
-                                           spec.curve_trials, spec.eval_interval_s, eval_kwargs)
+                                           spec.curve_trials, spec.eval_interval_s, eval_kwargs,
+                                           deferred=spec.eval_mode == "deferred", target=M.TARGET,
+                                           coarse_stride=spec.eval_coarse_stride)
         if spec.pretrained_eval and self.learner.core.version == 0:  # version 0 is the start policy: evaluated already
             self.evaluator.known(0, spec.pretrained_eval)
         final_learner: dict[str, Any] = {}
         try:
             stop = self.sop() if spec.method == "sop" else self.offline_rounds()
             self.fleet.stop()
-            self.evaluator.finish()
+            self.evaluator.finish(lambda done, total: self.progress(1.0, f"evaluating snapshot {done}/{total}"))
             self.progress(1.0, "final evaluation", force=True)
             final_path = state_dir / "weights" / f"v{stop['final_version']}.safetensors"
             final = pool.evaluate(final_path, spec.tasks, spec.eval_trials, **eval_kwargs)
@@ -252,7 +256,8 @@ class Run:
                  if wall > 0 and spec.method == "sop" else None,
                  "intervention_budget_spent_at_s": self.cap_hit_at, "first_data_s": self.first_data_t,
                  "fleet_startup_s": self.startup_s,
-                 "evaluation_episodes": self.evaluator.episodes + spec.eval_trials * len(spec.tasks)}
+                 "evaluation_episodes": self.evaluator.episodes + spec.eval_trials * len(spec.tasks),
+                 "eval_mode": spec.eval_mode, "snapshots_not_evaluated": self.evaluator.skipped}
         poll_steps = int(spec.robots * spec.hz * spec.poll_s) + spec.robots * 50
         invariants = {
             "evaluation_isolated": sent["lives_without_count"] == 0 and sent["steps"] == received,

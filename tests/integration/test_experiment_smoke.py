@@ -103,4 +103,8 @@ def test_scaling_tiny(tmp_path):
         _check_run(r)
         assert r["spec"]["budget_kind"] == "wall" and r["budget"]["robot_steps"] is None
         assert len(r["invariants"]["actors_seen_by_learner"]) == r["spec"]["robots"]
+        # deferred evaluation (scaling's default): snapshots taken during the run, evaluated after it
+        periodic = [p for p in r["series"] if not p.get("pretrained") and not p.get("final")]
+        assert r["spec"]["eval_mode"] == "deferred" and periodic and all(p["deferred"] for p in periodic)
+        assert len(periodic) + r["usage"]["snapshots_not_evaluated"] >= r["usage"]["wall_seconds"] // r["spec"]["eval_interval_s"]
     assert set(summary["scaling"]) == {"1", "2"} and summary["scaling"]["2"]["goal"] == pytest.approx(1.6)

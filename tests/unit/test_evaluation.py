@@ -124,3 +124,96 @@ def test_periodic_evaluation_never_reaches_the_learner(tmp_path):
         assert learner.core.replay.size("reach-v3", "online") == 0 and not learner.servicer.sessions
     finally:
         learner.stop()
+
+
+@pytest.mark.timeout(240)
+def test_deferred_evaluation_snapshots_during_the_run_and_evaluates_after(tmp_path):
+    """Deferred mode: polls only copy snapshots (nothing is evaluated while the run goes on); finish()
+    evaluates them in time order, every one up to the first that reaches the target, then a sparse
+    curve (evenly spaced plus the last), counting the skipped ones."""
+    blobs = [_blob(seed=s) for s in range(6)]
+    current = {"v": 0}
+    with EvalPool(1) as pool:
+        ev = PeriodicEvaluator(pool, lambda: (current["v"], blobs[current["v"]]), tmp_path / "snaps", ["reach-v3"],
+                               trials=2, interval_s=1.0, eval_kwargs={"max_steps": 10, "hz": 30.0}, deferred=True,
+                               target=0.0, curve_points_after=2)
+        for t in range(6):
+            current["v"] = t
+            ev.poll(float(t), {"robot_steps": 100 * t})
+            ev.poll(t + 0.5, {"robot_steps": 100 * t + 50})  # not due: no snapshot
+            assert ev.series == [] and ev.episodes == 0 and ev._pending is None
+        assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == [f"v{v}.safetensors" for v in range(6)]
+        done: list[tuple[int, int]] = []
+        series = ev.finish(lambda d, n: done.append((d, n)))
+    # target 0.0 is reached by the first snapshot; 5 left, 2 curve points: stride 3 -> snapshots 3 and 5 (the last)
+    assert [p["version"] for p in series] == [0, 3, 5] and [p["t"] for p in series] == [0.0, 3.0, 5.0]
+    assert [p["robot_steps"] for p in series] == [0, 300, 500] and all(p["deferred"] for p in series)
+    assert ev.skipped == 3 and ev.episodes == 6 and done == [(1, 6), (2, 6), (3, 6)]
+
+
+@pytest.mark.timeout(240)
+def test_deferred_evaluation_scans_every_snapshot_until_the_target(tmp_path):
+    """An unreachable target: every snapshot is evaluated; a version seen twice is evaluated once."""
+    blob = _blob(seed=1)
+    with EvalPool(1) as pool:
+        ev = PeriodicEvaluator(pool, lambda: (7, blob), tmp_path / "snaps", ["reach-v3"], trials=1, interval_s=0.0,
+                               eval_kwargs={"max_steps": 10}, deferred=True, target=1.01)
+        for t in range(3):
+            ev.poll(float(t))
+        series = ev.finish()
+    assert [p["t"] for p in series] == [0.0, 1.0, 2.0] and [p["reused"] for p in series] == [False, True, True]
+    assert ev.skipped == 0 and ev.episodes == 1
+
+
+class _ScriptedPool:
+    """Stands in for EvalPool in the search-plan test only: the success of snapshot ``v<N>`` is
+    ``means[N]`` (real evaluations cannot be steered to cross a target at a chosen snapshot)."""
+
+    def __init__(self, means):
+        self.means, self.asked = means, []
+
+    def submit(self, path, tasks, trials, **_):
+        from concurrent.futures import Future
+        version = int(path.stem[1:])
+        self.asked.append(version)
+        out = {}
+        for t in tasks:
+            f = Future()
+            f.set_result({"success_rate": self.means[version], "mean_length": 10.0, "episodes_per_hour": 1.0, "trials": trials})
+            out[t] = f
+        return out
+
+
+@pytest.mark.parametrize("stride, asked, ttt", [
+    (1, [0, 1, 2, 3, 4, 5, 6, 9, 11], 6.0),        # every snapshot to the first hit (6), then a curve: 9 and the last
+    (3, [0, 3, 6, 4, 5, 9, 11], 6.0),              # coarse 0, 3, 6 (hit); the gap 4, 5 has none; curve 9, 11
+    (4, [0, 4, 8, 5, 6, 9, 11], 6.0),              # coarse hit at 8; refining 5, 6 finds 6 and stops; curve 9, 11
+])
+def test_deferred_search_finds_the_first_snapshot_reaching_the_target(tmp_path, stride, asked, ttt):
+    from services.experiment_metrics import time_to_target
+    means = [0.5, 0.6, 0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.85, 0.9, 0.9, 0.95]  # 7 dips below after the first hit
+    blobs = {v: _blob(seed=0) for v in range(len(means))}
+    pool = _ScriptedPool(means)
+    current = {"v": 0}
+    ev = PeriodicEvaluator(pool, lambda: (current["v"], blobs[current["v"]]), tmp_path / "snaps", ["reach-v3"], trials=1,
+                           interval_s=1.0, deferred=True, target=0.8, curve_points_after=2, coarse_stride=stride)
+    for v in range(len(means)):
+        current["v"] = v
+        ev.poll(float(v))
+    assert pool.asked == []
+    series = ev.finish()
+    assert pool.asked == asked and ev.skipped == len(means) - len(asked)
+    assert time_to_target(series) == ttt and [p["t"] for p in series] == sorted(float(v) for v in asked)
+
+
+def test_deferred_search_without_a_hit_evaluates_the_coarse_grid_and_the_last(tmp_path):
+    pool = _ScriptedPool([0.1] * 8)
+    blob = _blob()
+    current = {"v": 0}
+    ev = PeriodicEvaluator(pool, lambda: (current["v"], blob), tmp_path / "snaps", ["reach-v3"], trials=1, interval_s=1.0,
+                           deferred=True, target=0.8, coarse_stride=3)
+    for v in range(8):
+        current["v"] = v
+        ev.poll(float(v))
+    ev.finish()
+    assert pool.asked == [0, 3, 6, 7] and ev.skipped == 4

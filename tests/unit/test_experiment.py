@@ -199,6 +199,24 @@ def test_scaling_speedups_against_one_robot():
     assert sp["8"]["speedup"] is None
 
 
+def test_scaling_speedups_count_a_run_that_never_reached_the_target_at_its_budget():
+    """A 1-robot seed that never reached 0.8 in its 600 s budget counts as 600 s: the censored speed-up
+    is then a lower bound; the paired speed-up divides seed by seed."""
+    def rec(n, seed, t):
+        return {"status": "ok", "seed": seed, "spec": {"robots": n}, "time_to_target_s": t,
+                "budget": {"wall_seconds": 600.0}, "usage": {"wall_seconds": 600.0}}
+    runs = {1: [rec(1, 0, 400.0), rec(1, 1, None)], 4: [rec(4, 0, 100.0), rec(4, 1, 150.0)],
+            8: [rec(8, 0, 50.0), rec(8, 1, None)]}
+    configs = {f"robots_{n}": {"robots": n, "time_to_target_s": M.mean_std(r["time_to_target_s"] for r in rs),
+                               "reached_target": {}} for n, rs in runs.items()}
+    sp = M.scaling_speedups(configs, runs)
+    assert sp["4"]["speedup"] == pytest.approx(400 / 125)  # reached seeds only: hides the censored 1-robot seed
+    assert sp["4"]["speedup_censored"] == pytest.approx(500 / 125) and sp["4"]["bound"] == "lower"
+    assert sp["4"]["speedup_paired"]["values"] == [pytest.approx(4.0), pytest.approx(4.0)]
+    assert sp["8"]["bound"] == "unknown" and sp["1"]["bound"] == "exact"
+    assert M.censored_time_to_target(runs[8]) == {0: (50.0, True), 1: (600.0, False)}
+
+
 def test_render_results_writes_tables_checks_and_plots(tmp_path):
     import importlib.util
     from pathlib import Path
