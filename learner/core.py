@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import threading
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ from learner.weight_store import WeightStore
 
 log = get_logger("learner")
 SOURCES = ("online", "offline")
+PUBLISH_LOG_INTERVAL_S = 30.0  # at most one info-level "published" line per this many seconds
 
 
 def observe_many(histogram, values: np.ndarray) -> None:
@@ -128,6 +130,8 @@ class LearnerCore:
         self.ckpt_dir = state_dir / "checkpoints"
         self.step = 0
         self._last_publish = 0.0
+        self._last_publish_log = -PUBLISH_LOG_INTERVAL_S  # the first version is always logged at info
+        self._published_unlogged = 0
         self._last_ckpt = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -228,8 +232,17 @@ class LearnerCore:
         self._sync_fleet_metric()
         self.refresh_gauges()
         self._last_publish = time.monotonic()
-        event(log, "published", job=self.job, version=info.version, step=self.step, bytes=info.size_bytes,
-              sha256=info.sha256[:12], seconds=dt)
+        # one info line per PUBLISH_LOG_INTERVAL_S (a version a second would bury an operator's console);
+        # every version at debug. Metrics and the weight index carry every version regardless.
+        self._published_unlogged += 1
+        quiet = self._last_publish - self._last_publish_log < PUBLISH_LOG_INTERVAL_S
+        if not quiet:
+            self._last_publish_log = self._last_publish
+        event(log, "published", logging.DEBUG if quiet else logging.INFO, job=self.job, version=info.version,
+              step=self.step, bytes=info.size_bytes, sha256=info.sha256[:12], seconds=dt,
+              **({} if quiet else {"versions_since_last_line": self._published_unlogged}))
+        if not quiet:
+            self._published_unlogged = 0
         return info.version
 
     def pin(self, version: int | None) -> None:

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetloop.logs import event, get_logger
-from services.live_view import LiveView
+from services.live_view import LiveView, staleness_text
 from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("demo")
@@ -154,5 +154,5 @@ def _print_summary(report: dict, out: Path) -> None:
     ov = report["overall"]
     t.add_row("mean", f"{ov['mean_pretrained_success']:.2f}", f"{ov['mean_final_success']:.2f}", str(ov["episodes"]), "")
     Console().print(t)
-    print(f"policy v{ov['policy_version']}, staleness max {ov['staleness_max']}, duplicates stored {ov['duplicates_stored']}, "
+    print(f"policy v{ov['policy_version']}, {staleness_text(ov)}, duplicates stored {ov['duplicates_stored']}, "
           f"online {ov['wall_seconds']:.0f} s, total {ov['total_seconds']:.0f} s -> {out / 'report.json'}, {out / 'report.png'}")

@@ -8,6 +8,15 @@ import time
 from services.report import fleet_summary
 
 
+def staleness_text(status: dict) -> str:
+    """The staleness the bound applies to (autonomous frames) beside the bound, and separately the
+    oldest operator correction trained on (expert labels are admitted at any age, so that number
+    grows with the job and is not a violation)."""
+    auto = status.get("staleness_max_autonomous", status.get("staleness_max", 0))
+    return (f"staleness max {auto} (bound {status.get('staleness_bound')}; "
+            f"corrections, admitted at any age: max {status.get('staleness_max', 0)})")
+
+
 class LiveView:
     """Per task: episodes, success and no-intervention success over the last 50 episodes,
     intervention share; header: policy version, learner step, staleness, ingest rate, robots."""
@@ -39,7 +48,7 @@ class LiveView:
             self.rate = (steps - s_prev) / (now - t_prev)
         self._last_steps = (now, steps)
         header = (f"elapsed {elapsed / 60:5.1f}/{self.duration / 60:.1f} min | policy v{status['version']} "
-                  f"(step {status['step']}) | staleness max {status['staleness_max']} (bound {status['staleness_bound']}) | "
+                  f"(step {status['step']}) | {staleness_text(status)} | "
                   f"ingest {self.rate:7.0f} steps/s | robots {robots_running}")
         rows = [(t, fleet_summary(episodes, t)) for t in self.tasks]
         if self._live is not None:
