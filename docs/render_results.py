@@ -161,8 +161,9 @@ def _scaling_table(summary: dict[str, Any]) -> list[str]:
     so its speed-up is a bound), the seed-paired speed-up, and whether the robots kept their pace."""
     t = summary.get("target", 0.8)
     rows = [f"| robots | time to {t} (wall s) | reached | speed-up vs 1 robot | paired speed-up | goal 0.8 x N | "
-            "success at the budget | robot steps | robot pace (of hz) | learner steps | first data (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "success at the budget | robot steps | robot pace (of hz) | learner steps | first data (s) | "
+            f"time to {t} after first data (s) | its speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg, c in summary["configs"].items():
         n = c.get("robots")
         sc = summary.get("scaling", {}).get(str(n), {})
@@ -173,7 +174,9 @@ def _scaling_table(summary: dict[str, Any]) -> list[str]:
             ttt = f">= {ttt} (unreached at the budget)"
         rows.append(f"| {n} | {ttt} | {r.get('reached', 0)}/{r.get('of', 0)} | {_speedup(sc)} | "
                     f"{fmt(sc.get('speedup_paired'))} | {0.8 * n:.1f}x | {fmt(c['final_mean'])} | {fmt(c['robot_steps'], 0)} | "
-                    f"{fmt(c.get('pace_ratio'))} | {fmt(c.get('learner_steps'), 0)} | {fmt(c.get('first_data_s'), 1)} |")
+                    f"{fmt(c.get('pace_ratio'))} | {fmt(c.get('learner_steps'), 0)} | {fmt(c.get('first_data_s'), 1)} | "
+                    f"{fmt(c.get('time_to_target_after_first_data_s'), 0)} | "
+                    f"{'-' if sc.get('speedup_after_first_data') is None else format(sc['speedup_after_first_data'], '.2f') + 'x'} |")
     return rows + [""]
 
 

@@ -166,6 +166,10 @@ def summarize_config(runs: Sequence[Mapping[str, Any]], tasks: Sequence[str], ta
     for name, path in SUMMARY_FIELDS.items():
         out[name] = mean_std(_get(r, path) for r in ok)
     out["reached_target"] = {"reached": sum(r.get("time_to_target_s") is not None for r in ok), "of": len(ok), "target": target}
+    # the same clock started at the fleet's first received step (start-up of robot processes excluded)
+    out["time_to_target_after_first_data_s"] = mean_std(
+        r["time_to_target_s"] - _get(r, "usage.first_data_s") if r.get("time_to_target_s") is not None
+        and _get(r, "usage.first_data_s") is not None else None for r in ok)
     out["per_task"] = {t: {"final_success": mean_std(_get(r, f"final.{t}.success_rate") for r in ok),
                            "pretrained_success": mean_std(_get(r, f"pretrained.{t}.success_rate") for r in ok),
                            "intervention_share": mean_std(_get(r, f"fleet.{t}.intervention_share") for r in ok),
@@ -233,6 +237,9 @@ def scaling_speedups(configs: Mapping[str, Mapping[str, Any]],
         t_1 = base["time_to_target_s"]["mean"] if base else None
         row = {"robots": n, "time_to_target_s": t_n, "speedup": (t_1 / t_n) if t_1 and t_n else None,
                "goal": 0.8 * n, "reached": c.get("reached_target")}
+        a_1 = ((base or {}).get("time_to_target_after_first_data_s") or {}).get("mean")
+        a_n = (c.get("time_to_target_after_first_data_s") or {}).get("mean")
+        row["speedup_after_first_data"] = a_1 / a_n if a_1 and a_n else None
         if n in cens and 1 in cens and cens[n] and cens[1]:
             one, mine = cens[1], cens[n]
             m1 = sum(t for t, _ in one.values()) / len(one)
