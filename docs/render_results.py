@@ -39,8 +39,15 @@ def _header(summary: dict[str, Any]) -> list[str]:
             f"earlier invocation); {summary.get('ok')}/{summary.get('runs')} runs ok.  ",
             f"Tasks: {', '.join(summary.get('tasks', []))}; budget {o.get('minutes')} min per run, robots {o.get('robots')}, "
             f"{o.get('hz')} Hz; final evaluation {o.get('eval_trials')} trials per task, periodic {o.get('curve_trials')} "
-            f"every {o.get('eval_interval_s')} s{_eval_mode(o)}; intervention budget {o.get('intervention_budget')} of the "
-            f"robot steps; learner capped at {o.get('max_updates_per_s')} steps/s.", ""]
+            f"every {o.get('eval_interval_s')} s{_eval_mode(o)}; {_cap(summary)}"
+            f"{'' if o.get('max_updates_per_s') is None else '; learner capped at ' + str(o['max_updates_per_s']) + ' steps/s'}.",
+            ""]
+
+
+def _cap(summary: dict[str, Any]) -> str:
+    if summary.get("experiment") == "scaling":  # scaling runs have no operator cap (RunSpec default None)
+        return "no intervention cap (the scripted operator stays on)"
+    return f"intervention budget {summary.get('options', {}).get('resolved', {}).get('intervention_budget')} of the robot steps"
 
 
 def _eval_mode(o: dict[str, Any]) -> str:
