@@ -235,7 +235,7 @@ class PeriodicEvaluator:
     target: float | None = None
     curve_points_after: int = 6
     coarse_stride: int = 1
-    skipped: int = 0  # deferred snapshots not evaluated (after the target was reached)
+    skipped: int = 0  # deferred snapshots not evaluated (between coarse points, or on the curve after the hit)
     _pending: _Pending | None = None
     _snapshots: list[tuple[float, int, dict[str, Any], Path]] = field(default_factory=list)
     _next_t: float = 0.0

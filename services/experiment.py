@@ -220,11 +220,8 @@ def summarize(name: str, records: list[dict[str, Any]], tasks: list[str], option
            "tasks": tasks, "target": M.TARGET, "runs": len(records), "ok": sum(r.get("status") == "ok" for r in records),
            "configs": configs}
     if name == "scaling":
-        by_robots: dict[int, list[dict[str, Any]]] = {}
-        for rec in records:
-            if rec.get("status") == "ok":
-                by_robots.setdefault(int(rec["spec"]["robots"]), []).append(rec)
-        out["scaling"] = M.scaling_speedups(configs, by_robots)
+        out["scaling"] = M.scaling_speedups(configs, {int(configs[c]["robots"]): runs for c, runs in by_config.items()
+                                                      if configs[c].get("robots") is not None})
     return out
 
 

@@ -257,7 +257,7 @@ class Run:
                  "intervention_budget_spent_at_s": self.cap_hit_at, "first_data_s": self.first_data_t,
                  "fleet_startup_s": self.startup_s,
                  "evaluation_episodes": self.evaluator.episodes + spec.eval_trials * len(spec.tasks),
-                 "eval_mode": spec.eval_mode, "snapshots_not_evaluated": self.evaluator.skipped}
+                 "snapshots_not_evaluated": self.evaluator.skipped}
         poll_steps = int(spec.robots * spec.hz * spec.poll_s) + spec.robots * 50
         invariants = {
             "evaluation_isolated": sent["lives_without_count"] == 0 and sent["steps"] == received,
@@ -293,8 +293,6 @@ class Run:
             "final_episodes_per_hour": M.mean_over_tasks({t: r["episodes_per_hour"] for t, r in final.items()}),
             "final_mean_episode_length": M.mean_over_tasks({t: r["mean_length"] for t, r in final.items()}),
             "target": M.TARGET, "time_to_target_s": ttt,
-            "time_to_target_after_first_data_s": (ttt - usage["first_data_s"]) if ttt is not None
-            and usage.get("first_data_s") is not None else None,
             "robot_seconds_to_target": M.time_to_target(robot_axis, key="rs") if spec.method != "pretrained" else ttt,
             "series": series, "fleet": fleet, "invariants": invariants, "machine": machine(), **extra}
         problems = self._problems(record)
