@@ -3,6 +3,8 @@ acknowledged step lost or duplicated, versions keep increasing."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from learner.config import LearnerConfig
@@ -24,6 +26,12 @@ def test_resume_after_abrupt_stop(tmp_path):
     robot.client.close(flush_timeout=0)
     stored = first.core.audit()["stored_steps"]["reach-v3"]
     version_before = first.core.version
+    # the property is "resume from a checkpoint": on a loaded machine training may start only just
+    # before the robot finishes, so wait (bounded) until a checkpoint with step > 0 is on disk
+    deadline = time.monotonic() + 60
+    while not [c for c in first.core.ckpt_dir.glob("ckpt-*/state.json") if int(c.parent.name.split("-")[-1]) > 0]:
+        assert time.monotonic() < deadline, "the learner wrote no checkpoint with step > 0 within 60 s"
+        time.sleep(0.1)
     # abrupt: stop serving and training, but no final checkpoint and no log close
     first.server.stop(grace=0).wait(5)
     first.core._stop.set()
