@@ -196,7 +196,7 @@ class LearnerCore:
         for payload in self.ingest_log.replay():
             try:
                 chunk = fleetloop_pb2.EpisodeChunk.FromString(payload)
-                self.ingestor.ingest(chunk, len(payload), max(version, chunk.behavior_version), durable=False)
+                self.ingestor.ingest(chunk, len(payload), max(version, chunk.behavior_version), raw=payload, durable=False)
                 replayed += 1
             except Exception as exc:  # a record that no longer validates must not stop the restart
                 skipped += 1
@@ -361,9 +361,9 @@ class LearnerCore:
         if total == self._ends_seen:
             return 0
         recs = list(itertools.islice(reversed(ing.episodes), total - self._ends_seen))[::-1]  # newest first, then reordered
-        keys = ing._episode_keys  # episode id -> the replay's episode key (assigned at ingest)
+        keys = ing._episode_keys  # (actor, episode id) -> the replay's episode key (assigned at ingest)
         for r in recs:
-            key = keys.get(r.episode_id)
+            key = keys.get((r.actor_id, r.episode_id))
             if key is not None:
                 self.replay.end_episode(r.task_id, key, r.outcome, r.steps)
         self._ends_seen = total
@@ -493,7 +493,7 @@ class LearnerCore:
                     "offline_buffer": self.replay.size(task, "offline"),
                     "online_share": self.sampler.online_share(task),
                 }
-            actors = {a: vars(t).copy() for a, t in self.ingestor.actor_stats.items()}
+            actors = {a: {**vars(t), "dropped": dict(t.dropped)} for a, t in self.ingestor.actor_stats.items()}
             episodes_total = self.ingestor.episodes_total
         fv = self.weights.fleet_version()
         return {

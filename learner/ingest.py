@@ -1,9 +1,11 @@
 """Ingest: validate an EpisodeChunk, store it exactly once, account for it.
 
-Path of a chunk: ``validate`` (pure; InvalidArgument / NotFound naming field and value) ->
-ledger check (duplicate? ack without storing) -> per-actor rate limit (RateLimited, nothing
-stored) -> staleness gate at ingest -> ingest log append (the durability point) -> replay store ->
-ledger record -> episode accounting -> ack.
+Path of a chunk: ``validate`` (pure; InvalidArgument / NotFound naming field and value; also for a
+resend, so a resend with NaN or of another job is refused, never acked) -> ledger check
+(:mod:`learner.ledger`: key ``(actor, episode_id, seq)``; a byte-identical resend is a duplicate, acked
+without storing; other content under a stored key, a seq gap or a ``first_step`` jump is refused) ->
+per-actor rate limit (RateLimited, nothing stored) -> staleness gate at ingest -> ingest log append
+(the durability point) -> replay store -> ledger record -> episode accounting -> ack.
 
 Accounting: every step of a new chunk is counted in ``received_steps_total``; it is either stored
 (``ingested_steps_total``) or dropped at ingest (``dropped_samples_total{reason}`` with the staleness
@@ -13,8 +15,9 @@ gate's reason). A stored step that the online ring later evicts is counted once 
 backoff) or ``evicted_ineligible`` (frames the algorithm never trains on, e.g. HG-DAgger's autonomous
 frames). So received = live online steps + dropped at ingest + evicted (all three reasons).
 
-Invariants: every stored step carries its behaviour version; a (episode_id, seq) pair is stored at
-most once, also across restarts (the log is replayed through the same path with ``durable=False``).
+Invariants: every stored step carries its behaviour version; an (actor, episode_id, seq) key is stored
+at most once, also across restarts (the log is replayed through the same path with ``durable=False``);
+every stored action lies within its spec's ``low``/``high`` bounds.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import numpy as np
 from fleetloop.codec import check_finite, decode, decode_map
 from fleetloop.errors import InvalidArgument, NotFound
 from learner.backpressure import FlowControl
-from learner.ingest_log import IngestLog, Ledger
+from learner.ingest_log import IngestLog
+from learner.ledger import Ledger, digest
 from learner.metrics import LearnerMetrics
 from learner.replay import ReplayStore
 from learner.staleness import StalenessGate
@@ -113,6 +117,9 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
                               field="interventions", value=list(inter.shape))
     obs = decode_map(chunk.observations, obs_specs, steps, "observations")
     acts = decode_map(chunk.actions, act_specs, steps, "actions")
+    for spec in act_specs:
+        if steps and (spec.low or spec.high):
+            check_bounds(acts[spec.name], spec, f"actions[{spec.name}]")
     outcome = None
     if chunk.HasField("end"):
         outcome = OUTCOMES.get(int(chunk.end.outcome))
@@ -126,6 +133,24 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
     first_act = acts[act_specs[0].name].reshape(steps, act_width).astype(np.float32, copy=False)
     return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
                         int(chunk.first_step), first_obs, first_act, rewards, inter, outcome, float(chunk.produced_at))
+
+
+def check_bounds(values: np.ndarray, spec, name: str) -> None:
+    """Every element of ``values`` ([T, *spec.shape]) within the spec's inclusive ``low``/``high`` (each
+    empty, one value for all elements, or one per element); else InvalidArgument naming the tensor,
+    step, element, value and bound. NaN is refused as out of bounds."""
+    flat = values.reshape(values.shape[0], -1)
+    for bound, side in ((spec.low, "low"), (spec.high, "high")):
+        if not len(bound):
+            continue
+        b = np.asarray(bound, dtype=np.float32)
+        bad = ~(flat >= b) if side == "low" else ~(flat <= b)
+        if bad.any():
+            step, elem = (int(i) for i in np.argwhere(bad)[0])
+            limit = float(b[elem] if b.size > 1 else b[0])
+            raise InvalidArgument(f"{name}[{step}][{elem}] = {float(flat[step, elem])!r} is outside the spec's bounds "
+                                  f"({side} {limit!r}); {int(bad.sum())} value(s) out of bounds in this chunk",
+                                  field=name, value=float(flat[step, elem]))
 
 
 @dataclass
@@ -154,6 +179,7 @@ class ActorTally:
     intervention_steps: int = 0
     episodes: int = 0
     successes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # steps dropped at ingest, by the staleness gate's reason
 
 
 class Ingestor:
@@ -170,8 +196,8 @@ class Ingestor:
         self.replay, self.gate, self.log, self.m = replay, gate, log, metrics
         self.ledger = Ledger()
         self.lock = threading.Lock()
-        self._episode_keys: dict[str, int] = {}
-        self._open: dict[str, _OpenEpisode] = {}
+        self._episode_keys: dict[tuple[str, str], int] = {}  # (actor, episode id) -> the replay's episode key
+        self._open: dict[tuple[str, str], _OpenEpisode] = {}
         self.tally = {t: TaskTally() for t in tasks}
         self.episodes: deque[EpisodeRecord] = deque(maxlen=100_000)
         self.episodes_total = 0
@@ -193,24 +219,35 @@ class Ingestor:
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
         """Validate and store ``chunk``; returns True if it was a duplicate (not stored again).
 
-        With ``durable`` the serialised chunk (``raw`` or re-serialised) is appended to the log
-        before anything is stored; replay from the log passes ``durable=False``.
+        Validation comes first, also for resends; then the ledger (module docstring). With ``durable``
+        the serialised chunk (``raw`` or re-serialised) is appended to the log before anything is
+        stored; replay from the log passes ``durable=False`` (and the record as ``raw``).
         """
+        raw = raw if raw is not None else chunk.SerializeToString()
+        content = digest(raw)
+        try:
+            decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
+        except InvalidArgument:
+            if chunk.job_id == self.job_id and 0 < len(chunk.actor_id) <= _MAX_ID and 0 < len(chunk.episode_id) <= _MAX_ID:
+                with self.lock:  # the actor sets this chunk aside: the episode may go on at seq + 1
+                    self.ledger.refuse(chunk.actor_id, chunk.episode_id, int(chunk.seq), int(chunk.first_step))
+            raise
+        key = (decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.outcome is not None, content)
         with self.lock:
-            if self.ledger.seen(chunk.episode_id, int(chunk.seq)):
+            if self.ledger.check(*key):
                 self._c_dup.inc()
                 return True
-        decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
         if durable and self.flow is not None:
             self.flow.admit(decoded.actor_id, decoded.steps)  # RateLimited: refused before anything is logged
         with self.lock:
-            if self.ledger.seen(decoded.episode_id, decoded.seq):  # raced with a resend on another stream
+            if self.ledger.check(*key):  # raced with a resend on another stream
                 self._c_dup.inc()
                 return True
             if durable:
-                self.log.append(raw if raw is not None else chunk.SerializeToString())
+                self.log.append(raw)
             evicted, wasted = self._store(decoded, learner_version)
-            self.ledger.record(decoded.episode_id, decoded.seq)
+            self.ledger.record(decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.steps,
+                               decoded.outcome is not None, content)
         if durable and self.flow is not None:
             self.flow.stored(decoded.steps, evicted, wasted)
         self._c_chunks.inc()
@@ -251,11 +288,11 @@ class Ingestor:
     def _store(self, c: DecodedChunk, learner_version: int) -> tuple[int, int]:
         """Store (or drop) one validated new chunk and account for it; returns (eligible steps its
         append evicted from the online ring, of which never trained on)."""
-        evicted = wasted = 0
+        evicted = wasted = dropped = 0
         autonomous = bool((~c.interventions).any())
         decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous,
                                        has_expert_steps=bool(c.interventions.any()), num_steps=c.steps)
-        key = self._episode_keys.setdefault(c.episode_id, len(self._episode_keys))
+        key = self._episode_keys.setdefault((c.actor_id, c.episode_id), len(self._episode_keys))
         if c.steps and decision.admit and decision.expert_only:
             # stale chunk: keep the operator's corrections (expert labels do not go stale), drop the rest
             idx = np.flatnonzero(c.interventions)
@@ -267,17 +304,19 @@ class Ingestor:
                     evicted, wasted = evicted + e, wasted + w
             self._c_steps[c.task_id].inc(idx.size)
             self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps - idx.size)
+            dropped = c.steps - idx.size
         elif c.steps and decision.admit:
             evicted, wasted = self._add_online(c.task_id, c.obs, c.actions, c.rewards, c.interventions,
                                                c.behavior_version, key, c.first_step)
             self._c_steps[c.task_id].inc(c.steps)
         elif c.steps:
             self.m.dropped_samples.labels(self.job_id, decision.reason).inc(c.steps)
+            dropped = c.steps
         n_inter = int(c.interventions.sum())
         self._c_received[c.task_id].inc(c.steps)
         if n_inter:
             self._c_inter[c.task_id].inc(n_inter)
-        ep = self._open.setdefault(c.episode_id, _OpenEpisode())
+        ep = self._open.setdefault((c.actor_id, c.episode_id), _OpenEpisode())
         ep.steps += c.steps
         ep.interventions += n_inter
         tally = self.tally[c.task_id]
@@ -294,13 +333,15 @@ class Ingestor:
         at.version, at.last_seen, at.task = c.behavior_version, now, c.task_id
         at.steps += c.steps
         at.intervention_steps += n_inter
+        if dropped:
+            at.dropped[decision.reason] = at.dropped.get(decision.reason, 0) + dropped
         gauge = self._g_actor.get(c.actor_id)
         if gauge is None or c.actor_id not in self._actor_series:  # new, or its series was forgotten (idle)
             gauge = self._g_actor[c.actor_id] = self.m.actor_version.labels(self.job_id, c.actor_id)
             self._actor_series.add(c.actor_id)
         gauge.set(c.behavior_version)
         if c.outcome is not None:
-            self._open.pop(c.episode_id, None)
+            self._open.pop((c.actor_id, c.episode_id), None)
             tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1
             at.episodes += 1
             at.successes += c.outcome == "success"

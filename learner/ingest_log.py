@@ -86,37 +86,3 @@ class IngestLog:
                 self._fh.close()
                 self._fh = None
 
-
-class Ledger:
-    """Exactly-once bookkeeping: which (episode_id, seq) pairs are stored.
-
-    Per episode a contiguous high-water mark plus a set of out-of-order seqs, so memory stays
-    O(episodes) when actors send in order (they do: the spool resends in sequence order).
-    """
-
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
-        self._extra: dict[str, set[int]] = {}
-
-    def seen(self, episode_id: str, seq: int) -> bool:
-        """True if this pair was recorded before."""
-        if seq < self._next.get(episode_id, 0):
-            return True
-        return seq in self._extra.get(episode_id, ())
-
-    def record(self, episode_id: str, seq: int) -> None:
-        """Mark the pair stored (idempotent)."""
-        nxt = self._next.get(episode_id, 0)
-        if seq < nxt:
-            return
-        extra = self._extra.setdefault(episode_id, set())
-        extra.add(seq)
-        while nxt in extra:
-            extra.discard(nxt)
-            nxt += 1
-        self._next[episode_id] = nxt
-        if not extra:
-            del self._extra[episode_id]
-
-    def __len__(self) -> int:
-        return len(self._next)

@@ -247,7 +247,7 @@ def test_rate_limit_hints_refuses_the_deaf_and_the_sender_keeps_its_chunks(rate_
         assert 0 < int(dict(err.trailing_metadata())["grpc-retry-pushback-ms"]) <= 501
         assert rejected_rate_limited() == 1
         assert impl.core.replay.size("reach-v3", "online") == passed * 50   # the refused chunk was not stored
-        assert not impl.core.ingestor.ledger.seen("ep-deaf", passed)
+        assert not impl.core.ingestor.ledger.seen("arm-7", "ep-deaf", passed)
         # the real sender meets the same exhausted bucket: it backs off, resends, and loses nothing
         client.sender.start()
         assert client.flush(60), "the rate-limited actor's spool did not drain"

@@ -184,7 +184,7 @@ def test_rate_limited_chunk_is_not_logged_or_stored(tmp_path):
     core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", 0, 0, n=20), 100, 0)
     with pytest.raises(RateLimited):
         core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", 1, 0, n=20), 100, 0)
-    assert core.ingestor.ledger.seen("ep-1", 0) and not core.ingestor.ledger.seen("ep-1", 1)
+    assert core.ingestor.ledger.seen("r1", "ep-1", 0) and not core.ingestor.ledger.seen("r1", "ep-1", 1)
     assert core.ingest_log.size_bytes() > 0
     size = core.ingest_log.size_bytes()
     assert core.replay.size("reach-v3", "online") == 20
@@ -215,5 +215,5 @@ def test_zero_step_end_chunk_is_accounted_not_refused(tmp_path):
     core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", 0, 0, n=0, end=4, interventions=0), 100, 0)
     assert core.ingestor.tally["reach-v3"].episodes == {"aborted": 1}
     assert _value(core, "fleetloop_learner_received_steps_total", task="reach-v3") == 0
-    assert core.replay.size("reach-v3", "online") == 0 and core.ingestor.ledger.seen("ep-1", 0)
+    assert core.replay.size("reach-v3", "online") == 0 and core.ingestor.ledger.seen("r1", "ep-1", 0)
     core.stop(checkpoint=False)

@@ -9,7 +9,8 @@ import torch
 from fleetloop.errors import IntegrityError, NotFound
 from fleetloop.weights import load_verified, sha256_hex, state_dict_to_blob
 from learner.checkpoint import load_latest, save_checkpoint
-from learner.ingest_log import IngestLog, Ledger
+from learner.ingest_log import IngestLog
+from learner.ledger import Ledger, digest
 from learner.weight_store import WeightStore
 
 
@@ -64,12 +65,42 @@ def test_ingest_log_truncates_torn_tail(tmp_path):
 
 
 def test_ledger_exactly_once():
+    """Key (actor, episode, seq): stored once; a byte-identical resend is a duplicate, other content under a
+    stored key, a gap, a first_step jump or a chunk after the episode's end are refused naming the field."""
+    from fleetloop.errors import FailedPrecondition, InvalidArgument
     led = Ledger()
-    for seq in (0, 1, 3):
-        led.record("ep", seq)
-    assert led.seen("ep", 0) and led.seen("ep", 3) and not led.seen("ep", 2)
-    led.record("ep", 2)
-    assert led.seen("ep", 2) and not led.seen("ep", 4) and not led.seen("other", 0)
+    a, b = digest(b"chunk-0"), digest(b"chunk-1")
+    assert led.check("r1", "ep", 0, 0, False, a) is False
+    led.record("r1", "ep", 0, 0, 10, False, a)
+    assert led.check("r1", "ep", 0, 0, False, a) is True                    # resend: duplicate
+    assert led.seen("r1", "ep", 0) and not led.seen("r1", "ep", 1) and not led.seen("r2", "ep", 0)
+    assert led.check("r2", "ep", 0, 0, False, b) is False                   # another actor's episode: new
+    with pytest.raises(FailedPrecondition) as info:                         # same key, other content
+        led.check("r1", "ep", 0, 0, False, b)
+    assert info.value.field == "seq" and "'r1'" in str(info.value) and "'ep'" in str(info.value)
+    with pytest.raises(FailedPrecondition) as info:                         # gap
+        led.check("r1", "ep", 2, 10, False, b)
+    assert info.value.field == "seq" and "expected 1" in str(info.value)
+    with pytest.raises(InvalidArgument) as info:                            # first_step jump
+        led.check("r1", "ep", 1, 15, False, b)
+    assert info.value.field == "first_step" and "expected 10" in str(info.value)
+    led.record("r1", "ep", 1, 10, 0, True, b)                                # the end
+    with pytest.raises(FailedPrecondition) as info:
+        led.check("r1", "ep", 2, 10, False, digest(b"after"))
+    assert "follows the end" in str(info.value)
+
+
+def test_ledger_refused_chunk_lets_the_episode_go_on():
+    """A chunk refused as invalid while it was the next one is skipped: seq + 1 is accepted (first_step not
+    below the refused chunk's), a resend of the refused seq is refused."""
+    from fleetloop.errors import FailedPrecondition
+    led = Ledger()
+    led.record("r1", "ep", 0, 0, 5, False, digest(b"0"))
+    led.refuse("r1", "ep", 1, 5)
+    assert led.check("r1", "ep", 2, 9, False, digest(b"2")) is False
+    with pytest.raises(FailedPrecondition):
+        led.check("r1", "ep", 1, 5, False, digest(b"1-fixed"))
+    assert not led.seen("r1", "ep", 1)
 
 
 def test_checkpoint_round_trip_and_torn_skip(tmp_path):

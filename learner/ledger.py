@@ -1,0 +1,122 @@
+"""Exactly-once ledger and the episode contract of ``EpisodeChunk`` (proto: "seq starts at 0 and
+has no gaps"; ``first_step`` is the index of the chunk's first step within the episode).
+
+Key: ``(actor_id, episode_id, seq)`` (the job is the learner's own: chunks of another job are refused
+before they reach the ledger). Per episode the ledger keeps the next expected ``seq`` and
+``first_step``, whether the episode ended, and an 8-byte content digest (blake2b of the chunk's wire
+bytes) of every stored chunk, so memory is O(episodes + 8 bytes per chunk).
+
+Verdicts of :meth:`Ledger.check` for a chunk ``(actor, episode, seq)``:
+
+- ``seq`` is the next expected one: new, provided ``first_step`` is the expected step (0 for seq 0,
+  else the previous chunk's ``first_step`` + its steps; INVALID_ARGUMENT naming ``first_step``) and
+  the episode has not ended (FAILED_PRECONDITION naming ``seq``);
+- ``seq`` below it: a resend. Same digest: duplicate (acked, not stored again). Another digest:
+  FAILED_PRECONDITION naming the key (a different chunk under a stored key is never acked). A seq the
+  learner refused before (see below) is FAILED_PRECONDITION too;
+- ``seq`` above it: a gap, FAILED_PRECONDITION naming ``seq`` and the expected value.
+
+A chunk the learner refuses as invalid (INVALID_ARGUMENT: NaN, shape, bounds) while it was the next
+expected one is marked *refused* (:meth:`Ledger.refuse`): the actor sets such a chunk aside, so the
+episode may continue at ``seq + 1`` with any ``first_step`` not below the expected one. Refusals are
+not in the ingest log, so after a learner restart that gap is refused again (documented limitation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from fleetloop.errors import FailedPrecondition, InvalidArgument
+
+DIGEST_BYTES = 8
+_REFUSED = b"\x00" * DIGEST_BYTES
+
+
+def digest(raw: bytes) -> bytes:
+    """Content digest of a chunk's wire bytes (blake2b, 8 bytes)."""
+    return hashlib.blake2b(raw, digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass
+class _Episode:
+    next_seq: int = 0
+    next_step: int | None = 0       # None: any first_step >= floor_step (after a refused chunk)
+    floor_step: int = 0
+    ended: bool = False
+    digests: bytearray = field(default_factory=bytearray)  # DIGEST_BYTES per seq, in seq order
+    refused: set[int] = field(default_factory=set)
+
+
+class Ledger:
+    """See the module docstring. Not thread-safe: the Ingestor calls it under its lock."""
+
+    def __init__(self) -> None:
+        self._episodes: dict[tuple[str, str], _Episode] = {}
+
+    def check(self, actor: str, episode: str, seq: int, first_step: int, has_end: bool, content: bytes) -> bool:
+        """True for a duplicate (same key, same digest); False for the next new chunk; raises
+        FailedPrecondition / InvalidArgument (see the module docstring) otherwise. Stores nothing."""
+        ep = self._episodes.get((actor, episode))
+        nxt = ep.next_seq if ep else 0
+        key = f"(actor {actor!r}, episode {episode!r}, seq {seq})"
+        if seq < nxt:
+            if seq in ep.refused:
+                raise FailedPrecondition(f"chunk {key} was refused before and the episode moved on; it cannot be "
+                                         f"stored now", field="seq", value=seq)
+            stored = bytes(ep.digests[seq * DIGEST_BYTES:(seq + 1) * DIGEST_BYTES])
+            if stored != content:
+                raise FailedPrecondition(f"chunk {key} is already stored with other content (digest "
+                                         f"{stored.hex()} != {content.hex()}): a resend must be byte-identical",
+                                         field="seq", value=seq)
+            return True
+        if seq > nxt:
+            raise FailedPrecondition(f"chunk {key} skips seq {nxt}..{seq - 1}: seq starts at 0 and has no gaps "
+                                     f"(expected {nxt})", field="seq", value=seq)
+        if ep is not None and ep.ended:
+            raise FailedPrecondition(f"chunk {key} follows the end of episode {episode!r} (ended at seq {nxt - 1})",
+                                     field="seq", value=seq)
+        expected = ep.next_step if ep else 0
+        if expected is not None and first_step != expected:
+            raise InvalidArgument(f"first_step {first_step} of chunk {key} does not follow the episode's previous "
+                                  f"chunk (expected {expected})", field="first_step", value=first_step)
+        if expected is None and first_step < ep.floor_step:
+            raise InvalidArgument(f"first_step {first_step} of chunk {key} goes back before step {ep.floor_step}",
+                                  field="first_step", value=first_step)
+        return False
+
+    def record(self, actor: str, episode: str, seq: int, first_step: int, steps: int, has_end: bool,
+               content: bytes) -> None:
+        """Mark the chunk stored; it must be the next expected one (``check`` said False)."""
+        ep = self._episodes.setdefault((actor, episode), _Episode())
+        if seq != ep.next_seq:
+            raise AssertionError(f"ledger: record of seq {seq}, expected {ep.next_seq}")
+        ep.digests += content
+        ep.next_seq += 1
+        ep.next_step = ep.floor_step = first_step + steps
+        ep.ended = ep.ended or has_end
+
+    def refuse(self, actor: str, episode: str, seq: int, first_step: int) -> None:
+        """The learner refused the next expected chunk as invalid: the episode may go on at ``seq + 1``
+        (module docstring). A refusal of any other seq changes nothing."""
+        ep = self._episodes.setdefault((actor, episode), _Episode())
+        if seq != ep.next_seq or ep.ended:
+            return
+        ep.refused.add(seq)
+        ep.digests += _REFUSED
+        ep.next_seq += 1
+        ep.floor_step = max(ep.floor_step, first_step if ep.next_step is None else ep.next_step)
+        ep.next_step = None
+
+    def seen(self, actor: str, episode: str, seq: int) -> bool:
+        """True when the key is stored (not merely refused)."""
+        ep = self._episodes.get((actor, episode))
+        return ep is not None and seq < ep.next_seq and seq not in ep.refused
+
+    def next_seq(self, actor: str, episode: str) -> int:
+        """The next seq the learner expects of this episode (0 when unknown)."""
+        ep = self._episodes.get((actor, episode))
+        return ep.next_seq if ep else 0
+
+    def __len__(self) -> int:
+        return len(self._episodes)
