@@ -132,7 +132,7 @@ def fleet_phase(pool: Pool, k: int, chunk: int, cfg: LatencyConfig, tmp: Path, b
         actors = pool.run(cmds, timeout=cfg.seconds + 180.0)
         with ingestor.lock:
             arr = impl.core.replay.export(TASK, "online")
-            keys = dict(ingestor._episode_keys)
+            keys = {episode: k for (_actor, episode), k in ingestor._episode_keys.items()}  # keyed (actor, episode)
     finally:
         stop_learner_in_process(impl)
     obs = arr["obs"].astype(np.float64)

@@ -42,7 +42,12 @@ class LearnerConfig(BaseModel):
 
     job_id: str = Field("demo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                         description="Job this learner serves; chunks for any other job are refused (NOT_FOUND).")
-    host: str = Field("127.0.0.1", description="Interface the gRPC server binds (0.0.0.0 in a cluster).")
+    host: str = Field("127.0.0.1", description="Interface the gRPC server binds (0.0.0.0 in a cluster). A bind beyond "
+                      "loopback needs credentials (robot_tokens, control_redis_url enrollments or tls_client_ca_file) "
+                      "or allow_unauthenticated = true; it is refused at start-up otherwise.")
+    advertise_host: str | None = Field(None, max_length=253, description="Host robots dial to reach this learner "
+                                       "(printed and reported as its target). None: the bound host, or for a wildcard "
+                                       "bind (0.0.0.0) the address of this machine's routed interface.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (reported by the learner).")
     metrics_port: int | None = Field(None, ge=0, le=65535,
                                      description="Prometheus /metrics HTTP port; None disables it, 0 picks a free one.")
@@ -79,7 +84,12 @@ class LearnerConfig(BaseModel):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted (and sent).")
     weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")
     robot_tokens: list[str] = Field(default_factory=list,
-                                    description="Accepted robot credentials; empty = authentication disabled (local only).")
+                                    description="Accepted robot credentials (fleet-wide: a token may act as any actor id; "
+                                                "enrolled tokens of the control plane are bound to their robots). Empty "
+                                                "(and no enrollments or mTLS) = authentication off: loopback only.")
+    allow_unauthenticated: bool = Field(False, description="Serve anonymous callers on a non-loopback host on purpose "
+                                        "(e.g. behind an authenticating proxy). Logged as a warning at start and exported "
+                                        "as fleetloop_learner_unauthenticated = 1. Without it such a bind is refused.")
     control_redis_url: str | None = Field(
         None, description="Control-plane Redis (redis://host:port/db). When set, the learner reports status, actors and "
                           "versions there, executes operator commands (pause, pin, rollback, stop) from it, and checks "
@@ -138,6 +148,15 @@ class LearnerConfig(BaseModel):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        return self
+
+    @model_validator(mode="after")
+    def _exposure(self) -> "LearnerConfig":
+        from learner.exposure import exposure_problem
+        problem = exposure_problem(self.host, self.robot_tokens, self.control_redis_url is not None,
+                                   self.tls_client_ca_file is not None, self.allow_unauthenticated)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -63,8 +63,11 @@ class LearnerMetrics:
                                    "ingest (0 = no budget).", j, registry=r)
         self.streams_open = Gauge("fleetloop_learner_streams_open", "Long-lived RPCs being served now, by rpc.", j + ["rpc"], registry=r)
         self.streams_closed = Counter("fleetloop_learner_streams_closed_total", "Long-lived RPCs the learner refused or ended, by rpc "
-                                      "and reason (over_cap: refused at the cap; idle_timeout: no progress for stream_idle_timeout_s).",
-                                      j + ["rpc", "reason"], registry=r)
+                                      "and reason (over_cap: refused at the cap; idle_timeout: no progress for stream_idle_timeout_s; "
+                                      "revoked: its credential was revoked while it was open).", j + ["rpc", "reason"], registry=r)
+        self.unauthenticated = Gauge("fleetloop_learner_unauthenticated", "1 when the learner accepts callers without a credential "
+                                     "(no robot_tokens, enrollments or mTLS), 0 when every RPC needs one. Beyond loopback this "
+                                     "needs allow_unauthenticated = true.", j + ["host"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP server; returns the bound port (0 picks a free one)."""

@@ -11,7 +11,6 @@ addresses. Inside the actor, a gRPC server (ingest + weights) and a training thr
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +84,8 @@ class _RayLearnerImpl:
         if redis_url:
             self.agent = ControlAgent(self.core, cfg.control_redis_url, sessions=lambda: dict(self.servicer.sessions))
             self.agent.start()
-        self.host = cfg.host if cfg.host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
+        from learner.exposure import advertised_host
+        self.host = advertised_host(cfg.host, getattr(cfg, "advertise_host", None))  # what robots dial, not 127.0.0.1
         event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
               metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
 
@@ -139,8 +139,9 @@ class LearnerHandle:
 
     @property
     def target(self) -> str:
-        """gRPC target for actors (host:port)."""
-        return f"{self.host}:{self.port}"
+        """gRPC target for actors (host:port: the advertised host, see :func:`learner.exposure.advertised_host`)."""
+        from learner.exposure import target
+        return target(self.host, self.port)
 
     def status(self) -> dict[str, Any]:
         return ray.get(self.actor.status.remote(), timeout=30)

@@ -16,6 +16,19 @@ in-flight memory budget) carries the trailer ``grpc-retry-pushback-ms`` = the wa
 can never succeed (an oversized chunk) carries ``grpc-retry-pushback-ms: -1`` (gRPC's "do not
 retry"). Acks carry ``backoff_ms`` from :meth:`LearnerCore.backoff_ms` for the chunk's actor.
 
+Identity: every experience stream is bound to one actor id, the first its chunks name, which the
+credential's :class:`~learner.auth.Principal` must be allowed to act as; a chunk naming another
+actor is PERMISSION_DENIED (as is a handshake or weight subscription naming an actor the credential
+was not enrolled for). With a revocable authenticator (control-plane enrollments) the stream guard
+re-checks each open stream's credential every ``AUTH_RECHECK_S`` seconds and ends the streams of a
+revoked one with UNAUTHENTICATED (closed reason ``revoked``); the actor's row then shows "revoked".
+A credential store that cannot be reached during a re-check keeps open streams open (new ones fail
+closed with UNAVAILABLE).
+
+Without any credential (no tokens, enrollments or mTLS) every caller is "anonymous": such a learner
+binds loopback only unless ``allow_unauthenticated`` (see :mod:`learner.exposure`); it is exported as
+``fleetloop_learner_unauthenticated = 1`` and, beyond loopback, logged as a warning at start.
+
 LLM jobs (protocol 2, :mod:`learner.llm`): the same service over an ``LlmLearnerCore``; chunks carry
 one CompletionGroup each, and ``Admit`` hands out rollout tickets (staleness by admission).
 """
@@ -32,11 +45,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fleetloop.codec import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, specs_mismatch
-from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, ResourceExhausted,
-                              grpc_status_name)
+from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, PermissionDenied,
+                              ResourceExhausted, Unauthenticated, grpc_status_name)
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
-from learner.auth import Authenticator, StaticTokens, bearer
+from learner.auth import Authenticator, CredentialRevoked, Principal, StaticTokens, bearer
+from learner.exposure import exposure_problem, is_loopback
 from learner.core import LearnerCore
 from learner.stream_guard import StreamGuard
 from learner.weight_serving import chunks as weight_chunks
@@ -46,6 +60,7 @@ log = get_logger("learner.server")
 SERVICE = "fleetloop.v1.Learner"
 PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's retry pushback trailer (A6): ms to wait; negative = do not retry
 MAX_ADMIT = 1024  # most rollout tickets one Admit may ask for
+AUTH_RECHECK_S = 2.0  # open streams' credentials are re-checked this often (revocation takes effect within it + 1 s)
 
 
 def _abort(context: grpc.ServicerContext, exc: FleetloopError | Exception) -> None:
@@ -85,15 +100,61 @@ class LearnerServicer:
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
         self.llm = getattr(core, "kind", "robot") == "llm"  # an LlmLearnerCore: LLM handshakes, Admit, group chunks
         self.sessions: dict[str, dict] = {}
+        self.revoked_actors: dict[str, float] = {}  # actor id -> when its credential was found revoked
         self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
                                                    "SubscribeWeights": self.cfg.subscription_cap,
                                                    "FetchWeights": self.cfg.grpc_workers},  # short-lived: idle guard only
                                  self.cfg.stream_idle_timeout_s, core.metrics,
-                                 cap_names={"StreamExperience": "max_streams", "SubscribeWeights": "max_subscriptions"})
+                                 cap_names={"StreamExperience": "max_streams", "SubscribeWeights": "max_subscriptions"},
+                                 recheck=self._recheck if getattr(self.auth, "revocable", False) else None,
+                                 recheck_every_s=AUTH_RECHECK_S,
+                                 on_revoked=lambda lease: self._mark_revoked(lease.actor) if lease.actor else None)
+        self._check_exposure()
 
-    def _authorize(self, context: grpc.ServicerContext, job_id: str, credential: str | None = None) -> str:
+    def _check_exposure(self) -> None:
+        """Refuse an open learner beyond loopback (unless allowed), warn and export when it is open."""
+        cfg, mtls = self.cfg, getattr(self.cfg, "tls_client_ca_file", None) is not None
+        enabled = bool(getattr(self.auth, "enabled", True)) or mtls
+        allowed = bool(getattr(cfg, "allow_unauthenticated", False))
+        problem = None if enabled else exposure_problem(cfg.host, [], False, False, allowed)
+        if problem:
+            raise FailedPrecondition(problem, field="host", value=cfg.host)
+        self.core.metrics.unauthenticated.labels(cfg.job_id, cfg.host).set(0 if enabled else 1)
+        if not enabled and not is_loopback(cfg.host):
+            event(log, "unauthenticated_learner", level=30, job=cfg.job_id, host=cfg.host,
+                  detail="allow_unauthenticated = true: anonymous callers on a non-loopback interface may stream "
+                         "experience and read weights")
+
+    def _authorize(self, context: grpc.ServicerContext, job_id: str, credential: str | None = None) -> Principal:
         token = bearer(context.invocation_metadata()) or credential
         return self.auth.check(token, job_id)
+
+    def _authorize_lease(self, context: grpc.ServicerContext, job_id: str) -> tuple[Principal, str | None]:
+        token = bearer(context.invocation_metadata())
+        return self.auth.check(token, job_id), token
+
+    def _bind(self, principal: Principal, actor_id: str, what: str) -> None:
+        """PermissionDenied unless ``principal`` may act as ``actor_id`` (see the module docstring)."""
+        if not principal.may_act_as(actor_id):
+            raise PermissionDenied(f"{what} names actor {actor_id[:128]!r}, but credential {principal} is enrolled for "
+                                   f"actors {list(principal.actors or [])}", field="actor_id", value=actor_id[:128])
+
+    def _recheck(self, token: str) -> str | None:
+        """Stream guard hook: why an open stream's credential is no longer valid (None: still valid,
+        or the credential store cannot say right now)."""
+        try:
+            self.auth.check(token, self.cfg.job_id)
+        except Unauthenticated as exc:
+            return str(exc)
+        except FleetloopError:
+            return None
+        return None
+
+    def _mark_revoked(self, actor_id: str) -> None:
+        self.revoked_actors[actor_id] = time.time()
+        for sess in list(self.sessions.values()):
+            if sess.get("actor_id") == actor_id:
+                sess["revoked"] = True
 
     # -- Handshake ---------------------------------------------------------------------------
     def Handshake(self, req: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeResponse:
@@ -109,6 +170,7 @@ class LearnerServicer:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id", value=req.actor_id)
+            self._bind(principal, req.actor_id, "handshake")
             served = pb.LLM if self.llm else pb.ROBOT
             if req.kind not in pb.ActorKind.values():
                 raise FailedPrecondition(f"kind {int(req.kind)} is not a known ActorKind ({sorted(pb.ActorKind.keys())}); "
@@ -133,6 +195,8 @@ class LearnerServicer:
                 raise InvalidArgument(f"tasks {unknown} are not tasks of job {self.cfg.job_id!r} ({job_tasks})",
                                       field="tasks", value=unknown)
         except FleetloopError as exc:
+            if isinstance(exc, CredentialRevoked) and 0 < len(req.actor_id) <= 128:
+                self._mark_revoked(req.actor_id)
             self.core.metrics.refused_handshakes.labels(self.cfg.job_id, _reason(exc)).inc()
             event(log, "handshake_refused", level=30, job=req.job_id, actor=req.actor_id, error=str(exc))
             _abort(context, exc)
@@ -165,8 +229,8 @@ class LearnerServicer:
     def StreamExperience(self, request_iterator, context: grpc.ServicerContext):
         m, job = self.core.metrics, self.cfg.job_id
         try:
-            self._authorize(context, job)
-            lease = self.guard.open("StreamExperience", context)
+            principal, token = self._authorize_lease(context, job)
+            lease = self.guard.open("StreamExperience", context, token=token)
         except FleetloopError as exc:
             if not isinstance(exc, ResourceExhausted):  # a full stream cap refuses no chunk (counted as over_cap)
                 m.rejected.labels(job, _reason(exc)).inc()
@@ -185,7 +249,13 @@ class LearnerServicer:
                         except DecodeError as exc:
                             raise InvalidArgument(f"chunk is not a valid EpisodeChunk: {exc}", field="message",
                                                   value=len(raw)) from None
-                        lease.actor = chunk.actor_id[:128]
+                        if not lease.actor:  # the stream is bound to the first actor its chunks name
+                            self._bind(principal, chunk.actor_id, f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq})")
+                            lease.actor = chunk.actor_id[:128]
+                        elif chunk.actor_id != lease.actor:
+                            raise PermissionDenied(f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq}) names actor "
+                                                   f"{chunk.actor_id[:128]!r} on a stream bound to actor {lease.actor!r}",
+                                                   field="actor_id", value=chunk.actor_id[:128])
                         if not self.llm and chunk.HasField("group"):
                             raise InvalidArgument("chunk carries a CompletionGroup; this job trains a robot policy, not an "
                                                   "LLM", field="group", value=chunk.group.prompt_id[:64])
@@ -211,10 +281,11 @@ class LearnerServicer:
     # -- Weights -----------------------------------------------------------------------------
     def SubscribeWeights(self, req: pb.SubscribeRequest, context: grpc.ServicerContext):
         try:
-            self._authorize(context, req.job_id)
+            principal, token = self._authorize_lease(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
-            lease = self.guard.open("SubscribeWeights", context)
+            self._bind(principal, req.actor_id, "weight subscription")
+            lease = self.guard.open("SubscribeWeights", context, token=token)
         except FleetloopError as exc:
             _abort(context, exc)
         lease.actor = req.actor_id[:128]
@@ -235,9 +306,11 @@ class LearnerServicer:
 
     def FetchWeights(self, req: pb.FetchRequest, context: grpc.ServicerContext):
         try:
-            self._authorize(context, req.job_id)
+            principal = self._authorize(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
+            if req.actor_id:  # optional on fetches; when named it must be one the credential may act as
+                self._bind(principal, req.actor_id, "weight fetch")
             info = self.core.weights.info(req.version)
             blob = self.core.weights.blob(req.version)
             if req.offset > len(blob):
@@ -264,7 +337,7 @@ class LearnerServicer:
         Credential first; then job (NOT_FOUND), kind of job (a robot job: FAILED_PRECONDITION naming
         ``kind``), ``actor_id`` and ``rollouts`` (1..MAX_ADMIT, else INVALID_ARGUMENT naming it)."""
         try:
-            self._authorize(context, req.job_id)
+            principal = self._authorize(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
             if not self.llm:
@@ -273,6 +346,7 @@ class LearnerServicer:
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id",
                                       value=req.actor_id)
+            self._bind(principal, req.actor_id, "admit")
             if not 1 <= req.rollouts <= MAX_ADMIT:
                 raise InvalidArgument(f"rollouts {req.rollouts} must be 1..{MAX_ADMIT}", field="rollouts", value=req.rollouts)
             grant = self.core.admit(req.actor_id, int(req.rollouts), int(req.current_version))

@@ -14,6 +14,11 @@ newcomer. Contract:
   with status UNAVAILABLE and a message naming the timeout, which wakes its handler wherever it
   waits inside gRPC (reading a request, or sending to a peer that stopped reading), so the thread
   returns to the pool. The peer sees a retryable status and reconnects.
+- With a ``recheck(token) -> reason | None`` hook, every ``recheck_every_s`` the watchdog asks it
+  about each distinct credential of the open leases; every lease whose credential gets a reason is
+  ended with UNAUTHENTICATED naming it (closed reason ``revoked``) and handed to ``on_revoked``: a
+  revoked robot credential stops its open streams within ``recheck_every_s`` + one tick. Hooks run
+  outside the guard's lock.
 - :meth:`Lease.close` is idempotent and also runs as the RPC's termination callback; the watchdog
   thread runs only while leases are open.
 Counted in ``fleetloop_learner_streams_open{rpc}`` and ``_streams_closed_total{rpc,reason}``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -56,8 +62,9 @@ def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str)
 class Lease:
     """One admitted stream."""
 
-    def __init__(self, guard: "StreamGuard", rpc: str, context: grpc.ServicerContext) -> None:
+    def __init__(self, guard: "StreamGuard", rpc: str, context: grpc.ServicerContext, token: str | None = None) -> None:
         self.guard, self.rpc, self.context = guard, rpc, context
+        self.token = token     # the credential the stream was opened with (re-checked; never logged)
         self.opened = self.last = time.monotonic()
         self.actor = ""        # set by the handler once known (for logs)
         self.closed = False
@@ -76,8 +83,13 @@ class StreamGuard:
     """See the module docstring. ``caps``: RPC name -> concurrent streams admitted."""
 
     def __init__(self, job: str, caps: dict[str, int], idle_timeout_s: float, metrics: LearnerMetrics,
-                 retry_after_ms: int = 1000, cap_names: dict[str, str] | None = None) -> None:
-        """``cap_names``: the config field behind each cap, named in refusals."""
+                 retry_after_ms: int = 1000, cap_names: dict[str, str] | None = None,
+                 recheck: Callable[[str], str | None] | None = None, recheck_every_s: float = 2.0,
+                 on_revoked: Callable[[Lease], None] | None = None) -> None:
+        """``cap_names``: the config field behind each cap, named in refusals; ``recheck``: the credential
+        re-check hook (module docstring)."""
+        self.recheck, self.recheck_every_s, self.on_revoked = recheck, float(recheck_every_s), on_revoked
+        self._next_recheck = 0.0
         self.job, self.caps, self.idle_timeout_s = job, dict(caps), float(idle_timeout_s)
         self.cap_names = dict(cap_names or {})
         self.retry_after_ms = int(retry_after_ms)
@@ -85,10 +97,10 @@ class StreamGuard:
         self._leases: dict[str, set[Lease]] = {rpc: set() for rpc in caps}
         self._lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
-        self._tick = min(1.0, self.idle_timeout_s / 4)
+        self._tick = min(1.0, self.idle_timeout_s / 4, self.recheck_every_s / 2)
 
-    def open(self, rpc: str, context: grpc.ServicerContext) -> Lease:
-        """Admit a stream of ``rpc`` or raise StreamCapExceeded."""
+    def open(self, rpc: str, context: grpc.ServicerContext, token: str | None = None) -> Lease:
+        """Admit a stream of ``rpc`` (opened with credential ``token``) or raise StreamCapExceeded."""
         cap = self.caps[rpc]
         with self._lock:
             open_now = len(self._leases[rpc])
@@ -98,7 +110,7 @@ class StreamGuard:
                 raise StreamCapExceeded(f"{rpc}: {open_now} streams open, at the learner's cap of {cap} ({name}); "
                                         f"retry in {self.retry_after_ms} ms", field=name, value=cap,
                                         retry_after_ms=self.retry_after_ms)
-            lease = Lease(self, rpc, context)
+            lease = Lease(self, rpc, context, token)
             self._leases[rpc].add(lease)
             self.m.streams_open.labels(self.job, rpc).set(len(self._leases[rpc]))
             if self._watchdog is None:
@@ -139,3 +151,30 @@ class StreamGuard:
                          f"{lease.rpc} stream idle: no progress for {now - lease.last:.1f} s (stream_idle_timeout_s "
                          f"{self.idle_timeout_s:g}); closed by the learner, reconnect to resume")
                 lease.close()
+            if self.recheck is not None and now >= self._next_recheck:
+                self._next_recheck = now + self.recheck_every_s
+                try:
+                    self._recheck_credentials()
+                except Exception as exc:  # a hook's bug must not stop the idle watchdog
+                    event(log, "stream_recheck_error", level=40, job=self.job, error=repr(exc)[:200])
+
+    def _recheck_credentials(self) -> None:
+        """End every open lease whose credential the hook reports invalid (one check per distinct token)."""
+        with self._lock:
+            leases = [lease for group in self._leases.values() for lease in group if lease.token and not lease.expired]
+        verdicts: dict[str, str | None] = {}
+        for lease in leases:
+            if lease.token not in verdicts:
+                verdicts[lease.token] = self.recheck(lease.token)
+            reason = verdicts[lease.token]
+            if reason is None:
+                continue
+            lease.expired = True
+            self.m.streams_closed.labels(self.job, lease.rpc, "revoked").inc()
+            event(log, "stream_credential_revoked", level=30, job=self.job, actor=lease.actor or "?", rpc=lease.rpc,
+                  reason=reason[:200])
+            end_call(lease.context, grpc.StatusCode.UNAUTHENTICATED,
+                     f"{lease.rpc} stream closed by the learner: {reason}")
+            lease.close()
+            if self.on_revoked is not None:
+                self.on_revoked(lease)

@@ -377,7 +377,7 @@ def recover_groups(journal: GroupJournal, ingestor, learner_version: int, requeu
             continue
         if rec.consumed or ingestor.known(rec.key):
             out.consumed += 1
-            ingestor.remember(rec.key)
+            ingestor.remember(rec.key, rec.payload)
             journal.mark_consumed([rec.index])
             continue
         try:
@@ -390,7 +390,7 @@ def recover_groups(journal: GroupJournal, ingestor, learner_version: int, requeu
             event(log, "group_record_skipped", level=30, index=rec.index, episode=rec.key[0], error=repr(exc)[:200])
             continue
         vg.record, vg.replayed = rec.index, True
-        ingestor.remember(rec.key)
+        ingestor.remember(rec.key, rec.payload)
         requeue(vg)
         out.requeued += 1
     return out

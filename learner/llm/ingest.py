@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fleetloop.errors import FleetloopError, InvalidArgument, NotFound
+from fleetloop.errors import FailedPrecondition, FleetloopError, InvalidArgument, NotFound
+from learner.ledger import digest
 
 #: Largest positive log-prob accepted (float32 rounding of log(1) may come out slightly above 0).
 LOGPROB_TOL = 1e-3
@@ -191,7 +192,7 @@ class GroupIngestor:
         self.m = metrics
         self.journal = journal
         self.lock = threading.Lock()
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: dict[tuple[str, int], bytes | None] = {}  # key -> content digest (None: compacted, unknown)
         self.duplicates = 0
         self.stored = 0
         self.rejected: dict[str, int] = {}
@@ -201,21 +202,35 @@ class GroupIngestor:
         with self.lock:
             return key in self._seen
 
-    def remember(self, key: tuple[str, int]) -> None:
-        """Put (episode_id, seq) in the ledger without storing anything (replay of the journal)."""
+    def remember(self, key: tuple[str, int], payload: bytes | None = None) -> None:
+        """Put (episode_id, seq) in the ledger without storing anything (replay of the journal); with the
+        record's ``payload`` its digest too (compacted keys have none: any valid resend of them is a duplicate)."""
+        key = (str(key[0]), int(key[1]))
         with self.lock:
-            self._seen.add(key)
+            if payload is not None or key not in self._seen:
+                self._seen[key] = digest(payload) if payload is not None else None
+
+    def _duplicate(self, key: tuple[str, int], content: bytes) -> bool:
+        """True when ``key`` is stored with this content; FailedPrecondition when with other content (caller
+        holds the lock)."""
+        if key not in self._seen:
+            return False
+        stored = self._seen[key]
+        if stored is not None and stored != content:
+            raise FailedPrecondition(f"group (episode {key[0]!r}, seq {key[1]}) is already stored with other content "
+                                     f"(digest {stored.hex()} != {content.hex()}): a resend must be byte-identical",
+                                     field="seq", value=key[1])
+        self.duplicates += 1
+        return True
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
         """Validate and store ``chunk``; True when (episode_id, seq) was stored before (nothing stored now).
         With a journal and ``durable``, ``raw`` (the chunk's wire bytes; re-serialised when None) is logged
         first."""
         key = (chunk.episode_id, int(chunk.seq))
-        with self.lock:
-            if key in self._seen:
-                self.duplicates += 1
-                return True
-        try:
+        raw = raw if raw is not None else chunk.SerializeToString()
+        content = digest(raw)
+        try:  # validation first, also for a resend: a resend with NaN or of another job is refused, never acked
             vg = validate_group(chunk, learner_version=learner_version, **self.limits)
         except FleetloopError as exc:
             reason = reason_of(exc)
@@ -225,12 +240,11 @@ class GroupIngestor:
                 self.m.rejected.labels(self.m.job, reason).inc()
             raise
         with self.lock:
-            if key in self._seen:  # raced with a resend on another stream
-                self.duplicates += 1
+            if self._duplicate(key, content):  # also when raced with a resend on another stream
                 return True
             if durable and self.journal is not None:
-                vg.record = self.journal.append(raw if raw is not None else chunk.SerializeToString(), key)
-            self._seen.add(key)
+                vg.record = self.journal.append(raw, key)
+            self._seen[key] = content
             self.stored += 1
             self.on_group(vg)
         return False

@@ -19,7 +19,7 @@ def test_received_intervention_and_idle_actor_series(tmp_path):
                                      actor_metrics_ttl_s=60))
     for seq in range(3):
         core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", seq, 0, n=10, interventions=4), 100, 0)
-    core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", 1, 0), 100, 0)  # a resend: not counted twice
+    core.ingestor.ingest(robot_chunk("m", "r1", "ep-1", 1, 0, n=10, interventions=4), 100, 0)  # a resend: not counted twice
     core.ingestor.ingest(robot_chunk("m", "r2", "ep-2", 0, 0, n=5, interventions=0), 100, 0)
     assert _value(core, "fleetloop_learner_received_steps_total", task="reach-v3") == 35
     assert _value(core, "fleetloop_learner_intervention_steps_total", task="reach-v3") == 12
