@@ -378,12 +378,22 @@ def _parsed(cls, method, metrics, job: str):
     return streaming if inspect.isgeneratorfunction(method) else unary
 
 
+def transport_limit(max_message_bytes: int) -> int:
+    """The gRPC transport's receive limit for a learner that accepts ``max_message_bytes`` (the limit it
+    announces in RunConfig and enforces itself). Actors never send more than the announced limit (their
+    channel's send limit is set from it); the transport takes up to twice as much (at least 1 MiB more)
+    so that a client that does send an oversized chunk gets the learner's own refusal (RESOURCE_EXHAUSTED
+    naming ``message_size`` and both sizes, ``grpc-retry-pushback-ms: -1``, counted and logged) instead
+    of a bare transport error; only past this limit does gRPC itself refuse the message."""
+    return max_message_bytes + max(1 << 20, max_message_bytes)
+
+
 def server_options(max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float) -> list[tuple[str, int]]:
     """Channel arguments of the learner's server: message limits and HTTP/2 keepalive. The server
     pings every connection after ``keepalive_time_s`` without activity (also without calls, and
     without a data frame in between) and closes it when a ping stays unanswered for
     ``keepalive_timeout_s``; clients may ping every 5 s (actors ping every 20 s)."""
-    limit = max_message_bytes + (1 << 20)  # headroom so oversized chunks get our clear error, not a transport one
+    limit = transport_limit(max_message_bytes)
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)), ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
