@@ -136,8 +136,9 @@ class LearnerServicer:
     def _bind(self, principal: Principal, actor_id: str, what: str) -> None:
         """PermissionDenied unless ``principal`` may act as ``actor_id`` (see the module docstring)."""
         if not principal.may_act_as(actor_id):
-            raise PermissionDenied(f"{what} names actor {actor_id[:128]!r}, but credential {principal} is enrolled for "
-                                   f"actors {list(principal.actors or [])}", field="actor_id", value=actor_id[:128])
+            raise PermissionDenied(f"{what}: actor_id {actor_id[:128]!r} is not an actor credential {principal} is "
+                                   f"enrolled for (actors {list(principal.actors or [])})", field="actor_id",
+                                   value=actor_id[:128])
 
     def _recheck(self, token: str) -> str | None:
         """Stream guard hook: why an open stream's credential is no longer valid (None: still valid,
@@ -253,7 +254,7 @@ class LearnerServicer:
                             self._bind(principal, chunk.actor_id, f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq})")
                             lease.actor = chunk.actor_id[:128]
                         elif chunk.actor_id != lease.actor:
-                            raise PermissionDenied(f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq}) names actor "
+                            raise PermissionDenied(f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq}): actor_id "
                                                    f"{chunk.actor_id[:128]!r} on a stream bound to actor {lease.actor!r}",
                                                    field="actor_id", value=chunk.actor_id[:128])
                         if not self.llm and chunk.HasField("group"):

@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetloop.codec import SUPPORTED_PROTOCOL_VERSIONS, encode, parse_message
-from fleetloop.errors import FleetloopError
+from fleetloop.errors import FleetloopError, PermissionDenied
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
 from learner.ingest import validate
+from learner.ledger import digest
 from learner.ray_learner import _RayLearnerImpl
 from tests.fuzz.record import RECORD
 from tests.fuzz.strategies import (JOB, TASKS, TOKEN, ascii_token, byte_mutations, chunk_mutations, handshake_mutation,
@@ -82,15 +83,21 @@ def assert_alive(impl, wire) -> None:
     assert len(acks) == 1 and not acks[0].duplicate
 
 
-def oracle(impl, raw: bytes):
-    """What the learner must answer to ``raw``: ("ack", chunk), ("dup", chunk) or ("error", FleetloopError, chunk)."""
+def oracle(impl, raw: bytes, bound_actor: str | None = None):
+    """What the learner must answer to ``raw`` on a stream bound to ``bound_actor`` (None: not yet bound):
+    ("ack", chunk), ("dup", chunk) or ("error", FleetloopError, chunk). The learner's order: size and parse,
+    the stream's actor binding, validation (also of resends), then the ledger (byte-identical resend = dup;
+    other content under a stored key, a seq gap or a first_step jump refused)."""
     chunk = None
     try:
         chunk = parse_message(raw, pb.EpisodeChunk, MAX_BYTES)
-        if impl.core.ingestor.ledger.seen(chunk.episode_id, int(chunk.seq)):
-            return ("dup", chunk)
+        if bound_actor and chunk.actor_id != bound_actor:
+            raise PermissionDenied(f"actor_id {chunk.actor_id!r} on a stream bound to {bound_actor!r}", field="actor_id")
         validate(chunk, JOB, set(TASKS), OBS_SPECS, ACT_SPECS, impl.core.version)
-        return ("ack", chunk)
+        with impl.core.ingestor.lock:
+            dup = impl.core.ingestor.ledger.check(chunk.actor_id, chunk.episode_id, int(chunk.seq), int(chunk.first_step),
+                                                  chunk.HasField("end"), digest(raw))
+        return ("dup" if dup else "ack", chunk)
     except FleetloopError as exc:
         return ("error", exc, chunk)
 
@@ -148,8 +155,11 @@ def test_stream_fuzz_status_counter_and_liveness(learner, wire, case):
         assert_alive(learner, wire)
         return
     # replay the oracle against the learner's state *after* the stream: acked chunks are now in the ledger
+    bound = None  # the stream's actor: the first chunk's (the learner binds it before validating)
     for i, raw in enumerate(raws):
-        verdict = oracle(learner, raw)
+        verdict = oracle(learner, raw, bound)
+        if bound is None and verdict[-1] is not None and not isinstance(verdict[1], PermissionDenied):
+            bound = verdict[-1].actor_id[:128] or None
         if i < len(acks):
             assert verdict[0] in ("dup", "ack"), (where, i, verdict)
             assert (acks[i].episode_id, acks[i].seq) == (verdict[1].episode_id, verdict[1].seq), where
