@@ -71,13 +71,14 @@ def main(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     obs_specs, act_specs = robot_specs()
     stop = threading.Event()
+    metrics = ActorMetrics(actor_id)
     client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
                          spool_dir=args.spool, connect_timeout_s=None,
-                         tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)})
+                         tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)},
+                         metrics=metrics)
     run = client.connect()  # retries until the learner answers; SIGTERM here just ends the process (spool is on disk)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on: finish the episode, flush, exit
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    metrics = ActorMetrics(actor_id)
     if args.metrics_port is not None:
         event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port, args.metrics_host))
     seed = args.seed if args.seed is not None else os.getpid()

@@ -19,6 +19,11 @@ class ActorMetrics:
         self.learner_version = Gauge("fleetloop_actor_learner_version", "Learner version seen in the last ack.", a, registry=r)
         self.spool_chunks = Gauge("fleetloop_actor_spool_chunks", "Chunks waiting for an ack.", a, registry=r)
         self.swaps = Counter("fleetloop_actor_policy_swaps_total", "Weight swaps (between episodes).", a, registry=r)
+        self.oversized_steps = Counter("fleetloop_actor_oversized_steps_total", "Steps set aside, never sent: one step alone "
+                                       "larger than the learner's max_message_bytes.", a + ["task"], registry=r)
+        self.set_aside_chunks = Counter("fleetloop_actor_set_aside_chunks_total", "Spooled chunks moved to the spool's "
+                                        "rejected/ and never resent, by reason (oversized, invalid_argument, internal, "
+                                        "...).", a + ["reason"], registry=r)
         self.swap_delay = Histogram("fleetloop_actor_publish_to_run_seconds", "Version published on the learner -> running here.", a,
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r)
 

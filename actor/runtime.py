@@ -24,20 +24,26 @@ Contract:
 - every step recorded carries the version of the policy that ran the episode (fixed at
   ``begin_episode``); the runtime never swaps weights inside an episode;
 - weights are used only after their sha256 was verified;
-- no call blocks on the network: recording writes to the spool, a background sender ships it.
+- no call blocks on the network: recording writes to the spool, a background sender ships it;
+- no chunk sent is larger than the ``max_message_bytes`` the learner announced at the handshake:
+  the recorder (:mod:`actor.recorder`) splits chunks by steps and sets aside a step that alone is
+  larger; the sender (:mod:`actor.sender`) sets aside a spooled chunk over the limit, or one refused
+  for size, instead of retrying it (logged, counted; README "Oversized messages").
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
+from actor.limits import announced_limit
+from actor.recorder import EpisodeRecorder, _empty_tensors
 from actor.sender import Sender
-from actor.spool import Spool
+from actor.spool import Spool, SpoolEntry
 from actor.weight_client import VerifiedWeights, WeightClient
 from fleetloop.channels import channel_options
 from fleetloop.codec import PROTOCOL_VERSION, encode
@@ -46,8 +52,11 @@ from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from actor.metrics import ActorMetrics
+
 log = get_logger("actor")
-_OUTCOMES = {"success": pb.SUCCESS, "failure": pb.FAILURE, "timeout": pb.TIMEOUT, "aborted": pb.ABORTED}
+__all__ = ["EpisodeRecorder", "FleetClient", "close_interrupted_episodes"]
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -57,162 +66,6 @@ def _error_from_rpc(err: grpc.RpcError) -> FleetloopError:
         if cls.code == err.code().name:
             return cls(err.details() or err.code().name)
     return FleetloopError(f"{err.code().name}: {err.details()}")
-
-
-def _np_dtype(spec) -> np.dtype:
-    from fleetloop.codec import _DTYPES
-    return _DTYPES.get(int(spec.dtype), np.dtype("<f4"))
-
-
-class _Rows:
-    """One chunk's rows of the tensors of ``specs``, preallocated as ``[chunk_steps, *spec.shape]``
-    arrays in the spec's dtype and reused chunk after chunk (a step is one row write, not a list
-    entry np.stack'ed at the seal). A value whose shape differs from its spec, or whose dtype does
-    not cast to the spec's within its kind (float64 -> float32 does; float -> uint8 does not), is
-    refused with InvalidArgument naming ``<what>[<name>]`` before anything is written."""
-
-    def __init__(self, specs, capacity: int, what: str) -> None:
-        self.specs, self.what = list(specs), what
-        self.shapes = {s.name: tuple(int(d) for d in s.shape) for s in self.specs}
-        self.arrays = {s.name: np.empty((capacity, *self.shapes[s.name]), dtype=_np_dtype(s)) for s in self.specs}
-        first = self.specs[0].name if len(self.specs) == 1 else None
-        self._single = (first, self.shapes[first], self.arrays[first]) if first is not None else None
-
-    def put(self, i: int, value) -> None:
-        """Write step ``i``: a mapping by spec name, or (one spec only) its array."""
-        if type(value) is np.ndarray and self._single is not None:  # the common case, kept cheap (~1 us)
-            name, shape, target = self._single
-            if value.shape == shape and value.dtype == target.dtype:
-                target[i] = value
-                return
-            target[i] = self._checked(name, value)
-            return
-        if isinstance(value, Mapping):
-            items = [(s.name, value[s.name]) for s in self.specs]
-        elif len(self.specs) == 1:
-            items = [(self.specs[0].name, value)]
-        else:
-            raise InvalidArgument(f"{self.what} is one array but the job declares {len(self.specs)} {self.what} tensors "
-                                  f"({[s.name for s in self.specs]}); pass a mapping by name", field=self.what,
-                                  value=type(value).__name__)
-        checked = [(name, self._checked(name, v)) for name, v in items]
-        for name, arr in checked:
-            self.arrays[name][i] = arr
-
-    def _checked(self, name: str, value) -> np.ndarray:
-        arr = np.asarray(value)
-        target = self.arrays[name]
-        if arr.shape != self.shapes[name]:
-            raise InvalidArgument(f"{self.what}[{name!r}] has shape {list(arr.shape)}; its spec says "
-                                  f"{list(self.shapes[name])}", field=f"{self.what}[{name}]", value=list(arr.shape))
-        if arr.dtype != target.dtype and not np.can_cast(arr.dtype, target.dtype, "same_kind"):
-            raise InvalidArgument(f"{self.what}[{name!r}] is {arr.dtype}; its spec says {target.dtype}",
-                                  field=f"{self.what}[{name}]", value=str(arr.dtype))
-        return arr
-
-    def views(self, n: int) -> dict[str, np.ndarray]:
-        """The first ``n`` rows of each tensor (views: encode them before the next chunk reuses the rows)."""
-        return {name: arr[:n] for name, arr in self.arrays.items()} if n else {}
-
-
-class EpisodeRecorder:
-    """Records one episode's steps and spools them in chunks.
-
-    A chunk is sealed (encoded, spooled, handed to the sender) when it holds ``chunk_steps`` steps,
-    or when ``max_chunk_wait_s`` (RunConfig; 0 = no limit) has passed since its first step, and at
-    the episode's end. The seal happens when the next step is recorded (or at ``end``), so the end
-    chunk always carries steps unless the episode had none; a step therefore waits at most
-    ``min((chunk_steps - 1) / hz, max_chunk_wait_s)`` plus one step period before it is sent.
-    """
-
-    def __init__(self, client: "FleetClient", task_id: str, episode_id: str, version: int) -> None:
-        self.client, self.task_id, self.episode_id, self.version = client, task_id, episode_id, version
-        self.chunk_steps = client.run_config.chunk_steps
-        self.max_chunk_wait_s = float(client.run_config.max_chunk_wait_s)
-        self._images = getattr(client, "image_encoding", None) or {}  # obs name -> 'jpeg' | 'png' (bench fakes have none)
-        self.seq = 0
-        self.steps = 0
-        self.intervention_steps = 0
-        self.total_reward = 0.0
-        self._obs = _Rows(client.observation_specs, self.chunk_steps, "obs")
-        self._act = _Rows(client.action_specs, self.chunk_steps, "action")
-        self._rew = np.empty(self.chunk_steps, np.float32)
-        self._int = np.empty(self.chunk_steps, np.bool_)
-        self._n = 0                 # steps in the chunk being recorded
-        self._first_step = 0
-        self._t_first = 0.0         # wall clock of the chunk's first step (produced_at)
-        self._t_first_mono = 0.0
-        self._spooled_reward = 0.0  # reward of the steps already in the spool (for an abort after a crash)
-        self.closed = False
-
-    def record(self, obs: np.ndarray | Mapping[str, np.ndarray], action: np.ndarray | Mapping[str, np.ndarray],
-               reward: float, intervened: bool) -> None:
-        """Add one step: the observation the action was chosen on, the action executed, the reward
-        received, and whether the operator (not the policy) chose it. InvalidArgument (nothing
-        recorded) when a tensor does not match its spec."""
-        if self.closed:
-            raise InvalidArgument(f"episode {self.episode_id} is already closed", field="episode_id", value=self.episode_id)
-        if self._n >= self.chunk_steps or (self._n and self.max_chunk_wait_s
-                                           and time.monotonic() - self._t_first_mono >= self.max_chunk_wait_s):
-            self._flush(end=None)
-        i = self._n
-        self._obs.put(i, obs)      # both checked before the step counts
-        self._act.put(i, action)
-        if i == 0:
-            self._t_first, self._t_first_mono = time.time(), time.monotonic()
-        self._rew[i] = reward
-        self._int[i] = bool(intervened)
-        self._n = i + 1
-        self.steps += 1
-        self.intervention_steps += int(bool(intervened))
-        self.total_reward += float(reward)
-
-    def end(self, outcome: str, total_reward: float | None = None) -> None:
-        """Close the episode with ``success`` / ``failure`` / ``timeout`` / ``aborted``."""
-        if outcome not in _OUTCOMES:
-            raise InvalidArgument(f"outcome {outcome!r} is not one of {sorted(_OUTCOMES)}", field="outcome", value=outcome)
-        end = pb.EpisodeEnd(outcome=_OUTCOMES[outcome], length=self.steps,
-                            total_reward=self.total_reward if total_reward is None else total_reward)
-        self._flush(end=end)
-        self.closed = True
-        self.client._episode_closed(self, outcome)
-
-    def _flush(self, end: pb.EpisodeEnd | None) -> None:
-        n = self._n
-        if n == 0 and end is None:
-            return
-        chunk = pb.EpisodeChunk(job_id=self.client.job_id, actor_id=self.client.actor_id, episode_id=self.episode_id,
-                                seq=self.seq, task_id=self.task_id, behavior_version=self.version,
-                                first_step=self._first_step, produced_at=self._t_first if n else time.time())
-        images = self._images
-        for rows, target in ((self._obs, chunk.observations), (self._act, chunk.actions)):
-            if n:
-                for name, arr in rows.views(n).items():
-                    if rows is self._obs and name in images:
-                        encode(arr, target[name], encoding=images[name], quality=self.client.jpeg_quality)
-                    else:
-                        encode(arr, target[name])
-            else:  # an episode ended before any step: empty tensors, still well-formed
-                _empty_tensors(rows.specs, target)
-        encode(self._rew[:n], chunk.rewards)
-        encode(self._int[:n], chunk.interventions)
-        if end is not None:
-            chunk.end.CopyFrom(end)
-        spool = self.client.spool
-        spool.put(self.episode_id, self.seq, chunk.SerializeToString())
-        self.seq += 1
-        self._first_step += n
-        self._spooled_reward += float(self._rew[:n].sum(dtype=np.float64))
-        self._n = 0
-        if not hasattr(spool, "mark_open"):  # a bare capture of chunks (benchmarks): no crash recovery to prepare
-            return
-        if end is not None:
-            spool.clear_open(self.episode_id)
-        else:  # after the put: a crash in between is resolved from the spool's own entries on restart
-            spool.mark_open(self.episode_id, {"job_id": self.client.job_id, "actor_id": self.client.actor_id,
-                                              "task_id": self.task_id, "behavior_version": self.version,
-                                              "next_seq": self.seq, "first_step": self._first_step,
-                                              "total_reward": self._spooled_reward})
 
 
 def _check_image_encoding(encodings: Mapping[str, str], obs_specs: Sequence, quality: int) -> dict[str, str]:
@@ -237,12 +90,6 @@ def _check_image_encoding(encodings: Mapping[str, str], obs_specs: Sequence, qua
     if out and not 1 <= int(quality) <= 95:
         raise InvalidArgument(f"jpeg_quality {quality} must be in 1..95", field="jpeg_quality", value=quality)
     return out
-
-
-def _empty_tensors(specs, target) -> None:
-    """Fill a chunk's tensor map with zero-step tensors of each spec (well-formed, no data)."""
-    for s in specs:
-        encode(np.zeros((0, *s.shape), dtype=_np_dtype(s)), target[s.name])
 
 
 def close_interrupted_episodes(spool: Spool, observation_specs: Sequence, action_specs: Sequence,
@@ -298,12 +145,21 @@ class FleetClient:
                  capabilities: Mapping[str, str] | None = None, max_inflight: int = 32, connect_timeout_s: float | None = 120.0,
                  send_experience: bool = True, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
                  tls_key_file: str | None = None, abort_interrupted: bool = False,
-                 image_encoding: Mapping[str, str] | None = None, jpeg_quality: int = 90) -> None:
+                 image_encoding: Mapping[str, str] | None = None, jpeg_quality: int = 90,
+                 metrics: "ActorMetrics | None" = None) -> None:
         """``image_encoding``: observation name -> 'jpeg' (lossy, ``jpeg_quality`` 1..95) or 'png'
         (lossless) for uint8 [..., H, W, C] camera tensors, compressed per frame on this actor before
         they are spooled and sent (``Tensor.encoding``; the learner decodes and checks every frame).
         InvalidArgument naming ``image_encoding[name]`` for an unknown name, a non-uint8 or non-image
-        spec, or an unknown encoding."""
+        spec, or an unknown encoding. ``metrics``: where the runtime counts what it sets aside
+        (``fleetloop_actor_oversized_steps_total``, ``fleetloop_actor_set_aside_chunks_total``);
+        None = counted only on the recorder / sender objects.
+
+        Message size: after :meth:`connect` every chunk is kept within the ``max_message_bytes`` the
+        learner announced (the recorder splits chunks, a step alone over it is set aside; the
+        sender sets aside a spooled chunk over it instead of sending it, and one the learner or the
+        transport refuses for size instead of retrying it): see :mod:`actor.recorder`,
+        :mod:`actor.sender`."""
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
         self.image_encoding = _check_image_encoding(image_encoding or {}, self.observation_specs, jpeg_quality)
@@ -311,6 +167,7 @@ class FleetClient:
         self.tasks, self.credential = list(tasks), credential
         self.capabilities = dict(capabilities or {})
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
+        self.metrics = metrics
         self.metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
         self.spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
         # episodes a killed predecessor on this spool left open: closed as aborted, or left open (module docstring)
@@ -332,7 +189,7 @@ class FleetClient:
         self._open: EpisodeRecorder | None = None
         self.episodes: dict[str, int] = {}
         self.sender = Sender(lambda it: self._stream(it, metadata=self.metadata), self.spool, job_id, actor_id,
-                             max_inflight=max_inflight, on_ack=self._on_ack)
+                             max_inflight=max_inflight, on_ack=self._on_ack, on_reject=self._on_reject)
         self.weights: WeightClient | None = None
 
     # -- connection --------------------------------------------------------------------------
@@ -363,6 +220,7 @@ class FleetClient:
                 time.sleep(delay)
                 delay = min(10.0, delay * 2)
         self.run_config = resp.run_config
+        self.sender.max_message_bytes = announced_limit(self.run_config)  # before the sender starts
         self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified,
                                     channel=self.channel)
         if resp.HasField("current_policy"):
@@ -379,6 +237,10 @@ class FleetClient:
 
     def _on_ack(self, ack: pb.Ack) -> None:
         self.learner_version = ack.learner_version
+
+    def _on_reject(self, entry: SpoolEntry, label: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.set_aside_chunks.labels(self.actor_id, label).inc()
 
     def _on_verified(self, weights: VerifiedWeights) -> None:
         for cb in list(self._callbacks):

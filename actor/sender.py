@@ -20,6 +20,15 @@ Behaviour:
 - INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION / OUT_OF_RANGE on a chunk: that chunk can
   never succeed, so it moves to the spool's ``rejected/`` folder (counted, logged) and the stream
   reconnects for the rest;
+- size (:mod:`actor.limits`): a spooled chunk larger than ``max_message_bytes`` (the learner's
+  limit from the handshake; e.g. spooled for an earlier learner with a larger one) is never sent:
+  it moves to ``rejected/`` before it reaches the wire. A refusal for size is never retried either,
+  the learner's own (RESOURCE_EXHAUSTED naming ``max_message_bytes``, pushback -1) or the
+  transport's (RESOURCE_EXHAUSTED "Received/Sent message larger than max (N vs. M)", which carries
+  no pushback trailer and leaves no learner log line): the refused chunk (the one of N bytes, else
+  the first in flight over the limit, else the oldest in flight) moves to ``rejected/``. Both are
+  counted in ``oversized`` and ``rejected``, logged as ``event=chunk_oversized`` (episode, seq,
+  size, limit), and reported to ``on_reject`` with label ``oversized``;
 - INTERNAL / UNKNOWN on a chunk (a learner bug, not bad input): resent like a lost connection, but
   after ``max_internal_strikes`` consecutive failures of the same chunk it moves to ``rejected/``
   (kept on disk for inspection, counted) so one chunk that trips a bug cannot hold back the rest;
@@ -36,6 +45,7 @@ from typing import Callable
 
 import grpc
 
+from actor.limits import over_limit, report_oversized, size_refusal
 from actor.spool import Spool, SpoolEntry
 from fleetloop.logs import event, get_logger
 
@@ -63,18 +73,33 @@ def pushback_ms(err: grpc.RpcError) -> int | None:
     return None
 
 
-def _retryable_exhaustion(code, pushback: int | None) -> bool:
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (pushback is None or pushback >= 0)
+def _retryable_exhaustion(code, pushback: int | None, details: str | None = None) -> bool:
+    """RESOURCE_EXHAUSTED worth retrying: no pushback < 0 and not a refusal for size."""
+    return (code == grpc.StatusCode.RESOURCE_EXHAUSTED and (pushback is None or pushback >= 0)
+            and not size_refusal(code, details, pushback)[0])
+
+
+def _details(err: grpc.RpcError) -> str:
+    try:
+        return str(err.details() or "")
+    except Exception:  # an RpcError raised locally, without details()
+        return str(err)
 
 
 class Sender:
-    """Owns one thread that keeps the spool flowing to the learner."""
+    """Owns one thread that keeps the spool flowing to the learner.
+
+    ``max_message_bytes``: the learner's limit (None = unknown: nothing is set aside before sending,
+    refusals for size still are); settable until :meth:`start`. ``on_reject(entry, label, reason)``
+    is called (from the sender's threads) for every chunk set aside, ``label`` being ``oversized``,
+    ``internal`` or the refusal's status code in lower case (``invalid_argument``, ...)."""
 
     def __init__(self, stream_factory: Callable, spool: Spool, job: str, actor: str, max_inflight: int = 32,
-                 on_ack: Callable | None = None, on_reject: Callable[[SpoolEntry, str], None] | None = None,
+                 on_ack: Callable | None = None, on_reject: Callable[[SpoolEntry, str, str], None] | None = None,
                  backoff_max_s: float = 10.0, ack_timeout_s: float = 30.0, idle_close_s: float = 20.0,
-                 max_internal_strikes: int = 5) -> None:
+                 max_internal_strikes: int = 5, max_message_bytes: int | None = None) -> None:
         self._factory, self.spool, self.job, self.actor = stream_factory, spool, job, actor
+        self.max_message_bytes = max_message_bytes
         self.max_inflight, self.on_ack, self.on_reject = max_inflight, on_ack, on_reject
         self.backoff_max_s, self.ack_timeout_s, self.idle_close_s = backoff_max_s, ack_timeout_s, idle_close_s
         self._stop = threading.Event()
@@ -85,7 +110,8 @@ class Sender:
         self.connected = False
         self.acked = 0
         self.duplicates = 0
-        self.rejected = 0
+        self.rejected = 0          # chunks set aside in the spool's rejected/ (any reason)
+        self.oversized = 0         # of those, set aside for their size
         self.reconnects = 0
         self.backoff_acks = 0      # acks that carried a backoff hint
         self.backoff_ms_max = 0    # largest hint seen
@@ -127,7 +153,7 @@ class Sender:
                     delay = 0.2
                 self.last_error = f"{code.name}: {err.details() if hasattr(err, 'details') else err}"
                 pushback = pushback_ms(err)
-                if _retryable_exhaustion(code, pushback):
+                if _retryable_exhaustion(code, pushback, _details(err)):
                     self.throttled += 1
                     if pushback is not None:
                         wait = pushback / 1000.0 * (1.0 + 0.2 * random.random())
@@ -148,10 +174,16 @@ class Sender:
                 delay = min(self.backoff_max_s, delay * 2)
 
     def _wait_for_work(self) -> bool:
-        """Block until the spool holds a chunk; False if stopping."""
+        """Block until the spool holds a chunk to send (oversized ones are set aside here, so a spool
+        holding only those opens no stream); False if stopping."""
         while not self._stop.is_set():
-            if self.spool.next_after(-1, timeout=0.5) is not None:
+            entry = self.spool.next_after(-1, timeout=0.5)
+            if entry is None:
+                continue
+            if not over_limit(len(entry.raw), self.max_message_bytes):
                 return True
+            self._set_aside_oversized(entry, None, self.max_message_bytes,
+                                      f"not sent: over the learner's max_message_bytes {self.max_message_bytes}")
         return False
 
     def _stream_once(self) -> None:
@@ -175,6 +207,11 @@ class Sender:
                     if not sent and time.monotonic() - idle_since > self.idle_close_s:
                         self.idle_closes += 1
                         return  # half-close: the learner ends the stream, its thread goes back to the pool
+                    continue
+                if over_limit(len(entry.raw), self.max_message_bytes):  # never send what the learner must refuse
+                    last = entry.counter
+                    self._set_aside_oversized(entry, None, self.max_message_bytes,
+                                              f"not sent: over the learner's max_message_bytes {self.max_message_bytes}")
                     continue
                 while not window.acquire(timeout=0.5):
                     if halted():
@@ -223,27 +260,56 @@ class Sender:
                     self.on_ack(ack)
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
-            poison = code in _POISON and not _retryable_exhaustion(code, pushback_ms(err))
+            details = _details(err)
+            reason = f"{code.name if code else 'UNKNOWN'}: {details}"
+            too_large, size, limit = size_refusal(code, details, pushback_ms(err))
+            if too_large and sent:
+                self._set_aside_oversized(self._refused(sent, size), size, self.max_message_bytes or limit, reason)
+                self.last_error = reason
+                return  # reconnect at once for the rest (chunks still in flight are resent)
+            poison = code in _POISON and not _retryable_exhaustion(code, pushback_ms(err), details)
+            label = code.name.lower() if code else "unknown"
             if code in _BUG and sent:
                 key = (sent[0].episode_id, sent[0].seq)
                 strikes = self._strikes[1] + 1 if self._strikes and self._strikes[0] == key else 1
                 self._strikes = (key, strikes)
-                poison = strikes >= self.max_internal_strikes
+                poison, label = strikes >= self.max_internal_strikes, "internal"
             if poison and sent:
                 entry = sent[0]
-                reason = f"{code.name}: {err.details()}"
-                self.spool.reject(entry, reason)
-                self.rejected += 1
+                self._set_aside(entry, label, reason)
                 event(log, "chunk_rejected", level=40, job=self.job, actor=self.actor, episode=entry.episode_id,
                       seq=entry.seq, error=reason)
-                if self.on_reject is not None:
-                    self.on_reject(entry, reason)
                 self.last_error = reason
                 return  # reconnect at once for the rest
             raise
         finally:
             done.set()
             self._call = None
+
+    def _refused(self, sent: deque, size: int | None) -> SpoolEntry:
+        """The in-flight chunk a refusal for size meant: the one of ``size`` bytes, else the first
+        over the known limit, else the oldest (the learner answers chunks in order)."""
+        for entry in sent:
+            if size is not None and len(entry.raw) == size:
+                return entry
+        for entry in sent:
+            if over_limit(len(entry.raw), self.max_message_bytes):
+                return entry
+        return sent[0]
+
+    def _set_aside(self, entry: SpoolEntry, label: str, reason: str) -> None:
+        """Move ``entry`` to the spool's rejected/ (with ``reason``), count it, tell ``on_reject``."""
+        self.spool.reject(entry, reason)
+        self.rejected += 1
+        if self.on_reject is not None:
+            self.on_reject(entry, label, reason)
+
+    def _set_aside_oversized(self, entry: SpoolEntry, size: int | None, limit: int | None, reason: str) -> None:
+        """Set aside a chunk for its size (``size``/``limit``: as refused, when known): log, count."""
+        self.oversized += 1
+        report_oversized("chunk", job=self.job, actor=self.actor, episode=entry.episode_id, seq=entry.seq,
+                         size=len(entry.raw) if size is None else size, limit=limit, action="set_aside", reason=reason)
+        self._set_aside(entry, "oversized", f"oversized: {len(entry.raw)} bytes; {reason}")
 
     def _watch_acks(self, call, sent: deque, progress: list, done: threading.Event) -> None:
         """Cancel ``call`` when chunks are in flight and no ack came for ``ack_timeout_s``."""

@@ -13,6 +13,8 @@ key                                         type    written by / meaning
 ``fl:cmd:{cmd_id}``                         string  learner: a command's result (JSON, TTL 1 h)
 ``fl:job:{id}:heartbeat``                   string  learner: unix time of its last report (TTL)
 ``fl:job:{id}:status``                      string  learner: newest status snapshot (JSON)
+``fl:job:{id}:final``                       string  learner's last report / launcher on reaping it: the
+                                                    final status of a stopped learner (JSON, no TTL)
 ``fl:job:{id}:actors``                      hash    learner: actor id -> JSON row of the fleet table
 ``fl:job:{id}:versions``                    hash    learner: version -> JSON (step, time, digest)
 ``fl:job:{id}:series``                      list    learner: time series points for charts (capped)
@@ -22,11 +24,17 @@ key                                         type    written by / meaning
 ==========================================  ======  ===============================================
 
 Secrets (robot tokens, API keys) are only ever stored as sha256 hex digests.
+
+When a learner stops, its last status is kept without TTL under ``fl:job:{id}:final``
+(:func:`final_report`: marked ``final``, ingest and update rates 0), its heartbeat is deleted,
+and every row of ``fl:job:{id}:actors`` gets a final status (:func:`final_actor_row`: ``stopped``
+or ``left``), so a finished job keeps its numbers after the heartbeat is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 PREFIX = "fl"
 JOBS = f"{PREFIX}:jobs"
@@ -35,6 +43,8 @@ SERIES_MAX = 3600          # points kept per job (1 per 2 s: two hours)
 EVENTS_MAX = 5000          # events kept per job
 VERSIONS_MAX = 2000        # newest versions kept in the version index per job
 HEARTBEAT_TTL_S = 30       # a learner silent this long is considered gone
+ACTOR_GONE_S = 60.0        # an actor without a chunk this long is "gone" (live) / "left" (final)
+FINAL_ACTOR_STATES = ("stopped", "left", "revoked")  # revoked stays revoked after the stop
 
 
 def job(job_id: str) -> str:
@@ -61,6 +71,10 @@ def status(job_id: str) -> str:
     return f"{job(job_id)}:status"
 
 
+def final_status(job_id: str) -> str:
+    return f"{job(job_id)}:final"
+
+
 def actors(job_id: str) -> str:
     return f"{job(job_id)}:actors"
 
@@ -83,8 +97,26 @@ def enrollments(job_id: str) -> str:
 
 def all_job_keys(job_id: str) -> list[str]:
     """Every key of one job (for deletion)."""
-    return [job(job_id), events(job_id), commands(job_id), heartbeat(job_id), status(job_id), actors(job_id),
-            versions(job_id), series(job_id), evaluations(job_id), enrollments(job_id)]
+    return [job(job_id), events(job_id), commands(job_id), heartbeat(job_id), status(job_id), final_status(job_id),
+            actors(job_id), versions(job_id), series(job_id), evaluations(job_id), enrollments(job_id)]
+
+
+def final_report(status: dict[str, Any], stopped_at: float) -> dict[str, Any]:
+    """The final status of a stopped learner: its last status snapshot (every number as last
+    reported), marked ``final`` with ``stopped_at``, ``job_state`` "stopped", and nothing flowing
+    any more: ``ingest_steps_per_s`` and ``updates_per_s`` are 0. Pure; ``status`` is not changed."""
+    return {**status, "final": True, "stopped_at": stopped_at, "job_state": "stopped",
+            "ingest_steps_per_s": 0.0, "updates_per_s": 0.0}
+
+
+def final_actor_row(row: dict[str, Any], stopped_at: float) -> dict[str, Any]:
+    """An actor's fleet-table row once its learner stopped at ``stopped_at``: status ``stopped``
+    when it was still with the job (a chunk or handshake less than :data:`ACTOR_GONE_S` before),
+    else ``left``; every other field as last reported. A row already final is returned unchanged."""
+    if row.get("status") in FINAL_ACTOR_STATES:
+        return row
+    seen = row.get("last_seen") or 0.0
+    return {**row, "status": "stopped" if stopped_at - seen < ACTOR_GONE_S else "left"}
 
 
 def secret_hash(secret: str) -> str:

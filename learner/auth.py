@@ -76,9 +76,14 @@ class StaticTokens:
             raise Unauthenticated("missing credential (metadata 'authorization: Bearer <token>')", field="authorization")
         digest = hashlib.sha256(token.encode()).digest()
         if not any(hmac.compare_digest(digest, h) for h in self._hashes):
-            raise Unauthenticated(f"credential {token_id(token)} is not valid for job {job_id!r}", field="authorization",
+            raise Unauthenticated(f"credential {token_id(token)} is not valid for job {_job(job_id, token)}", field="authorization",
                                   value=token_id(token))
         return Principal(f"robot-token-{token_id(token)}")
+
+
+def _job(job_id: str, token: str) -> str:
+    """The job as named in a credential error; never the token itself (a caller may send it as job id)."""
+    return repr(job_id) if job_id != token else "(the requested job)"
 
 
 def bearer(metadata: Iterable[tuple[str, str]]) -> str | None:
@@ -124,10 +129,10 @@ class EnrollmentTokens:
             raise Unavailable(f"credential store unreachable: {type(exc).__name__}", field="authorization") from None
         record = json.loads(raw) if raw else None
         if record is None:
-            raise Unauthenticated(f"credential {token_id(token)} is not enrolled for job {job_id!r}", field="authorization",
+            raise Unauthenticated(f"credential {token_id(token)} is not enrolled for job {_job(job_id, token)}", field="authorization",
                                   value=token_id(token))
         if record.get("revoked_at"):
-            raise CredentialRevoked(f"credential {token_id(token)} is revoked for job {job_id!r}", field="authorization",
+            raise CredentialRevoked(f"credential {token_id(token)} is revoked for job {_job(job_id, token)}", field="authorization",
                                     value=token_id(token))
         actors = record.get("actors") or [record.get("name") or ""]
         return Principal(f"enrollment-{record.get('id', token_id(token))}", actors)

@@ -14,6 +14,14 @@ Runs as one background thread inside the learner process (Ray actor or pod). Eac
 and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``rollback``,
 ``drain``) from the job's command list and writes each result under ``fl:cmd:{id}``.
 
+When the learner stops (:meth:`ControlAgent.stop`), a last tick is followed by the final report
+(:meth:`ControlAgent.report_final`): the status is kept without TTL (``fl:job:{id}:final``, ingest
+and update rates 0), every actor row gets its final status (``stopped`` or ``left``) and the
+heartbeat is deleted, so the job's numbers outlive the learner.
+
+Actor rows carry ``dropped``: steps of that actor dropped at ingest, by the staleness gate's reason
+(``stale``, ``stale_expert_only``, ``future_version``).
+
 Invariant: the learner never depends on Redis to train or serve. A Redis error is logged (at
 most once per ``error_log_every_s``) and the tick is retried; commands are at-most-once (popped
 before execution; the result key says whether it ran).
@@ -35,7 +43,7 @@ from fleetloop.logs import event, get_logger
 log = get_logger("learner.control")
 
 ACTIVE_S = 10.0   # an actor whose newest chunk is younger than this is "active"
-IDLE_S = 60.0     # ... younger than this "idle", older "gone"
+IDLE_S = keys.ACTOR_GONE_S  # ... younger than this "idle", older "gone"
 
 
 def actor_status(last_seen: float, now: float, job_state: str) -> str:
@@ -83,8 +91,9 @@ class ControlAgent:
         if final_tick:
             try:
                 self.tick()
-            except redis.RedisError:
-                pass
+                self.report_final()
+            except redis.RedisError as exc:  # the launcher keeps the last status when it reaps the learner
+                event(log, "final_report_failed", level=30, job=self.job, error=repr(exc)[:200])
 
     def _run(self) -> None:
         next_point = time.monotonic()
@@ -121,12 +130,14 @@ class ControlAgent:
         for sess in sorted(self.sessions().values(), key=lambda s: s["since"]):
             rows[sess["actor_id"]] = {"actor_id": sess["actor_id"], "kind": sess.get("kind", "robot"), "tasks": sess["tasks"],
                                       "connected_at": sess["since"], "task": "", "version": -1, "last_seen": sess["since"],
-                                      "steps": 0, "intervention_steps": 0, "episodes": 0, "successes": 0}
+                                      "steps": 0, "intervention_steps": 0, "episodes": 0, "successes": 0, "dropped": {},
+                                      "revoked": bool(sess.get("revoked"))}
         for actor_id, tally in status["actors"].items():
             row = rows.setdefault(actor_id, {"actor_id": actor_id, "kind": "robot", "tasks": [], "connected_at": None})
             row.update(tally)
+            row["dropped"] = dict(tally.get("dropped") or {})
         for row in rows.values():
-            row["status"] = actor_status(row["last_seen"], now, status["job_state"])
+            row["status"] = "revoked" if row.get("revoked") else actor_status(row["last_seen"], now, status["job_state"])
             row["staleness"] = latest - row["version"] if row["version"] >= 0 else None
             row["intervention_ratio"] = row["intervention_steps"] / row["steps"] if row["steps"] else 0.0
             row["success_rate"] = row["successes"] / row["episodes"] if row["episodes"] else None
@@ -180,6 +191,21 @@ class ControlAgent:
             self.emit("published", version=self._reported_version, step=new_versions[-1].learner_step,
                       count=len(new_versions))
         self.ticks += 1
+
+    def report_final(self) -> dict[str, Any]:
+        """The learner stopped: keep its status without TTL (:func:`fleetloop.redis_keys.final_report`),
+        give every actor row its final status (``stopped`` / ``left``) and delete the heartbeat, in
+        one pipeline. Returns the final status. Raises redis errors (the caller logs them)."""
+        now = time.time()
+        final = keys.final_report(self.core.status(), now)
+        rows = {a: keys.final_actor_row(r, now) for a, r in self.actor_rows(final, now).items()}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.final_status(self.job), json.dumps(final))
+        if rows:
+            pipe.hset(keys.actors(self.job), mapping={a: json.dumps(r) for a, r in rows.items()})
+        pipe.delete(keys.heartbeat(self.job))
+        pipe.execute()
+        return final
 
     def _prune_versions(self) -> None:
         """Keep the newest ``keys.VERSIONS_MAX`` entries of the version index (the pinned one too)."""

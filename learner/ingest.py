@@ -3,7 +3,8 @@
 Path of a chunk: ``validate`` (pure; InvalidArgument / NotFound naming field and value; also for a
 resend, so a resend with NaN or of another job is refused, never acked) -> ledger check
 (:mod:`learner.ledger`: key ``(actor, episode_id, seq)``; a byte-identical resend is a duplicate, acked
-without storing; other content under a stored key, a seq gap or a ``first_step`` jump is refused) ->
+without storing; other content under a stored key, an out-of-order seq or a ``first_step`` jump is
+refused; a seq gap, chunks the actor set aside, is accepted, counted and logged) ->
 per-actor rate limit (RateLimited, nothing stored) -> staleness gate at ingest -> ingest log append
 (the durability point) -> replay store -> ledger record -> episode accounting -> ack.
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from fleetloop.codec import check_finite, decode, decode_map
 from fleetloop.errors import InvalidArgument, NotFound
+from fleetloop.logs import event, get_logger
 from learner.backpressure import FlowControl
 from learner.ingest_log import IngestLog
 from learner.ledger import Ledger, digest
@@ -39,6 +41,7 @@ from learner.metrics import LearnerMetrics
 from learner.replay import ReplayStore
 from learner.staleness import StalenessGate
 
+log = get_logger("learner.ingest")
 OUTCOMES = {1: "success", 2: "failure", 3: "timeout", 4: "aborted"}
 _MAX_ID = 128
 
@@ -234,15 +237,20 @@ class Ingestor:
             raise
         key = (decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.outcome is not None, content)
         with self.lock:
-            if self.ledger.check(*key):
+            if self.ledger.check(*key) is True:
                 self._c_dup.inc()
                 return True
         if durable and self.flow is not None:
             self.flow.admit(decoded.actor_id, decoded.steps)  # RateLimited: refused before anything is logged
         with self.lock:
-            if self.ledger.check(*key):  # raced with a resend on another stream
+            gap = self.ledger.check(*key)
+            if gap is True:  # raced with a resend on another stream
                 self._c_dup.inc()
                 return True
+            if gap:  # the actor set chunks aside: keep the rest of its episode, count and log the hole
+                self.m.seq_gaps.labels(self.job_id).inc(gap)
+                event(log, "seq_gap", level=30, job=self.job_id, actor=decoded.actor_id, episode=decoded.episode_id,
+                      missing=f"{decoded.seq - gap}..{decoded.seq - 1}", first_step=decoded.first_step)
             if durable:
                 self.log.append(raw)
             evicted, wasted = self._store(decoded, learner_version)

@@ -1,10 +1,10 @@
-"""Exactly-once ledger and the episode contract of ``EpisodeChunk`` (proto: "seq starts at 0 and
-has no gaps"; ``first_step`` is the index of the chunk's first step within the episode).
+"""Exactly-once ledger and the episode contract of ``EpisodeChunk`` (proto: seq starts at 0 and
+increases; ``first_step`` is the index of the chunk's first step within the episode).
 
 Key: ``(actor_id, episode_id, seq)`` (the job is the learner's own: chunks of another job are refused
 before they reach the ledger). Per episode the ledger keeps the next expected ``seq`` and
 ``first_step``, whether the episode ended, and an 8-byte content digest (blake2b of the chunk's wire
-bytes) of every stored chunk, so memory is O(episodes + 8 bytes per chunk).
+bytes) per seq, so memory is O(episodes + 8 bytes per chunk).
 
 Verdicts of :meth:`Ledger.check` for a chunk ``(actor, episode, seq)``:
 
@@ -12,14 +12,17 @@ Verdicts of :meth:`Ledger.check` for a chunk ``(actor, episode, seq)``:
   else the previous chunk's ``first_step`` + its steps; INVALID_ARGUMENT naming ``first_step``) and
   the episode has not ended (FAILED_PRECONDITION naming ``seq``);
 - ``seq`` below it: a resend. Same digest: duplicate (acked, not stored again). Another digest:
-  FAILED_PRECONDITION naming the key (a different chunk under a stored key is never acked). A seq the
-  learner refused before (see below) is FAILED_PRECONDITION too;
-- ``seq`` above it: a gap, FAILED_PRECONDITION naming ``seq`` and the expected value.
+  FAILED_PRECONDITION naming the key (a different chunk under a stored key is never acked). A seq
+  that was skipped (a gap, below) arriving late is out of order: FAILED_PRECONDITION;
+- ``seq`` above it: a *gap*. Actors send in order, so a gap means the actor set chunks aside (the
+  learner refused them, a learner bug refused them five times, or they were too large to send):
+  refusing the rest of the episode would lose it, outcome included. So a gap of at most
+  :data:`MAX_GAP` chunks is accepted when ``first_step`` does not go back before the stored steps
+  (INVALID_ARGUMENT otherwise); the caller counts it (``fleetloop_learner_seq_gaps_total``) and logs
+  the missing seqs. The skipped seqs can never be stored later.
 
-A chunk the learner refuses as invalid (INVALID_ARGUMENT: NaN, shape, bounds) while it was the next
-expected one is marked *refused* (:meth:`Ledger.refuse`): the actor sets such a chunk aside, so the
-episode may continue at ``seq + 1`` with any ``first_step`` not below the expected one. Refusals are
-not in the ingest log, so after a learner restart that gap is refused again (documented limitation).
+A chunk the learner refuses as invalid while it was the next expected one is recorded as skipped at
+once (:meth:`Ledger.refuse`), so a resend of it is told it was refused before.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from fleetloop.errors import FailedPrecondition, InvalidArgument
 
 DIGEST_BYTES = 8
-_REFUSED = b"\x00" * DIGEST_BYTES
+MAX_GAP = 4096  # most chunks one gap may skip (a larger jump is a broken sender, not chunks set aside)
+_SKIPPED = b"\x00" * DIGEST_BYTES
 
 
 def digest(raw: bytes) -> bytes:
@@ -41,11 +45,11 @@ def digest(raw: bytes) -> bytes:
 @dataclass
 class _Episode:
     next_seq: int = 0
-    next_step: int | None = 0       # None: any first_step >= floor_step (after a refused chunk)
+    next_step: int | None = 0       # None: any first_step >= floor_step (after a skipped chunk)
     floor_step: int = 0
     ended: bool = False
     digests: bytearray = field(default_factory=bytearray)  # DIGEST_BYTES per seq, in seq order
-    refused: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)   # seqs never stored: refused or skipped by a gap
 
 
 class Ledger:
@@ -54,58 +58,64 @@ class Ledger:
     def __init__(self) -> None:
         self._episodes: dict[tuple[str, str], _Episode] = {}
 
-    def check(self, actor: str, episode: str, seq: int, first_step: int, has_end: bool, content: bytes) -> bool:
-        """True for a duplicate (same key, same digest); False for the next new chunk; raises
-        FailedPrecondition / InvalidArgument (see the module docstring) otherwise. Stores nothing."""
+    def check(self, actor: str, episode: str, seq: int, first_step: int, has_end: bool, content: bytes) -> int | bool:
+        """For a new chunk the number of seqs it skips (0: none; ``False == 0``), True for a duplicate
+        (same key, same digest); raises FailedPrecondition / InvalidArgument (module docstring)
+        otherwise. Stores nothing."""
         ep = self._episodes.get((actor, episode))
         nxt = ep.next_seq if ep else 0
         key = f"(actor {actor!r}, episode {episode!r}, seq {seq})"
         if seq < nxt:
             if seq in ep.refused:
-                raise FailedPrecondition(f"chunk {key} was refused before and the episode moved on; it cannot be "
-                                         f"stored now", field="seq", value=seq)
+                raise FailedPrecondition(f"chunk {key} arrives after later chunks of its episode (it was refused or "
+                                         f"skipped before; the episode is at seq {nxt}): out of order", field="seq",
+                                         value=seq)
             stored = bytes(ep.digests[seq * DIGEST_BYTES:(seq + 1) * DIGEST_BYTES])
             if stored != content:
                 raise FailedPrecondition(f"chunk {key} is already stored with other content (digest "
                                          f"{stored.hex()} != {content.hex()}): a resend must be byte-identical",
                                          field="seq", value=seq)
             return True
-        if seq > nxt:
-            raise FailedPrecondition(f"chunk {key} skips seq {nxt}..{seq - 1}: seq starts at 0 and has no gaps "
-                                     f"(expected {nxt})", field="seq", value=seq)
         if ep is not None and ep.ended:
             raise FailedPrecondition(f"chunk {key} follows the end of episode {episode!r} (ended at seq {nxt - 1})",
                                      field="seq", value=seq)
+        gap = seq - nxt
+        if gap > MAX_GAP:
+            raise FailedPrecondition(f"chunk {key} skips {gap} chunks (seq {nxt}..{seq - 1}); at most {MAX_GAP} may be "
+                                     f"skipped", field="seq", value=seq)
         expected = ep.next_step if ep else 0
-        if expected is not None and first_step != expected:
+        floor = ep.floor_step if ep else 0
+        if gap == 0 and expected is not None and first_step != expected:
             raise InvalidArgument(f"first_step {first_step} of chunk {key} does not follow the episode's previous "
                                   f"chunk (expected {expected})", field="first_step", value=first_step)
-        if expected is None and first_step < ep.floor_step:
-            raise InvalidArgument(f"first_step {first_step} of chunk {key} goes back before step {ep.floor_step}",
-                                  field="first_step", value=first_step)
-        return False
+        if first_step < floor:
+            raise InvalidArgument(f"first_step {first_step} of chunk {key} goes back before step {floor}, which the "
+                                  f"episode's stored chunks reached", field="first_step", value=first_step)
+        return gap
 
     def record(self, actor: str, episode: str, seq: int, first_step: int, steps: int, has_end: bool,
                content: bytes) -> None:
-        """Mark the chunk stored; it must be the next expected one (``check`` said False)."""
+        """Mark the chunk stored (``check`` said it is new; skipped seqs before it are marked)."""
         ep = self._episodes.setdefault((actor, episode), _Episode())
-        if seq != ep.next_seq:
-            raise AssertionError(f"ledger: record of seq {seq}, expected {ep.next_seq}")
+        if seq < ep.next_seq:
+            raise AssertionError(f"ledger: record of seq {seq}, already at {ep.next_seq}")
+        for skipped in range(ep.next_seq, seq):
+            ep.refused.add(skipped)
+            ep.digests += _SKIPPED
         ep.digests += content
-        ep.next_seq += 1
+        ep.next_seq = seq + 1
         ep.next_step = ep.floor_step = first_step + steps
         ep.ended = ep.ended or has_end
 
     def refuse(self, actor: str, episode: str, seq: int, first_step: int) -> None:
-        """The learner refused the next expected chunk as invalid: the episode may go on at ``seq + 1``
-        (module docstring). A refusal of any other seq changes nothing."""
+        """The learner refused the next expected chunk as invalid: mark it skipped (module docstring).
+        A refusal of any other seq changes nothing."""
         ep = self._episodes.setdefault((actor, episode), _Episode())
         if seq != ep.next_seq or ep.ended:
             return
         ep.refused.add(seq)
-        ep.digests += _REFUSED
+        ep.digests += _SKIPPED
         ep.next_seq += 1
-        ep.floor_step = max(ep.floor_step, first_step if ep.next_step is None else ep.next_step)
         ep.next_step = None
 
     def seen(self, actor: str, episode: str, seq: int) -> bool:

@@ -65,6 +65,9 @@ class LearnerMetrics:
         self.streams_closed = Counter("fleetloop_learner_streams_closed_total", "Long-lived RPCs the learner refused or ended, by rpc "
                                       "and reason (over_cap: refused at the cap; idle_timeout: no progress for stream_idle_timeout_s; "
                                       "revoked: its credential was revoked while it was open).", j + ["rpc", "reason"], registry=r)
+        self.seq_gaps = Counter("fleetloop_learner_seq_gaps_total", "Chunk seqs skipped within episodes (chunks the actor "
+                                "set aside: refused, oversized, or failed by a learner bug); the rest of each episode is kept.",
+                                j, registry=r)
         self.unauthenticated = Gauge("fleetloop_learner_unauthenticated", "1 when the learner accepts callers without a credential "
                                      "(no robot_tokens, enrollments or mTLS), 0 when every RPC needs one. Beyond loopback this "
                                      "needs allow_unauthenticated = true.", j + ["host"], registry=r)

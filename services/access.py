@@ -28,7 +28,9 @@ _BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey", description="API ke
 
 
 def require(role: Role) -> Callable[..., ApiKey]:
-    """FastAPI dependency: the caller's key record, if its role is at least ``role``."""
+    """FastAPI dependency: the caller's key record, if its role is at least ``role``. The returned
+    function carries ``required_role`` so error handlers can run the same check before reporting a
+    body that could not be parsed (authentication first)."""
 
     def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> ApiKey:
         store: StateStore = request.app.state.store
@@ -40,4 +42,5 @@ def require(role: Role) -> Callable[..., ApiKey]:
         return key
 
     dependency.__name__ = f"require_{role}"
+    dependency.required_role = role  # type: ignore[attr-defined]
     return dependency

@@ -1,9 +1,10 @@
 """The control plane's REST API (FastAPI) and the dashboard it serves.
 
 Routes live under ``/v1`` (OpenAPI at ``/openapi.json``); ``/healthz`` (process up) and
-``/readyz`` (Redis reachable) need no key; ``/`` is the dashboard. Errors: the FleetloopError
-hierarchy is mapped to HTTP here and only here, as ``{"error": {"code", "message", "field",
-"value"}}``; request validation errors are FastAPI's 422 with the field paths.
+``/readyz`` (Redis reachable) need no key; ``/`` is the dashboard. Errors (:mod:`services.api_errors`):
+the FleetloopError hierarchy is mapped to HTTP there and only there, as ``{"error": {"code",
+"message", "field", "value"}}``; request validation errors are FastAPI's 422 with the field paths;
+the key is checked before a body that cannot be parsed is reported; 405 lists every allowed method.
 
 Operator commands on a running learner (pause, resume, pin, unpin, rollback) are queued in Redis
 for the learner's control agent; the API waits up to ``command_timeout_s`` for the result (200),
@@ -17,17 +18,18 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
-from fleetloop import redis_keys as keys
 from fleetloop.errors import FailedPrecondition, FleetloopError, NotFound
 from fleetloop.logs import event, get_logger
 from services.access import require
+from services.api_errors import ERRORS, install_error_handlers
+from services.job_views import ActorRow, learner_report
 from services.jobspec import JobSpec
 from services.launcher import Launcher
 from services.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
@@ -37,18 +39,24 @@ STATIC = Path(__file__).parent / "dashboard"
 JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+STREAM_ID_PART_MAX = 2**64 - 1  # a Redis stream id is two unsigned 64-bit integers, "<ms>-<seq>"
+
+
+def _stream_cursor(value: str) -> str:
+    """``value`` ('-' or '<ms>-<seq>', pattern already checked) if both parts fit Redis's unsigned
+    64-bit stream id parts; else ValueError naming ``after`` and the value (FastAPI's 422)."""
+    if value != "-" and any(int(part) > STREAM_ID_PART_MAX for part in value.split("-")):
+        raise ValueError(f"after={value!r} is out of range: a Redis stream id is '<ms>-<seq>', "
+                         f"each part at most {STREAM_ID_PART_MAX}")
+    return value
+
+
+EventCursor = Annotated[str, Query(max_length=64, pattern=r"^(-|\d+-\d+)$",
+                                   description="Stream id of the last event seen (exclusive); '-' = from the start."),
+                        AfterValidator(_stream_cursor)]
+
+
 # -- response models -------------------------------------------------------------------------
-class ErrorBody(BaseModel):
-    code: str = Field(description="Error class (gRPC status name).")
-    message: str = Field(description="What is wrong, naming the field and value.")
-    field: str | None = Field(None, description="Offending field.")
-    value: Any = Field(None, description="Offending value (secrets are never echoed).")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 class JobView(JobRecord):
     """A job record plus what its learner last reported."""
 
@@ -74,24 +82,6 @@ class PoliciesView(BaseModel):
     fleet_version: int | None = Field(description="Version the fleet is told to run.")
 
 
-class ActorRow(BaseModel):
-    actor_id: str
-    kind: str
-    tasks: list[str]
-    task: str = Field(description="Task of its newest chunk.")
-    status: Literal["active", "idle", "gone", "stopping"]
-    last_seen: float
-    connected_at: float | None
-    version: int = Field(description="Policy version of its newest chunk (-1 before any).")
-    staleness: int | None = Field(description="Learner version minus actor version.")
-    steps: int
-    episodes: int
-    successes: int
-    success_rate: float | None
-    intervention_steps: int
-    intervention_ratio: float
-
-
 class CommandResult(BaseModel):
     command_id: str
     op: str
@@ -102,6 +92,9 @@ class CommandResult(BaseModel):
 class EnrollmentRequest(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                       description="Robot or fleet name for the credential.")
+    actors: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9*?_.:\[\]-]+$")]] | None = Field(
+        None, max_length=64, description="Actor ids the token may act as (glob patterns, e.g. 'arm-*'); omitted = "
+        "exactly `name`. The learner refuses other actor ids with PERMISSION_DENIED.")
 
 
 class EnrollmentCreated(Enrollment):
@@ -140,9 +133,6 @@ class WhoAmI(BaseModel):
     role: Role
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 503)}
-
-
 def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float = 15.0, reconcile: bool = True,
                stop_jobs_on_exit: bool = False, supervise: bool = True) -> FastAPI:
     """The API over ``store`` and ``launcher``. ``reconcile``: re-attach to / relaunch active jobs
@@ -163,23 +153,12 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
     app = FastAPI(title="fleetloop control plane", version="1", lifespan=lifespan,
                   description="Submit and steer fleet post-training jobs; enroll robots; watch the fleet.")
     app.state.store, app.state.launcher = store, launcher
-
-    @app.exception_handler(FleetloopError)
-    async def _fleetloop_error(request: Request, exc: FleetloopError) -> JSONResponse:
-        value = exc.value if isinstance(exc.value, (str, int, float, bool, type(None))) else str(exc.value)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        if exc.http_status >= 500:
-            event(log, "request_failed", level=40, path=request.url.path, error=str(exc)[:300])
-        return JSONResponse({"error": {"code": exc.code, "message": str(exc), "field": exc.field, "value": value}},
-                            status_code=exc.http_status, headers=headers)
+    install_error_handlers(app)
 
     viewer, operator, admin = Depends(require("viewer")), Depends(require("operator")), Depends(require("admin"))
 
     def job_view(rec: JobRecord) -> JobView:
-        hb = store.heartbeat(rec.id)
-        age = None if hb is None else max(0.0, time.time() - hb)
-        alive = age is not None and age < keys.HEARTBEAT_TTL_S
-        status = store.learner_status(rec.id) if hb is not None or rec.state not in TERMINAL_STATES else None
+        alive, age, status = learner_report(store, rec)  # a stopped job: the final status its learner left
         if alive and status and rec.state in ("running", "paused") and status.get("time", 0.0) > rec.updated_at:
             # the learner's report is newer than the record: adopt what commands (maybe queued ones) changed
             want = {"paused": bool(status.get("paused")), "pinned": status.get("pinned"),
@@ -347,7 +326,7 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         rec = store.get_job(job_id)
         if rec.state in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id!r} is {rec.state}", field="state", value=rec.state)
-        token, enrollment = store.enroll(job_id, body.name, by=key.id)
+        token, enrollment = store.enroll(job_id, body.name, by=key.id, actors=body.actors)
         return EnrollmentCreated(**enrollment.model_dump(), token=token)
 
     @app.get("/v1/jobs/{job_id}/enrollments", response_model=list[Enrollment], responses=ERRORS, tags=["fleet"])
@@ -362,7 +341,7 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
 
     # -- observation ---------------------------------------------------------------------
     @app.get("/v1/jobs/{job_id}/events", response_model=list[EventRow], responses=ERRORS, tags=["observe"])
-    def events(job_id: str, after: str = Query("-", max_length=64, pattern=r"^(-|\d+-\d+)$"),
+    def events(job_id: str, after: EventCursor = "-",
                limit: int = Query(200, ge=1, le=1000), key: ApiKey = viewer) -> list[EventRow]:
         store.get_job(job_id)
         return [EventRow(**e) for e in store.events(job_id, after, limit)]

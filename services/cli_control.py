@@ -129,7 +129,7 @@ def _cmd_job(args: argparse.Namespace) -> int:
         elif args.job_cmd == "unpin":
             _print(api.policy_action(args.job_id, None, "unpin"))
         elif args.job_cmd == "enroll":
-            e = api.enroll(args.job_id, args.name)
+            e = api.enroll(args.job_id, args.name, args.actors.split(",") if args.actors else None)
             print(f"robot token for {args.name} (enrollment {e['id']}); shown once:\n{e['token']}")
     except FleetloopError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -222,6 +222,8 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     en = jsub.add_parser("enroll", help="issue a robot token for a job (printed once)")
     en.add_argument("job_id")
     en.add_argument("name")
+    en.add_argument("--actors", default=None, help="comma-separated actor ids (glob patterns) the token may act as "
+                    "(default: exactly NAME)")
     for c in jsub.choices.values():
         c.set_defaults(func=_cmd_job)
 

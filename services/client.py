@@ -31,6 +31,25 @@ def load_spec(path: Path) -> dict[str, Any]:
     return doc
 
 
+def validation_problem(detail: dict[str, Any]) -> str:
+    """One entry of FastAPI's 422 ``detail`` as ``path: message (got value)``: the full field path
+    without its ``body``/``query``/``path`` prefix (``algorithm_params.beta_typo``; the prefix alone
+    when the problem is the whole body), the message with pydantic's "Value error, " dropped and a
+    lower-case first letter, and the offending value when it is a short scalar not already quoted."""
+    loc = [str(p) for p in detail.get("loc") or []]
+    if detail.get("type") == "json_invalid":
+        return f"body: invalid JSON at character {loc[-1] if len(loc) > 1 else '?'} ({(detail.get('ctx') or {}).get('error', '')})"
+    path = ".".join(loc[1:]) or (loc[0] if loc else "request")
+    msg = str(detail.get("msg", "invalid")).removeprefix("Value error, ")
+    if len(msg) > 1 and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    value = detail.get("input")
+    if detail.get("type") != "missing" and isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 80 \
+            and repr(value) not in msg:
+        msg += f" (got {value!r})"
+    return f"{path}: {msg}"
+
+
 class ApiClient:
     """Thin wrapper over httpx with the API key in the Authorization header."""
 
@@ -56,7 +75,7 @@ class ApiClient:
         except ValueError:
             body = {}
         if isinstance(body.get("detail"), list):  # FastAPI validation error: name every field path
-            msg = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in body["detail"])
+            msg = "; ".join(validation_problem(d) for d in body["detail"] if isinstance(d, dict))
         else:
             msg = (body.get("error") or {}).get("message") or r.text[:300]
         raise _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}")
@@ -77,8 +96,9 @@ class ApiClient:
         path = f"/v1/jobs/{job_id}/policies/unpin" if action == "unpin" else f"/v1/jobs/{job_id}/policies/{version}/{action}"
         return self.call("POST", path)
 
-    def enroll(self, job_id: str, name: str) -> dict[str, Any]:
-        return self.call("POST", f"/v1/jobs/{job_id}/enrollments", json={"name": name})
+    def enroll(self, job_id: str, name: str, actors: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name} if actors is None else {"name": name, "actors": actors}
+        return self.call("POST", f"/v1/jobs/{job_id}/enrollments", json=body)
 
     def actors(self, job_id: str) -> list[dict[str, Any]]:
         return self.call("GET", f"/v1/jobs/{job_id}/actors")

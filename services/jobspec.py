@@ -7,12 +7,15 @@ of every problem. :func:`learner_config` turns a valid spec into the learner's
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from fleetloop.errors import InvalidArgument
 from learner.config import LearnerConfig
+from services.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
 from learner.staleness import StalenessConfig
 
 TaskId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -62,8 +65,9 @@ class JobSpec(BaseModel):
     kind: Literal["robot"] = Field("robot", description="Fleet kind: 'robot'. ('llm': rollout servers + GRPO, is not available yet.)")
     algorithm: str = Field("hg_dagger", description="Learner algorithm plug-in (see learner.algorithms.ALGORITHMS).",
                            json_schema_extra={"enum": _algorithm_names()})
-    algorithm_params: dict[str, Any] = Field(default_factory=dict,
-                                             description="The algorithm's config fields (validated by the algorithm's Config).")
+    algorithm_params: Annotated[dict[str, Any], AlgorithmParamsSchema()] = Field(
+        default_factory=dict, description="The config fields of the job's `algorithm`, validated against its Config at "
+                                          "submission (a 422 names `algorithm_params.<field>`); schema: one per algorithm.")
     policy_factory: str = Field("fleetloop.policies:mlp_policy", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
                                 description="Policy plug-in, 'module:function'.")
     policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the policy factory.")
@@ -82,8 +86,11 @@ class JobSpec(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"tasks must be unique, got {v}")
+        first: dict[str, int] = {}
+        for i, t in enumerate(v):
+            if t in first:
+                raise ValueError(f"tasks must be unique: tasks[{i}] {t!r} repeats tasks[{first[t]}]")
+            first[t] = i
         return v
 
     @field_validator("algorithm")
@@ -96,14 +103,53 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> "JobSpec":
-        from learner.algorithms import ALGORITHMS
-        try:
-            ALGORITHMS[self.algorithm].Config.model_validate(self.algorithm_params)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"algorithm_params.{loc} for {self.algorithm!r}: {err['msg']} (got {err.get('input')!r})") from None
+        check_algorithm_params(self.algorithm, self.algorithm_params)  # errors at algorithm_params.<field>
         return self
+
+
+def simulated_tasks() -> list[str]:
+    """Task names a simulated robot (and the bootstrap's scripted demos) can run: the actor's
+    Meta-World v3 registry, :func:`actor.envs.available_tasks` (the one source of truth; the
+    README's import table lets ``services`` import ``actor``). Imports Meta-World on first use."""
+    from actor.envs import available_tasks
+    return list(available_tasks("MT50"))
+
+
+def check_tasks(spec: JobSpec) -> None:
+    """Check ``spec.tasks`` at submission (``StateStore.create_job``); records read back are not
+    re-checked, so a registry change never makes a stored job unreadable.
+
+    - The spec has a simulated fleet (``fleet``), or a ``bootstrap`` that will record scripted
+      demos (no ``offline_dataset`` / ``initial_weights``): the tasks run in Meta-World, so each
+      must be one of :func:`simulated_tasks`.
+    - Otherwise (real robots only) ``tasks`` is the job's declared task list and any name is
+      accepted: the field already holds every name to be non-empty, well-formed (letters, digits,
+      '-', '_', '.') and unique, and the learner holds the robots to the list (a handshake or chunk
+      with another task is refused, naming it).
+
+    Raises :class:`~fleetloop.errors.InvalidArgument` (HTTP 422) with ``field`` ``tasks[i]`` and
+    ``value`` the first unknown name; the message names every unknown one with its close matches,
+    and lists the valid names when one has none.
+    """
+    bootstraps = spec.bootstrap is not None and not spec.offline_dataset and not spec.initial_weights
+    if spec.fleet is None and not bootstraps:
+        return
+    valid = simulated_tasks()
+    known = set(valid)
+    unknown = [(i, t) for i, t in enumerate(spec.tasks) if t not in known]
+    if not unknown:
+        return
+    parts, unmatched = [], False
+    for i, t in unknown:
+        close = difflib.get_close_matches(t, valid, n=3, cutoff=0.6)
+        unmatched = unmatched or not close
+        parts.append(f"tasks[{i}] {t!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+    who = "the simulated fleet" if spec.fleet is not None else "the bootstrap (scripted demos)"
+    msg = f"{'; '.join(parts)}: not a Meta-World v3 task, and {who} runs only those"
+    if unmatched:
+        msg += f"; valid tasks: {', '.join(valid)}"
+    i, t = unknown[0]
+    raise InvalidArgument(msg, field=f"tasks[{i}]", value=t)
 
 
 def learner_config(spec: JobSpec, job_id: str, state_dir: Path, control_redis_url: str | None, host: str = "127.0.0.1",

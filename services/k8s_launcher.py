@@ -259,9 +259,14 @@ class KubernetesLauncher:
                                                       ",".join(job.spec.tasks), "--operator", fleet.operator, "--hz", str(fleet.hz),
                                                       "--spool", "/tmp/spool", "--metrics-port", str(ROBOT_METRICS_PORT),
                                                       "--metrics-host", "0.0.0.0",
+                                                      # one actor id per pod (its name; k8s expands $(VAR) from env),
+                                                      # matching the fleet enrollment's actors pattern
+                                                      "--actor-id", "$(POD_NAME)",
                                                       *tls_args],
                                           "env": [{"name": "FLEETLOOP_ROBOT_TOKEN", "valueFrom": {"secretKeyRef": {
-                                              "name": _name(jid, "robot-token"), "key": "token"}}}],
+                                              "name": _name(jid, "robot-token"), "key": "token"}}},
+                                                  {"name": "POD_NAME", "valueFrom": {"fieldRef": {
+                                                      "fieldPath": "metadata.name"}}}],
                                           "ports": [{"name": "metrics", "containerPort": ROBOT_METRICS_PORT}],
                                           "resources": {"requests": {"cpu": self.s.robot_cpu, "memory": self.s.robot_memory},
                                                         "limits": {"memory": self.s.robot_memory}},
@@ -330,7 +335,8 @@ class KubernetesLauncher:
             root = {"metadata": {"name": root["metadata"]["name"], "uid": root["metadata"].get("uid") or ""}}
             robots = job.spec.fleet.robots if job.spec.fleet else 0
             if job.spec.fleet is not None:
-                token, _ = self.store.enroll(job.id, "simulated-fleet", by="launcher")
+                token, _ = self.store.enroll(job.id, "simulated-fleet", by="launcher",
+                                                  actors=[f"{_name(job.id, 'robots')}-*"])
                 self.core.create_namespaced_secret(self.s.namespace, {
                     "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": {"token": token},
                     "metadata": {"name": _name(job.id, "robot-token"), "namespace": self.s.namespace,
@@ -364,6 +370,7 @@ class KubernetesLauncher:
         for kind, suffix in (("Deployment", "robots"), ("Deployment", "learner"), ("RayJob", "learner"), ("Service", "grpc"),
                              ("Service", "metrics"), ("Secret", "robot-token"), ("PersistentVolumeClaim", "state"), ("ConfigMap", "")):
             self._delete(kind, _name(job_id, suffix))
+        self.store.finalize_learner(job_id)  # the learner's final numbers outlive its heartbeat
         self.store.update_job(job_id, state="stopped", fleet_robots=0)
         self.store.emit(job_id, "stopped", deleted=_name(job_id))
 

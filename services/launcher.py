@@ -36,7 +36,8 @@ class Launcher(Protocol):
         """Start the job (asynchronously); progress and failure go to the job's record."""
 
     def stop(self, job_id: str, grace_s: float = 30.0) -> None:
-        """Drain the fleet (announce 'stopping'), stop the simulated robots and the learner; state -> stopped."""
+        """Drain the fleet (announce 'stopping'), stop the simulated robots and the learner, keep the
+        learner's final status (:meth:`StateStore.finalize_learner`); state -> stopped."""
 
     def scale_fleet(self, job_id: str, robots: int) -> int:
         """Set the number of simulated robots of a running job; returns the new number."""
@@ -158,7 +159,7 @@ class LocalLauncher:
             lj.robots = [r for r in lj.robots if r.alive()]
             if robots > len(lj.robots):
                 if lj.token is None:
-                    lj.token, _ = self.store.enroll(job_id, "simulated-fleet", by="launcher")
+                    lj.token, _ = self.store.enroll(job_id, "simulated-fleet", by="launcher", actors=["sim-*"])
                 root = self.job_dir(job_id)
                 for _ in range(robots - len(lj.robots)):
                     i = lj.next_robot
@@ -197,6 +198,7 @@ class LocalLauncher:
             except Exception as exc:
                 event(log, "learner_stop_failed", level=30, job=job_id, error=repr(exc)[:200])
             lj.handle = None
+            self.store.finalize_learner(job_id, final)  # its final numbers outlive the heartbeat
         self.jobs.pop(job_id, None)
         self.store.update_job(job_id, state="stopped", fleet_robots=0)
         if final is not None:

@@ -46,10 +46,14 @@ def find_binary(prefer_system: bool = False) -> str:
 
 
 class RedisServer:
-    """One redis-server process on loopback. ``url`` is ready after :meth:`start`."""
+    """One redis-server process on loopback. ``url`` is ready after :meth:`start`.
+
+    ``data_dir`` is made absolute (against the current directory) here: redis-server changes into
+    ``--dir`` before it opens ``--logfile`` and its append-only file, so a relative path handed to
+    it would be resolved twice and the server would exit at once."""
 
     def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None, appendonly: bool = True) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser().absolute()
         self.port = port or free_port()
         self.binary = binary or find_binary()
         self.appendonly = appendonly

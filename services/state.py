@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from fleetloop import redis_keys as keys
 from fleetloop.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from services.jobspec import JobSpec
+from services.jobspec import JobSpec, check_tasks
 
 JobState = Literal["pending", "preparing", "starting", "running", "paused", "stopping", "stopped", "failed"]
 ACTIVE_STATES = ("pending", "preparing", "starting", "running", "paused")
@@ -60,6 +60,8 @@ class Enrollment(BaseModel):
     id: str
     job_id: str
     name: str
+    actors: list[str] | None = Field(None, description="Actor ids (glob patterns) the credential may act as; None = "
+                                     "exactly its name. The learner refuses (PERMISSION_DENIED) other actor ids.")
     created_at: float
     created_by: str
     revoked_at: float | None = None
@@ -98,6 +100,9 @@ class StateStore:
 
     # -- jobs ----------------------------------------------------------------------------------
     def create_job(self, spec: JobSpec, created_by: str) -> JobRecord:
+        """Store a new ``pending`` job. Its tasks are checked here, at submission only
+        (:func:`services.jobspec.check_tasks`: InvalidArgument naming ``tasks[i]`` and the value)."""
+        check_tasks(spec)
         now = time.time()
         rec = JobRecord(id=f"{spec.name}-{secrets.token_hex(3)}", spec=spec, state="pending", created_at=now,
                         updated_at=now, created_by=created_by)
@@ -153,7 +158,10 @@ class StateStore:
                     maxlen=keys.EVENTS_MAX, approximate=True)
 
     def events(self, job_id: str, after: str = "-", count: int = 200) -> list[dict[str, Any]]:
-        """Events after stream id ``after`` (exclusive; '-' = from the start), oldest first."""
+        """Events after stream id ``after`` (exclusive; '-' = from the start), oldest first. The
+        caller checks that both parts of ``after`` fit 64 bits (the API answers 422 otherwise)."""
+        if after == f"{2**64 - 1}-{2**64 - 1}":
+            return []  # nothing follows the largest stream id (Redis refuses an exclusive start there)
         start = "-" if after in ("", "-", "0") else f"({after}"
         rows = self._guard(self.r.xrange, keys.events(job_id), start, "+", count)
         return [{"id": i, "type": f.get("type"), "source": f.get("source"), "data": json.loads(f.get("data") or "{}"),
@@ -192,6 +200,44 @@ class StateStore:
         raw = self._guard(self.r.get, keys.status(job_id))
         return None if raw is None else json.loads(raw)
 
+    def final_status(self, job_id: str) -> dict[str, Any] | None:
+        """The final status its learner left when it stopped (``final`` is true; see
+        :func:`fleetloop.redis_keys.final_report`); for a learner that stopped without one (it died,
+        or stopped before final reports existed) the same form derived from its last status; None
+        if it never reported. Read-only."""
+        raw = self._guard(self.r.get, keys.final_status(job_id))
+        if raw is not None:
+            return json.loads(raw)
+        last = self.learner_status(job_id)
+        return None if last is None else keys.final_report(last, last.get("time", 0.0))
+
+    def finalize_learner(self, job_id: str, last: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The launcher reaped the job's learner: make sure its final status is kept (without TTL),
+        every actor row is final (``stopped`` / ``left``) and the heartbeat is gone. The learner's
+        own final report is kept when it is at least as new as its last status; otherwise (the
+        learner died or could not reach Redis) the final status is made from the newest of ``last``
+        (what stopping it returned, if anything) and its last reported status. Idempotent; returns
+        the final status (None if the learner never reported)."""
+        def _do() -> dict[str, Any] | None:
+            raw_final, raw_status = self.r.mget([keys.final_status(job_id), keys.status(job_id)])
+            final = json.loads(raw_final) if raw_final else None
+            status = json.loads(raw_status) if raw_status else None
+            if final is None or (status is not None and status.get("time", 0.0) > final.get("time", 0.0)):
+                reports = [s for s in (last, status) if s]
+                if not reports:
+                    return None
+                final = keys.final_report(max(reports, key=lambda s: s.get("time", 0.0)), time.time())
+                self.r.set(keys.final_status(job_id), json.dumps(final))
+            stopped_at = final.get("stopped_at", time.time())
+            rows = {a: json.loads(r) for a, r in self.r.hgetall(keys.actors(job_id)).items()}
+            changed = {a: json.dumps(keys.final_actor_row(r, stopped_at)) for a, r in rows.items()
+                       if r.get("status") not in keys.FINAL_ACTOR_STATES}
+            if changed:
+                self.r.hset(keys.actors(job_id), mapping=changed)
+            self.r.delete(keys.heartbeat(job_id))
+            return final
+        return self._guard(_do)
+
     def actors(self, job_id: str) -> list[dict[str, Any]]:
         rows = self._guard(self.r.hgetall, keys.actors(job_id))
         return sorted((json.loads(v) for v in rows.values()), key=lambda r: r["actor_id"])
@@ -216,10 +262,12 @@ class StateStore:
         return [p for p in points if p["t"] > since]
 
     # -- robot enrollments -------------------------------------------------------------------
-    def enroll(self, job_id: str, name: str, by: str) -> tuple[str, Enrollment]:
-        """A new robot token for ``job_id``; the token is returned once and stored as a digest."""
+    def enroll(self, job_id: str, name: str, by: str, actors: list[str] | None = None) -> tuple[str, Enrollment]:
+        """A new robot token for ``job_id``; the token is returned once and stored as a digest. It may act
+        as the actor ids matching ``actors`` (glob patterns; None = exactly ``name``)."""
         token = "flr_" + secrets.token_urlsafe(32)
-        rec = Enrollment(id=uuid.uuid4().hex[:12], job_id=job_id, name=name, created_at=time.time(), created_by=by)
+        rec = Enrollment(id=uuid.uuid4().hex[:12], job_id=job_id, name=name, actors=actors, created_at=time.time(),
+                         created_by=by)
         self._guard(self.r.hset, keys.enrollments(job_id), keys.secret_hash(token), rec.model_dump_json())
         self.emit(job_id, "enrolled", enrollment=rec.id, name=name, by=by)
         return token, rec

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleetloop.logs import event, get_logger
 
@@ -35,6 +35,13 @@ class UpOptions(BaseModel):
     submit: Path | None = Field(None, description="A JobSpec YAML/JSON to submit once the API is up.")
     tls_cert: Path | None = Field(None, description="Serve the API over HTTPS with this PEM certificate.")
     tls_key: Path | None = Field(None, description="Private key of tls_cert.")
+
+    @field_validator("data", "submit", "tls_cert", "tls_key")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        """Paths are made absolute against the directory ``fleetloop up`` runs in, once, here: the
+        embedded redis-server and the learners' Ray workers run in other directories."""
+        return None if v is None else v.expanduser().absolute()
 
 
 def write_secret(path: Path, secret: str) -> None:

@@ -35,6 +35,10 @@ class LlmActorMetrics:
                                     "tickets (rollout-server idle time).", a, registry=r)
         self.blocked = Counter("fleetloop_llm_actor_admit_blocked_total", "Admit calls that granted nothing.", a, registry=r)
         self.spool = Gauge("fleetloop_llm_actor_spool_chunks", "Groups waiting for an ack.", a, registry=r)
+        self.set_aside = Counter("fleetloop_llm_actor_set_aside_groups_total", "Groups never sent or never resent, by "
+                                 "reason: oversized (larger than the learner's max_message_bytes: not spooled, or set "
+                                 "aside by the sender), or the learner's refusal (invalid_argument, internal, ...).",
+                                 a + ["reason"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -59,6 +63,7 @@ class LlmActorStats:
     generate_s: float = 0.0
     wait_s: float = 0.0
     skipped_prompts: int = 0
+    oversized_groups: int = 0  # groups over the learner's max_message_bytes: logged, counted, never spooled
     versions: dict[int, int] = field(default_factory=dict)  # engine version -> groups generated on it
 
     def as_dict(self) -> dict[str, Any]:

@@ -15,7 +15,11 @@ never returns is abandoned and replaced), score each with :func:`fleetloop.llm_t
 (a verifier that raises scores the task's failure score, is logged and flagged ``verifier_error``;
 it never stops the actor) -> one EpisodeChunk per group (``group`` set, ``episode_id`` unique per group, seq 0, end SUCCESS) into the
 spool; the existing :class:`~actor.sender.Sender` ships it (acknowledged data is never lost;
-unacknowledged groups survive a restart on the same spool folder).
+unacknowledged groups survive a restart on the same spool folder). A group larger than the
+learner's ``max_message_bytes`` (a group cannot be split) is never spooled: one
+``event=group_oversized`` line, ``fleetloop_llm_actor_set_aside_groups_total{reason="oversized"}``;
+the sender sets aside (never retries) a spooled group over the limit or refused for size, counted
+there too (:mod:`actor.limits`).
 
 Weights: :class:`~actor.weight_client.WeightClient` subscribes, fetches and verifies every announced
 version (digest first); updates are applied between ``generate`` calls only, so every completion is
@@ -43,6 +47,7 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from actor.limits import announced_limit, over_limit, report_oversized
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
 from actor.runtime import _error_from_rpc
 from fleetloop.channels import channel_options
@@ -140,7 +145,8 @@ class LlmActor:
         stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience", request_serializer=lambda b: b,
                                             response_deserializer=pb.Ack.FromString)
         self.sender = Sender(lambda it: stream(it, metadata=self.metadata), self.spool, self.job, self.actor_id,
-                             on_ack=self._on_ack)
+                             on_ack=self._on_ack, on_reject=self._on_reject)
+        self.max_message_bytes: int | None = None  # the learner's limit, from the handshake
         self.weights: _AnnouncedWeightClient | None = None
         self.engine = None
         self.model_dir: Path | None = None
@@ -185,6 +191,7 @@ class LlmActor:
         if not resp.run_config.llm_json:
             raise FailedPrecondition("the learner sent no llm_json: not an LLM job", field="llm_json", value="")
         self.settings = json.loads(resp.run_config.llm_json)
+        self.max_message_bytes = self.sender.max_message_bytes = announced_limit(resp.run_config)
         specs = [t for t in self.settings["tasks"] if not self.opts.tasks or t["id"] in self.opts.tasks]
         self.tasks = {t["id"]: (make_task(t["name"], t.get("params") or {}), float(t.get("weight", 1.0))) for t in specs}
         self.model_dir = model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
@@ -216,6 +223,10 @@ class LlmActor:
 
     def _on_ack(self, ack: pb.Ack) -> None:
         self.learner_version = int(ack.learner_version)
+
+    def _on_reject(self, entry, label: str, reason: str) -> None:
+        """A spooled group the sender set aside (oversized, or refused for good): counted."""
+        self.metrics.set_aside.labels(self.actor_id, label).inc()
 
     @property
     def version(self) -> int:
@@ -351,7 +362,15 @@ class LlmActor:
             chunk = self._group_chunk(ticket, int(resp.learner_version), task_id, task, prompt, prompt_ids, samples)
             if chunk is None:
                 continue
-            self.spool.put(chunk.episode_id, 0, chunk.SerializeToString())
+            raw = chunk.SerializeToString()
+            if over_limit(len(raw), self.max_message_bytes):  # never spooled: the learner could only refuse it
+                self.stats.oversized_groups += 1
+                self.metrics.set_aside.labels(self.actor_id, "oversized").inc()
+                report_oversized("group", job=self.job, actor=self.actor_id, episode=chunk.episode_id, seq=chunk.seq,
+                                 size=len(raw), limit=self.max_message_bytes, action="dropped",
+                                 version=chunk.behavior_version, task=task_id, completions=len(chunk.group.completions))
+                continue
+            self.spool.put(chunk.episode_id, 0, raw)
             spooled += 1
             rewards += [c.reward for c in chunk.group.completions]
             self.metrics.groups.labels(self.actor_id, task_id).inc()

@@ -417,6 +417,7 @@
     if (!TERMINAL.has(j.state) && j.state !== "pending" && !j.learner_alive) {
       learner += isNum(j.heartbeat_age_s) ? ` · silent for ${Math.round(j.heartbeat_age_s)} s` : " · no heartbeat yet";
     }
+    if (TERMINAL.has(j.state) && st.final) learner = `learner stopped${isNum(st.stopped_at) ? ` at ${fmtClock(st.stopped_at)}` : ""} · final numbers`;
     if (j.error) learner += ` · error: ${j.error}`;
     setText("job-learner", learner);
     $("job-learner").className = j.error || (!j.learner_alive && !TERMINAL.has(j.state)) ? "bad" : "muted";
@@ -428,16 +429,45 @@
     setText("stat-fleet-version", isNum(fv) ? `v${fv}` : "–");
     setText("stat-step", fmtInt(st.step));
     setText("stat-loss", fmtNum(st.loss, 4));
-    setText("stat-updates", fmtNum(lastValue("updates_per_s")));
-    setText("stat-ingest", fmtNum(lastValue("ingest_steps_per_s")));
+    // a stopped learner's final status says 0: nothing is trained or ingested any more
+    setText("stat-updates", fmtNum(st.final ? st.updates_per_s : lastValue("updates_per_s")));
+    setText("stat-ingest", fmtNum(st.final ? st.ingest_steps_per_s : lastValue("ingest_steps_per_s")));
     const tasks = Object.values(st.tasks || {});
     const sum = (f) => (tasks.length ? tasks.reduce((a, t) => a + (t[f] || 0), 0) : null);
     setText("stat-online", fmtInt(sum("online_buffer")));
     setText("stat-offline", fmtInt(sum("offline_buffer")));
+    // two different stalenesses: of the samples trained on (bounded), and how far robots run behind now
     const stale = st.staleness_max_autonomous ?? st.staleness_max;
-    setText("stat-staleness", isNum(stale) ? (isNum(st.staleness_bound) ? `${stale} / ${st.staleness_bound}` : String(stale)) : "–");
-    $("stat-staleness").title = isNum(st.staleness_bound) ? "largest staleness of trained autonomous frames / bound" : "";
+    const bound = st.staleness_bound;
+    setText("stat-staleness", isNum(stale) ? (isNum(bound) ? `${stale} / ${bound}` : String(stale)) : "–");
+    $("stat-staleness").title = "Largest staleness (learner version at training minus the version that produced it) of any " +
+      "autonomous frame trained on, whole run" + (isNum(bound) ? `, / the bound ${bound}: frames past it are dropped, not trained` : "");
+    renderFleetStaleness(bound);
   }
+
+  /** Header: the furthest-behind robot (learner's newest version minus its newest chunk's) and the
+   * steps dropped at ingest, summed over robots, by reason. */
+  function renderFleetStaleness(bound) {
+    let worst = null;
+    for (const a of state.actors) {
+      if (!isNum(a.staleness) || a.status === "gone" || a.status === "left") continue;
+      if (!worst || a.staleness > worst.staleness) worst = a;
+    }
+    const el = $("stat-fleet-staleness");
+    setText("stat-fleet-staleness", worst ? String(worst.staleness) : "–");
+    el.className = worst && isNum(bound) && worst.staleness > bound ? "bad" : "";
+    el.title = worst ? `${worst.actor_id} runs v${worst.version}, ${worst.staleness} versions behind the learner's newest` +
+      (isNum(bound) && worst.staleness > bound ? `: past the bound ${bound}, its autonomous frames are dropped` : "") : "";
+    const byReason = {};
+    for (const a of state.actors) for (const [r, n] of Object.entries(a.dropped || {})) byReason[r] = (byReason[r] || 0) + n;
+    const total = Object.values(byReason).reduce((x, y) => x + y, 0);
+    setText("stat-dropped", fmtInt(total));
+    $("stat-dropped").className = total ? "bad" : "";
+    $("stat-dropped").title = total ? Object.entries(byReason).map(([r, n]) => `${fmtInt(n)} ${dropLabel(r)}`).join(" · ") +
+      " (steps dropped at ingest, whole run)" : "no step dropped at ingest";
+  }
+  const DROP_LABELS = { stale: "stale", stale_expert_only: "stale autonomous (operator frames kept)", future_version: "future version" };
+  const dropLabel = (r) => DROP_LABELS[r] || r.replace(/_/g, " ");
 
   // -- operator controls ---------------------------------------------------------------------
   function canOperate() { return !!state.me && OPS.has(state.me.role); }
@@ -523,7 +553,7 @@
   }
 
   // -- fleet and task tables -----------------------------------------------------------------
-  const FLEET_COLS = ["actor", "status", "task", "version", "staleness", "episodes", "success", "intervention", "seen"];
+  const FLEET_COLS = ["actor", "status", "task", "version", "staleness", "dropped", "episodes", "success", "intervention", "seen"];
 
   function renderFleet() {
     const tbody = $("fleet-table").tBodies[0];
@@ -547,7 +577,12 @@
       if (st.textContent !== a.status) st.replaceChildren(h("span", { class: `pill status-${a.status}`, text: a.status }));
       setCell(cell("task"), a.task || "–", (a.tasks || []).length ? `tasks: ${a.tasks.join(", ")}` : "");
       setCell(cell("version"), a.version >= 0 ? `v${a.version}` : "–");
-      setCell(cell("staleness"), isNum(a.staleness) ? String(a.staleness) : "–");
+      const bound = ((state.job && state.job.status) || {}).staleness_bound;
+      const past = isNum(a.staleness) && isNum(bound) && a.staleness > bound;
+      setCell(cell("staleness"), isNum(a.staleness) ? String(a.staleness) : "–", isNum(a.staleness)
+        ? `${a.staleness} versions behind the learner's newest${past ? `: past the bound ${bound}, its autonomous frames are dropped` : ""}` : "");
+      cell("staleness").classList.toggle("bad", past);
+      renderDropped(cell("dropped"), a.dropped || {});
       setCell(cell("episodes"), fmtInt(a.episodes));
       const succ = cell("success");
       const pct = fmtPct(a.success_rate);
@@ -567,10 +602,22 @@
     });
     for (const [id, row] of byId) if (!keep.has(id)) row.remove();
     $("fleet-empty").hidden = state.actors.length > 0;
-    const order = ["active", "idle", "stopping", "gone"];
+    const order = ["active", "idle", "stopping", "gone", "stopped", "left", "revoked"];
     setText("fleet-summary", state.actors.length
       ? order.filter((s) => counts[s]).map((s) => `${counts[s]} ${s}`).join(" · ")
       : "");
+  }
+  /** Steps of one robot dropped at ingest, per reason: "374 stale · 12 stale autonomous". */
+  function renderDropped(td, dropped) {
+    const items = Object.entries(dropped).filter(([, n]) => n > 0).sort((x, y) => y[1] - x[1]);
+    const key = JSON.stringify(items);
+    if (td.dataset.v === key) return;
+    td.dataset.v = key;
+    td.title = items.length ? "steps dropped at ingest by the staleness gate, whole run: " +
+      items.map(([r, n]) => `${fmtInt(n)} ${dropLabel(r)}`).join(", ") : "no step dropped";
+    if (!items.length) { td.replaceChildren(h("span", { class: "muted", text: "–" })); return; }
+    td.replaceChildren(...items.flatMap(([r, n], i) => [...(i ? [" · "] : []),
+      h("span", { class: "drop", "data-reason": r, "data-count": String(n), text: `${fmtInt(n)} ${r === "stale_expert_only" ? "stale autonomous" : dropLabel(r)}` })]));
   }
   function setCell(td, text, title) {
     if (td.textContent !== text) td.textContent = text;
@@ -712,6 +759,12 @@
     const pts = state.series.filter((p) => p.t >= x0);
     const tasks = taskNames();
     const perTask = (field) => tasks.map((t, i) => ({ name: t, color: taskColor(i), points: smoothTask(pts, t, field) }));
+    // the rate charts are recent: each point averages the last SMOOTH reports (one per ~2 s window)
+    const gaps = pts.slice(-20).map((p, i, a) => (i ? p.t - a[i - 1].t : null)).filter((g) => isNum(g) && g > 0).sort((a, b) => a - b);
+    const dt = gaps.length ? gaps[Math.floor(gaps.length / 2)] : 2;
+    const win = `recent: moving window of the last ${SMOOTH} reports (≈ ${Math.round(SMOOTH * dt)} s)`;
+    setText("success-window", win);
+    setText("intervention-window", win);
     lineChart($("chart-success"), { series: perTask("success"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct, yAxisFmt: fmtAxisPct,
       empty: "Waiting for finished episodes…" });
     lineChart($("chart-intervention"), { series: perTask("intervention"), x0, x1, y0: 0, y1: 1, yFmt: fmtPct, yAxisFmt: fmtAxisPct,
@@ -826,22 +879,32 @@
       parts.push(`<text class="xlab" x="${x}" y="${H - 6}" text-anchor="middle">${esc(tt.fmt(t))}</text>`);
     }
     parts.push(`<line class="axis" x1="${m.l}" x2="${W - m.r}" y1="${m.t + ih}" y2="${m.t + ih}"/>`);
-    // vertical event marks
-    let lastLabelX = -Infinity, row = 0;
-    for (const vm of opts.vmarks || []) {
-      if (vm.x < x0 || vm.x > x1) continue;
-      const px = sx(vm.x), x = f(px);
-      row = px - lastLabelX < 90 ? (row + 1) % 3 : 0;  // stagger labels of marks close together
-      lastLabelX = px;
-      const right = px > W - m.r - 90;                   // near the right edge: label on the left
-      parts.push(`<line class="vmark ${vm.cls || ""}" x1="${x}" x2="${x}" y1="${m.t}" y2="${m.t + ih}"><title>${esc(vm.label)} at ${esc(fmtClock(vm.x))}</title></line>`);
-      parts.push(`<text class="vmark-label ${vm.cls || ""}" x="${x}" y="${m.t + 2 + row * 12}" dx="${right ? -3 : 3}" dy="0.8em" text-anchor="${right ? "end" : "start"}">${esc(vm.label)}</text>`);
-    }
-    // horizontal marks (pinned version)
+    // mark labels never overlap: each takes the first free slot, or is left out (its line keeps a tooltip)
+    const boxes = [];
+    const place = (cands) => cands.find((b) => boxes.every((o) => b[2] + 3 <= o[0] || o[2] + 3 <= b[0] || b[3] <= o[1] || o[3] <= b[1]));
+    // horizontal marks (pinned version, fleet version): label above the line, else below
     for (const mk of opts.marks || []) {
-      const y = f(sy(mk.y));
-      parts.push(`<line class="hmark ${mk.cls || ""}" x1="${m.l}" x2="${W - m.r}" y1="${y}" y2="${y}"/>`);
-      parts.push(`<text class="hmark-label ${mk.cls || ""}" x="${W - m.r - 4}" y="${y}" dy="-0.35em" text-anchor="end">${esc(mk.label)}</text>`);
+      const py = sy(mk.y), y = f(py), xr = W - m.r - 4, w = mk.label.length * 7 + 4;
+      parts.push(`<line class="hmark ${mk.cls || ""}" x1="${m.l}" x2="${W - m.r}" y1="${y}" y2="${y}"><title>${esc(mk.label)}</title></line>`);
+      const box = place([[xr - w, py - 15, xr, py - 2], [xr - w, py + 2, xr, py + 15]]);
+      if (!box) continue;
+      boxes.push(box);
+      parts.push(`<text class="hmark-label ${mk.cls || ""}" x="${xr}" y="${f(box[3] - 3)}" text-anchor="end">${esc(mk.label)}</text>`);
+    }
+    // vertical event marks: labels staggered over up to 3 rows, from the left; near the right edge on the left of the line
+    let skipped = 0;
+    for (const vm of [...(opts.vmarks || [])].sort((a, b) => a.x - b.x)) {
+      if (vm.x < x0 || vm.x > x1) continue;
+      const px = sx(vm.x), x = f(px), w = vm.label.length * 6 + 4;
+      const right = px + 3 + w > W - m.r;
+      parts.push(`<line class="vmark ${vm.cls || ""}" x1="${x}" x2="${x}" y1="${m.t}" y2="${m.t + ih}"><title>${esc(vm.label)} at ${esc(fmtClock(vm.x))}</title></line>`);
+      const box = place([0, 1, 2].map((row) => {
+        const top = m.t + 1 + row * 12;
+        return right ? [px - 3 - w, top, px - 3, top + 12] : [px + 3, top, px + 3 + w, top + 12];
+      }));
+      if (!box) { skipped += 1; continue; }
+      boxes.push(box);
+      parts.push(`<text class="vmark-label ${vm.cls || ""}" x="${f(right ? box[2] : box[0])}" y="${f(box[1])}" dy="0.85em" text-anchor="${right ? "end" : "start"}">${esc(vm.label)}</text>`);
     }
     // the lines
     let drawn = 0;
@@ -875,8 +938,10 @@
       return `<span class="legend-item" data-series="${esc(s.name)}"><span class="swatch" style="background:${s.color}"></span>` +
         `${esc(s.name)} <b>${esc(isNum(last) ? (opts.yFmt ? opts.yFmt(last) : last) : "–")}</b></span>`;
     }).join("");
-    el.innerHTML = svg + `<div class="legend">${legend}${log ? '<span class="muted small">log scale</span>' : ""}</div>`;
+    const hidden = skipped ? `<span class="muted small">${skipped} mark label${skipped > 1 ? "s" : ""} hidden: hover the lines</span>` : "";
+    el.innerHTML = svg + `<div class="legend">${legend}${log ? '<span class="muted small">log scale</span>' : ""}${hidden}</div>`;
     el.dataset.lines = String(drawn);
+    el.dataset.unlabelledMarks = String(skipped);
   }
 
   // chart window selector (built here so index.html stays declarative)

@@ -4,8 +4,11 @@ system's /usr/bin/chromium, driven by Playwright; nothing is downloaded).
 
 An operator pastes a key, opens the job, watches the fleet table and the charts update live
 (without a reload), pauses and resumes the job from the page; a viewer sees the same page without
-operator controls; a bad key and a failed command show the API's error in the banner. Screenshots
-go to runs/test-artifacts/dashboard/ (gitignored; FLEETLOOP_TEST_ARTIFACTS overrides).
+operator controls; a bad key and a failed command show the API's error in the banner; a robot
+pinned far behind shows its drops per reason, the header tells trained staleness from how far
+robots run behind, and the version chart's mark labels never overlap; a stopped job keeps its
+final numbers. Screenshots go to runs/test-artifacts/dashboard/ (gitignored;
+FLEETLOOP_TEST_ARTIFACTS overrides).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def stack(tmp_path_factory, ray_cluster):
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         wait_for(lambda: admin.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 240, what="job running")
-        yield SimpleNamespace(url=api.url, admin=admin, admin_key=admin_key, op_key=op_key, job_id=job_id)
+        yield SimpleNamespace(url=api.url, admin=admin, admin_key=admin_key, op_key=op_key, job_id=job_id, store=store)
     finally:
         if api is not None:
             api.stop()
@@ -245,6 +248,112 @@ def test_viewer_sees_no_operator_controls(stack, browser, artifacts):
         expect(page.get_by_test_id("operator-controls")).to_have_count(0)
         expect(banner).to_be_hidden()
         page.screenshot(path=str(artifacts / "4-job-viewer.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+LABEL_OVERLAPS = """(id) => {
+    const boxes = [...document.querySelectorAll('#' + id + ' text.vmark-label, #' + id + ' text.hmark-label')]
+        .map(t => { const b = t.getBBox(); return {text: t.textContent, x0: b.x, y0: b.y, x1: b.x + b.width, y1: b.y + b.height}; });
+    const hits = [];
+    boxes.forEach((a, i) => boxes.slice(i + 1).forEach(b => {
+        if (a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1) hits.push([a.text, b.text]);
+    }));
+    return {labels: boxes.length, hits};
+}"""
+
+
+def test_robot_pinned_behind_shows_drops_per_reason(stack, browser, artifacts, tmp_path):
+    """Issue 17 item 13: pin the fleet to v0 (always kept), far past the staleness bound (8): each robot's row shows
+    the steps the learner dropped, per reason, as /actors reports them; the header tells the trained
+    staleness (bounded) from how far robots run behind, and counts the drops; rates say whether they
+    are recent or whole-run; the version chart's mark labels (many commands in a few seconds) never overlap."""
+    from playwright.sync_api import expect
+
+    admin, job = stack.admin, f"/v1/jobs/{stack.job_id}"
+    wait_for(lambda: (admin.get(job).json().get("status") or {}).get("version", 0) >= 12, 180, what="version >= 12")
+    for op in ("pin", "unpin", "pin", "unpin", "pin"):  # five marks within seconds on the version chart
+        r = admin.post(f"{job}/policies/0/pin" if op == "pin" else f"{job}/policies/unpin")
+        assert r.status_code in (200, 202), r.text
+    errors: list[str] = []
+    context, page = _page(browser, errors)
+    try:
+        _sign_in(page, stack.url, stack.op_key, "operator")
+        page.goto(f"{stack.url}/#/jobs/{stack.job_id}")
+        expect(page.get_by_test_id("live-status")).to_have_attribute("data-state", "live")
+        page.wait_for_function("""() => [...document.querySelectorAll('[data-testid=actor-row]')].every(r =>
+            r.querySelector('[data-col=version]').textContent === 'v0' && r.querySelector('[data-col=dropped] .drop'))""",
+                               timeout=180_000)
+        shown = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-testid=actor-row]')].map(r =>
+            [r.dataset.actorId, Object.fromEntries([...r.querySelectorAll('[data-col=dropped] .drop')].map(
+                s => [s.dataset.reason, [Number(s.dataset.count), s.textContent]]))]))""")
+        api_rows = {a["actor_id"]: a for a in admin.get(f"{job}/actors").json()}
+        behind = [a for a, reasons in shown.items() if reasons]
+        assert sorted(behind) == ["sim-0", "sim-1"], shown
+        for actor in behind:
+            for reason, (count, text) in shown[actor].items():
+                assert reason in ("stale", "stale_expert_only") and 0 < count <= api_rows[actor]["dropped"][reason], (shown, api_rows)
+                assert text.startswith(f"{count:,} stale"), text
+            row = page.locator(f'[data-testid=actor-row][data-actor-id="{actor}"]')
+            expect(row.locator("[data-col=dropped]")).to_have_text(
+                re.compile(r"^[\d,]+ stale( autonomous)?( · [\d,]+ stale( autonomous)?)?$"))
+            expect(row.locator("[data-col=staleness]")).to_have_class(re.compile(r"\bbad\b"))
+            assert int(row.locator("[data-col=staleness]").text_content()) > 8
+
+        # the header: trained staleness within the bound, robots far behind it, drops counted
+        assert re.fullmatch(r"\d+ / 8", page.get_by_test_id("stat-staleness").text_content())
+        expect(page.locator(".stat", has=page.get_by_test_id("stat-staleness"))).to_contain_text("Trained staleness")
+        assert int(page.get_by_test_id("stat-fleet-staleness").text_content()) > 8
+        expect(page.get_by_test_id("stat-fleet-staleness")).to_have_class("bad")
+        assert int(page.get_by_test_id("stat-dropped").text_content().replace(",", "")) > 0
+        head = page.locator("#fleet-table thead")
+        for label in ("Versions behind", "Dropped steps", "Success whole run", "Intervention whole run"):
+            expect(head).to_contain_text(label)
+        expect(page.locator("#intervention-window")).to_contain_text("recent")
+        expect(page.locator("#success-window")).to_contain_text("recent")
+
+        # the version chart: every mark label that is drawn is clear of the others
+        page.wait_for_function("() => document.querySelectorAll('#chart-versions text.vmark-label').length >= 3", timeout=30_000)
+        marks = page.evaluate(LABEL_OVERLAPS, "chart-versions")
+        assert marks["labels"] >= 3 and not marks["hits"], marks
+        page.screenshot(path=str(tmp_path / "robot-behind.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "5-robot-behind.png"), full_page=True)
+        assert not errors, errors
+    finally:
+        context.close()
+        admin.post(f"{job}/policies/unpin")
+
+
+def test_stopped_job_keeps_its_final_numbers(stack, browser, artifacts):
+    """Issue 17 item 10: after stop, once the learner's heartbeat is gone, the page still shows the
+    final version, step and loss, ingest 0, and every robot in a final state (not 'stopping')."""
+    from playwright.sync_api import expect
+
+    from fleetloop import redis_keys as keys
+
+    admin, job = stack.admin, f"/v1/jobs/{stack.job_id}"
+    assert admin.post(f"{job}/stop").status_code == 202
+    wait_for(lambda: admin.get(job).json()["state"] == "stopped", 180, what="stopped")
+    stack.store.r.delete(keys.heartbeat(stack.job_id))  # the heartbeat expires (its TTL, without waiting for it)
+    final = admin.get(job).json()["status"]
+    assert final is not None and final["final"] is True, final  # the final status outlives the heartbeat
+    errors: list[str] = []
+    context, page = _page(browser, errors)
+    try:
+        _sign_in(page, stack.url, stack.op_key, "operator")
+        page.goto(f"{stack.url}/#/jobs/{stack.job_id}")
+        expect(page.get_by_test_id("job-state")).to_have_text("stopped")
+        expect(page.get_by_test_id("stat-version")).to_have_text(f"v{final['version']}")
+        expect(page.locator("#stat-step")).to_have_text(f"{final['step']:,}")
+        expect(page.get_by_test_id("stat-loss")).to_have_text(re.compile(r"\d"))
+        expect(page.get_by_test_id("stat-ingest")).to_have_text("0")
+        expect(page.locator("#job-learner")).to_contain_text("final numbers")
+        rows = page.get_by_test_id("actor-row")
+        expect(rows).to_have_count(2)
+        assert set(rows.evaluate_all("rs => rs.map(r => r.dataset.status)")) <= {"stopped", "left"}
+        expect(page.get_by_test_id("fleet-summary")).to_contain_text("stopped")
+        page.screenshot(path=str(artifacts / "6-job-stopped.png"), full_page=True)
         assert not errors, errors
     finally:
         context.close()

@@ -97,7 +97,7 @@ def oracle(impl, raw: bytes, bound_actor: str | None = None):
         with impl.core.ingestor.lock:
             dup = impl.core.ingestor.ledger.check(chunk.actor_id, chunk.episode_id, int(chunk.seq), int(chunk.first_step),
                                                   chunk.HasField("end"), digest(raw))
-        return ("dup" if dup else "ack", chunk)
+        return ("dup" if dup is True else "ack", chunk)
     except FleetloopError as exc:
         return ("error", exc, chunk)
 

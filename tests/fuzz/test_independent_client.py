@@ -8,7 +8,8 @@ bytes): no fleetloop client, codec or test-helper code. Covers issue 17, items 1
 2. validation before the duplicate check; the ledger is keyed by (job, actor, episode, seq); a
    resend with other content is FAILED_PRECONDITION naming the key;
 3. streams, handshakes and subscriptions are bound to the actors a credential was enrolled for;
-4. seq gaps, first_step jumps and out-of-bound actions are refused naming the field;
+4. out-of-order seqs, first_step jumps and out-of-bound actions are refused naming the field (a seq
+   gap, chunks the actor set aside, is accepted and counted: the proto's words changed, see there);
 5. an oversized chunk (past the old transport headroom) gets the learner's own refusal with the
    do-not-retry pushback trailer;
 6. revoking an enrollment closes the robot's open stream and its fleet-table row says "revoked";
@@ -183,12 +184,19 @@ def test_streams_are_bound_to_the_enrolled_actor(learner, redis_store):
 
 
 # -- 4. the episode contract ----------------------------------------------------------------------------
-def test_seq_gap_first_step_jump_and_out_of_bound_actions_are_refused(learner):
+def test_out_of_order_seq_first_step_jump_and_out_of_bound_actions_are_refused(learner):
+    """The proto's words (as changed by issue 17): seq increases; a gap means the actor set chunks aside and is
+    accepted, counted and logged (the rest of the episode is kept); a skipped seq arriving later is out of
+    order (FAILED_PRECONDITION); first_step follows the previous chunk; actions lie within the spec's bounds."""
     impl, stub = learner()
     job = impl.core.cfg.job_id
+    send(stub, [chunk(job, "a", "gap", 0, 0), chunk(job, "a", "gap", 2, 10)])      # seq 1 was set aside
+    assert metric(impl, "fleetloop_learner_seq_gaps_total") == 1
+    err = refusal(stub, [chunk(job, "a", "gap", 1, 5)])
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "out of order" in err.details()
+    err = refusal(stub, [chunk(job, "a", "gap", 3, 12)])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "first_step 12" in err.details() and "expected 15" in err.details()
     send(stub, [chunk(job, "a", "ep", 0, 0)])
-    err = refusal(stub, [chunk(job, "a", "ep", 2, 10)])
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "expected 1" in err.details()
     err = refusal(stub, [chunk(job, "a", "ep", 1, 7)])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "first_step 7" in err.details() and "expected 5" in err.details()
     err = refusal(stub, [chunk(job, "a", "ep2", 0, 0, action=1.5)])
@@ -196,7 +204,7 @@ def test_seq_gap_first_step_jump_and_out_of_bound_actions_are_refused(learner):
     send(stub, [chunk(job, "a", "ep", 1, 5, end=pb.SUCCESS)])
     err = refusal(stub, [chunk(job, "a", "ep", 2, 10)])
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "end" in err.details()
-    assert impl.core.ingestor.steps_total == 10
+    assert impl.core.ingestor.steps_total == 20
     online = impl.core.replay.export(TASK, "online")
     assert float(np.abs(online["actions"]).max()) <= 1.0
 

@@ -47,8 +47,9 @@ def test_api_conforms_to_its_schema(api_schema):
             if case.path_parameters and "job_id" in case.path_parameters and counter[0] % 2:
                 case.path_parameters["job_id"] = KEY["job"]  # half the cases reach a job that exists
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {KEY['admin']}"}
-            # positive_data_acceptance is left out: algorithm_params / policy_kwargs are free-form
-            # plug-in configs in the schema and validated by the plug-in (a 422 naming the field).
+            # positive_data_acceptance is left out: algorithm_params is published as anyOf every
+            # algorithm's config (the one that applies depends on `algorithm`) and policy_kwargs is
+            # free-form; the plug-in validates them (a 422 naming the field path).
             case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
         try:

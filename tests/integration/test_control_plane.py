@@ -17,16 +17,9 @@ import pytest
 from services.api import create_app
 from services.launcher import LocalLauncher
 from services.state import StateStore
-from tests.helpers.control_plane import ApiServer, client, start_redis, wait_for
+from tests.helpers.control_plane import ApiServer, client, redis_server, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture()
-def redis_server(tmp_path):
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 def _job_state(c, job_id):
@@ -112,7 +105,7 @@ def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster, capfd):
         assert 0.0 <= ev["mean_success"] <= 1.0
 
         # an enrolled robot token can be revoked: the learner refuses it at the next handshake
-        enr = op.post(f"/v1/jobs/{job_id}/enrollments", json={"name": "outside-robot"}).json()
+        enr = op.post(f"/v1/jobs/{job_id}/enrollments", json={"name": "outside-robot", "actors": ["outside-*"]}).json()
         target = _job_state(viewer, job_id)["learner"]["target"]
         from actor.main import robot_specs
         from actor.runtime import FleetClient

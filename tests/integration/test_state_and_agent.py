@@ -20,16 +20,9 @@ from learner.core import LearnerCore
 from services.jobspec import JobSpec
 from services.state import StateStore
 from tests.helpers.chunks import robot_chunk
-from tests.helpers.control_plane import start_redis
+from tests.helpers.control_plane import redis_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture()
-def redis_server(tmp_path):
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

@@ -44,7 +44,7 @@ def test_llm_kind_is_refused_with_a_clear_message():
 
 def test_algorithm_params_are_checked_at_submission():
     errs = _errors(name="p", tasks=["t"], algorithm_params={"lr": "fast"})
-    assert any("algorithm_params.lr" in m for m in errs.values()), errs
+    assert "algorithm_params.lr" in errs and "hg_dagger" in errs["algorithm_params.lr"], errs  # the full path, not the body
     assert JobSpec(name="p", tasks=["t"], algorithm_params={"lr": 1e-4}).algorithm_params == {"lr": 1e-4}
 
 
@@ -73,3 +73,38 @@ def test_learner_env_overrides():
     assert cfg.port == 50051 and cfg.robot_tokens == ["a", "b"] and cfg.control_redis_url == "redis://r:6379/0"
     with pytest.raises(InvalidArgument, match="FLEETLOOP_LEARNER_PROT"):
         env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", {"FLEETLOOP_LEARNER_PROT": "1"})
+
+
+# -- task names at submission (issue 17, item 11) -------------------------------------------------
+def _task_error(**spec):
+    from fleetloop.errors import InvalidArgument
+    from services.jobspec import check_tasks
+    with pytest.raises(InvalidArgument) as info:
+        check_tasks(JobSpec(**spec))
+    return info.value
+
+
+def test_simulated_fleet_tasks_must_be_meta_world_v3_names():
+    err = _task_error(name="s", tasks=["reach-v3", "reach-v2"], fleet={"robots": 1})
+    assert err.field == "tasks[1]" and err.value == "reach-v2" and err.http_status == 422
+    assert "tasks[1] 'reach-v2'" in str(err) and "did you mean 'reach-v3'" in str(err) and "simulated fleet" in str(err)
+    err = _task_error(name="s", tasks=["push-v3", "qqq", "drawer-opne-v3"], fleet={"robots": 0})
+    assert err.field == "tasks[1]" and err.value == "qqq"
+    assert "'drawer-open-v3'" in str(err) and "valid tasks: " in str(err) and "window-open-v3" in str(err)
+
+
+def test_bootstrap_tasks_need_the_registry_unless_data_is_given():
+    err = _task_error(name="b", tasks=["pick-plaec-v3"], bootstrap={})
+    assert err.field == "tasks[0]" and "'pick-place-v3'" in str(err) and "bootstrap" in str(err)
+    from services.jobspec import check_tasks
+    check_tasks(JobSpec(name="b", tasks=["own-task"], bootstrap={}, offline_dataset="/data/demos"))  # no demos recorded
+
+
+def test_real_robot_jobs_declare_their_own_task_names():
+    from services.jobspec import check_tasks, simulated_tasks
+    check_tasks(JobSpec(name="r", tasks=["kitchen-wipe", "reach-v2", "shelf.pick_2"]))  # no simulator: any well-formed name
+    assert len(simulated_tasks()) == 50
+    check_tasks(JobSpec(name="r", tasks=simulated_tasks()[:64], fleet={"robots": 1}))  # every registry name passes
+    errs = _errors(name="r", tasks=["a", "b", "a"])
+    assert "tasks[2] 'a' repeats tasks[0]" in errs["tasks"], errs
+    assert "tasks.1" in _errors(name="r", tasks=["ok", ""]) and "tasks.0" in _errors(name="r", tasks=["bad/name"])

@@ -66,21 +66,18 @@ def test_ingest_log_truncates_torn_tail(tmp_path):
 
 def test_ledger_exactly_once():
     """Key (actor, episode, seq): stored once; a byte-identical resend is a duplicate, other content under a
-    stored key, a gap, a first_step jump or a chunk after the episode's end are refused naming the field."""
+    stored key, a first_step jump or a chunk after the episode's end are refused naming the field."""
     from fleetloop.errors import FailedPrecondition, InvalidArgument
     led = Ledger()
     a, b = digest(b"chunk-0"), digest(b"chunk-1")
-    assert led.check("r1", "ep", 0, 0, False, a) is False
+    assert led.check("r1", "ep", 0, 0, False, a) == 0
     led.record("r1", "ep", 0, 0, 10, False, a)
     assert led.check("r1", "ep", 0, 0, False, a) is True                    # resend: duplicate
     assert led.seen("r1", "ep", 0) and not led.seen("r1", "ep", 1) and not led.seen("r2", "ep", 0)
-    assert led.check("r2", "ep", 0, 0, False, b) is False                   # another actor's episode: new
+    assert led.check("r2", "ep", 0, 0, False, b) == 0                   # another actor's episode: new
     with pytest.raises(FailedPrecondition) as info:                         # same key, other content
         led.check("r1", "ep", 0, 0, False, b)
     assert info.value.field == "seq" and "'r1'" in str(info.value) and "'ep'" in str(info.value)
-    with pytest.raises(FailedPrecondition) as info:                         # gap
-        led.check("r1", "ep", 2, 10, False, b)
-    assert info.value.field == "seq" and "expected 1" in str(info.value)
     with pytest.raises(InvalidArgument) as info:                            # first_step jump
         led.check("r1", "ep", 1, 15, False, b)
     assert info.value.field == "first_step" and "expected 10" in str(info.value)
@@ -90,6 +87,27 @@ def test_ledger_exactly_once():
     assert "follows the end" in str(info.value)
 
 
+def test_ledger_gap_keeps_the_rest_of_the_episode_and_refuses_late_chunks():
+    """A gap (chunks the actor set aside) is accepted and reported; a skipped seq arriving later is out of
+    order; the first_step after a gap may not go back; an absurd gap is refused."""
+    from fleetloop.errors import FailedPrecondition, InvalidArgument
+    from learner.ledger import MAX_GAP
+    led = Ledger()
+    led.record("r1", "ep", 0, 0, 10, False, digest(b"0"))
+    with pytest.raises(InvalidArgument):
+        led.check("r1", "ep", 3, 5, False, digest(b"3"))                    # goes back before step 10
+    assert led.check("r1", "ep", 3, 30, False, digest(b"3")) == 2            # skips seq 1 and 2
+    led.record("r1", "ep", 3, 30, 10, False, digest(b"3"))
+    for late in (1, 2):
+        with pytest.raises(FailedPrecondition) as info:
+            led.check("r1", "ep", late, 10, False, digest(b"late"))
+        assert "out of order" in str(info.value) and info.value.field == "seq"
+    assert led.check("r1", "ep", 3, 30, False, digest(b"3")) is True          # the chunk after the gap resends fine
+    with pytest.raises(FailedPrecondition) as info:
+        led.check("r1", "ep", 5 + MAX_GAP, 40, False, digest(b"far"))
+    assert "at most" in str(info.value)
+
+
 def test_ledger_refused_chunk_lets_the_episode_go_on():
     """A chunk refused as invalid while it was the next one is skipped: seq + 1 is accepted (first_step not
     below the refused chunk's), a resend of the refused seq is refused."""
@@ -97,7 +115,7 @@ def test_ledger_refused_chunk_lets_the_episode_go_on():
     led = Ledger()
     led.record("r1", "ep", 0, 0, 5, False, digest(b"0"))
     led.refuse("r1", "ep", 1, 5)
-    assert led.check("r1", "ep", 2, 9, False, digest(b"2")) is False
+    assert led.check("r1", "ep", 2, 9, False, digest(b"2")) == 0
     with pytest.raises(FailedPrecondition):
         led.check("r1", "ep", 1, 5, False, digest(b"1-fixed"))
     assert not led.seen("r1", "ep", 1)
