@@ -18,8 +18,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+TIERS = ("unit", "integration", "chaos", "fuzz", "e2e")  # one folder of tests/ each
+
+
+def pytest_configure(config):
+    """Register the tier markers (``-m unit``, ``-m "not chaos"``, ...); each test gets its folder's."""
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: tests in tests/{tier}/ (marked by folder)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked gpu when no CUDA device is present."""
+    """Mark every test with its tier (its folder under tests/); skip tests marked gpu when no CUDA
+    device is present."""
+    root = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            tier = Path(str(item.fspath)).resolve().relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

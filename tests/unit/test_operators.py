@@ -119,25 +119,3 @@ def test_invalid_settings_name_the_field() -> None:
         ScriptedExpertOperator().decide(OBS, GOOD, 0)
 
 
-@pytest.mark.filterwarnings("ignore:Constant")
-def test_scripted_operator_rescues_a_useless_policy_on_reach() -> None:
-    from actor.envs import MetaWorldEnv
-
-    env = MetaWorldEnv("reach-v3", seed=0, max_episode_steps=200)
-    op = ScriptedExpertOperator(env, deviation_threshold=0.5, patience_k=3, hold_steps=20)
-    try:
-        obs = env.reset(seed=5)
-        op.reset(env)
-        flags = []
-        for step in range(env.max_episode_steps):
-            decision = op.decide(obs, np.zeros(4, np.float32), step)  # a policy that never moves
-            flags.append(decision.intervened)
-            result = env.step(decision.action)
-            obs = result.obs
-            if result.done:
-                break
-        assert result.success
-        assert any(flags) and not all(flags)  # it drove at first; the operator finished the job
-        assert op.stats.takeovers >= 1 and op.stats.intervention_steps == sum(flags)
-    finally:
-        env.close()
