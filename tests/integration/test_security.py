@@ -16,16 +16,8 @@ from learner.ray_learner import _RayLearnerImpl
 from services.jobspec import JobSpec
 from services.state import StateStore
 from tests.helpers.chunks import robot_chunk
-from tests.helpers.control_plane import start_redis
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture()
-def redis_server(tmp_path):
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

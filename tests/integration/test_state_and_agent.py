@@ -20,7 +20,6 @@ from learner.core import LearnerCore
 from services.jobspec import JobSpec
 from services.state import StateStore
 from tests.helpers.chunks import robot_chunk
-from tests.helpers.control_plane import redis_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
