@@ -130,9 +130,9 @@ def fleet_phase(pool: Pool, k: int, chunk: int, cfg: LatencyConfig, tmp: Path, b
                  "prefix": f"lat-c{chunk}-k{k}", "hz": cfg.hz, "seconds": cfg.seconds, "base": base, "chunk_steps": chunk}
                 for i in range(k)]
         actors = pool.run(cmds, timeout=cfg.seconds + 180.0)
+        keys = {episode: k for (_actor, episode), k in ingestor.episode_keys().items()}  # all stored: actors ended
         with ingestor.lock:
             arr = impl.core.replay.export(TASK, "online")
-            keys = {episode: k for (_actor, episode), k in ingestor._episode_keys.items()}  # keyed (actor, episode)
     finally:
         stop_learner_in_process(impl)
     obs = arr["obs"].astype(np.float64)

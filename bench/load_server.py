@@ -52,7 +52,7 @@ def _serve_learner(config_path: str) -> dict:
     status = impl.stop()
     keep = ("version", "step", "ingested_steps", "episodes_total", "staleness_max", "staleness_max_autonomous", "gate")
     return {"audit": audit, "status": {k: status.get(k) for k in keep},
-            "ledger_episodes": len(impl.core.ingestor.ledger), "open_episodes": len(impl.core.ingestor._open)}
+            "ledger_episodes": len(impl.core.ingestor.ledger), "open_episodes": len(impl.core.ingestor.open_episodes())}
 
 
 def _serve_raw(workers: int) -> dict:

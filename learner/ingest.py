@@ -264,6 +264,16 @@ class Ingestor:
             self._c_latency.observe(max(0.0, time.time() - decoded.produced_at))
         return False
 
+    def episode_keys(self) -> dict[tuple[str, str], int]:
+        """(actor, episode id) -> the replay's episode key of every episode stored so far (a copy)."""
+        with self.lock:
+            return dict(self._episode_keys)
+
+    def open_episodes(self) -> set[tuple[str, str]]:
+        """(actor, episode id) of the episodes with stored steps and no end yet."""
+        with self.lock:
+            return set(self._open)
+
     def forget_idle_actors(self, ttl_s: float, now: float | None = None) -> list[str]:
         """Remove the per-actor version series of actors with no chunk for ``ttl_s`` seconds (a robot that left
         must not hold 'actors on old versions' alerts forever); their tallies stay for the fleet table.

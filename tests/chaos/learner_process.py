@@ -24,7 +24,7 @@ from pathlib import Path
 
 def buffer_contents(core) -> dict:
     """{task: {episode_id: {"steps": [...], "versions": [...]}}} of the online buffers."""
-    names = {v: episode for (_actor, episode), v in core.ingestor._episode_keys.items()}  # keyed (actor, episode)
+    names = {v: episode for (_actor, episode), v in core.ingestor.episode_keys().items()}
     out: dict = {}
     with core.ingestor.lock:
         for task in core.cfg.tasks:

@@ -161,7 +161,7 @@ def test_actor_sigkill_mid_episode_then_restart_same_spool(tmp_path):
         assert [r.first_step for r in cut] == [sum(c.steps for c in cut[:i]) for i in range(len(cut))]
         spooled_steps = sum(r.steps for r in cut)
         assert spooled_steps == len(buffer[killed_ep]["steps"])
-        assert {episode for _actor, episode in learner.core.ingestor._open} == {killed_ep}, "only the cut episode is open on the learner"
+        assert {episode for _actor, episode in learner.core.ingestor.open_episodes()} == {killed_ep}, "only the cut episode is open on the learner"
         assert killed_ep not in {e.episode_id for e in learner.core.ingestor.episodes}
 
         # the spool is clean: nothing pending, no marker, the torn file set aside with its reason, never sent
