@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.timeout(240)

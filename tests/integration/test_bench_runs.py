@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from tests.helpers.bench_args import ingest_args, load_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,22 +32,13 @@ def _check_common(doc: dict, bench: str) -> None:
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (row["metric"], key, value)
 
 
-def _ingest_args(tmp_path, **over) -> argparse.Namespace:
-    from bench.ingest import IngestConfig
-
-    base = {name: field.default for name, field in IngestConfig.model_fields.items()}
-    base.update(actors="1", seconds=0.6, slices=1, warmup_s=0.3, profile_seconds=0.0, processes=1, episode_steps=32,
-                out=str(tmp_path / "nested" / "ingest.json"))
-    return argparse.Namespace(**(base | over))
-
-
 @pytest.mark.timeout(300)
 def test_ingest_smoke(tmp_path, capsys):
     """Every payload (state, raw images, JPEG images, LLM groups) through the real learner and raw gRPC:
     each run stored data on both paths, no actor had a chunk rejected, figures beside baselines."""
     from bench.ingest import main
 
-    args = _ingest_args(tmp_path, payload="state,images,images-compressed,llm")
+    args = ingest_args(tmp_path, payload="state,images,images-compressed,llm")
     assert main(args) == 0
     doc = json.loads((tmp_path / "nested" / "ingest.json").read_text())
     _check_common(doc, "ingest")
@@ -87,21 +79,13 @@ def test_weights_smoke(tmp_path):
 
 
 # -- fleetloop bench load ------------------------------------------------------------------------------
-def _load_args(tmp_path, **over) -> argparse.Namespace:
-    base = dict(actors=4, minutes=0.12, baseline_minutes=0.08, chunk_steps=25, hz=100.0, processes=2, max_inflight=32,
-                learner=None, learner_pid=None, learner_metrics=None, job="bench-load", tasks=None, token=None, tls_ca=None,
-                no_training=False, max_updates_per_s=5.0, online_capacity=None, grpc_workers=None, seed=0, no_progress=True,
-                out=str(tmp_path / "load.json"))
-    return argparse.Namespace(**(base | over))
-
-
 @pytest.mark.timeout(240)
 def test_load_smoke(tmp_path, capsys):
     """A few seconds of 4 actors against a started learner (token required) and the raw baseline:
     every chunk produced is acknowledged once and stored once, no errors, RSS sampled by pid."""
     from bench.load import main
 
-    args = _load_args(tmp_path)
+    args = load_args(tmp_path)
     assert main(args) == 0
     doc = json.loads((tmp_path / "load.json").read_text())
     assert doc["bench"] == "load" and doc["machine"]["packages"]["grpcio"]

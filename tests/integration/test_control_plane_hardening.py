@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from services.launcher import HoldLauncher
 from services.redis_server import free_port
 from services.state import StateStore
 from tests.helpers.control_plane import ApiServer, client, start_redis, wait_for
+from tests.helpers.procs import stop_session
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEETLOOP = [str(Path(sys.executable).with_name("fleetloop"))]
@@ -194,13 +194,7 @@ def up_stack(tmp_path_factory):
         wait_for(ready, 240, interval=0.5, what="fleetloop up /readyz 200")
         yield {"url": url, "cwd": cwd, "env": env, "proc": proc}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group this fixture started (start_new_session)
-                proc.wait(10)
+        stop_session(proc, 120)  # the group this fixture started (start_new_session)
         log.close()
 
 

@@ -1,5 +1,6 @@
-"""The evaluation protocol: which weights (version, checkpoint, file), `fleetloop eval` end to end on
-real Meta-World, and periodic evaluation that never reaches the learner (real learner, real gRPC)."""
+"""The evaluation protocol with real processes: `fleetloop eval` end to end on real Meta-World, and
+periodic and deferred evaluation in a process pool that never reaches the learner (real learner,
+real gRPC). The pure parts are in tests/unit/test_evaluation.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import json
 import pytest
 import torch
 
-from fleetloop.errors import IntegrityError, InvalidArgument, NotFound
 from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.weight_store import WeightStore
-from services.evaluation import EvalPool, PeriodicEvaluator, read_policy_file, resolve_weights
+from services.evaluation import EvalPool, PeriodicEvaluator, read_policy_file
 
 MLP = "fleetloop.policies:mlp_policy"
 RECAP = "fleetloop.policies:recap_mlp_policy"
@@ -122,24 +122,5 @@ def test_deferred_evaluation_scans_every_snapshot_until_the_target(tmp_path):
         series = ev.finish()
     assert [p["t"] for p in series] == [0.0, 1.0, 2.0] and [p["reused"] for p in series] == [False, True, True]
     assert ev.skipped == 0 and ev.episodes == 1
-
-
-class _ScriptedPool:
-    """Stands in for EvalPool in the search-plan test only: the success of snapshot ``v<N>`` is
-    ``means[N]`` (real evaluations cannot be steered to cross a target at a chosen snapshot)."""
-
-    def __init__(self, means):
-        self.means, self.asked = means, []
-
-    def submit(self, path, tasks, trials, **_):
-        from concurrent.futures import Future
-        version = int(path.stem[1:])
-        self.asked.append(version)
-        out = {}
-        for t in tasks:
-            f = Future()
-            f.set_result({"success_rate": self.means[version], "mean_length": 10.0, "episodes_per_hour": 1.0, "trials": trials})
-            out[t] = f
-        return out
 
 

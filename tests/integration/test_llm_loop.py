@@ -38,6 +38,7 @@ from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc  # noqa: E402
 from learner.llm.config import LlmLearnerConfig  # noqa: E402
 from learner.ray_learner import _RayLearnerImpl  # noqa: E402
 from tests.helpers.control_plane import wait_for  # noqa: E402
+from tests.helpers.procs import stop_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 JOB, TOKEN = "llmjob", "tok"
@@ -423,13 +424,7 @@ def test_llm_loop_with_vllm(tmp_path, model_cache, toy_task):
         st = _check_learner_invariants(impl, live_block=False)
         assert st["groups_total"] > 0 and st["duplicates"] == 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the session this test started (actor + its engine)
-                proc.wait(10)
+        stop_session(proc, 60)  # the session this test started (actor + its engine)
         impl.stop()
     done = _events(log_path, "actor_done")
     assert done and int(done[-1]["groups"]) > 0, log_path.read_text()[-3000:]

@@ -1,46 +1,12 @@
-"""Operators: the scripted HG-DAgger gate takes over, holds, hands back; NoOperator never acts."""
+"""The scripted HG-DAgger operator on a real Meta-World task: it rescues a useless policy. The gate's
+rules on a fake environment are in tests/unit/test_operators.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from actor.operators import NoOperator, Operator, OperatorDecision, ScriptedExpertOperator
-from fleetloop.errors import InvalidArgument
-
-
-class FakeEnv:
-    """An ExpertEnv double: the expert always says ``expert``; progress is settable."""
-
-    task_id, obs_dim, act_dim, max_episode_steps = "fake", 3, 4, 100
-
-    def __init__(self) -> None:
-        self.expert = np.array([0.5, 0.0, 0.0, 0.0], np.float32)
-        self.value = 0.0
-
-    def reset(self, seed=None):
-        return np.zeros(3, np.float32)
-
-    def step(self, action):
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def expert_action(self, obs):
-        return self.expert.copy()
-
-    def progress(self) -> float:
-        return self.value
-
-
-GOOD = np.array([0.5, 0.0, 0.0, 0.0], np.float32)
-GARBAGE = np.array([-1.0, 1.0, -1.0, 1.0], np.float32)
-OBS = np.zeros(3, np.float32)
-
-
-def run(op, actions) -> list[OperatorDecision]:
-    return [op.decide(OBS, a, t) for t, a in enumerate(actions)]
+from actor.operators import ScriptedExpertOperator
 
 
 @pytest.mark.filterwarnings("ignore:Constant")

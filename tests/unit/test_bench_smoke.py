@@ -1,43 +1,15 @@
-"""Smoke runs of the benchmarks (ingest, weights, load): tiny configurations, real processes and
-loopback gRPC.
-
-They check the shape of the result document (machine, config, every fleetloop figure beside its
-raw-gRPC baseline) and, for the load bench, real content (every chunk produced acknowledged once
-and stored once, errors counted by status code), never wall-clock thresholds.
+"""The benchmarks' command lines and pure parts (ingest, weights, load): bad arguments exit 2 naming
+the flag, the load bench's episode bank passes the learner's validation, its statistics. The runs
+themselves (real processes, loopback gRPC) are in tests/integration/test_bench_runs.py.
 """
 
 import argparse
-import json
-import math
 
 import pytest
 
+from tests.helpers.bench_args import ingest_args, load_args
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _check_common(doc: dict, bench: str) -> None:
-    assert doc["bench"] == bench
-    machine = doc["machine"]
-    assert machine["cpu_count"] >= 1 and machine["python"] and machine["platform"]
-    for pkg in ("grpcio", "torch", "numpy"):
-        assert machine["packages"][pkg], pkg
-    assert doc["config"]
-    assert doc["rows"]
-    for row in doc["rows"]:
-        assert {"metric", "unit", "actors", "fleetloop", "raw_grpc", "ratio", "better"} <= set(row)
-        for key in ("fleetloop", "raw_grpc", "ratio"):
-            value = row[key]
-            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (row["metric"], key, value)
-
-
-def _ingest_args(tmp_path, **over) -> argparse.Namespace:
-    from bench.ingest import IngestConfig
-
-    base = {name: field.default for name, field in IngestConfig.model_fields.items()}
-    base.update(actors="1", seconds=0.6, slices=1, warmup_s=0.3, profile_seconds=0.0, processes=1, episode_steps=32,
-                out=str(tmp_path / "nested" / "ingest.json"))
-    return argparse.Namespace(**(base | over))
 
 
 def test_weights_bad_arguments_return_2(tmp_path):
@@ -55,20 +27,12 @@ def test_ingest_bad_arguments_return_2(tmp_path, capsys):
 
     for bad, flag in ((dict(actors="0"), "--actors"), (dict(payload="video"), "--payload"), (dict(seconds=-1.0), "--seconds"),
                       (dict(image_codec="gif"), "--image-codec")):
-        assert main(_ingest_args(tmp_path, **bad)) == 2, bad
+        assert main(ingest_args(tmp_path, **bad)) == 2, bad
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "nested" / "ingest.json").exists()
 
 
 # -- fleetloop bench load ------------------------------------------------------------------------------
-def _load_args(tmp_path, **over) -> argparse.Namespace:
-    base = dict(actors=4, minutes=0.12, baseline_minutes=0.08, chunk_steps=25, hz=100.0, processes=2, max_inflight=32,
-                learner=None, learner_pid=None, learner_metrics=None, job="bench-load", tasks=None, token=None, tls_ca=None,
-                no_training=False, max_updates_per_s=5.0, online_capacity=None, grpc_workers=None, seed=0, no_progress=True,
-                out=str(tmp_path / "load.json"))
-    return argparse.Namespace(**(base | over))
-
-
 def test_load_cli_flags_and_bad_arguments_return_2(tmp_path):
     """``fleetloop bench load`` is parsed by the real CLI parser into every LoadConfig field that has a
     flag; a bad value exits 2 naming it and writes nothing."""
@@ -83,7 +47,7 @@ def test_load_cli_flags_and_bad_arguments_return_2(tmp_path):
     for bad in (["--actors", "0"], ["--learner", "no-port"], ["--hz", "-1"]):
         args = build_parser().parse_args(["bench", "load", *bad, "--out", out])
         assert args.func(args) == 2, bad
-    assert main(_load_args(tmp_path, processes=0)) == 2
+    assert main(load_args(tmp_path, processes=0)) == 2
     assert not (tmp_path / "load.json").exists()
 
 

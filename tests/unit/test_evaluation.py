@@ -1,9 +1,8 @@
-"""The evaluation protocol: which weights (version, checkpoint, file), `fleetloop eval` end to end on
-real Meta-World, and periodic evaluation that never reaches the learner (real learner, real gRPC)."""
+"""The evaluation protocol's pure parts: which weights (version, checkpoint, file) are evaluated, and
+the deferred search over snapshots (a scripted pool: no process, no simulator). `fleetloop eval` on
+real Meta-World and the process pool are in tests/integration/test_evaluation_pool.py."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -12,10 +11,9 @@ from fleetloop.errors import IntegrityError, InvalidArgument, NotFound
 from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.weight_store import WeightStore
-from services.evaluation import EvalPool, PeriodicEvaluator, read_policy_file, resolve_weights
+from services.evaluation import PeriodicEvaluator, resolve_weights
 
 MLP = "fleetloop.policies:mlp_policy"
-RECAP = "fleetloop.policies:recap_mlp_policy"
 
 
 def _blob(factory=MLP, seed=0, tasks=1):
