@@ -134,8 +134,7 @@ class ControlAgent:
                                       "revoked": bool(sess.get("revoked"))}
         for actor_id, tally in status["actors"].items():
             row = rows.setdefault(actor_id, {"actor_id": actor_id, "kind": "robot", "tasks": [], "connected_at": None})
-            row.update(tally)
-            row["dropped"] = dict(tally.get("dropped") or {})
+            row.update(tally)  # the core's status copies each actor's dropped counts
         for row in rows.values():
             row["status"] = "revoked" if row.get("revoked") else actor_status(row["last_seen"], now, status["job_state"])
             row["staleness"] = latest - row["version"] if row["version"] >= 0 else None

@@ -43,11 +43,6 @@ def exposure_problem(host: str, robot_tokens: list[str], enrollments: bool, mtls
             f"allow_unauthenticated = true to accept anonymous callers on purpose")
 
 
-def authenticated(robot_tokens: list[str], enrollments: bool, mtls: bool) -> bool:
-    """True when every RPC needs a credential (a token or a client certificate)."""
-    return bool(robot_tokens) or enrollments or mtls
-
-
 def route_address() -> str | None:
     """The local address of the interface with a route off this machine (UDP connect sends nothing);
     None without a non-loopback route."""

@@ -228,13 +228,7 @@ class Ingestor:
         """
         raw = raw if raw is not None else chunk.SerializeToString()
         content = digest(raw)
-        try:
-            decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
-        except InvalidArgument:
-            if chunk.job_id == self.job_id and 0 < len(chunk.actor_id) <= _MAX_ID and 0 < len(chunk.episode_id) <= _MAX_ID:
-                with self.lock:  # the actor sets this chunk aside: the episode may go on at seq + 1
-                    self.ledger.refuse(chunk.actor_id, chunk.episode_id, int(chunk.seq), int(chunk.first_step))
-            raise
+        decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
         key = (decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.outcome is not None, content)
         with self.lock:
             if self.ledger.check(*key) is True:

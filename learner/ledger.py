@@ -21,8 +21,9 @@ Verdicts of :meth:`Ledger.check` for a chunk ``(actor, episode, seq)``:
   (INVALID_ARGUMENT otherwise); the caller counts it (``fleetloop_learner_seq_gaps_total``) and logs
   the missing seqs. The skipped seqs can never be stored later.
 
-A chunk the learner refuses as invalid while it was the next expected one is recorded as skipped at
-once (:meth:`Ledger.refuse`), so a resend of it is told it was refused before.
+A chunk the learner refuses (invalid, rate-limited, ...) is simply not recorded: a corrected resend
+of it is still the next expected chunk, and if the actor sets it aside instead, its next chunk is a
+gap like any other.
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ def digest(raw: bytes) -> bytes:
 @dataclass
 class _Episode:
     next_seq: int = 0
-    next_step: int | None = 0       # None: any first_step >= floor_step (after a skipped chunk)
-    floor_step: int = 0
+    next_step: int = 0              # first_step + steps of the newest stored chunk
     ended: bool = False
     digests: bytearray = field(default_factory=bytearray)  # DIGEST_BYTES per seq, in seq order
-    refused: set[int] = field(default_factory=set)   # seqs never stored: refused or skipped by a gap
+    skipped: set[int] = field(default_factory=set)   # seqs a gap passed over: never stored
 
 
 class Ledger:
@@ -66,10 +66,9 @@ class Ledger:
         nxt = ep.next_seq if ep else 0
         key = f"(actor {actor!r}, episode {episode!r}, seq {seq})"
         if seq < nxt:
-            if seq in ep.refused:
-                raise FailedPrecondition(f"chunk {key} arrives after later chunks of its episode (it was refused or "
-                                         f"skipped before; the episode is at seq {nxt}): out of order", field="seq",
-                                         value=seq)
+            if seq in ep.skipped:
+                raise FailedPrecondition(f"chunk {key} arrives after later chunks of its episode (a gap skipped it; "
+                                         f"the episode is at seq {nxt}): out of order", field="seq", value=seq)
             stored = bytes(ep.digests[seq * DIGEST_BYTES:(seq + 1) * DIGEST_BYTES])
             if stored != content:
                 raise FailedPrecondition(f"chunk {key} is already stored with other content (digest "
@@ -84,12 +83,11 @@ class Ledger:
             raise FailedPrecondition(f"chunk {key} skips {gap} chunks (seq {nxt}..{seq - 1}); at most {MAX_GAP} may be "
                                      f"skipped", field="seq", value=seq)
         expected = ep.next_step if ep else 0
-        floor = ep.floor_step if ep else 0
-        if gap == 0 and expected is not None and first_step != expected:
+        if gap == 0 and first_step != expected:
             raise InvalidArgument(f"first_step {first_step} of chunk {key} does not follow the episode's previous "
                                   f"chunk (expected {expected})", field="first_step", value=first_step)
-        if first_step < floor:
-            raise InvalidArgument(f"first_step {first_step} of chunk {key} goes back before step {floor}, which the "
+        if first_step < expected:
+            raise InvalidArgument(f"first_step {first_step} of chunk {key} goes back before step {expected}, which the "
                                   f"episode's stored chunks reached", field="first_step", value=first_step)
         return gap
 
@@ -99,29 +97,16 @@ class Ledger:
         ep = self._episodes.setdefault((actor, episode), _Episode())
         if seq < ep.next_seq:
             raise AssertionError(f"ledger: record of seq {seq}, already at {ep.next_seq}")
-        for skipped in range(ep.next_seq, seq):
-            ep.refused.add(skipped)
-            ep.digests += _SKIPPED
-        ep.digests += content
+        ep.skipped.update(range(ep.next_seq, seq))
+        ep.digests += _SKIPPED * (seq - ep.next_seq) + content
         ep.next_seq = seq + 1
-        ep.next_step = ep.floor_step = first_step + steps
+        ep.next_step = first_step + steps
         ep.ended = ep.ended or has_end
 
-    def refuse(self, actor: str, episode: str, seq: int, first_step: int) -> None:
-        """The learner refused the next expected chunk as invalid: mark it skipped (module docstring).
-        A refusal of any other seq changes nothing."""
-        ep = self._episodes.setdefault((actor, episode), _Episode())
-        if seq != ep.next_seq or ep.ended:
-            return
-        ep.refused.add(seq)
-        ep.digests += _SKIPPED
-        ep.next_seq += 1
-        ep.next_step = None
-
     def seen(self, actor: str, episode: str, seq: int) -> bool:
-        """True when the key is stored (not merely refused)."""
+        """True when the key is stored (not skipped by a gap)."""
         ep = self._episodes.get((actor, episode))
-        return ep is not None and seq < ep.next_seq and seq not in ep.refused
+        return ep is not None and seq < ep.next_seq and seq not in ep.skipped
 
     def next_seq(self, actor: str, episode: str) -> int:
         """The next seq the learner expects of this episode (0 when unknown)."""

@@ -85,7 +85,7 @@ class _RayLearnerImpl:
             self.agent = ControlAgent(self.core, cfg.control_redis_url, sessions=lambda: dict(self.servicer.sessions))
             self.agent.start()
         from learner.exposure import advertised_host
-        self.host = advertised_host(cfg.host, getattr(cfg, "advertise_host", None))  # what robots dial, not 127.0.0.1
+        self.host = advertised_host(cfg.host, cfg.advertise_host)  # what robots dial, not 127.0.0.1
         event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
               metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
 

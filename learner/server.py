@@ -50,7 +50,7 @@ from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgumen
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.auth import Authenticator, CredentialRevoked, Principal, StaticTokens, bearer
-from learner.exposure import exposure_problem, is_loopback
+from learner.exposure import is_loopback
 from learner.core import LearnerCore
 from learner.stream_guard import StreamGuard
 from learner.weight_serving import chunks as weight_chunks
@@ -100,38 +100,34 @@ class LearnerServicer:
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
         self.llm = getattr(core, "kind", "robot") == "llm"  # an LlmLearnerCore: LLM handshakes, Admit, group chunks
         self.sessions: dict[str, dict] = {}
-        self.revoked_actors: dict[str, float] = {}  # actor id -> when its credential was found revoked
         self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
                                                    "SubscribeWeights": self.cfg.subscription_cap,
                                                    "FetchWeights": self.cfg.grpc_workers},  # short-lived: idle guard only
                                  self.cfg.stream_idle_timeout_s, core.metrics,
                                  cap_names={"StreamExperience": "max_streams", "SubscribeWeights": "max_subscriptions"},
-                                 recheck=self._recheck if getattr(self.auth, "revocable", False) else None,
+                                 recheck=self._recheck if self.auth.revocable else None,
                                  recheck_every_s=AUTH_RECHECK_S,
                                  on_revoked=lambda lease: self._mark_revoked(lease.actor) if lease.actor else None)
-        self._check_exposure()
+        self._report_exposure()
 
-    def _check_exposure(self) -> None:
-        """Refuse an open learner beyond loopback (unless allowed), warn and export when it is open."""
-        cfg, mtls = self.cfg, getattr(self.cfg, "tls_client_ca_file", None) is not None
-        enabled = bool(getattr(self.auth, "enabled", True)) or mtls
-        allowed = bool(getattr(cfg, "allow_unauthenticated", False))
-        problem = None if enabled else exposure_problem(cfg.host, [], False, False, allowed)
-        if problem:
-            raise FailedPrecondition(problem, field="host", value=cfg.host)
-        self.core.metrics.unauthenticated.labels(cfg.job_id, cfg.host).set(0 if enabled else 1)
-        if not enabled and not is_loopback(cfg.host):
+    def _report_exposure(self) -> None:
+        """Export whether anonymous callers are accepted, and warn when they are beyond loopback (the
+        config refused that unless ``allow_unauthenticated``: :mod:`learner.exposure`)."""
+        cfg = self.cfg
+        anonymous = not (self.auth.enabled or cfg.tls_client_ca_file is not None)
+        self.core.metrics.unauthenticated.labels(cfg.job_id, cfg.host).set(int(anonymous))
+        if anonymous and not is_loopback(cfg.host):
             event(log, "unauthenticated_learner", level=30, job=cfg.job_id, host=cfg.host,
                   detail="allow_unauthenticated = true: anonymous callers on a non-loopback interface may stream "
                          "experience and read weights")
 
-    def _authorize(self, context: grpc.ServicerContext, job_id: str, credential: str | None = None) -> Principal:
-        token = bearer(context.invocation_metadata()) or credential
-        return self.auth.check(token, job_id)
+    @staticmethod
+    def _token(context: grpc.ServicerContext, credential: str | None = None) -> str | None:
+        """The call's credential: ``authorization: Bearer`` metadata, else ``credential`` (handshake field)."""
+        return bearer(context.invocation_metadata()) or credential
 
-    def _authorize_lease(self, context: grpc.ServicerContext, job_id: str) -> tuple[Principal, str | None]:
-        token = bearer(context.invocation_metadata())
-        return self.auth.check(token, job_id), token
+    def _authorize(self, context: grpc.ServicerContext, job_id: str, credential: str | None = None) -> Principal:
+        return self.auth.check(self._token(context, credential), job_id)
 
     def _bind(self, principal: Principal, actor_id: str, what: str) -> None:
         """PermissionDenied unless ``principal`` may act as ``actor_id`` (see the module docstring)."""
@@ -147,12 +143,12 @@ class LearnerServicer:
             self.auth.check(token, self.cfg.job_id)
         except Unauthenticated as exc:
             return str(exc)
-        except FleetloopError:
-            return None
+        except FleetloopError:  # e.g. the credential store is unreachable: keep open streams open
+            pass
         return None
 
     def _mark_revoked(self, actor_id: str) -> None:
-        self.revoked_actors[actor_id] = time.time()
+        """The actor's credential was revoked: its sessions say so (its fleet-table row shows "revoked")."""
         for sess in list(self.sessions.values()):
             if sess.get("actor_id") == actor_id:
                 sess["revoked"] = True
@@ -230,8 +226,8 @@ class LearnerServicer:
     def StreamExperience(self, request_iterator, context: grpc.ServicerContext):
         m, job = self.core.metrics, self.cfg.job_id
         try:
-            principal, token = self._authorize_lease(context, job)
-            lease = self.guard.open("StreamExperience", context, token=token)
+            principal = self._authorize(context, job)
+            lease = self.guard.open("StreamExperience", context, token=self._token(context))
         except FleetloopError as exc:
             if not isinstance(exc, ResourceExhausted):  # a full stream cap refuses no chunk (counted as over_cap)
                 m.rejected.labels(job, _reason(exc)).inc()
@@ -282,11 +278,11 @@ class LearnerServicer:
     # -- Weights -----------------------------------------------------------------------------
     def SubscribeWeights(self, req: pb.SubscribeRequest, context: grpc.ServicerContext):
         try:
-            principal, token = self._authorize_lease(context, req.job_id)
+            principal = self._authorize(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
             self._bind(principal, req.actor_id, "weight subscription")
-            lease = self.guard.open("SubscribeWeights", context, token=token)
+            lease = self.guard.open("SubscribeWeights", context, token=self._token(context))
         except FleetloopError as exc:
             _abort(context, exc)
         lease.actor = req.actor_id[:128]

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from learner.config import LearnerConfig
 
 #: LearnerConfig fields an LLM learner shares (the servicer, stream guard and weight store read them).
-SHARED_FIELDS = ("job_id", "host", "advertise_host", "allow_unauthenticated", "port", "metrics_port", "state_dir", "keep_versions", "max_message_bytes",
-                 "weight_chunk_bytes", "robot_tokens", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "device",
+SHARED_FIELDS = ("job_id", "host", "advertise_host", "allow_unauthenticated", "port", "metrics_port", "state_dir",
+                 "keep_versions", "max_message_bytes", "weight_chunk_bytes", "robot_tokens", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "device",
                  "grpc_workers", "max_streams", "max_subscriptions", "stream_idle_timeout_s", "keepalive_time_s",
                  "keepalive_timeout_s", "max_backoff_ms", "seed")
 

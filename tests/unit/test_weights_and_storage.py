@@ -109,13 +109,15 @@ def test_ledger_gap_keeps_the_rest_of_the_episode_and_refuses_late_chunks():
 
 
 def test_ledger_refused_chunk_lets_the_episode_go_on():
-    """A chunk refused as invalid while it was the next one is skipped: seq + 1 is accepted (first_step not
-    below the refused chunk's), a resend of the refused seq is refused."""
+    """A chunk the learner refused is not recorded: a corrected resend is still the next one; if the actor
+    set it aside instead, seq + 1 is accepted as a gap (first_step not below the stored steps), and the
+    refused seq arriving after it is refused."""
     from fleetloop.errors import FailedPrecondition
     led = Ledger()
     led.record("r1", "ep", 0, 0, 5, False, digest(b"0"))
-    led.refuse("r1", "ep", 1, 5)
-    assert led.check("r1", "ep", 2, 9, False, digest(b"2")) == 0
+    assert led.check("r1", "ep", 1, 5, False, digest(b"1-fixed")) == 0   # (the refused seq 1, resent corrected)
+    assert led.check("r1", "ep", 2, 9, False, digest(b"2")) == 1          # seq 1 set aside: one seq skipped
+    led.record("r1", "ep", 2, 9, 5, False, digest(b"2"))
     with pytest.raises(FailedPrecondition):
         led.check("r1", "ep", 1, 5, False, digest(b"1-fixed"))
     assert not led.seen("r1", "ep", 1)
