@@ -41,14 +41,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import grpc
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from actor.limits import announced_limit, over_limit, report_oversized
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
+from actor.llm.options import LlmActorOptions, default_engine_factory, resolve_model_dir  # noqa: F401 - re-exported
 from actor.runtime import _error_from_rpc
 from fleetloop.channels import channel_options
 from actor.sender import Sender
@@ -64,35 +64,6 @@ log = get_logger("actor.llm")
 _RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-class LlmActorOptions(BaseModel):
-    """How one LLM actor runs (the job's rollout settings come from the learner at the handshake)."""
-
-    model_config = ConfigDict(extra="forbid")
-    learner: str = Field(description="Learner gRPC target HOST:PORT.")
-    job_id: str = Field("llm", description="Job id.")
-    actor_id: str = Field(min_length=1, max_length=128, description="This rollout server's id.")
-    credential: str | None = Field(None, description="Bearer token (None = the learner runs without auth).")
-    spool_dir: str | None = Field(None, description="Spool folder (default /tmp/fleetloop-spool-<actor_id>).")
-    tasks: list[str] = Field(default_factory=list, description="Task ids to run (empty = all of the job's).")
-    engine: Literal["inprocess", "server"] = Field("inprocess", description="vLLM in this process, or an "
-                                                   "OpenAI-compatible vLLM server subprocess the engine supervises.")
-    model_dir: str | None = Field(None, description="Use this Hugging Face folder instead of the job's model recipe.")
-    model_cache_dir: str = Field("/tmp/fleetloop-models", description="Where 'tiny' / 'smollm2' models are built.")
-    rollouts_per_admit: int = Field(2, ge=1, le=1024, description="Tickets asked per Admit (prompts per generate call).")
-    weight_timeout_s: float = Field(120.0, gt=0, description="Deadline of one live weight update in the engine.")
-    weight_wait_s: float = Field(30.0, ge=0, description="How long to wait for the admitted version's weights before "
-                                 "generating on the version the engine has.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Engine batch limit (None = the engine's default).")
-    dead_engine_grace_s: float = Field(10.0, gt=0, description="A generate call still blocked this long after its "
-                                       "engine died is abandoned and the engine replaced.")
-    seed: int = Field(0, description="Seed of prompt sampling and of the engine's sampling.")
-    connect_timeout_s: float | None = Field(None, gt=0, description="Give up the handshake after this long (None = retry "
-                                            "while the learner is unavailable).")
-    tls_ca_file: str | None = Field(None, description="CA certificate (PEM) to trust: enables TLS.")
-    tls_cert_file: str | None = Field(None, description="Client certificate (PEM) when the learner requires one.")
-    tls_key_file: str | None = Field(None, description="Private key of tls_cert_file.")
-
-
 class _AnnouncedWeightClient(WeightClient):
     """A WeightClient that also remembers the newest announcement (to know whether the fleet is pinned)."""
 
@@ -101,27 +72,6 @@ class _AnnouncedWeightClient(WeightClient):
     def _handle(self, ann: pb.WeightAnnouncement) -> None:
         self.announced = ann
         super()._handle(ann)
-
-
-def resolve_model_dir(settings: dict[str, Any], cache_dir: str | Path, override: str | None = None) -> Path:
-    """The local folder of the job's base model: ``override``, or the recipe in ``settings`` built
-    into ``cache_dir`` ('tiny' from model_seed: the same weights the learner built; 'smollm2')."""
-    from fleetloop import llm_models
-    if override:
-        return Path(override)
-    return llm_models.resolve_model(settings.get("model", "tiny"), int(settings.get("model_seed", 0)), cache_dir,
-                                    missing_hint="; pass --model-dir")
-
-
-def default_engine_factory(model_dir: Path, settings: dict[str, Any], opts: LlmActorOptions):
-    """A started :class:`actor.llm.engine.VllmEngine` for ``model_dir`` sized for the job's rollouts."""
-    from actor.llm.engine import EngineConfig, VllmEngine
-    extra: dict[str, Any] = {"max_num_seqs": opts.max_num_seqs} if opts.max_num_seqs else {}
-    cfg = EngineConfig(model_dir=str(model_dir), seed=opts.seed, mode=opts.engine,
-                       max_model_len=int(settings["max_model_len"]), **extra)
-    engine = VllmEngine(cfg)
-    engine.start()
-    return engine
 
 
 class LlmActor:
@@ -146,7 +96,6 @@ class LlmActor:
                                             response_deserializer=pb.Ack.FromString)
         self.sender = Sender(lambda it: stream(it, metadata=self.metadata), self.spool, self.job, self.actor_id,
                              on_ack=self._on_ack, on_reject=self._on_reject)
-        self.max_message_bytes: int | None = None  # the learner's limit, from the handshake
         self.weights: _AnnouncedWeightClient | None = None
         self.engine = None
         self.model_dir: Path | None = None
@@ -191,7 +140,7 @@ class LlmActor:
         if not resp.run_config.llm_json:
             raise FailedPrecondition("the learner sent no llm_json: not an LLM job", field="llm_json", value="")
         self.settings = json.loads(resp.run_config.llm_json)
-        self.max_message_bytes = self.sender.max_message_bytes = announced_limit(resp.run_config)
+        self.sender.max_message_bytes = announced_limit(resp.run_config)  # the learner's limit (None: unknown)
         specs = [t for t in self.settings["tasks"] if not self.opts.tasks or t["id"] in self.opts.tasks]
         self.tasks = {t["id"]: (make_task(t["name"], t.get("params") or {}), float(t.get("weight", 1.0))) for t in specs}
         self.model_dir = model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
@@ -363,11 +312,12 @@ class LlmActor:
             if chunk is None:
                 continue
             raw = chunk.SerializeToString()
-            if over_limit(len(raw), self.max_message_bytes):  # never spooled: the learner could only refuse it
+            limit = self.sender.max_message_bytes
+            if over_limit(len(raw), limit):  # never spooled: the learner could only refuse it
                 self.stats.oversized_groups += 1
                 self.metrics.set_aside.labels(self.actor_id, "oversized").inc()
                 report_oversized("group", job=self.job, actor=self.actor_id, episode=chunk.episode_id, seq=chunk.seq,
-                                 size=len(raw), limit=self.max_message_bytes, action="dropped",
+                                 size=len(raw), limit=limit, action="dropped",
                                  version=chunk.behavior_version, task=task_id, completions=len(chunk.group.completions))
                 continue
             self.spool.put(chunk.episode_id, 0, raw)
