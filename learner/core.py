@@ -142,6 +142,9 @@ class LearnerCore:
         self.last_loss: float | None = None
         self.last_stats: dict[str, float] = {}  # the newest train_step's loss and algorithm stats
         self._train_lock = threading.Lock()  # one update at a time (training thread vs. rollback)
+        # what start-up restored, fixed before the server or the training thread starts (later reads of
+        # step/version/steps_total race with both): checkpoint_step (None: no checkpoint), version, replayed_steps
+        self.restored: dict[str, int | None] = {}
         for task in config.tasks:  # live values, read at every scrape
             for source in SOURCES:
                 self.metrics.buffer_bytes.labels(self.job, task, source).set_function(
@@ -212,6 +215,8 @@ class LearnerCore:
                 self.algorithm.policy.load_state_dict(load_verified(self.weights.blob(latest.version), latest.sha256))
             self.metrics.version.labels(self.job).set(self.version)
             self._sync_fleet_metric()
+        self.restored = {"checkpoint_step": None if restored is None else self.step, "version": self.version,
+                         "replayed_steps": self.ingestor.steps_total}
 
     # -- versions ----------------------------------------------------------------------------
     @property

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     core = impl.core
     print("LEARNER_READY " + json.dumps({"port": impl.port, "pid": os.getpid(), "metrics_port": impl.metrics_port,
                                          "version": core.version, "step": core.step,
-                                         "replayed_steps": core.ingestor.steps_total}), flush=True)
+                                         "replayed_steps": core.ingestor.steps_total,
+                                         "restored": core.restored}), flush=True)
     stop.wait()
     status = impl.stop()
     final = {"status": status, "audit": core.audit(), "buffer": buffer_contents(core), "metrics": metric_samples(core),
