@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import grpc
 import numpy as np
 
+from actor.connection import LearnerConnection
 from actor.limits import announced_limit
 from actor.recorder import EpisodeRecorder, _empty_tensors
 from actor.sender import Sender
@@ -47,7 +48,7 @@ from actor.spool import Spool, SpoolEntry
 from actor.weight_client import VerifiedWeights, WeightClient
 from fleetloop.channels import channel_options
 from fleetloop.codec import PROTOCOL_VERSION, encode
-from fleetloop.errors import FleetloopError, InvalidArgument, Unavailable
+from fleetloop.errors import InvalidArgument, Unavailable
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
@@ -56,16 +57,8 @@ if TYPE_CHECKING:
     from actor.metrics import ActorMetrics
 
 log = get_logger("actor")
-__all__ = ["EpisodeRecorder", "FleetClient", "close_interrupted_episodes"]
-_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def _error_from_rpc(err: grpc.RpcError) -> FleetloopError:
-    from fleetloop import errors
-    for cls in errors.FleetloopError.__subclasses__():
-        if cls.code == err.code().name:
-            return cls(err.details() or err.code().name)
-    return FleetloopError(f"{err.code().name}: {err.details()}")
+# channel_options: re-exported (``bench/ingest_workers.py`` imports it from here)
+__all__ = ["EpisodeRecorder", "FleetClient", "channel_options", "close_interrupted_episodes"]
 
 
 def _check_image_encoding(encodings: Mapping[str, str], obs_specs: Sequence, quality: int) -> dict[str, str]:
@@ -168,29 +161,50 @@ class FleetClient:
         self.capabilities = dict(capabilities or {})
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
         self.metrics = metrics
-        self.metadata = (("authorization", f"Bearer {credential}"),) if credential else ()
-        self.spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
+        spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
         # episodes a killed predecessor on this spool left open: closed as aborted, or left open (module docstring)
-        self.interrupted_episodes = close_interrupted_episodes(self.spool, self.observation_specs, self.action_specs,
+        self.interrupted_episodes = close_interrupted_episodes(spool, self.observation_specs, self.action_specs,
                                                                abort=abort_interrupted)
-        if tls_ca_file or tls_cert_file:
-            from fleetloop.tls import channel_credentials
-            self.channel = grpc.secure_channel(learner, channel_credentials(tls_ca_file, tls_cert_file, tls_key_file),
-                                               options=channel_options())
-        else:
-            self.channel = grpc.insecure_channel(learner, options=channel_options())
-        self.stub = pb_grpc.LearnerStub(self.channel)
-        self._stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience",
-                                                  request_serializer=lambda b: b, response_deserializer=pb.Ack.FromString)
+        # acks and set-aside chunks reach _on_ack / _on_reject through the instance, so a wrapper
+        # installed on the client (or its class) after construction sees them
+        self.connection = LearnerConnection(learner, job_id, actor_id, spool=spool, credential=credential,
+                                            tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file,
+                                            tls_key_file=tls_key_file, max_inflight=max_inflight,
+                                            on_ack=lambda ack: self._on_ack(ack),
+                                            on_reject=lambda entry, label, reason: self._on_reject(entry, label, reason))
         self.run_config: pb.RunConfig | None = None
         self.current: VerifiedWeights | None = None
         self.learner_version = -1
         self._callbacks: list[Callable[[VerifiedWeights], None]] = []
         self._open: EpisodeRecorder | None = None
         self.episodes: dict[str, int] = {}
-        self.sender = Sender(lambda it: self._stream(it, metadata=self.metadata), self.spool, job_id, actor_id,
-                             max_inflight=max_inflight, on_ack=self._on_ack, on_reject=self._on_reject)
-        self.weights: WeightClient | None = None
+
+    # -- the connection's parts, as the client's attributes ----------------------------------
+    @property
+    def metadata(self) -> tuple:
+        """The call metadata (bearer token; empty without a credential)."""
+        return self.connection.metadata
+
+    @property
+    def spool(self) -> Spool:
+        return self.connection.spool
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.connection.channel
+
+    @property
+    def stub(self) -> pb_grpc.LearnerStub:
+        return self.connection.stub
+
+    @property
+    def sender(self) -> Sender:
+        return self.connection.sender
+
+    @property
+    def weights(self) -> WeightClient | None:
+        """The weight follower (None before :meth:`connect`)."""
+        return self.connection.weights
 
     # -- connection --------------------------------------------------------------------------
     def connect(self) -> pb.RunConfig:
@@ -202,27 +216,9 @@ class FleetClient:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job_id, actor_id=self.actor_id, kind=pb.ROBOT,
                                   observation_specs=self.observation_specs, action_specs=self.action_specs, tasks=self.tasks,
                                   capabilities=self.capabilities)
-        deadline = None if self.connect_timeout_s is None else time.monotonic() + self.connect_timeout_s
-        delay = 0.2
-        while True:
-            try:
-                resp = self.stub.Handshake(req, metadata=self.metadata, timeout=10.0)
-                break
-            except grpc.RpcError as err:
-                if err.code() not in _RETRY:
-                    raise _error_from_rpc(err) from None
-                if deadline is None:
-                    event(log, "learner_unreachable", level=30, job=self.job_id, actor=self.actor_id, learner=self.learner,
-                          retry_in=delay, spooled=len(self.spool))
-                elif time.monotonic() + delay > deadline:
-                    raise Unavailable(f"learner {self.learner} unreachable for {self.connect_timeout_s:.0f} s: {err.details()}",
-                                      field="learner", value=self.learner) from None
-                time.sleep(delay)
-                delay = min(10.0, delay * 2)
+        resp = self.connection.handshake(req, self.connect_timeout_s, self._handshake_retry, self._unreachable)
         self.run_config = resp.run_config
-        self.sender.max_message_bytes = announced_limit(self.run_config)  # before the sender starts
-        self.weights = WeightClient(self.stub, self.job_id, self.actor_id, self.metadata, on_verified=self._on_verified,
-                                    channel=self.channel)
+        self.connection.follow_weights(on_verified=self._on_verified)
         if resp.HasField("current_policy"):
             self.weights.job_state = resp.current_policy.job_state or "running"
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
@@ -230,10 +226,17 @@ class FleetClient:
             self.weights.current_version = self.current.version
         event(log, "connected", job=self.job_id, actor=self.actor_id, version=self.version, learner=self.learner,
               spooled=len(self.spool))
-        if self.send_experience:
-            self.sender.start()
-        self.weights.start()
+        self.connection.start(announced_limit(self.run_config), send=self.send_experience)
         return self.run_config
+
+    def _handshake_retry(self, delay: float, err: grpc.RpcError) -> None:
+        if self.connect_timeout_s is None:  # with a deadline, retries are silent until it passes
+            event(log, "learner_unreachable", level=30, job=self.job_id, actor=self.actor_id, learner=self.learner,
+                  retry_in=delay, spooled=len(self.spool))
+
+    def _unreachable(self, err: grpc.RpcError) -> Unavailable:
+        return Unavailable(f"learner {self.learner} unreachable for {self.connect_timeout_s:.0f} s: {err.details()}",
+                           field="learner", value=self.learner)
 
     def _on_ack(self, ack: pb.Ack) -> None:
         self.learner_version = ack.learner_version
@@ -253,7 +256,7 @@ class FleetClient:
     @property
     def job_stopping(self) -> bool:
         """True once the learner announced that the job is stopping: finish the episode, flush, exit."""
-        return self.weights is not None and self.weights.job_state == "stopping"
+        return self.connection.job_stopping
 
     @property
     def version(self) -> int:
@@ -292,13 +295,8 @@ class FleetClient:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every spooled chunk is acknowledged; False on timeout."""
-        return self.spool.wait_empty(timeout)
+        return self.connection.flush(timeout)
 
     def close(self, flush_timeout: float = 10.0) -> None:
         """Flush (bounded), stop background threads, close the channel. The spool keeps the rest."""
-        if self.send_experience:
-            self.flush(flush_timeout)
-        self.sender.stop()
-        if self.weights is not None:
-            self.weights.stop()
-        self.channel.close()
+        self.connection.close(flush_timeout, flush=self.send_experience)

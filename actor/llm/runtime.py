@@ -30,6 +30,11 @@ hangs on it. A turn that fails for a transient reason (learner unavailable, an e
 failed) is logged and retried with backoff; a refusal no retry can fix (bad credential, unknown job,
 a robot job) ends :meth:`LlmActor.run` with that error. Structured logs carry job, actor and version.
 
+Parts: the learner connection (channel, sender, handshake retry, weight follower) is
+:class:`actor.connection.LearnerConnection`, shared with the robot runtime; the engine's supervision
+(restart, stuck-call replacement) is :mod:`actor.llm.supervisor`; prompt sampling and group chunks are
+:mod:`actor.llm.rollout`. This module runs the loop.
+
 This package never imports the learner: the model recipe comes from ``RunConfig.llm_json``, the
 tasks from :mod:`fleetloop.llm_tasks`, models from :mod:`fleetloop.llm_models`.
 """
@@ -37,20 +42,19 @@ tasks from :mod:`fleetloop.llm_tasks`, models from :mod:`fleetloop.llm_models`.
 from __future__ import annotations
 
 import json
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 import numpy as np
 
+from actor.connection import LearnerConnection
 from actor.limits import announced_limit, over_limit, report_oversized
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
 from actor.llm.options import LlmActorOptions, default_engine_factory, resolve_model_dir  # noqa: F401 - re-exported
-from actor.runtime import _error_from_rpc
-from fleetloop.channels import channel_options
+from actor.llm.rollout import Rollouts
+from actor.llm.supervisor import EngineSupervisor
 from actor.sender import Sender
 from actor.spool import Spool
 from actor.weight_client import VerifiedWeights, WeightClient
@@ -61,7 +65,6 @@ from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 
 log = get_logger("actor.llm")
-_RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class _AnnouncedWeightClient(WeightClient):
@@ -81,53 +84,72 @@ class LlmActor:
                  metrics: LlmActorMetrics | None = None) -> None:
         self.opts = opts
         self.job, self.actor_id = opts.job_id, opts.actor_id
-        self.metadata = (("authorization", f"Bearer {opts.credential}"),) if opts.credential else ()
         self.metrics = metrics or LlmActorMetrics(opts.actor_id)
         self.engine_factory = engine_factory
-        self.spool = Spool(opts.spool_dir or f"/tmp/fleetloop-spool-{opts.actor_id}")
-        if opts.tls_ca_file or opts.tls_cert_file:
-            from fleetloop.tls import channel_credentials
-            creds = channel_credentials(opts.tls_ca_file, opts.tls_cert_file, opts.tls_key_file)
-            self.channel = grpc.secure_channel(opts.learner, creds, options=channel_options())
-        else:
-            self.channel = grpc.insecure_channel(opts.learner, options=channel_options())
-        self.stub = pb_grpc.LearnerStub(self.channel)
-        stream = self.channel.stream_stream("/fleetloop.v1.Learner/StreamExperience", request_serializer=lambda b: b,
-                                            response_deserializer=pb.Ack.FromString)
-        self.sender = Sender(lambda it: stream(it, metadata=self.metadata), self.spool, self.job, self.actor_id,
-                             on_ack=self._on_ack, on_reject=self._on_reject)
-        self.weights: _AnnouncedWeightClient | None = None
-        self.engine = None
-        self.model_dir: Path | None = None
+        self.connection = LearnerConnection(
+            opts.learner, opts.job_id, opts.actor_id, spool=Spool(opts.spool_dir or f"/tmp/fleetloop-spool-{opts.actor_id}"),
+            credential=opts.credential, tls_ca_file=opts.tls_ca_file, tls_cert_file=opts.tls_cert_file,
+            tls_key_file=opts.tls_key_file, on_ack=lambda ack: self._on_ack(ack),
+            on_reject=lambda entry, label, reason: self._on_reject(entry, label, reason))
         self.settings: dict[str, Any] = {}
         self.tasks: dict[str, Any] = {}
         self.tokenizer = None
         self.learner_version = -1
         self.stats = LlmActorStats()
         self.rng = np.random.default_rng(opts.seed)
+        self.supervisor = EngineSupervisor(engine_factory, opts, self.stats, self.metrics, on_replaced=self._refetch)
+        self.rollouts: Rollouts | None = None  # made at connect (needs the job's tasks and the tokenizer)
         self._retry: VerifiedWeights | None = None  # an update that failed, retried next turn
-        self._stuck = None  # an engine whose generate call never returned (being replaced)
         self._started = False
+
+    # -- the connection's and the supervisor's parts, as the actor's attributes ---------------
+    @property
+    def metadata(self) -> tuple:
+        return self.connection.metadata
+
+    @property
+    def spool(self) -> Spool:
+        return self.connection.spool
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.connection.channel
+
+    @property
+    def stub(self) -> pb_grpc.LearnerStub:
+        return self.connection.stub
+
+    @property
+    def sender(self) -> Sender:
+        return self.connection.sender
+
+    @property
+    def weights(self) -> _AnnouncedWeightClient | None:
+        """The weight follower (None before :meth:`connect`)."""
+        return self.connection.weights
+
+    @property
+    def engine(self):
+        """The engine (None before :meth:`connect`)."""
+        return self.supervisor.engine
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.supervisor.model_dir
 
     # -- connection --------------------------------------------------------------------------
     def handshake(self) -> pb.HandshakeResponse:
         """Handshake as kind LLM (protocol 2), retrying while the learner is unavailable."""
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, job_id=self.job, actor_id=self.actor_id, kind=pb.LLM,
                                   tasks=self.opts.tasks, capabilities={"engine": "vllm", "mode": self.opts.engine})
-        deadline = None if self.opts.connect_timeout_s is None else time.monotonic() + self.opts.connect_timeout_s
-        delay = 0.2
-        while True:
-            try:
-                return self.stub.Handshake(req, metadata=self.metadata, timeout=10.0)
-            except grpc.RpcError as err:
-                if err.code() not in _RETRY:
-                    raise _error_from_rpc(err) from None
-                if deadline is not None and time.monotonic() + delay > deadline:
-                    raise Unavailable(f"learner {self.opts.learner} unreachable: {err.details()}", field="learner",
-                                      value=self.opts.learner) from None
-                event(log, "learner_unreachable", level=30, job=self.job, actor=self.actor_id, retry_in=delay)
-                time.sleep(delay)
-                delay = min(10.0, delay * 2)
+        return self.connection.handshake(req, self.opts.connect_timeout_s, self._handshake_retry, self._unreachable)
+
+    def _handshake_retry(self, delay: float, err: grpc.RpcError) -> None:
+        event(log, "learner_unreachable", level=30, job=self.job, actor=self.actor_id, retry_in=delay)
+
+    def _unreachable(self, err: grpc.RpcError) -> Unavailable:
+        return Unavailable(f"learner {self.opts.learner} unreachable: {err.details()}", field="learner",
+                           value=self.opts.learner)
 
     def connect(self) -> dict[str, Any]:
         """Handshake, build the base model locally, start the engine, load the fleet version, start the
@@ -140,23 +162,20 @@ class LlmActor:
         if not resp.run_config.llm_json:
             raise FailedPrecondition("the learner sent no llm_json: not an LLM job", field="llm_json", value="")
         self.settings = json.loads(resp.run_config.llm_json)
-        self.sender.max_message_bytes = announced_limit(resp.run_config)  # the learner's limit (None: unknown)
         specs = [t for t in self.settings["tasks"] if not self.opts.tasks or t["id"] in self.opts.tasks]
         self.tasks = {t["id"]: (make_task(t["name"], t.get("params") or {}), float(t.get("weight", 1.0))) for t in specs}
-        self.model_dir = model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
+        model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.settings["max_model_len"] = self._max_model_len(model_dir)
-        t0 = time.monotonic()
-        self.engine = self.engine_factory(model_dir, self.settings, self.opts)
-        event(log, "engine_started", job=self.job, actor=self.actor_id, seconds=time.monotonic() - t0,
-              model=str(model_dir), mode=self.opts.engine)
-        self.weights = _AnnouncedWeightClient(self.stub, self.job, self.actor_id, self.metadata)
+        self.rollouts = Rollouts(self.job, self.actor_id, self.tasks, self.tokenizer, self.settings, self.rng, self.stats,
+                                 self.metrics)
+        self.supervisor.start(model_dir, self.settings)
+        weights = self.connection.follow_weights(_AnnouncedWeightClient, zero_copy=False)
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
-            self.weights.announced = resp.current_policy
-            self.weights.job_state = resp.current_policy.job_state or "running"
-            self._apply(self.weights.fetch_now(resp.current_policy))
-        self.sender.start()
-        self.weights.start()
+            weights.announced = resp.current_policy
+            weights.job_state = resp.current_policy.job_state or "running"
+            self._apply(weights.fetch_now(resp.current_policy))
+        self.connection.start(announced_limit(resp.run_config))  # within the learner's limit (None: unknown)
         self._started = True
         event(log, "connected", job=self.job, actor=self.actor_id, version=self.version, tasks=",".join(self.tasks),
               group_size=self.settings["group_size"], spooled=len(self.spool))
@@ -180,11 +199,11 @@ class LlmActor:
     @property
     def version(self) -> int:
         """Version the engine runs (-1 before the first load)."""
-        return -1 if self.engine is None else int(self.engine.version)
+        return self.supervisor.version
 
     @property
     def job_stopping(self) -> bool:
-        return self.weights is not None and self.weights.job_state == "stopping"
+        return self.connection.job_stopping
 
     # -- weights -----------------------------------------------------------------------------
     def _apply(self, weights: VerifiedWeights) -> bool:
@@ -231,18 +250,17 @@ class LlmActor:
 
     def supervise(self) -> None:
         """Restart a dead engine (it reloads its last good weights); replace a stuck one."""
-        if self._stuck is not None and self._stuck is self.engine:
-            self._replace_engine()
-            return
-        if self.engine.alive():
-            return
-        event(log, "engine_dead", level=40, job=self.job, actor=self.actor_id, version=self.version)
-        t0 = time.monotonic()
-        self.engine.ensure_running()
-        self.stats.engine_restarts += 1
-        self.metrics.engine_restarts.labels(self.actor_id).inc()
-        event(log, "engine_restarted", job=self.job, actor=self.actor_id, version=self.version,
-              seconds=time.monotonic() - t0)
+        self.supervisor.supervise()
+
+    def _refetch(self) -> None:
+        """A replacement engine started: load the newest announced weights into it."""
+        ann = self.weights.announced if self.weights is not None else None
+        if ann is not None and ann.size_bytes:
+            try:
+                self._apply(self.weights.fetch_now(ann))
+            except Exception as exc:  # noqa: BLE001 - the next announcement brings weights again
+                event(log, "refetch_failed", level=40, job=self.job, actor=self.actor_id, version=self.version,
+                      error=str(exc)[:300])
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, n: int) -> pb.AdmitResponse | None:
@@ -250,39 +268,20 @@ class LlmActor:
         req = pb.AdmitRequest(job_id=self.job, actor_id=self.actor_id, rollouts=n, current_version=max(self.version, 0))
         self.stats.admit_calls += 1
         try:
-            resp = self.stub.Admit(req, metadata=self.metadata, timeout=10.0)
-        except grpc.RpcError as err:
-            if err.code() not in _RETRY:
-                raise _error_from_rpc(err) from None
+            resp = self.connection.unary("Admit", req)
+        except grpc.RpcError as err:  # unreachable right now (a refusal raised a FleetloopError)
             event(log, "admit_unavailable", level=30, job=self.job, actor=self.actor_id, error=str(err.code()))
             return None
         self.learner_version = max(self.learner_version, int(resp.learner_version))
         return resp
 
     # -- rollouts ----------------------------------------------------------------------------
-    def _sample_prompt(self) -> tuple[str, Any, Any, list[int]] | None:
-        ids = list(self.tasks)
-        weights = np.array([self.tasks[i][1] for i in ids], dtype=np.float64)
-        task_id = ids[int(self.rng.choice(len(ids), p=weights / weights.sum()))]
-        task = self.tasks[task_id][0]
-        prompt = task.sample(self.rng)
-        text = self.tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
-        token_ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        limit = min(int(self.settings.get("max_prompt_tokens", 512)),
-                    int(self.settings["max_model_len"]) - int(self.settings["max_new_tokens"]))
-        if not token_ids or len(token_ids) > limit:
-            self.stats.skipped_prompts += 1
-            event(log, "prompt_skipped", level=30, job=self.job, actor=self.actor_id, task=task_id, tokens=len(token_ids),
-                  limit=limit)
-            return None
-        return task_id, task, prompt, token_ids
-
     def rollout(self, resp: pb.AdmitResponse) -> int:
         """Generate one group per ticket of ``resp`` and spool them; returns groups spooled."""
         jobs = []
         for ticket in resp.ticket_ids:
             for _ in range(5):
-                sampled = self._sample_prompt()
+                sampled = self.rollouts.sample_prompt()
                 if sampled is not None:
                     jobs.append((ticket, *sampled))
                     break
@@ -294,7 +293,7 @@ class LlmActor:
         for attempt in range(2):  # an engine that dies mid-generate is restarted and the tickets reused once
             try:
                 self.supervise()
-                outs = self._generate([j[4] for j in jobs], n=int(s["group_size"]), max_new_tokens=int(s["max_new_tokens"]),
+                outs = self.supervisor.generate([j[4] for j in jobs], n=int(s["group_size"]), max_new_tokens=int(s["max_new_tokens"]),
                                       temperature=float(s["temperature"]), top_p=float(s["top_p"]),
                                       seed=int(self.rng.integers(2**31 - 1)))
                 break
@@ -308,7 +307,7 @@ class LlmActor:
         self.metrics.generate_seconds.labels(self.actor_id).inc(dt)
         spooled, rewards = 0, []
         for (ticket, task_id, task, prompt, prompt_ids), samples in zip(jobs, outs):
-            chunk = self._group_chunk(ticket, int(resp.learner_version), task_id, task, prompt, prompt_ids, samples)
+            chunk = self.rollouts.group_chunk(ticket, int(resp.learner_version), task_id, task, prompt, prompt_ids, samples)
             if chunk is None:
                 continue
             raw = chunk.SerializeToString()
@@ -328,93 +327,6 @@ class LlmActor:
             self.metrics.reward.labels(self.actor_id).set(float(np.mean(rewards)))
         self.metrics.spool.labels(self.actor_id).set(len(self.spool))
         return spooled
-
-    def _generate(self, prompts: list[list[int]], **kw) -> list:
-        """``engine.generate`` watched from here: if the engine is dead and the call has not returned
-        ``dead_engine_grace_s`` later (vLLM's in-process client can wait forever for an EngineCore that
-        was killed), the engine is abandoned and replaced (:meth:`_replace_engine`) and Unavailable raised."""
-        box: dict[str, Any] = {}
-
-        def call() -> None:
-            try:
-                box["out"] = self.engine.generate(prompts, **kw)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                box["err"] = exc
-
-        worker = threading.Thread(target=call, name=f"llm-generate-{self.actor_id}", daemon=True)
-        worker.start()
-        dead_since = None
-        while worker.is_alive():
-            worker.join(0.25)
-            if worker.is_alive() and not self.engine.alive():
-                dead_since = dead_since or time.monotonic()
-                if time.monotonic() - dead_since > self.opts.dead_engine_grace_s:
-                    self._replace_engine()
-                    raise Unavailable("the engine died and its generate call never returned: engine replaced",
-                                      field="engine", value="stuck")
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
-
-    def _replace_engine(self) -> None:
-        """Abandon a stuck engine (closed in the background: its lock may never be released) and start a
-        new one on the newest announced weights."""
-        old = self.engine
-        if self._stuck is not old:  # first attempt for this engine (a failed replacement is retried by supervise)
-            self._stuck = old
-            event(log, "engine_stuck", level=40, job=self.job, actor=self.actor_id, version=self.version)
-            threading.Thread(target=old.close, name="llm-engine-close", daemon=True).start()
-        t0 = time.monotonic()
-        self.engine = self.engine_factory(self.model_dir, self.settings, self.opts)
-        self._stuck = None
-        self.stats.engine_restarts += 1
-        self.metrics.engine_restarts.labels(self.actor_id).inc()
-        event(log, "engine_restarted", job=self.job, actor=self.actor_id, version=self.version,
-              seconds=time.monotonic() - t0, replaced=True)
-        ann = self.weights.announced if self.weights is not None else None
-        if ann is not None and ann.size_bytes:
-            try:
-                self._apply(self.weights.fetch_now(ann))
-            except Exception as exc:  # noqa: BLE001 - the next announcement brings weights again
-                event(log, "refetch_failed", level=40, job=self.job, actor=self.actor_id, version=self.version,
-                      error=str(exc)[:300])
-
-    def _group_chunk(self, ticket: str, admitted: int, task_id: str, task, prompt, prompt_ids: list[int],
-                     samples) -> pb.EpisodeChunk | None:
-        from fleetloop.llm_tasks import safe_score
-        comps = []
-        for smp in samples:
-            if not len(smp.token_ids):  # the learner refuses empty completions: drop the group, say so
-                event(log, "empty_completion", level=30, job=self.job, actor=self.actor_id, version=smp.policy_version,
-                      task=task_id)
-                return None
-            reward, ok = safe_score(task, prompt, smp.text, {"job": self.job, "actor": self.actor_id,
-                                                            "version": smp.policy_version})
-            comps.append(pb.Completion(token_ids=list(smp.token_ids), logprobs=[min(0.0, float(x)) for x in smp.logprobs],
-                                       reward=reward, policy_version=int(smp.policy_version), text=smp.text[:4096],
-                                       finish_reason=str(smp.finish_reason or ""), verifier_error=not ok))
-            self.stats.verifier_errors += int(not ok)
-            self.stats.tokens += len(smp.token_ids)
-        errors = sum(c.verifier_error for c in comps)
-        if errors:
-            self.metrics.verifier_errors.labels(self.actor_id).inc(errors)
-        version = min(c.policy_version for c in comps)
-        self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
-        self.stats.groups += 1
-        self.stats.completions += len(comps)
-        self.stats.reward_sum += float(sum(c.reward for c in comps))
-        self.metrics.tokens.labels(self.actor_id).inc(sum(len(c.token_ids) for c in comps))
-        episode = f"{self.actor_id}-{uuid.uuid4().hex[:16]}"
-        return pb.EpisodeChunk(
-            job_id=self.job, actor_id=self.actor_id, episode_id=episode, seq=0, task_id=task_id, behavior_version=version,
-            produced_at=time.time(),
-            end=pb.EpisodeEnd(outcome=pb.SUCCESS, total_reward=float(np.mean([c.reward for c in comps])), length=len(comps)),
-            group=pb.CompletionGroup(prompt_id=str(prompt.id)[:128], prompt_text=self._prompt_text(prompt_ids),
-                                     prompt_token_ids=prompt_ids, completions=comps, ticket_id=ticket,
-                                     admitted_version=admitted, task_id=task_id))
-
-    def _prompt_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)[:4096]
 
     # -- loop --------------------------------------------------------------------------------
     def step(self) -> int:
@@ -476,16 +388,11 @@ class LlmActor:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every spooled group is acknowledged; False on timeout."""
-        return self.spool.wait_empty(timeout)
+        return self.connection.flush(timeout)
 
     def close(self, flush_timeout: float = 10.0) -> None:
-        """Flush (bounded), stop the sender, the weight follower and the engine, close the channel."""
-        if self._started:
-            self.flush(flush_timeout)
-        self.sender.stop()
-        if self.weights is not None:
-            self.weights.stop()
-        if self.engine is not None:
-            self.engine.close()
-        self.channel.close()
+        """Flush (bounded), stop the sender and the weight follower, close the channel, close the engine.
+        Unacknowledged groups stay in the spool folder (:meth:`~actor.connection.LearnerConnection.close`)."""
+        self.connection.close(flush_timeout, flush=self._started)
+        self.supervisor.close()
 
