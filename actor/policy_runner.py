@@ -4,8 +4,8 @@ The architecture comes from the handshake (factory name + kwargs + task list), s
 agree by construction; ``load`` takes only digest-verified weights (``VerifiedWeights``).
 Inference is single-observation, no grad, CPU by default (robots run locally).
 
-Inference settings come from the RunConfig's ``inference_json`` (the learner fills it from the
-algorithm; RECAP: ``{"guidance_beta": b, "eval_guidance_beta": e, "indicator": "positive"}``). An
+Inference settings come from the RunConfig's typed ``inference`` (``inference_json`` from a learner
+before it; see :mod:`fleetloop.wire_settings`; the learner fills it from the algorithm; RECAP: ``{"guidance_beta": b, "eval_guidance_beta": e, "indicator": "positive"}``). An
 indicator-conditioned policy is asked for the positive indicator and mixed with its unconditional
 output by classifier-free guidance (:func:`fleetloop.policies.guided_action`):
 ``a = a_uncond + beta * (a_pos - a_uncond)``, clamped to [-1, 1]; at beta 1 (fleet rollouts) only
@@ -15,13 +15,13 @@ the positive pass runs. An evaluation harness overrides beta with the ``guidance
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import torch
 
 from actor.weight_client import VerifiedWeights
+from fleetloop import wire_settings
 from fleetloop.policies import build_policy, guided_action
 
 
@@ -36,9 +36,9 @@ class PolicyRunner:
         self.task_ids = list(run_config.task_ids)
         self.task_index = {t: i for i, t in enumerate(self.task_ids)}
         self.device = torch.device(device)
-        self.policy = build_policy(run_config.policy_factory, json.loads(run_config.policy_kwargs_json or "{}"),
+        self.policy = build_policy(run_config.policy_factory, wire_settings.policy_kwargs(run_config),
                                    obs_dim, act_dim, len(self.task_ids)).to(self.device).eval()
-        self.inference = json.loads(run_config.inference_json or "{}")
+        self.inference = wire_settings.inference(run_config)
         self.eval_guidance_beta = float(self.inference.get("eval_guidance_beta", self.inference.get("guidance_beta", 1.0)))
         self.conditioned = bool(getattr(self.policy, "conditioned", False))
         self.guidance = 1.0

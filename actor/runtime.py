@@ -47,6 +47,7 @@ from actor.sender import Sender
 from actor.spool import Spool, SpoolEntry
 from actor.weight_client import VerifiedWeights, WeightClient
 from fleetloop.channels import channel_options
+from fleetloop import wire_settings
 from fleetloop.codec import PROTOCOL_VERSION, encode
 from fleetloop.errors import InvalidArgument, Unavailable
 from fleetloop.logs import event, get_logger
@@ -220,7 +221,7 @@ class FleetClient:
         self.run_config = resp.run_config
         self.connection.follow_weights(on_verified=self._on_verified)
         if resp.HasField("current_policy"):
-            self.weights.job_state = resp.current_policy.job_state or "running"
+            self.weights.job_state = wire_settings.job_state(resp.current_policy)
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
             self.current = self.weights.fetch_now(resp.current_policy)
             self.weights.current_version = self.current.version

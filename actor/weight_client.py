@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
+from fleetloop import wire_settings
 from fleetloop.errors import FleetloopError, IntegrityError
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
@@ -263,9 +264,10 @@ class WeightClient:
 
     def _handle(self, ann: pb.WeightAnnouncement) -> None:
         """Subscriber side: remember only the newest announcement (depth-one queue) and wake the fetcher."""
-        if ann.job_state and ann.job_state != self.job_state:
-            event(log, "job_state", job=self.job, actor=self.actor, version=ann.version, state=ann.job_state)
-        self.job_state = ann.job_state or "running"
+        state = wire_settings.job_state(ann)  # the typed state, else the string ("" = running)
+        if (ann.job_state or ann.state) and state != self.job_state:
+            event(log, "job_state", job=self.job, actor=self.actor, version=ann.version, state=state)
+        self.job_state = state
         with self._wake:
             self._target = ann
             self._wake.notify_all()

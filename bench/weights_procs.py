@@ -32,7 +32,6 @@ def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, 
     client = channel = None
     try:
         life = child_setup(hard_deadline_s)
-        import json
         import threading
 
         import grpc
@@ -40,6 +39,7 @@ def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, 
         import torch
 
         from actor.policy_runner import PolicyRunner
+        from fleetloop import wire_settings
         from fleetloop.channels import channel_options
         from actor.weight_client import VerifiedWeights, WeightClient, load_checked
         from fleetloop.v1 import fleetloop_pb2 as pb
@@ -75,8 +75,7 @@ def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, 
                 return VerifiedWeights(ann.version, ann.sha256, state, ann.size_bytes, ann.published_at, time.time(),
                                        {"fetch_start": t0, "downloaded": t1, "verified": t2})
 
-        run_config = pb.RunConfig(policy_factory=spec["factory"], policy_kwargs_json=json.dumps(spec["kwargs"]),
-                                  task_ids=[TASK])
+        run_config = wire_settings.run_config(policy_factory=spec["factory"], policy_kwargs=spec["kwargs"], task_ids=[TASK])
         runner = PolicyRunner(run_config, spec["obs_dim"], spec["act_dim"])
         obs = np.zeros(spec["obs_dim"], np.float32)
         channel = grpc.insecure_channel(target, options=channel_options())

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats
+from fleetloop import wire_settings
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 
@@ -67,7 +68,7 @@ class Rollouts:
                                                             "version": smp.policy_version})
             comps.append(pb.Completion(token_ids=list(smp.token_ids), logprobs=[min(0.0, float(x)) for x in smp.logprobs],
                                        reward=reward, policy_version=int(smp.policy_version), text=smp.text[:4096],
-                                       finish_reason=str(smp.finish_reason or ""), verifier_error=not ok))
+                                       **wire_settings.finish_fields(str(smp.finish_reason or "")), verifier_error=not ok))
             self.stats.verifier_errors += int(not ok)
             self.stats.tokens += len(smp.token_ids)
         errors = sum(c.verifier_error for c in comps)

@@ -35,7 +35,7 @@ Parts: the learner connection (channel, sender, handshake retry, weight follower
 (restart, stuck-call replacement) is :mod:`actor.llm.supervisor`; prompt sampling and group chunks are
 :mod:`actor.llm.rollout`. This module runs the loop.
 
-This package never imports the learner: the model recipe comes from ``RunConfig.llm_json``, the
+This package never imports the learner: the model recipe comes from ``RunConfig.llm`` (``llm_json``), the
 tasks from :mod:`fleetloop.llm_tasks`, models from :mod:`fleetloop.llm_models`.
 """
 
@@ -58,6 +58,7 @@ from actor.llm.supervisor import EngineSupervisor
 from actor.sender import Sender
 from actor.spool import Spool
 from actor.weight_client import VerifiedWeights, WeightClient
+from fleetloop import wire_settings
 from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.errors import FailedPrecondition, FleetloopError, ResourceExhausted, Unavailable
 from fleetloop.logs import event, get_logger
@@ -159,9 +160,10 @@ class LlmActor:
         from fleetloop.llm_models import load_tokenizer
         from fleetloop.llm_tasks import make_task
         resp = self.handshake()
-        if not resp.run_config.llm_json:
+        settings = wire_settings.rollout_settings(resp.run_config)  # typed `llm`, else `llm_json`
+        if settings is None:
             raise FailedPrecondition("the learner sent no llm_json: not an LLM job", field="llm_json", value="")
-        self.settings = json.loads(resp.run_config.llm_json)
+        self.settings = settings
         specs = [t for t in self.settings["tasks"] if not self.opts.tasks or t["id"] in self.opts.tasks]
         self.tasks = {t["id"]: (make_task(t["name"], t.get("params") or {}), float(t.get("weight", 1.0))) for t in specs}
         model_dir = resolve_model_dir(self.settings, self.opts.model_cache_dir, self.opts.model_dir)
@@ -173,7 +175,7 @@ class LlmActor:
         weights = self.connection.follow_weights(_AnnouncedWeightClient, zero_copy=False)
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
             weights.announced = resp.current_policy
-            weights.job_state = resp.current_policy.job_state or "running"
+            weights.job_state = wire_settings.job_state(resp.current_policy)
             self._apply(weights.fetch_now(resp.current_policy))
         self.connection.start(announced_limit(resp.run_config))  # within the learner's limit (None: unknown)
         self._started = True
