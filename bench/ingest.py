@@ -3,8 +3,8 @@ for four payloads (:mod:`bench.payloads`: state-only robot steps, steps with thr
 images raw or JPEG/PNG-compressed, LLM token groups) and fleet sizes K (default 1, 4, 16, 32).
 
 fleetloop path (per payload and K): the real learner in this process, serving on a loopback port:
-robot payloads ``LearnerCore`` + ``LearnerServicer`` + gRPC server (``learner.ray_learner._RayLearnerImpl``,
-no Ray) with the payload's observation specs; LLM groups an ``LlmLearnerCore`` ('tiny' model, groups
+robot payloads ``LearnerCore`` + ``LearnerServicer`` + gRPC server (``learner.process.build_learner``, what
+the Ray actor runs, no Ray) with the payload's observation specs; LLM groups an ``LlmLearnerCore`` ('tiny' model, groups
 journaled with fsync before the ack, admission tickets) + the same servicer. Training is kept off the
 CPU (robots: ``min_online_steps=10**12`` and ``max_updates_per_s=0.1``; LLM: the training thread is not
 started), so the figure is the ingest path. K actors in at most ``processes`` client processes
@@ -119,27 +119,22 @@ class _Learner:
     def __init__(self, spec: PayloadSpec, state_dir: Path, chunk_steps: int, episode_steps: int) -> None:
         self.spec, self.state_dir = spec, state_dir
         self.group_bytes = 0.0  # LLM: serialized bytes of one group chunk (set by the caller)
+        from learner.process import build_learner
+
         if spec.robot:
             from bench.payloads import learner_specs
             from learner.config import LearnerConfig
-            from learner.ray_learner import _RayLearnerImpl
-
             cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
                                 chunk_steps=chunk_steps, max_episode_steps=episode_steps, min_online_steps=10 ** 12,
                                 max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu", **learner_specs(spec))
-            self.impl = _RayLearnerImpl(cfg.model_dump_json())
-            self.core, self.server, self.port = self.impl.core, self.impl.server, self.impl.port
+            self.proc = build_learner(cfg).serve()
         else:
             from bench.payloads import llm_learner_config
             from learner.llm.config import LlmLearnerConfig
-            from learner.llm.core import LlmLearnerCore
-            from learner.server import LearnerServicer, build_server
 
             cfg = LlmLearnerConfig.model_validate(llm_learner_config(str(state_dir), JOB, TASK))
-            self.core = LlmLearnerCore(cfg)  # training thread not started: groups queue, nothing trains
-            servicer = LearnerServicer(self.core)
-            self.server, self.port = build_server(servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
-            self.server.start()
+            self.proc = build_learner(cfg).serve(train=False)  # training thread not started: groups queue, nothing trains
+        self.core, self.port = self.proc.core, self.proc.port
         self.target = f"127.0.0.1:{self.port}"
 
     def counters(self) -> dict[str, float]:
@@ -152,10 +147,7 @@ class _Learner:
         return {"steps": stored, "bytes": stored * self.group_bytes, "messages": stored}
 
     def stop(self) -> None:
-        try:
-            self.server.stop(grace=1.0).wait(10.0)
-        finally:
-            self.core.stop(checkpoint=False)
+        self.proc.stop(checkpoint=False, grace_s=1.0, wait_s=10.0, announce=False)
 
 
 # -- one (payload, K) ------------------------------------------------------------------------------

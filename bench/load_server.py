@@ -3,7 +3,7 @@
     python -m bench.load_server learner CONFIG.json   # the real learner body, no Ray
     python -m bench.load_server raw --workers N      # bench.common.RawServer (bytes in, 2-byte acks)
 
-``learner`` runs ``learner.ray_learner._RayLearnerImpl`` (LearnerCore: ingest log, ledger, replay,
+``learner`` runs ``learner.process.build_learner(...).serve()`` (LearnerCore: ingest log, ledger, replay,
 staleness gate, sampler, training thread, weight store, checkpoints; the gRPC server; /metrics):
 exactly what a Ray worker runs for a job, minus Ray. ``raw`` serves the raw baseline and exports
 its message and byte counters on /metrics as ``fleetloop_bench_raw_messages_total`` /
@@ -42,10 +42,10 @@ def _wait_for_stop() -> None:
 
 
 def _serve_learner(config_path: str) -> dict:
-    from learner.ray_learner import _RayLearnerImpl
+    from learner.process import build_learner
 
     with open(config_path) as fh:
-        impl = _RayLearnerImpl(fh.read())
+        impl = build_learner(fh.read()).serve()
     print(json.dumps({"port": impl.port, "metrics_port": impl.metrics_port, "pid": os.getpid()}), flush=True)
     _wait_for_stop()
     audit = impl.core.audit()
