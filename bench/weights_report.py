@@ -154,7 +154,7 @@ def notes(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def before_after_notes(ba: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per before/after comparison (:func:`bench.weights._before_after`)."""
+    """One line per before/after comparison (:func:`bench.weights_rounds.measure_before_after`)."""
     big = max(results, key=float)
     out = []
     for n, legacy in ba.get("client_path", {}).items():
