@@ -50,10 +50,13 @@ $(GEN): $(PROTOS) $(STAMP)
 
 proto: $(GEN)
 
+# lint-imports: the import contracts in pyproject.toml ([tool.importlinter]) before any test.
 test: install
+	$(BIN)/lint-imports
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -m "not gpu" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install
+	$(BIN)/lint-imports
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests/unit -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: install

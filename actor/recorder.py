@@ -35,8 +35,8 @@ _CHUNK_MARGIN = 64
 
 
 def _np_dtype(spec) -> np.dtype:
-    from fleetloop.codec import _DTYPES
-    return _DTYPES.get(int(spec.dtype), np.dtype("<f4"))
+    from fleetloop.codec import WIRE_DTYPES
+    return WIRE_DTYPES.get(int(spec.dtype), np.dtype("<f4"))
 
 
 def _empty_tensors(specs, target) -> None:

@@ -13,16 +13,18 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import platform
-import subprocess
 import sys
 import threading
 import time
 from concurrent import futures
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from services.harness import machine as _machine
+
+# where the numbers come from: kept in the harness (services never import bench), named here for the benchmarks
+machine_info, load_average = _machine.machine_info, _machine.load_average
 
 MB = 1e6  # benchmarks report MB = 10^6 bytes
 JOB = "bench"
@@ -35,48 +37,6 @@ RAW_ACK = b"\x08\x01"  # a tiny response per message (2 bytes)
 
 
 # -- machine -----------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """Where the numbers come from: CPUs, platform, Python and the versions of the packages that matter."""
-    versions = {}
-    for pkg in ("grpcio", "protobuf", "torch", "numpy", "safetensors", "fleetloop"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
-    mem_gb = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    mem_gb = round(int(line.split()[1]) / 1e6, 1)
-                    break
-    except OSError:
-        pass
-    commit = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"cpu_count": os.cpu_count(), "cpus_usable": usable, "memory_gb": mem_gb, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "packages": versions, "git_commit": commit, "loadavg_1m_at_start": load_average(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def load_average() -> float | None:
-    """1-minute load average (None where unavailable): a shared machine makes absolute numbers noisy."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 @contextmanager
 def quiet_fleetloop_logs(level: int = logging.WARNING) -> Iterator[None]:
     """Raise the fleetloop logger's level for the duration (per-chunk / per-publish info lines off)."""
@@ -233,28 +193,25 @@ def child_setup(hard_deadline_s: float) -> Lifeline:
 
 
 # -- the learner, in this process -----------------------------------------------------------------
-def start_learner_in_process(state_dir: Path, chunk_steps: int = 50, max_chunk_wait_s: float | None = None):
-    """The real learner (``_RayLearnerImpl``: LearnerCore + gRPC server + training thread, no Ray)
+def start_learner_in_process(state_dir: Path, chunk_steps: int = 50, max_chunk_wait_s: float | None = None, hooks=None):
+    """The real learner (``build_learner(...).serve()``: LearnerCore + gRPC server + training thread, no Ray)
     on a free loopback port, with the Meta-World default specs and training kept idle:
     ``min_online_steps=10**12`` makes ``train_step`` return at once after a buffer-size check under
     the ingest lock, and ``max_updates_per_s=0.1`` makes the loop sleep ~10 s between such checks.
-    ``max_chunk_wait_s`` None: the learner's default."""
+    ``max_chunk_wait_s`` None: the learner's default; ``hooks``: :class:`learner.api.LearnerHooks`."""
     from learner.config import LearnerConfig
-    from learner.ray_learner import _RayLearnerImpl
+    from learner.process import build_learner
 
     cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
                         chunk_steps=chunk_steps, max_episode_steps=EPISODE_STEPS, min_online_steps=10 ** 12,
                         max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu",
                         **({} if max_chunk_wait_s is None else {"max_chunk_wait_s": max_chunk_wait_s}))
-    return _RayLearnerImpl(cfg.model_dump_json())
+    return build_learner(cfg, hooks=hooks).serve()
 
 
 def stop_learner_in_process(impl) -> None:
     """Stop serving (short grace), stop the training thread, close the ingest log; no checkpoint."""
-    try:
-        impl.server.stop(grace=1.0).wait(10.0)
-    finally:
-        impl.core.stop(checkpoint=False)
+    impl.stop(checkpoint=False, grace_s=1.0, wait_s=10.0, announce=False)
 
 
 # -- raw gRPC baseline server --------------------------------------------------------------------

@@ -113,18 +113,16 @@ def fleet_phase(pool: Pool, k: int, chunk: int, cfg: LatencyConfig, tmp: Path, b
     """The fleetloop path for K actors and chunks of C steps; per-step latencies and their parts."""
     import numpy as np
 
-    impl = start_learner_in_process(tmp / f"learner-c{chunk}-k{k}", chunk, cfg.max_chunk_wait_s)
+    from learner.api import LearnerHooks
+
     recv: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def on_ingest(chunk_msg, t0: float, t1: float, duplicate: bool) -> None:  # the learner's public hook
+        recv[(chunk_msg.episode_id, int(chunk_msg.seq))] = (t0, t1)
+
+    impl = start_learner_in_process(tmp / f"learner-c{chunk}-k{k}", chunk, cfg.max_chunk_wait_s,
+                                    hooks=LearnerHooks(on_ingest=on_ingest))
     ingestor = impl.core.ingestor
-    orig = ingestor.ingest
-
-    def timed_ingest(chunk_msg, nbytes, learner_version, raw=None, durable=True):
-        t0 = time.time()
-        dup = orig(chunk_msg, nbytes, learner_version, raw=raw, durable=durable)
-        recv[(chunk_msg.episode_id, int(chunk_msg.seq))] = (t0, time.time())
-        return dup
-
-    ingestor.ingest = timed_ingest
     try:
         cmds = [{"mode": "fleet", "target": f"127.0.0.1:{impl.port}", "spool": str(tmp / f"spool-c{chunk}-k{k}-{i}"),
                  "prefix": f"lat-c{chunk}-k{k}", "hz": cfg.hz, "seconds": cfg.seconds, "base": base, "chunk_steps": chunk}

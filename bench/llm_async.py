@@ -3,7 +3,7 @@
     fleetloop bench async --out runs/bench-async.json --etas 0,1,2,4 --steps 10 --model smollm2
     fleetloop bench async --tiny --out runs/bench-async-tiny.json   # random tiny Llama, CI-sized
 
-For each eta, one :func:`services.llm_fleet.run_session` with the same model, task, seed, servers
+For each eta, one :func:`services.harness.llm_fleet.run_session` with the same model, task, seed, servers
 and GRPO settings runs ``steps`` learner steps after every engine is up (or stops early at
 ``target_reward``, or at ``max_minutes``). Per eta: wall seconds to the ``steps``-th step and per
 step, wall seconds to the target reward (when set and reached), learner idle share, rollout-server
@@ -11,7 +11,7 @@ idle share and admission-wait share, staleness histogram, groups dropped as stal
 blocked rollouts. Each async figure sits beside the eta = 0 baseline of the same run (``rows``:
 ``baseline`` = eta 0, ``ratio`` = baseline / async for times, so > 1 means async is faster).
 
-Each eta starts fresh engines (start-up is not in the window, see :mod:`services.llm_fleet`), so
+Each eta starts fresh engines (start-up is not in the window, see :mod:`services.harness.llm_fleet`), so
 the runs are sequential and the machine's load changes between them: the JSON records the load
 average at each run's start and end. With ``--model tiny`` the reward is 0 throughout (a random
 model); the comparison is then of throughput and idle time only.
@@ -56,8 +56,8 @@ def run_async(etas: list[int], steps: int, model: str = "tiny", servers: int = 2
     """Run one session per (repeat, eta) in :func:`schedule` order, repeat r with seed ``seed + r``;
     returns the JSON result (module docstring): ``runs`` (one per session) and ``rows`` (per eta,
     medians/means over repeats beside eta 0's)."""
-    from services.llm_demo import PRESETS
-    from services.llm_fleet import LlmSessionSpec
+    from services.harness.llm_demo import PRESETS
+    from services.harness.llm_fleet import LlmSessionSpec
 
     base = dict(TINY if (tiny or model == "tiny") else PRESETS["smollm2"])
     base.update({"model": "tiny" if tiny else model, "task": "arith", "task_params": {"digits": 1, "ops": "+"}})
@@ -94,14 +94,14 @@ def _session_child(spec_json: str, work: str, eta: int, result_path: str) -> Non
     """Child process body of :func:`run_isolated`: one session, its result written as JSON."""
     import json
 
-    from services.llm_fleet import LlmSessionSpec, run_session
+    from services.harness.llm_fleet import LlmSessionSpec, run_session
     spec = LlmSessionSpec.model_validate_json(spec_json)
     res = run_session(spec, Path(work), on_phase=lambda msg: log_progress(f"eta={eta}: {msg}"))
     Path(result_path).write_text(json.dumps(res, default=str))
 
 
 def run_isolated(spec: Any, work: Path, eta: int) -> dict[str, Any]:
-    """One :func:`services.llm_fleet.run_session` in a fresh ``spawn`` process, so every eta starts
+    """One :func:`services.harness.llm_fleet.run_session` in a fresh ``spawn`` process, so every eta starts
     from the same memory state and the learner's model, optimizer and weight copies of one eta are
     returned to the OS before the next starts (in one process they added up: the bench was killed by
     the kernel's OOM killer during eta 1 with 8 GB resident). Raises RuntimeError when the child fails."""
@@ -127,7 +127,7 @@ def run_isolated(spec: Any, work: Path, eta: int) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str | None]:
-    from services.llm_fleet import package_versions
+    from services.harness.llm_fleet import package_versions
     return package_versions()
 
 

@@ -2,9 +2,10 @@
 
 Each entry is ``name -> (module, help)``; the module exposes ``add_arguments(parser)`` (its flags,
 ``--out`` among them) and ``main(args) -> int`` (run, write the JSON, print a table; 2 on a bad
-argument: :func:`bench.runner.run_reported`). :mod:`services.cli` imports every module listed here
-when it builds its parser, so their top-level imports stay light (torch, ray, grpc inside functions).
-``load`` is wired in :mod:`services.cli` directly.
+argument: :func:`bench.runner.run_reported`). :mod:`bench.cli` (which the ``fleetloop`` parser loads
+through the ``fleetloop.cli`` entry point) imports every module listed here when the parser is built,
+so their top-level imports stay light (torch, ray, grpc inside functions). ``load`` is wired in
+:mod:`bench.cli` directly.
 """
 
 from __future__ import annotations

@@ -63,104 +63,89 @@ class UtilisationConfig(BaseModel):
     profile_seconds: float = Field(8.0, ge=0, le=120, description="cProfile run of the training thread under (a); 0 = none.")
 
 
-class TimedLock:
-    """A lock that adds the time the training thread waited to acquire it to ``wait_s``."""
-
-    def __init__(self, lock) -> None:
-        self._lock, self.wait_s = lock, 0.0
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if threading.current_thread().name != TRAIN_THREAD:
-            return self._lock.acquire(blocking, timeout)
-        t0 = time.perf_counter()
-        got = self._lock.acquire(blocking, timeout)
-        self.wait_s += time.perf_counter() - t0
-        return got
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
-
-
 class Probe:
-    """Bench-side instruments on one LearnerCore (wrappers on instances; no learner file changes):
-    ingest-lock wait of the training thread, time and rows in ``Algorithm.update`` (and, on request,
-    the batches it saw), staleness of online samples at training time."""
+    """Bench-side instruments on one LearnerCore, through its public :class:`~learner.api.LearnerHooks`
+    (installed before training starts): ingest-lock wait of the training thread, time and rows in
+    ``Algorithm.update`` (and, on request, the batches it saw), staleness of online samples at
+    training time."""
 
-    def __init__(self, core) -> None:
-        import numpy as np
-
-        self.core = core
-        self.lock = TimedLock(core.ingestor.lock)
-        core.ingestor.lock = self.lock
+    def __init__(self) -> None:
+        self.core = None  # set by start_training_learner once the learner is built
+        self.lock_wait_s = 0.0
         self.update_s, self.updates, self.samples = 0.0, 0, 0
         self.capture: list | None = None
         self.staleness_kept: dict[int, int] = {}
         self.staleness_dropped: dict[int, int] = {}
         self.record_staleness = False
-        update, at_training = core.algorithm.update, core.gate.at_training
 
-        def timed_update(batch):
-            t0 = time.perf_counter()
-            out = update(batch)
-            self.update_s += time.perf_counter() - t0
-            self.updates += 1
-            self.samples += len(batch)
-            if self.capture is not None and len(self.capture) < 32:
-                self.capture.append(batch)
-            return out
+    def hooks(self, profiler=None):
+        """The learner hooks feeding this probe; ``profiler`` (a cProfile.Profile) wraps the training loop."""
+        from learner.api import LearnerHooks
 
-        def recorded_at_training(version, versions, interventions, sources):
-            keep, weights, staleness = at_training(version, versions, interventions, sources)
-            if self.record_staleness:
-                online = np.asarray(sources) == 0
-                for mask, into in ((online & keep, self.staleness_kept), (online & ~keep, self.staleness_dropped)):
-                    vals, counts = np.unique(staleness[mask], return_counts=True)
-                    for v, c in zip(vals.tolist(), counts.tolist()):
-                        into[int(v)] = into.get(int(v), 0) + int(c)
-            return keep, weights, staleness
+        def profiled(loop):
+            def profiled_loop():
+                profiler.enable()
+                try:
+                    loop()
+                finally:
+                    profiler.disable()
+            return profiled_loop
 
-        core.algorithm.update = timed_update
-        core.gate.at_training = recorded_at_training
+        return LearnerHooks(on_update=self._on_update, on_gate=self._on_gate, on_lock_wait=self._on_lock_wait,
+                            wrap_training=profiled if profiler is not None else None)
+
+    def _on_lock_wait(self, seconds: float) -> None:
+        if threading.current_thread().name == TRAIN_THREAD:  # the training thread's waits, not a baseline's
+            self.lock_wait_s += seconds
+
+    def _on_update(self, batch, seconds: float) -> None:
+        self.update_s += seconds
+        self.updates += 1
+        self.samples += len(batch)
+        if self.capture is not None and len(self.capture) < 32:
+            self.capture.append(batch)
+
+    def _on_gate(self, version, versions, interventions, sources, result) -> None:
+        if not self.record_staleness:
+            return
+        import numpy as np
+
+        keep, _weights, staleness = result
+        online = np.asarray(sources) == 0
+        for mask, into in ((online & keep, self.staleness_kept), (online & ~keep, self.staleness_dropped)):
+            vals, counts = np.unique(staleness[mask], return_counts=True)
+            for v, c in zip(vals.tolist(), counts.tolist()):
+                into[int(v)] = into.get(int(v), 0) + int(c)
 
     def snapshot(self) -> dict[str, float]:
         core, reg, labels = self.core, self.core.metrics.registry, {"job": JOB}
         return {"t": time.perf_counter(), "cpu_s": cpu_seconds(), "steps": float(core.step),
                 "idle_s": reg.get_sample_value("fleetloop_learner_idle_seconds_total", labels) or 0.0,
-                "lock_wait_s": self.lock.wait_s, "update_s": self.update_s, "updates": float(self.updates),
+                "lock_wait_s": self.lock_wait_s, "update_s": self.update_s, "updates": float(self.updates),
                 "samples": float(self.samples), "ingested": float(core.ingestor.steps_total),
                 "trainable_in": reg.get_sample_value("fleetloop_learner_intervention_steps_total",
                                                      {"job": JOB, "task": TASK}) or 0.0,
                 "version": float(core.version)}
 
 
-def start_training_learner(state_dir: Path, cfg: UtilisationConfig):
-    """The real learner (LearnerCore + gRPC server + training thread) on a free loopback port, with a
-    :class:`Probe` installed before training starts; returns (core, server, port, probe)."""
+def start_training_learner(state_dir: Path, cfg: UtilisationConfig, profiler=None):
+    """The real learner (``build_learner``: LearnerCore + gRPC server; the training thread is left to the
+    caller) on a free loopback port, with a :class:`Probe` on its hooks (``profiler`` wraps the training
+    loop); returns (learner process, probe)."""
     from learner.config import LearnerConfig
-    from learner.core import LearnerCore
-    from learner.server import LearnerServicer, build_server
+    from learner.process import build_learner
 
     lc = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
                        max_episode_steps=EPISODE_STEPS, min_online_steps=cfg.min_online_steps, max_updates_per_s=None,
                        batch_size=cfg.batch_size, publish_every=cfg.publish_every, checkpoint_every_s=1e6, device="cpu")
-    core = LearnerCore(lc)
-    probe = Probe(core)
-    server, port = build_server(LearnerServicer(core), lc.host, 0, lc.grpc_workers, lc.max_message_bytes)
-    server.start()
-    return core, server, port, probe
+    probe = Probe()
+    proc = build_learner(lc, hooks=probe.hooks(profiler)).serve(train=False)
+    probe.core = proc.core
+    return proc, probe
 
 
-def _stop(core, server) -> None:
-    try:
-        server.stop(grace=1.0).wait(10.0)
-    finally:
-        core.stop(checkpoint=False)
+def _stop(proc) -> None:
+    proc.stop(checkpoint=False, grace_s=1.0, wait_s=10.0, announce=False)
 
 
 def _rates(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
@@ -188,22 +173,13 @@ def _fleet_cmds(cfg: UtilisationConfig, scenario: str, port: int, tmp: Path, sec
 
 def scenario(pool, cfg: UtilisationConfig, name: str, tmp: Path, profile: bool = False) -> dict[str, Any]:
     """Run one fleet scenario against a fresh learner; returns its figures (and the core for the baselines)."""
-    core, server, port, probe = start_training_learner(tmp / f"learner-{name}{'-prof' if profile else ''}", cfg)
     prof = None
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
-        loop = core._loop
-
-        def profiled_loop():
-            prof.enable()
-            try:
-                loop()
-            finally:
-                prof.disable()
-
-        core._loop = profiled_loop
+    proc, probe = start_training_learner(tmp / f"learner-{name}{'-prof' if profile else ''}", cfg, profiler=prof)
+    core, port = proc.core, proc.port
     core.start_training()
     window = cfg.profile_seconds if profile else cfg.seconds
     run_s = cfg.warmup_s + window + 1.0
@@ -244,13 +220,11 @@ def scenario(pool, cfg: UtilisationConfig, name: str, tmp: Path, profile: bool =
                "gate": core.gate.stats(), "final_version": core.version, "learner_steps": core.step,
                "actors": [{k: v for k, v in a.items() if k != "puts"} for a in answer.get("actors") or []]}
         if prof is not None:
-            core._stop.set()
-            if core._thread is not None:
-                core._thread.join(30.0)
+            core.stop_training(30.0)
             out["profile"] = prof
-        return out | {"_core": core, "_server": server, "_probe": probe}
+        return out | {"_proc": proc, "_probe": probe}
     except BaseException:
-        _stop(core, server)
+        _stop(proc)
         raise
 
 
@@ -259,9 +233,7 @@ def baselines(core, probe: Probe, seconds: float) -> dict[str, Any]:
     alone on batches captured from those steps. Both run in a fresh thread, as the learner's
     training thread does: measured here, the same loop in the bench's main thread ran ~5x slower
     after the training thread had used torch (25 vs 123 steps/s), which would make the baseline lie."""
-    core._stop.set()
-    if core._thread is not None:
-        core._thread.join(30.0)
+    core.stop_training(30.0)
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -333,19 +305,19 @@ def run_utilisation(cfg: UtilisationConfig) -> dict[str, Any]:
             fast = scenario(pool, cfg, "fast", tmp)
             log_progress(f"utilisation: no-fleet baselines on (a)'s data, {cfg.baseline_seconds:g} s")
             try:
-                fast["baselines"] = baselines(fast["_core"], fast["_probe"], cfg.baseline_seconds)
+                fast["baselines"] = baselines(fast["_proc"].core, fast["_probe"], cfg.baseline_seconds)
             finally:
-                _stop(fast.pop("_core"), fast.pop("_server"))
+                _stop(fast.pop("_proc"))
                 fast.pop("_probe")
             log_progress(f"utilisation: (b) slow fleet, {cfg.slow_actors} robot(s) at {cfg.slow_hz:g} Hz")
             slow = scenario(pool, cfg, "slow", tmp)
-            _stop(slow.pop("_core"), slow.pop("_server"))
+            _stop(slow.pop("_proc"))
             slow.pop("_probe")
             prof = None
             if cfg.profile_seconds > 0:
                 log_progress(f"utilisation: cProfile of the training thread under (a), {cfg.profile_seconds:g} s")
                 p = scenario(pool, cfg, "fast", tmp, profile=True)
-                _stop(p.pop("_core"), p.pop("_server"))
+                _stop(p.pop("_proc"))
                 prof = profile_top(p["profile"])
                 res["profiled_run"] = {k: v for k, v in p.items() if k not in ("profile", "_probe")}
         finally:

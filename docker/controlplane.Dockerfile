@@ -22,13 +22,13 @@ COPY services/ services/
 COPY bench/ bench/
 # The generated gRPC modules (fleetloop/v1/*_pb2*.py) are not in git: generate them (as `make` does)
 # before installing, so the wheel contains them. The dashboard's static files are package data of
-# `services` (pyproject); the build fails if the installed package lacks them.
+# `services.control` (pyproject); the build fails if the installed package lacks them.
 RUN pip install --no-cache-dir grpcio-tools==1.85.1 \
  && python -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. proto/fleetloop/v1/*.proto \
  && pip install --no-cache-dir . \
  && python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
  && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
- && test -f "$site/services/dashboard/index.html" \
+ && test -f "$site/services/control/dashboard/index.html" \
  && fleetloop api --help > /dev/null
 
 # ---- runtime ----------------------------------------------------------------------------------

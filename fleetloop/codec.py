@@ -32,8 +32,9 @@ PROTOCOL_VERSION = 2
 #: Versions a learner still serves: 1 (robots before LLM rollouts existed) and 2 (LLM rollouts: CompletionGroup, Admit).
 SUPPORTED_PROTOCOL_VERSIONS = frozenset({1, 2})
 
-# DType enum values from fleetloop.v1 (kept here so the codec does not need generated code).
-_DTYPES: dict[int, np.dtype] = {
+#: DType enum values from fleetloop.v1 -> little-endian numpy dtypes (kept here so the codec does not
+#: need generated code); public: actors size their buffers with it.
+WIRE_DTYPES: dict[int, np.dtype] = {
     1: np.dtype("<f4"),
     2: np.dtype("<f2"),
     4: np.dtype("<f8"),
@@ -43,7 +44,7 @@ _DTYPES: dict[int, np.dtype] = {
     8: np.dtype("?"),
 }
 _NAMES = {1: "FLOAT32", 2: "FLOAT16", 3: "BFLOAT16", 4: "FLOAT64", 5: "INT64", 6: "INT32", 7: "UINT8", 8: "BOOL"}
-_CODES = {v.str: k for k, v in _DTYPES.items()}
+_CODES = {v.str: k for k, v in WIRE_DTYPES.items()}
 _FLOAT_CODES = {1, 2, 4}
 
 #: Most dimensions a wire tensor may have (numpy's own limit is 64; robots need <= 5: [T, cam, H, W, C]).
@@ -81,7 +82,7 @@ def encode(array: np.ndarray, out=None, encoding: str | int = "raw", quality: in
         out = fleetloop_pb2.Tensor()
     arr = np.ascontiguousarray(array)
     code = dtype_code(arr.dtype)
-    arr = arr.astype(_DTYPES[code], copy=False)
+    arr = arr.astype(WIRE_DTYPES[code], copy=False)
     enc = image_codec.encoding_code(encoding)
     out.dtype = code
     del out.shape[:]
@@ -123,11 +124,11 @@ def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_I
     :mod:`fleetloop.image_codec`).
     """
     code = int(tensor.dtype)
-    if code not in _DTYPES:
+    if code not in WIRE_DTYPES:
         known = f" ({_NAMES[code]})" if code in _NAMES else ""
-        raise InvalidArgument(f"unsupported dtype {code}{known}; the wire carries {sorted(_NAMES[c] for c in _DTYPES)}",
+        raise InvalidArgument(f"unsupported dtype {code}{known}; the wire carries {sorted(_NAMES[c] for c in WIRE_DTYPES)}",
                               field=f"{field}.dtype", value=code)
-    dt = _DTYPES[code]
+    dt = WIRE_DTYPES[code]
     shape = check_shape(tensor.shape, dt.itemsize, field)
     if tensor.encoding:
         return _decode_images(tensor, code, shape, field, max_decoded_bytes)
@@ -190,7 +191,7 @@ def check_finite(array: np.ndarray, field: str) -> None:
 
 def check_against_spec(array: np.ndarray, spec, steps: int, field: str) -> None:
     """Check a decoded [T, *spec.shape] array against a TensorSpec (dtype, shape, finiteness)."""
-    want_dtype = _DTYPES.get(int(spec.dtype))
+    want_dtype = WIRE_DTYPES.get(int(spec.dtype))
     if want_dtype is not None and array.dtype != want_dtype:
         raise InvalidArgument(
             f"dtype {array.dtype} does not match spec {spec.name!r} dtype {dtype_name(int(spec.dtype))}",

@@ -183,6 +183,7 @@ def rollout_settings(rc: pb.RunConfig) -> dict[str, Any] | None:
 def job_state_fields(state: str) -> dict[str, Any]:
     """Both announcement fields for ``state`` ("running", "paused", "stopping"): ``job_state`` and
     ``state``. An unknown state raises InvalidArgument naming it."""
+    state = str(state)  # a JobState (StrEnum) is its value
     if state not in JOB_STATES:
         raise InvalidArgument(f"job state {state!r} is not one of {sorted(JOB_STATES)}", field="job_state", value=state)
     return {"job_state": state, "state": JOB_STATES[state]}

@@ -75,7 +75,9 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 3)
     return final
 
 
-def _load_one(folder: Path) -> dict[str, Any]:
+def load_one(folder: Path) -> dict[str, Any]:
+    """The state saved in one checkpoint folder (``state.json`` + ``tensors.safetensors``); raises
+    when the folder is torn or its tensors do not load (:func:`load_latest` skips such folders)."""
     meta = json.loads((folder / "state.json").read_text())
     blob = (folder / "tensors.safetensors").read_bytes()
     if sha256_hex(blob) != meta["sha256"]:
@@ -96,7 +98,7 @@ def load_latest(root: Path) -> tuple[int, dict[str, Any]] | None:
     candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
     for folder in candidates:
         try:
-            state = _load_one(folder)
+            state = load_one(folder)
             return int(folder.name.split("-")[1]), state
         except Exception as exc:  # torn or partial: fall back to the previous one
             event(log, "checkpoint_skipped", folder=folder.name, error=repr(exc)[:200])

@@ -37,8 +37,9 @@ from typing import Any, Callable
 import redis
 
 from fleetloop import redis_keys as keys
-from fleetloop.errors import FleetloopError, InvalidArgument
+from fleetloop.errors import FailedPrecondition, FleetloopError, InvalidArgument
 from fleetloop.logs import event, get_logger
+from learner.api import JobState, LearnerCore, Rollback
 
 log = get_logger("learner.control")
 
@@ -48,7 +49,7 @@ IDLE_S = keys.ACTOR_GONE_S  # ... younger than this "idle", older "gone"
 
 def actor_status(last_seen: float, now: float, job_state: str) -> str:
     """Fleet-table status of an actor from the age of its newest chunk."""
-    if job_state == "stopping":
+    if job_state == JobState.STOPPING:
         return "stopping"
     age = now - last_seen
     if age < ACTIVE_S:
@@ -57,9 +58,11 @@ def actor_status(last_seen: float, now: float, job_state: str) -> str:
 
 
 class ControlAgent:
-    """See module docstring. ``sessions`` returns the gRPC servicer's handshake sessions."""
+    """See module docstring. ``sessions`` returns the gRPC servicer's handshake sessions. ``rollback``
+    needs a core that implements :class:`learner.api.Rollback` (robot jobs); on any other it fails
+    with FAILED_PRECONDITION (409)."""
 
-    def __init__(self, core, redis_url: str, sessions: Callable[[], dict[str, dict]] = dict, interval_s: float = 1.0,
+    def __init__(self, core: LearnerCore, redis_url: str, sessions: Callable[[], dict[str, dict]] = dict, interval_s: float = 1.0,
                  series_every_s: float = 2.0, error_log_every_s: float = 60.0) -> None:
         self.core = core
         self.job = core.job
@@ -255,10 +258,13 @@ class ControlAgent:
                 self.core.pin(None)
                 result = {"pinned": None}
             elif op == "rollback":
+                if not isinstance(self.core, Rollback):
+                    raise FailedPrecondition(f"job {self.job!r} ({self.core.kind}) cannot roll back; pin a version instead",
+                                             field="op", value=op)
                 result = {"source_version": int(args["version"]), "version": self.core.rollback(int(args["version"]))}
             elif op == "drain":
                 self.core.begin_stop()
-                result = {"job_state": "stopping"}
+                result = {"job_state": JobState.STOPPING.value}
             else:
                 raise InvalidArgument(f"unknown command op {op!r}", field="op", value=op)
         except FleetloopError as exc:

@@ -263,6 +263,11 @@ class Ingestor:
         with self.lock:
             return dict(self._episode_keys)
 
+    def episode_key(self, actor_id: str, episode_id: str) -> int | None:
+        """The replay's episode key of one stored episode (None: none stored). One lookup, without the
+        lock: a caller that needs it consistent with other state holds ``lock`` (the learner step does)."""
+        return self._episode_keys.get((actor_id, episode_id))
+
     def open_episodes(self) -> set[tuple[str, str]]:
         """(actor, episode id) of the episodes with stored steps and no end yet."""
         with self.lock:

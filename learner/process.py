@@ -29,6 +29,7 @@ from fleetloop.logs import event, get_logger
 from learner.config import LearnerConfig
 
 if TYPE_CHECKING:
+    from learner.api import LearnerCore as LearnerCoreApi
     from learner.api import LearnerHooks
     from learner.auth import Authenticator
     from learner.llm.config import LlmLearnerConfig
@@ -61,7 +62,7 @@ class LearnerProcess:
         self.cfg = cfg
         if isinstance(cfg, LearnerConfig):
             from learner.core import LearnerCore
-            self.core: Any = LearnerCore(cfg, hooks=hooks) if hooks is not None else LearnerCore(cfg)  # TEMP until hooks land
+            self.core: LearnerCoreApi = LearnerCore(cfg, hooks=hooks)
         else:
             if hooks is not None:
                 raise ValueError("hooks: only a robot learner core has them")
@@ -114,6 +115,10 @@ class LearnerProcess:
         event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
               metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
         return self
+
+    def status(self) -> dict[str, Any]:
+        """The core's status (``learner.api.RobotStatus`` or ``LlmStatus`` as a dict)."""
+        return self.core.status()
 
     def address(self) -> dict[str, Any]:
         """``{"host", "port", "metrics_port", "pid"}``: where this learner is reached."""

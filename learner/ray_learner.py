@@ -3,9 +3,11 @@
 ``start_learner(config)`` connects to Ray (a local ``ray.init`` by default, ``ray_address`` for a
 cluster), places one :class:`RayLearner` actor (with a GPU when the cluster has one and the config
 allows CUDA, else one CPU), and returns a :class:`LearnerHandle` with its gRPC and metrics
-addresses. Inside the actor, a gRPC server (ingest + weights) and a training thread run over one
-:class:`~learner.core.LearnerCore`, or, for an :class:`~learner.llm.config.LlmLearnerConfig`
-(``kind: "llm"`` in its JSON), one :class:`~learner.llm.core.LlmLearnerCore` (GRPO on LLM rollouts).
+addresses. Inside the actor runs one :class:`~learner.process.LearnerProcess` (built by
+:func:`~learner.process.build_learner`, the only place a learner is assembled): a gRPC server
+(ingest + weights) and a training thread over one :class:`~learner.core.LearnerCore`, or, for an
+:class:`~learner.llm.config.LlmLearnerConfig` (``kind: "llm"`` in its JSON), one
+:class:`~learner.llm.core.LlmLearnerCore` (GRPO on LLM rollouts).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from fleetloop.logs import event, get_logger
 from learner.config import LearnerConfig
+from learner.process import build_learner, parse_config
 
 if TYPE_CHECKING:
     from learner.llm.config import LlmLearnerConfig
 
-log = get_logger("learner.ray")
+__all__ = ["LearnerActor", "LearnerHandle", "RayLearner", "actor_name", "attach_learner", "ensure_ray", "parse_config",
+           "start_learner"]
 
 
 def _unnice() -> None:
@@ -35,96 +38,45 @@ def _unnice() -> None:
         pass
 
 
-def parse_config(config_json: str) -> "LearnerConfig | LlmLearnerConfig":
-    """A learner config from JSON: ``{"kind": "llm", ...}`` is an :class:`~learner.llm.config.LlmLearnerConfig`
-    (GRPO on LLM rollouts), anything else a robot :class:`LearnerConfig`."""
-    import json
-    data = json.loads(config_json)
-    if isinstance(data, dict) and data.get("kind") == "llm":
-        from learner.llm.config import LlmLearnerConfig
-        return LlmLearnerConfig.model_validate_json(config_json)
-    return LearnerConfig.model_validate_json(config_json)
-
-
-class _RayLearnerImpl:
-    """Body of the Ray actor (kept a plain class so it can also run in-process for tests)."""
+class LearnerActor:
+    """Body of the Ray actor: one :class:`~learner.process.LearnerProcess`, built and served at
+    construction; each method delegates to it (Ray calls them from up to ``max_concurrency`` threads;
+    the core's methods are thread-safe)."""
 
     def __init__(self, config_json: str) -> None:
-        from learner.server import LearnerServicer, build_server
-
-        cfg = parse_config(config_json)
         _unnice()
-        if isinstance(cfg, LearnerConfig):
-            from learner.core import LearnerCore
-            self.core = LearnerCore(cfg)
-        else:
-            from learner.llm.core import LlmLearnerCore
-            self.core = LlmLearnerCore(cfg)
-        self.agent = None
-        auth = None
-        redis_url = getattr(cfg, "control_redis_url", None)  # LLM jobs: no control-plane agent yet
-        if redis_url:
-            import redis
-
-            from learner.auth import EnrollmentTokens, StaticTokens
-            from learner.control_agent import ControlAgent
-            auth = EnrollmentTokens(redis.Redis.from_url(cfg.control_redis_url, socket_timeout=5.0, decode_responses=True),
-                                    fallback=StaticTokens(cfg.robot_tokens))
-        self.servicer = LearnerServicer(self.core, auth=auth)
-        creds = None
-        if cfg.tls_cert_file is not None:
-            from fleetloop.tls import server_credentials
-            creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
-        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes,
-                                              credentials=creds)
-        self.server.start()
-        self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host if cfg.host != "0.0.0.0" else "0.0.0.0") \
-            if cfg.metrics_port is not None else None
-        self.core.start_training()
-        if redis_url:
-            self.agent = ControlAgent(self.core, cfg.control_redis_url, sessions=lambda: dict(self.servicer.sessions))
-            self.agent.start()
-        from learner.exposure import advertised_host
-        self.host = advertised_host(cfg.host, cfg.advertise_host)  # what robots dial, not 127.0.0.1
-        event(log, "learner_started", job=cfg.job_id, version=self.core.version, port=self.port,
-              metrics_port=self.metrics_port, device=str(self.core.device), pid=os.getpid())
+        self.p = build_learner(config_json).serve()
 
     def address(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+        return self.p.address()
 
     def status(self) -> dict[str, Any]:
-        return self.core.status()
+        return self.p.core.status()
 
     def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
-        return self.core.episodes_since(index)
+        return self.p.core.episodes_since(index)
 
     def pin(self, version: int | None) -> None:
-        self.core.pin(version)
+        self.p.core.pin(version)
 
     def audit(self) -> dict[str, Any]:
-        return self.core.audit()
+        return self.p.core.audit()
 
     def publish_now(self) -> int:
-        return self.core.publish()
+        return self.p.core.publish()
 
     def checkpoint(self) -> str:
-        return str(self.core.checkpoint())
+        return str(self.p.core.checkpoint())
 
     def drain(self) -> None:
         """Announce 'stopping' to the fleet (actors finish their episode, flush and leave)."""
-        self.core.begin_stop()
+        self.p.core.begin_stop()
 
     def stop(self) -> dict[str, Any]:
-        self.core.begin_stop()
-        self.server.stop(grace=2.0).wait(5.0)
-        self.core.stop(checkpoint=True)
-        if self.agent is not None:
-            self.agent.stop(final_tick=True)
-            self.agent.emit("learner_stopped", version=self.core.version, step=self.core.step)
-        return self.core.status()
+        return self.p.stop()
 
 
-RayLearner = ray.remote(max_restarts=0)(_RayLearnerImpl)
+RayLearner = ray.remote(max_restarts=0)(LearnerActor)
 
 
 @dataclass

@@ -30,13 +30,13 @@ binds loopback only unless ``allow_unauthenticated`` (see :mod:`learner.exposure
 ``fleetloop_learner_unauthenticated = 1`` and, beyond loopback, logged as a warning at start.
 
 LLM jobs (protocol 2, :mod:`learner.llm`): the same service over an ``LlmLearnerCore``; chunks carry
-one CompletionGroup each, and ``Admit`` hands out rollout tickets (staleness by admission).
+one CompletionGroup each, and ``Admit`` hands out rollout tickets (staleness by admission). The
+servicer never switches on the kind of job: it asks the core (:class:`learner.api.LearnerCore`).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import time
 import uuid
 from concurrent import futures
@@ -44,14 +44,15 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from fleetloop.codec import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS, specs_mismatch
+from fleetloop import wire_settings
+from fleetloop.codec import PROTOCOL_VERSION, SUPPORTED_PROTOCOL_VERSIONS
 from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, PermissionDenied,
                               ResourceExhausted, Unauthenticated, grpc_status_name)
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
+from learner.api import LearnerCore
 from learner.auth import Authenticator, CredentialRevoked, Principal, StaticTokens, bearer
 from learner.exposure import is_loopback
-from learner.core import LearnerCore
 from learner.stream_guard import StreamGuard
 from learner.weight_serving import chunks as weight_chunks
 from learner.weight_serving import serialize_chunk as serialize_weight_chunk
@@ -83,22 +84,23 @@ def announcement(info, pinned: int | None, job_state: str = "running") -> pb.Wei
     """Wire form of a weight store VersionInfo (plus the job's state)."""
     return pb.WeightAnnouncement(version=info.version, sha256=info.sha256, size_bytes=info.size_bytes,
                                  learner_step=info.learner_step, published_at=info.published_at,
-                                 pinned=pinned == info.version, format="safetensors", job_state=job_state)
+                                 pinned=pinned == info.version, format="safetensors", **wire_settings.job_state_fields(job_state))
 
 
 class LearnerServicer:
-    """Implements the five RPCs of the contract over a robot :class:`LearnerCore` or an
-    :class:`~learner.llm.core.LlmLearnerCore` (``core.kind == "llm"``): the core decides which actor
-    kind the handshake accepts (the other is FAILED_PRECONDITION naming ``kind``), what the run
-    config carries (``llm_json`` for LLM jobs) and whether Admit serves (robot jobs:
-    FAILED_PRECONDITION). Chunks go to ``core.ingestor`` either way."""
+    """Implements the five RPCs of the contract over any :class:`~learner.api.LearnerCore` (robot
+    :class:`learner.core.LearnerCore` or :class:`~learner.llm.core.LlmLearnerCore`): the core decides
+    which actor kind the handshake accepts (``core.kind``; the other is FAILED_PRECONDITION naming
+    ``kind``), what else a handshake must satisfy (``check_handshake``), what the run config carries
+    (``run_config``), which chunks it stores (``check_chunk``, ``ingest``) and whether Admit serves
+    (``check_admit``; robot jobs: FAILED_PRECONDITION)."""
 
     def __init__(self, core: LearnerCore, auth: Authenticator | None = None) -> None:
         self.core = core
         self.cfg = core.cfg
         self.auth = auth or StaticTokens(core.cfg.robot_tokens)
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
-        self.llm = getattr(core, "kind", "robot") == "llm"  # an LlmLearnerCore: LLM handshakes, Admit, group chunks
+        self.served_kind = pb.ActorKind.Value(core.kind.upper())  # the ActorKind a handshake must declare
         self.sessions: dict[str, dict] = {}
         self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
                                                    "SubscribeWeights": self.cfg.subscription_cap,
@@ -168,25 +170,15 @@ class LearnerServicer:
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id", value=req.actor_id)
             self._bind(principal, req.actor_id, "handshake")
-            served = pb.LLM if self.llm else pb.ROBOT
+            served = self.served_kind
             if req.kind not in pb.ActorKind.values():
                 raise FailedPrecondition(f"kind {int(req.kind)} is not a known ActorKind ({sorted(pb.ActorKind.keys())}); "
                                          f"this job serves {pb.ActorKind.Name(served)}", field="kind", value=int(req.kind))
             if req.kind != served:
                 raise FailedPrecondition(f"kind {pb.ActorKind.Name(req.kind)} is not served by this job "
                                          f"({pb.ActorKind.Name(served).lower()})", field="kind", value=pb.ActorKind.Name(req.kind))
-            if self.llm:
-                if req.protocol_version < 2:
-                    raise FailedPrecondition(f"protocol_version {req.protocol_version} has no LLM rollouts; LLM jobs need 2",
-                                             field="protocol_version", value=req.protocol_version)
-                job_tasks = self.cfg.task_ids
-            else:
-                for name, declared, expected in (("observation_specs", req.observation_specs, self.core.obs_specs),
-                                                 ("action_specs", req.action_specs, self.core.act_specs)):
-                    problem = specs_mismatch(declared, expected)
-                    if problem:
-                        raise FailedPrecondition(problem, field=name, value=len(declared))
-                job_tasks = self.cfg.tasks
+            self.core.check_handshake(req)
+            job_tasks = self.core.job_tasks()
             unknown = [t for t in req.tasks if t not in job_tasks]
             if unknown:
                 raise InvalidArgument(f"tasks {unknown} are not tasks of job {self.cfg.job_id!r} ({job_tasks})",
@@ -203,24 +195,9 @@ class LearnerServicer:
                                   "capabilities": dict(req.capabilities), "principal": principal}
         fv = self.core.weights.fleet_version()
         event(log, "handshake", job=req.job_id, actor=req.actor_id, version=fv.version if fv else -1, principal=principal)
-        if self.llm:  # one group = one chunk = one whole "episode"
-            run = pb.RunConfig(task_ids=self.cfg.task_ids, chunk_steps=1, max_episode_steps=1,
-                               max_message_bytes=self.cfg.max_message_bytes, algorithm=self.cfg.algorithm,
-                               inference_json="{}", llm_json=json.dumps(self.core.rollout_settings()))
-        else:
-            run = pb.RunConfig(policy_factory=self.cfg.policy_factory, policy_kwargs_json=json.dumps(self.cfg.policy_kwargs),
-                               task_ids=self.cfg.tasks, chunk_steps=self.cfg.chunk_steps,
-                               max_chunk_wait_s=self.cfg.max_chunk_wait_s,
-                               max_episode_steps=self.cfg.max_episode_steps, max_message_bytes=self.cfg.max_message_bytes,
-                               algorithm=self.cfg.algorithm, inference_json=self._inference_json())
-        return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=run,
+        return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=self.core.run_config(),
                                     current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state) if fv else None,
                                     learner_id=self.learner_id)
-
-    def _inference_json(self) -> str:
-        """The algorithm's inference settings for actors (RECAP: guidance beta, indicator), "{}" if it has none."""
-        settings = getattr(self.core.algorithm, "inference_settings", None)
-        return json.dumps(settings()) if callable(settings) else "{}"
 
     # -- Experience --------------------------------------------------------------------------
     def StreamExperience(self, request_iterator, context: grpc.ServicerContext):
@@ -232,7 +209,6 @@ class LearnerServicer:
             if not isinstance(exc, ResourceExhausted):  # a full stream cap refuses no chunk (counted as over_cap)
                 m.rejected.labels(job, _reason(exc)).inc()
             _abort(context, exc)
-        inflight = self.core.flow.inflight
         try:
             for raw in request_iterator:
                 lease.touch()
@@ -240,7 +216,7 @@ class LearnerServicer:
                     if len(raw) > self.cfg.max_message_bytes:
                         raise ResourceExhausted(f"chunk of {len(raw)} bytes exceeds max_message_bytes {self.cfg.max_message_bytes}",
                                                 field="message_size", value=len(raw))
-                    with inflight.reserve(len(raw)):
+                    with self.core.reserve(len(raw)):
                         try:
                             chunk = pb.EpisodeChunk.FromString(raw)
                         except DecodeError as exc:
@@ -253,11 +229,9 @@ class LearnerServicer:
                             raise PermissionDenied(f"chunk (episode {chunk.episode_id[:128]!r}, seq {chunk.seq}): actor_id "
                                                    f"{chunk.actor_id[:128]!r} on a stream bound to actor {lease.actor!r}",
                                                    field="actor_id", value=chunk.actor_id[:128])
-                        if not self.llm and chunk.HasField("group"):
-                            raise InvalidArgument("chunk carries a CompletionGroup; this job trains a robot policy, not an "
-                                                  "LLM", field="group", value=chunk.group.prompt_id[:64])
+                        self.core.check_chunk(chunk)
                         version = self.core.version  # read once per chunk (the weight store scans its index)
-                        duplicate = self.core.ingestor.ingest(chunk, len(raw), version, raw=raw)
+                        duplicate = self.core.ingest(chunk, len(raw), version, raw=raw)
                 except FleetloopError as exc:
                     m.rejected.labels(job, _reason(exc)).inc()
                     event(log, "chunk_rejected", level=30, job=job, actor=lease.actor or "?", error=str(exc)[:300])
@@ -337,9 +311,7 @@ class LearnerServicer:
             principal = self._authorize(context, req.job_id)
             if req.job_id != self.cfg.job_id:
                 raise NotFound(f"unknown job {req.job_id!r}", field="job_id", value=req.job_id)
-            if not self.llm:
-                raise FailedPrecondition(f"job {self.cfg.job_id!r} trains a robot policy: Admit serves LLM jobs only",
-                                         field="kind", value="ROBOT")
+            self.core.check_admit()
             if not req.actor_id or len(req.actor_id) > 128:
                 raise InvalidArgument(f"actor_id {req.actor_id!r} must be 1..128 characters", field="actor_id",
                                       value=req.actor_id)
@@ -350,9 +322,9 @@ class LearnerServicer:
         except FleetloopError as exc:
             event(log, "admit_refused", level=30, job=req.job_id, actor=req.actor_id[:128], error=str(exc)[:300])
             _abort(context, exc)
-        return pb.AdmitResponse(ticket_ids=grant["ticket_ids"], learner_version=grant["learner_version"],
-                                retry_after_ms=grant["retry_after_ms"], ticket_ttl_s=grant["ticket_ttl_s"],
-                                max_staleness=grant["max_staleness"])
+        return pb.AdmitResponse(ticket_ids=grant.ticket_ids, learner_version=grant.learner_version,
+                                retry_after_ms=grant.retry_after_ms, ticket_ttl_s=grant.ticket_ttl_s,
+                                max_staleness=grant.max_staleness)
 
 
 def _parsed(cls, method, metrics, job: str):

@@ -1,10 +1,10 @@
 """LlmLearnerCore: one GRPO job's learner, independent of gRPC and Ray (both wrap it).
 
 Owns the base Hugging Face causal LM (on ``device``), the GRPO algorithm, the weight store, the
-admission controller and a FIFO queue of validated groups. It exposes what
-:class:`learner.server.LearnerServicer` uses on any core (``cfg``, ``metrics``, ``weights``,
-``job_state``, ``version``, ``flow.inflight``, ``backoff_ms``, ``ingestor.ingest``, ``status``) plus
-``kind = "llm"``, :meth:`admit` and :meth:`rollout_settings`.
+admission controller and a FIFO queue of validated groups (:mod:`learner.llm.queue`). It implements
+:class:`learner.api.LearnerCore` (``kind = "llm"``; versions, operator controls and the training
+thread are the shared :class:`learner.lifecycle.CoreLifecycle`), plus :meth:`rollout_settings`.
+Of the :class:`learner.api.LearnerHooks` (``core.hooks``), ``on_ingest`` and ``wrap_training`` apply.
 
 Versions: version 0 is the base model, published at start; then one version per learner step
 (version v = the weights after v steps of this job's history; each version records its
@@ -24,7 +24,7 @@ admission capacity grows with the version, so versions must advance with the con
 step whose groups were all dropped trains nothing and still publishes, for the same reason; with
 eta = 0 the fleet would otherwise deadlock; likewise a GRPO update that raises is logged, counted in
 ``fleetloop_llm_update_failures_total`` and the step still publishes). Each step records mean reward,
-accuracy, staleness and loss per version in ``status()["history"]``.
+accuracy, staleness and loss per version in ``status()["history"]`` (:mod:`learner.llm.history`).
 
 Durability (:mod:`learner.llm.durability` has the contract; files under ``STATE_DIR/llm``): acknowledged
 groups are never lost and are stored exactly once, also across crashes. A group's chunk is appended
@@ -56,9 +56,7 @@ condition, GRPO updates, publishes and optimizer checkpoints hold ``_train_lock`
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,28 +64,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from fleetloop import wire_settings
 from fleetloop.errors import FailedPrecondition, InvalidArgument
 from fleetloop.logs import event, get_logger
+from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.weights import load_verified, state_dict_to_blob
 from learner.algorithms import make_algorithm
+from learner.api import AdmitGrant, JobState, LlmStatus
 from learner.backpressure import FlowControl
 from learner.core import pick_device
+from learner.lifecycle import CoreLifecycle, LifecycleTraits
 from learner.llm.config import LlmLearnerConfig
 from learner.llm.durability import GroupJournal, recover_groups
+from learner.llm.history import CORRECT_REWARD, TrainingHistory
 from learner.llm.ingest import GroupIngestor, ValidatedGroup
 from learner.llm.metrics import LlmMetrics
 from learner.llm.optimizer_state import OptimizerCheckpointer, restore_optimizer
+from learner.llm.queue import GroupQueue
 from learner.metrics import LearnerMetrics
 from learner.weight_store import WeightStore
 
+__all__ = ["CORRECT_REWARD", "LlmLearnerCore", "resolve_model"]
+
 log = get_logger("learner.llm")
-#: A completion counts as correct (accuracy) when its reward reaches the tasks' full score.
-CORRECT_REWARD = 1.0 - 1e-6
+STEP_WAIT_S = 0.5  # the training loop's step waits this long for a batch of groups
 
 
 def _chunk_key(payload: bytes) -> tuple[str, int]:
     """(episode_id, seq) of a logged EpisodeChunk."""
-    from fleetloop.v1 import fleetloop_pb2 as pb
     chunk = pb.EpisodeChunk.FromString(payload)
     return chunk.episode_id, int(chunk.seq)
 
@@ -99,10 +103,33 @@ def resolve_model(model: str, seed: int, cache_dir: Path) -> Path:
     return llm_models.resolve_model(model, seed, cache_dir)
 
 
-class LlmLearnerCore:
+def _via(owner: str, name: str, doc: str) -> property:
+    """A read-only attribute of the core that lives on one of its parts."""
+    return property(lambda self: getattr(getattr(self, owner), name), doc=doc)
+
+
+class LlmLearnerCore(CoreLifecycle):
     """See module docstring."""
 
     kind = "llm"
+    traits = LifecycleTraits(log=log, thread_name="fleetloop-llm-train", join_timeout_s=60.0,
+                             publish_log_interval_s=None, step_traceback=True)
+
+    # parts' state, read as the core's own (status, tests, harnesses)
+    groups_total = _via("groups", "total", "Groups received (not re-queued ones).")
+    groups_requeued = _via("groups", "requeued", "Groups re-queued from the group log at start.")
+    groups_by_version = _via("groups", "by_version", "Oldest policy_version of a received group -> groups.")
+    history = _via("training", "records", "The newest step records (learner.llm.history).")
+    trained_groups = _via("training", "trained_groups", "Groups trained on.")
+    staleness_max = _via("training", "staleness_max", "Largest staleness of a trained group.")
+    last_loss = _via("training", "last_loss", "The newest update's loss.")
+    last_stats = _via("training", "last_stats", "The newest update's GRPO stats.")
+    idle_s = _via("training", "idle_s", "Seconds the training thread waited for groups.")
+    busy_s = _via("training", "busy_s", "Seconds in learner steps.")
+    idle_share = _via("training", "idle_share", "Learner idle share: waiting / (waiting + training).")
+    _cond = _via("groups", "cond", "The queue's condition.")
+    _queue = _via("groups", "ticketed", "Queued groups that arrived under a live ticket, FIFO.")
+    _extra = _via("groups", "untracked", "Queued groups without one (expired, unknown, no ticket, re-queued).")
 
     def __init__(self, config: LlmLearnerConfig) -> None:
         from fleetloop.llm_models import load_causal_lm, load_tokenizer, publishable_state_dict
@@ -137,9 +164,7 @@ class LlmLearnerCore:
         self.metrics.staleness_bound.labels(self.job).set(config.eta)
         # no rate limits or memory budget for groups (admission bounds them); the servicer reserves through it
         self.flow = FlowControl(None, 1.0, 1.0, None, config.max_backoff_ms, None)
-        self._cond = threading.Condition()
-        self._queue: deque[ValidatedGroup] = deque()   # groups that arrived under a live ticket, FIFO
-        self._extra: deque[ValidatedGroup] = deque()   # groups without one (expired, unknown, no ticket, re-queued)
+        self.groups = GroupQueue()
         self.journal = GroupJournal(state_dir / "llm", _chunk_key)
         self.ingestor = GroupIngestor(
             {"job_id": self.job, "task_ids": frozenset(self.tasks), "group_size": config.group_size,
@@ -148,25 +173,12 @@ class LlmLearnerCore:
         self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions,
                                    keep_on_disk=config.keep_versions_on_disk)
         self.step = 0
-        self.paused = False
-        self.job_state = "running"
-        self.last_loss: float | None = None
-        self.last_stats: dict[str, float] = {}
-        self.history: deque[dict[str, Any]] = deque(maxlen=config.history_size)
+        self.training = TrainingHistory(self.job, self.metrics, self.llm_metrics, config.history_size)
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (engine version at its last Admit, time)
-        self.groups_total = 0
-        self.groups_requeued = 0
-        self.groups_by_version: dict[int, int] = {}  # oldest policy_version of a group -> groups stored
-        self.trained_groups = 0
         self.dropped_stale = 0
-        self.staleness_max = 0
-        self.idle_s = 0.0
-        self.busy_s = 0.0
-        self._train_lock = threading.RLock()
-        self._stop = threading.Event()
+        self._init_lifecycle(None)
         self._stopped = False
-        self._thread: threading.Thread | None = None
-        self.llm_metrics.queue.labels(self.job).set_function(lambda: len(self._queue) + len(self._extra))
+        self.llm_metrics.queue.labels(self.job).set_function(lambda: len(self.groups))
         self.optimizer_dir = state_dir / "llm" / "optimizer"
         self._start_versions()
         self._restore_durable_state()
@@ -195,78 +207,56 @@ class LlmLearnerCore:
         every_s = float(self.cfg.optimizer_checkpoint_every_s)
         self.optimizer_ckpt = OptimizerCheckpointer(self.optimizer_dir, self.algorithm, every_s)
         marker = self.journal.load_marker(self.step)
-        rec = recover_groups(self.journal, self.ingestor, self.version, self._requeue)
+        rec = recover_groups(self.journal, self.ingestor, self.version, self.groups.requeue)
         self.recovery = {"marker": marker, **asdict(rec)}
         if rec.records or rec.ledger_keys or self.optimizer_restore["restored"]:
             event(log, "durable_state_restored", job=self.job, version=self.version, step=self.step, marker=marker,
                   requeued=rec.requeued, consumed=rec.consumed, skipped=rec.skipped, ledger_keys=rec.ledger_keys,
                   optimizer=self.optimizer_restore["restored"], optimizer_behind=self.optimizer_restore["behind_steps"])
 
-    @property
-    def version(self) -> int:
-        """Newest published version (-1 before the first publish)."""
-        latest = self.weights.latest
-        return -1 if latest is None else latest.version
+    def _publish_blob(self) -> bytes:
+        return state_dict_to_blob({k: v for k, v in self.algorithm.policy_state_dict().items() if k in self._publish_names})
 
-    def publish(self) -> int:
-        """Serialise the policy, store it as the next version, announce it. Returns the version.
-        Holds the training lock: a manual publish never falls between a step's marker and its publish."""
-        t0 = time.perf_counter()
-        with self._train_lock:
-            blob = state_dict_to_blob({k: v for k, v in self.algorithm.policy_state_dict().items()
-                                       if k in self._publish_names})
-            info = self.weights.publish(blob, self.step)
-        dt = time.perf_counter() - t0
-        self.metrics.publish_seconds.labels(self.job).observe(dt)
-        self.metrics.published_bytes.labels(self.job).inc(info.size_bytes)
-        self.metrics.version.labels(self.job).set(info.version)
-        self._sync_fleet_metric()
-        event(log, "published", job=self.job, version=info.version, step=self.step, bytes=info.size_bytes,
-              sha256=info.sha256[:12], seconds=dt)
-        return info.version
+    # -- serving (what the servicer asks a core) ----------------------------------------------
+    def check_handshake(self, req: pb.HandshakeRequest) -> None:
+        """LLM rollouts need protocol 2 (FailedPrecondition naming ``protocol_version``)."""
+        if req.protocol_version < 2:
+            raise FailedPrecondition(f"protocol_version {req.protocol_version} has no LLM rollouts; LLM jobs need 2",
+                                     field="protocol_version", value=req.protocol_version)
 
-    def _sync_fleet_metric(self) -> None:
-        fv = self.weights.fleet_version()
-        if fv is not None:
-            self.metrics.fleet_version.labels(self.job).set(fv.version)
+    def job_tasks(self) -> list[str]:
+        return self.cfg.task_ids
 
-    def pin(self, version: int | None) -> None:
-        """Pin the fleet to a version (or unpin). Rollouts then run the pinned weights; their groups are
-        still trained while within eta of the learner's newest version."""
-        self.weights.pin(version)
-        self._sync_fleet_metric()
-        event(log, "pinned", job=self.job, version=version)
+    def run_config(self) -> pb.RunConfig:
+        """One group = one chunk = one whole "episode"; the rollout settings travel in ``llm`` (and ``llm_json``)."""
+        return wire_settings.run_config(task_ids=self.cfg.task_ids, chunk_steps=1, max_episode_steps=1,
+                                        max_message_bytes=self.cfg.max_message_bytes, algorithm=self.cfg.algorithm,
+                                        inference={}, llm=self.rollout_settings())
 
-    def set_paused(self, paused: bool) -> None:
-        """Pause (or resume) training; ingest and admission go on (admission capacity stops growing)."""
-        self.paused = bool(paused)
-        self.job_state = "paused" if self.paused else "running"
-        event(log, "paused" if self.paused else "resumed", job=self.job, version=self.version, step=self.step)
-
-    def begin_stop(self) -> None:
-        """Announce ``stopping`` to the fleet and stop training; serving goes on until :meth:`stop`."""
-        self.paused = True
-        self.job_state = "stopping"
-        event(log, "stopping", job=self.job, version=self.version, step=self.step)
-
-    # -- rollouts in -------------------------------------------------------------------------
     def rollout_settings(self) -> dict[str, Any]:
         """RunConfig.llm_json for actors (plus the tokenizer's vocabulary size, a consistency check)."""
         return {**self.cfg.rollout_settings(), "vocab_size": self.vocab_size}
 
-    def admit(self, actor_id: str, n: int, current_version: int) -> dict[str, Any]:
-        """Grant up to ``n`` admission tickets to ``actor_id`` (its engine runs ``current_version``)."""
+    def check_chunk(self, chunk: pb.EpisodeChunk) -> None:
+        """Nothing beyond the ingestor's validation."""
+
+    def check_admit(self) -> None:
+        """Admit serves LLM jobs."""
+
+    def admit(self, actor_id: str, n: int, current_version: int) -> AdmitGrant:
+        """Grant up to ``n`` admission tickets to ``actor_id`` (its engine runs ``current_version``);
+        none while the job is stopping."""
         if n < 1:
             raise InvalidArgument(f"rollouts {n} must be >= 1", field="rollouts", value=n)
         self.admission.expire()
         version = max(self.version, 0)
-        tickets = [] if self.job_state == "stopping" else self.admission.admit(actor_id, n, version)
+        tickets = [] if self.job_state == JobState.STOPPING else self.admission.admit(actor_id, n, version)
         self.actor_versions[actor_id] = (int(current_version), time.time())
         retry = 0 if tickets else int(self.admission.retry_after_ms())
         if not tickets:
             retry = max(retry, 100)
-        return {"ticket_ids": [t.id for t in tickets], "learner_version": version, "retry_after_ms": retry,
-                "ticket_ttl_s": self.cfg.ticket_ttl_s, "max_staleness": self.cfg.eta}
+        return AdmitGrant(ticket_ids=[t.id for t in tickets], learner_version=version, retry_after_ms=retry,
+                          ticket_ttl_s=self.cfg.ticket_ttl_s, max_staleness=self.cfg.eta)
 
     def _on_group(self, vg: ValidatedGroup) -> None:
         """Called by the ingestor (under its lock) for each new group."""
@@ -280,18 +270,11 @@ class LlmLearnerCore:
         if vg.verifier_errors:
             m.verifier_errors.labels(self.job).inc(vg.verifier_errors)
         self.actor_versions.setdefault(vg.actor_id, (vg.max_version, time.time()))
-        with self._cond:
-            (self._queue if tracked else self._extra).append(vg)
-            self.groups_total += 1
-            self.groups_by_version[vg.min_version] = self.groups_by_version.get(vg.min_version, 0) + 1
-            self._cond.notify_all()
+        self.groups.put(vg, tracked)
 
-    def _requeue(self, vg: ValidatedGroup) -> None:
-        """A group re-queued from the group log at start: untracked (no live ticket), not counted as received."""
-        with self._cond:
-            self._extra.append(vg)
-            self.groups_requeued += 1
-            self._cond.notify_all()
+    def queued_episode_ids(self) -> list[str]:
+        """Episode ids of the queued groups, in the order steps take them (ticketed first, then untracked)."""
+        return self.groups.episode_ids()
 
     def backoff_ms(self, actor: str = "") -> int:
         """Ack backpressure hint (admission already bounds what actors produce: 0 unless flow control says so)."""
@@ -299,29 +282,16 @@ class LlmLearnerCore:
         return ms
 
     # -- training ----------------------------------------------------------------------------
-    def _take_batch(self, timeout: float) -> list[ValidatedGroup] | None:
-        """``batch_groups`` ticketed groups (FIFO) plus up to as many untracked ones riding along, or
-        ``batch_groups`` untracked ones when that many wait (clients that skip Admit); None on timeout."""
-        need = self.cfg.batch_groups
-        with self._cond:
-            ready = lambda: len(self._queue) >= need or len(self._extra) >= need  # noqa: E731
-            if not self._cond.wait_for(lambda: ready() or self._stop.is_set(), timeout=timeout) or not ready():
-                return None
-            if len(self._queue) >= need:
-                out = [self._queue.popleft() for _ in range(need)]
-                return out + [self._extra.popleft() for _ in range(min(need, len(self._extra)))]
-            return [self._extra.popleft() for _ in range(need)]
-
-    def train_step(self, timeout: float = 0.5) -> dict[str, Any] | None:
+    def train_step(self, timeout: float = STEP_WAIT_S) -> dict[str, Any] | None:
         """One learner step if ``batch_groups`` groups are queued within ``timeout`` s; see the module docstring.
         Returns the step's record (also appended to the history), or None when nothing was trained."""
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             self._stop.wait(timeout)
             return None
         t_wait = time.perf_counter()
-        groups = self._take_batch(timeout)
+        groups = self.groups.take(self.cfg.batch_groups, timeout, self._stop.is_set)
         t0 = time.perf_counter()
-        self._idle(t0 - t_wait)
+        self.training.idle(t0 - t_wait)
         if groups is None:
             return None
         with self._train_lock:
@@ -335,17 +305,7 @@ class LlmLearnerCore:
                 self.metrics.dropped_samples.labels(self.job, "stale").inc(sum(len(g.group["completions"]) for g in dropped))
                 event(log, "dropped_stale", level=30, job=self.job, version=version, groups=len(dropped),
                       staleness=max(version - g.min_version for g in dropped), eta=self.cfg.eta)
-            result = None
-            if fresh:
-                try:
-                    batch = self.algorithm.build_batch([g.group for g in fresh], self.pad_id, vocab_size=self.vocab_size,
-                                                       learner_version=version)
-                    result = self.algorithm.update(batch)
-                except Exception as exc:  # a bug, not bad input: logged and counted; the schedule still advances
-                    self.llm_metrics.update_failures.labels(self.job).inc()
-                    event(log, "update_failed", level=40, job=self.job, version=version, groups=len(fresh),
-                          error=f"{type(exc).__name__}: {exc}"[:300])
-                    log.exception("update_failed job=%s", self.job)
+            result = self._update(fresh, version) if fresh else None
             self.step += 1
             self.journal.mark_consumed(g.record for g in groups)
             self.journal.prepare(self.step)   # pending: counts once this step's version is published
@@ -353,85 +313,40 @@ class LlmLearnerCore:
             self.journal.commit(self.step)    # committed: compact fully consumed log segments
             self.optimizer_ckpt.maybe_save(self.step, new_version)
         dt = time.perf_counter() - t0
-        self._busy(dt)
-        record = self._record(fresh, version, new_version, result, dt, len(dropped))
+        self.training.busy(dt)
+        record = self.training.record(self.step, fresh, version, new_version, result, dt, len(dropped))
         event(log, "trained", job=self.job, version=new_version, step=self.step, groups=len(fresh),
               reward=record["reward_mean"], accuracy=record["accuracy"], staleness_max=record["staleness_max"],
               loss=record["loss"], skipped=record["stats"].get("skipped", 1.0), seconds=dt)
         return record
 
-    def _record(self, fresh: list[ValidatedGroup], version: int, new_version: int, result, dt: float,
-                dropped: int) -> dict[str, Any]:
-        """History entry and metrics of one step (``result`` None: every group was dropped as stale)."""
-        rewards = np.array([r for g in fresh for r in g.rewards], dtype=np.float64)
-        staleness = [version - g.min_version for g in fresh]
-        m, j = self.llm_metrics, self.job
-        for s in staleness:
-            m.staleness.labels(j).observe(s)
-            self.metrics.staleness.labels(j).observe(s)
-        self.staleness_max = max([self.staleness_max, *staleness])
-        self.trained_groups += len(fresh)
-        if result is not None:
-            self.last_loss = float(result.loss)
-            self.last_stats = {k: float(v) for k, v in (result.stats or {}).items()}
-        record = {"step": self.step, "version": new_version, "trained_on_version": version, "time": time.time(),
-                  "groups": len(fresh), "dropped_stale": dropped,
-                  "reward_mean": float(rewards.mean()) if rewards.size else None,
-                  "accuracy": float((rewards >= CORRECT_REWARD).mean()) if rewards.size else None,
-                  "staleness": staleness, "staleness_max": max(staleness, default=None),
-                  "loss": float(result.loss) if result is not None else None, "seconds": dt,
-                  "tasks": sorted({g.task_id for g in fresh}),
-                  "stats": dict(self.last_stats) if result is not None else {"skipped": 1.0}}
-        self.history.append(record)
-        if rewards.size:
-            m.reward_mean.labels(j).set(record["reward_mean"])
-            m.accuracy.labels(j).set(record["accuracy"])
-        if result is not None:
-            m.loss.labels(j).set(self.last_loss)
-            self.metrics.loss.labels(j).set(self.last_loss)
-        m.steps.labels(j).inc()
-        m.step_seconds.labels(j).observe(dt)
-        self.metrics.learner_steps.labels(j).inc()
-        self.metrics.update_seconds.labels(j).observe(dt)
-        return record
+    def _update(self, fresh: list[ValidatedGroup], version: int):
+        """GRPO on ``fresh``; None when the update raised (a bug, not bad input: logged and counted; the
+        schedule still advances)."""
+        try:
+            batch = self.algorithm.build_batch([g.group for g in fresh], self.pad_id, vocab_size=self.vocab_size,
+                                               learner_version=version)
+            return self.algorithm.update(batch)
+        except Exception as exc:
+            self.llm_metrics.update_failures.labels(self.job).inc()
+            event(log, "update_failed", level=40, job=self.job, version=version, groups=len(fresh),
+                  error=f"{type(exc).__name__}: {exc}"[:300])
+            log.exception("update_failed job=%s", self.job)
+            return None
 
-    def _idle(self, s: float) -> None:
-        self.idle_s += s
-        self.llm_metrics.idle_seconds.labels(self.job).inc(s)
-        self.metrics.idle_seconds.labels(self.job).inc(s)
+    def _housekeeping(self) -> None:
+        self.admission.expire()  # tickets expire while paused too
 
-    def _busy(self, s: float) -> None:
-        self.busy_s += s
-        self.llm_metrics.busy_seconds.labels(self.job).inc(s)
+    def _turn(self) -> None:
+        self._guarded(self.train_step)
 
-    # -- loop --------------------------------------------------------------------------------
-    def start_training(self) -> None:
-        """Run :meth:`train_step` continuously in a background thread until :meth:`stop`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="fleetloop-llm-train", daemon=True)
-            self._thread.start()
+    def _wake(self) -> None:
+        self.groups.wake()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.admission.expire()
-            if self.paused:  # operator pause is not learner idle time
-                self._stop.wait(0.2)
-                continue
-            try:
-                self.train_step(timeout=0.5)
-            except Exception as exc:  # never let one bad step kill the learner; log and continue
-                event(log, "train_step_failed", level=40, job=self.job, version=self.version, error=repr(exc)[:300])
-                log.exception("train_step_failed job=%s", self.job)
-                self._stop.wait(1.0)
-
-    def stop(self, checkpoint: bool = True) -> None:
-        """Stop training; with ``checkpoint`` save the optimizer state (weights and the group log are already
-        durable); close the group log. Idempotent."""
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+    # -- durability --------------------------------------------------------------------------
+    def _shutdown(self, checkpoint: bool) -> None:
+        """With ``checkpoint`` save the optimizer state (weights and the group log are already durable);
+        close the group log. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -447,36 +362,31 @@ class LlmLearnerCore:
             return self.optimizer_ckpt.save_now(self.step, self.version, force=True) or self.optimizer_dir
 
     # -- status ------------------------------------------------------------------------------
-    @property
-    def idle_share(self) -> float:
-        """Learner idle share: time waiting for groups / (waiting + training)."""
-        total = self.idle_s + self.busy_s
-        return self.idle_s / total if total > 0 else 0.0
+    def status_model(self) -> LlmStatus:
+        """Snapshot for progress views, reports and tests."""
+        fv = self.weights.fleet_version()
+        queued, by_version = self.groups.snapshot()
+        ing, tr = self.ingestor, self.training
+        return LlmStatus(
+            job=self.job, version=self.version, fleet_version=None if fv is None else fv.version,
+            pinned=self.weights.pinned, step=self.step, paused=self.paused, job_state=self.job_state,
+            device=str(self.device), time=time.time(), algorithm=self.cfg.algorithm, model=self.cfg.model,
+            tasks=list(self.tasks), eta=self.cfg.eta, staleness_bound=self.cfg.eta,
+            group_size=self.cfg.group_size, batch_groups=self.cfg.batch_groups,
+            groups_total=self.groups.total, groups_queued=queued, groups_by_version=by_version,
+            groups_requeued=self.groups.requeued,
+            durability={**self.journal.stats(), "recovery": dict(self.recovery),
+                        "optimizer": {**self.optimizer_restore, "saver": self.optimizer_ckpt.stats()}},
+            trained_groups=tr.trained_groups, dropped_stale=self.dropped_stale, staleness_max=tr.staleness_max,
+            duplicates=ing.duplicates, rejected=dict(ing.rejected), admission=self.admission.stats(),
+            learner_idle_s=tr.idle_s, learner_busy_s=tr.busy_s, learner_idle_share=tr.idle_share,
+            loss=tr.last_loss, train_stats=dict(tr.last_stats),
+            actors={a: {"version": v, "last_seen": t} for a, (v, t) in list(self.actor_versions.items())},
+            history=list(tr.records))
 
     def status(self) -> dict[str, Any]:
-        """JSON-able snapshot for progress views, reports and tests."""
-        fv = self.weights.fleet_version()
-        with self._cond:
-            queued = len(self._queue) + len(self._extra)
-            by_version = {str(k): v for k, v in sorted(self.groups_by_version.items())}
-        ing = self.ingestor
-        return {
-            "kind": "llm", "job": self.job, "version": self.version, "fleet_version": None if fv is None else fv.version,
-            "pinned": self.weights.pinned, "step": self.step, "paused": self.paused, "job_state": self.job_state,
-            "device": str(self.device), "time": time.time(), "algorithm": self.cfg.algorithm, "model": self.cfg.model,
-            "tasks": list(self.tasks), "eta": self.cfg.eta, "staleness_bound": self.cfg.eta,
-            "group_size": self.cfg.group_size, "batch_groups": self.cfg.batch_groups,
-            "groups_total": self.groups_total, "groups_queued": queued, "groups_by_version": by_version,
-            "groups_requeued": self.groups_requeued,
-            "durability": {**self.journal.stats(), "recovery": dict(self.recovery),
-                           "optimizer": {**self.optimizer_restore, "saver": self.optimizer_ckpt.stats()}},
-            "trained_groups": self.trained_groups, "dropped_stale": self.dropped_stale, "staleness_max": self.staleness_max,
-            "duplicates": ing.duplicates, "rejected": dict(ing.rejected), "admission": self.admission.stats(),
-            "learner_idle_s": self.idle_s, "learner_busy_s": self.busy_s, "learner_idle_share": self.idle_share,
-            "loss": self.last_loss, "train_stats": dict(self.last_stats),
-            "actors": {a: {"version": v, "last_seen": t} for a, (v, t) in list(self.actor_versions.items())},
-            "history": list(self.history),
-        }
+        """JSON-able snapshot: ``status_model().model_dump()``."""
+        return self.status_model().model_dump()
 
     def audit(self) -> dict[str, Any]:
         """Exactly-once audit: groups stored vs resends recognised (duplicates are never stored)."""
@@ -485,8 +395,4 @@ class LlmLearnerCore:
 
     def episodes_since(self, index: int) -> tuple[int, list[dict[str, Any]]]:
         """Learner-step records with index >= ``index`` (a group is an LLM 'episode'; steps are what reports plot)."""
-        recs = list(self.history)
-        total = self.step
-        first = total - len(recs)
-        start = max(index, first)
-        return total, recs[start - first:]
+        return self.training.since(index, self.step)

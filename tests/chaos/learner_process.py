@@ -1,9 +1,9 @@
 """``python -m tests.chaos.learner_process --config CFG.json --final FINAL.json``
 
-The learner's Ray-actor body (:class:`learner.ray_learner._RayLearnerImpl`: LearnerCore, gRPC
+The learner's Ray-actor body (:func:`learner.process.build_learner`: LearnerCore, gRPC
 server, training thread, control agent when configured) in a plain process, so a chaos test can
 SIGKILL exactly the process that holds the learner's state, and restart it in seconds without a
-Ray cluster around it (``RayLearner`` is the same class under ``ray.remote``).
+Ray cluster around it (``RayLearner`` serves the same ``LearnerProcess`` under ``ray.remote``).
 
 Prints ``LEARNER_READY {"port", "pid", "version", "step", ...}`` once serving. On SIGTERM it stops
 the way ``fleetloop learner`` does (final checkpoint, log closed) and writes FINAL.json: the status,
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    from learner.ray_learner import _RayLearnerImpl
+    from learner.process import build_learner
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    impl = _RayLearnerImpl(Path(args.config).read_text())
+    impl = build_learner(Path(args.config).read_text()).serve()
     core = impl.core
     print("LEARNER_READY " + json.dumps({"port": impl.port, "pid": os.getpid(), "metrics_port": impl.metrics_port,
                                          "version": core.version, "step": core.step,

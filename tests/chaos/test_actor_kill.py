@@ -35,7 +35,7 @@ import pytest
 
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from learner.staleness import StalenessConfig
 from tests.chaos.learner_process import buffer_contents
 from tests.chaos.procs import (ActorProc, ProcGroup, frame_torn, journal_chunks, read_ingest_log, spool_snapshot,
@@ -56,7 +56,7 @@ def test_actor_sigkill_mid_episode_then_restart_same_spool(tmp_path):
     cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=[TASK], chunk_steps=10, max_episode_steps=120, batch_size=64,
                         publish_every=10, max_updates_per_s=4, checkpoint_every_s=30,
                         staleness=StalenessConfig(policy="admit"))  # every sent step is stored: exact accounting
-    learner = _RayLearnerImpl(cfg.model_dump_json())
+    learner = build_learner(cfg.model_dump_json()).serve()
     procs = ProcGroup()
     spool = tmp_path / "spool"
     journal = tmp_path / "journal.jsonl"

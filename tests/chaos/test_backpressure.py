@@ -28,7 +28,7 @@ from actor.main import robot_specs
 from actor.runtime import FleetClient
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from tests.chaos.procs import LearnerProc, ProcGroup, read_ingest_log, wait_for, write_summary
 from tests.helpers.chunks import robot_chunk
 
@@ -206,7 +206,7 @@ def rate_limited_learner(tmp_path):
     # soft bucket: 50 steps/s, 200 deep; hard: 100 steps/s, 400 deep
     cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"], chunk_steps=50,
                         max_actor_steps_per_s=50, actor_burst_s=4.0, actor_hard_factor=2.0, max_updates_per_s=10)
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -24,7 +24,7 @@ from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import LearnerProcess, build_learner
 from learner.staleness import StalenessConfig
 from tests.chaos.procs import write_summary
 from tests.helpers.chunks import robot_chunk
@@ -69,7 +69,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     return wait_for(predicate, timeout, interval=interval, what=what)
 
 
-def metric(impl: _RayLearnerImpl, name: str, **labels) -> float:
+def metric(impl: LearnerProcess, name: str, **labels) -> float:
     return impl.core.metrics.registry.get_sample_value(name, {"job": impl.core.job, **labels}) or 0.0
 
 
@@ -79,7 +79,7 @@ def learner(tmp_path):
                         publish_every=10, max_updates_per_s=20, keepalive_time_s=1.0, keepalive_timeout_s=1.0,
                         stream_idle_timeout_s=4.0, max_backoff_ms=1000, grpc_workers=16, max_streams=4,
                         max_subscriptions=4, staleness=StalenessConfig(bound=100_000))  # resent chunks are old: keep them all
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -2,7 +2,7 @@
 the same port with the same data folder (append-only file on), touch nothing else.
 
 Parts: a real ``redis-server`` process (AOF, ``appendfsync everysec``), the REST API (the real app
-under uvicorn, hold launcher), and a learner (``_RayLearnerImpl`` in this process: gRPC server,
+under uvicorn, hold launcher), and a learner (``build_learner(...).serve()`` in this process: gRPC server,
 training, control agent reporting to Redis, robot tokens checked against the job's enrollments).
 The job record is marked running with the learner's address the way a launcher records it.
 
@@ -26,11 +26,11 @@ import httpx
 import pytest
 
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
-from services.api import create_app
-from services.launcher import HoldLauncher
-from services.redis_server import RedisServer
-from services.state import LearnerEndpoint, StateStore
+from learner.process import build_learner
+from services.control.api import create_app
+from services.control.launchers.hold import HoldLauncher
+from services.control.redis_server import RedisServer
+from services.control.state import LearnerEndpoint, StateStore
 from tests.chaos.procs import wait_for, write_summary
 from tests.helpers.control_plane import ApiServer, client, start_redis
 
@@ -65,7 +65,7 @@ def test_redis_sigkill_and_restart_under_api_and_learner(tmp_path):
 
         cfg = LearnerConfig(job_id=job_id, state_dir=tmp_path / "learner", tasks=[TASK], batch_size=32, publish_every=5,
                             max_updates_per_s=5, control_redis_url=redis.url)
-        learner = _RayLearnerImpl(cfg.model_dump_json())
+        learner = build_learner(cfg.model_dump_json()).serve()
         target = f"127.0.0.1:{learner.port}"
         store.update_job(job_id, state="running", learner=LearnerEndpoint(target=target, pid=learner.address()["pid"]))
         wait_for(lambda: op.get(f"/v1/jobs/{job_id}").json()["learner_alive"], 30, "learner reporting")

@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.api import create_app
-from services.launcher import LocalLauncher
-from services.state import StateStore
+from services.control.api import create_app
+from services.control.launchers.local import LocalLauncher
+from services.control.state import StateStore
 from tests.helpers.control_plane import ApiServer, client, start_redis, wait_for
 
 pytestmark = pytest.mark.timeout(600)

@@ -27,7 +27,7 @@ from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
 from learner.ingest import validate
 from learner.ledger import digest
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from tests.fuzz.record import RECORD
 from tests.fuzz.strategies import (JOB, TASKS, TOKEN, ascii_token, byte_mutations, chunk_mutations, handshake_mutation,
                                    robot_specs, valid_chunk, valid_handshake)
@@ -44,7 +44,7 @@ def learner(tmp_path_factory):
     """One in-process learner for the module (its gRPC server, training thread and ingest log)."""
     cfg = LearnerConfig(state_dir=tmp_path_factory.mktemp("fuzz-learner"), tasks=TASKS, robot_tokens=[TOKEN], chunk_steps=20,
                         max_message_bytes=MAX_BYTES, max_updates_per_s=2, publish_every=10)
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -31,9 +31,9 @@ from pydantic import ValidationError
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
-from services.jobspec import JobSpec
-from services.state import StateStore
+from learner.process import build_learner
+from services.control.jobspec import JobSpec
+from services.control.state import StateStore
 from tests.helpers.control_plane import start_redis
 
 pytestmark = pytest.mark.timeout(180)
@@ -89,7 +89,7 @@ def learner(tmp_path):
     made = []
 
     def make(**cfg):
-        impl = _RayLearnerImpl(LearnerConfig(state_dir=tmp_path / f"l{len(made)}", tasks=[TASK], **cfg).model_dump_json())
+        impl = build_learner(LearnerConfig(state_dir=tmp_path / f"l{len(made)}", tasks=[TASK], **cfg).model_dump_json()).serve()
         made.append(impl)
         ch = grpc.insecure_channel(f"127.0.0.1:{impl.port}", options=[("grpc.max_send_message_length", 64 << 20),
                                                                       ("grpc.max_receive_message_length", 64 << 20)])

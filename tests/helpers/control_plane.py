@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from services.redis_server import RedisServer, free_port
+from services.control.redis_server import RedisServer, free_port
 
 
 def start_redis(tmp: Path) -> RedisServer:

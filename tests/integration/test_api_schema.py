@@ -9,9 +9,9 @@ import schemathesis
 from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
 
-from services.api import create_app
-from services.launcher import HoldLauncher
-from services.state import StateStore
+from services.control.api import create_app
+from services.control.launchers.hold import HoldLauncher
+from services.control.state import StateStore
 from tests.helpers.control_plane import start_redis
 
 pytestmark = pytest.mark.timeout(600)

@@ -15,7 +15,7 @@ from fleetloop.codec import PROTOCOL_VERSION, encode, make_spec
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from tests.integration.helpers import RobotThread
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -27,7 +27,7 @@ MD = (("authorization", "Bearer tok"),)
 def learner(tmp_path):
     cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"], chunk_steps=20,
                         max_message_bytes=256 * 1024, max_updates_per_s=20, publish_every=10)
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -25,10 +25,10 @@ import httpx
 import pytest
 
 from learner.algorithms import ALGORITHMS
-from services.api import create_app
-from services.launcher import HoldLauncher
-from services.redis_server import free_port
-from services.state import StateStore
+from services.control.api import create_app
+from services.control.launchers.hold import HoldLauncher
+from services.control.redis_server import free_port
+from services.control.state import StateStore
 from tests.helpers.control_plane import ApiServer, client, start_redis, wait_for
 from tests.helpers.procs import stop_session
 

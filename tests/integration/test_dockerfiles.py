@@ -314,7 +314,7 @@ def test_copy_sources_exist(name, context):
 
 def test_dockerignore_keeps_sources_and_drops_local_state(context):
     assert {"pyproject.toml", "README.md", "proto/fleetloop/v1/fleetloop.proto", "docker/healthcheck.py",
-            "services/dashboard/index.html", "learner/server.py"} <= context
+            "services/control/dashboard/index.html", "learner/server.py"} <= context
     leaked = [f for f in context if f.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in f
               or re.fullmatch(r"fleetloop/v1/.*_pb2.*", f)]
     assert leaked == []
@@ -405,7 +405,7 @@ def test_entrypoint_is_a_real_command(name):
 
 def test_entrypoints_match_the_contract():
     """The roles' commands and ports are those the Kubernetes launcher and the chart rely on."""
-    from services.k8s_launcher import GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT
+    from services.control.launchers.k8s_settings import GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT
     api = parse_cli(_entry_argv("controlplane")[1:])
     assert (api.cmd, api.launcher, api.host, api.port) == ("api", "kubernetes", "0.0.0.0", 8000)
     for name in ("learner", "learner-cpu"):
@@ -415,7 +415,7 @@ def test_entrypoints_match_the_contract():
     robot = parse_cli(_entry_argv("robot")[1:])
     assert robot.cmd == "actor" and robot.metrics_port == ROBOT_METRICS_PORT in exposed_ports(load("robot")[-1])
     assert _entry_argv("llm-actor")[:4] == ["fleetloop", "actor", "--kind", "llm"]
-    from services.k8s_launcher import KubeSettings
+    from services.control.launchers.k8s_settings import KubeSettings
     for name, setting in (("learner", "learner_image"), ("robot", "robot_image")):  # launcher defaults = documented tags
         tag = re.search(rf"docker build -f docker/{name}\.Dockerfile -t (\S+) \.", (DOCKER / f"{name}.Dockerfile").read_text())
         assert KubeSettings.model_fields[setting].default == tag.group(1)

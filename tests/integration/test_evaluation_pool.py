@@ -12,7 +12,7 @@ import torch
 from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.weight_store import WeightStore
-from services.evaluation import EvalPool, PeriodicEvaluator, read_policy_file
+from services.harness.evaluation import EvalPool, PeriodicEvaluator, read_policy_file
 
 MLP = "fleetloop.policies:mlp_policy"
 RECAP = "fleetloop.policies:recap_mlp_policy"
@@ -36,7 +36,7 @@ def test_fleetloop_eval_by_version_with_guidance_beta(tmp_path, capsys):
     """`fleetloop eval --state-dir --version` rebuilds the job's (RECAP, conditioned) policy from its
     policy.json and passes --guidance-beta to the policy runner."""
     from services.cli import main
-    from services.experiment_fleet import write_policy_file
+    from services.harness.experiment_fleet import write_policy_file
 
     state = tmp_path / "state"
     WeightStore(state / "weights").publish(_blob(RECAP), learner_step=0)
@@ -60,7 +60,7 @@ def test_periodic_evaluation_never_reaches_the_learner(tmp_path):
     processes: the learner stores no step, sees no episode and no actor; a version evaluated once is
     reused; a new version is evaluated again; points are in time order."""
     from learner.config import LearnerConfig
-    from services.experiment_fleet import LocalLearner
+    from services.harness.experiment_fleet import LocalLearner
 
     cfg = LearnerConfig(job_id="evaltest", state_dir=tmp_path / "learner", tasks=["reach-v3"], robot_tokens=["t"])
     learner = LocalLearner(cfg, train=False)

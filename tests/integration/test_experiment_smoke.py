@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services import experiment_metrics as M
+from services.harness import experiment_metrics as M
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 RUN_KEYS = {"format", "experiment", "config", "label", "seed", "status", "spec", "budget", "usage", "pretrained", "final",

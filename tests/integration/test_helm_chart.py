@@ -5,7 +5,7 @@ Rendered with the Helm 4 SDK library (``helm-python-sdk``) for the defaults and 
 checked against ``values.schema.json``; every built-in object validated by ``kubernetes-validate``
 (strict, Kubernetes 1.30); the Prometheus-operator objects checked by hand (no CRD schema as data
 here) and their rules with ``promtool``. Content checks tie the chart to the code it deploys: the
-launcher settings parse as ``KubeSettings``, the Role covers every call ``k8s_launcher`` makes,
+launcher settings parse as ``KubeSettings``, the Role covers every call ``k8s_reconciler`` makes,
 container commands parse with the real ``fleetloop`` CLI, demo jobs validate as ``JobSpec``.
 ``lookup`` (keeping generated secrets on upgrade) is exercised against kmock.
 """
@@ -157,8 +157,8 @@ def _image_ref(img: dict) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_launcher_env_is_exactly_what_the_values_imply_and_parses_as_kube_settings(case):
-    from services.config_files import env_overrides
-    from services.k8s_launcher import KubeSettings
+    from fleetloop.config_files import env_overrides
+    from services.control.launchers.k8s_settings import KubeSettings
     v = chart().merge_values(CASES[case])
     r = render(CASES[case])
     env = _expanded_env(r, _api_container(r))
@@ -185,8 +185,8 @@ def test_launcher_env_is_exactly_what_the_values_imply_and_parses_as_kube_settin
 
 
 def _launcher_permissions() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) of every Kubernetes call in services/k8s_launcher.py."""
-    src = (ROOT / "services" / "k8s_launcher.py").read_text()
+    """(apiGroup, resource, verb) of every Kubernetes call in services/control/launchers/k8s_reconciler.py."""
+    src = (ROOT / "services" / "control" / "launchers" / "k8s_reconciler.py").read_text()
     verb = {"create": "create", "read": "get", "get": "get", "patch": "patch", "delete": "delete", "list": "list",
             "replace": "update", "watch": "watch"}
     needed = set()
@@ -398,7 +398,7 @@ def test_ingress_with_tls_in_front_of_an_https_api():
 # -- demo jobs ------------------------------------------------------------------------------------
 
 def test_demo_jobs_are_submitted_once_by_a_post_install_hook():
-    from services.jobspec import JobSpec
+    from services.control.jobspec import JobSpec
     v = CASES["demo-jobs.yaml"]
     r = render(v)
     cm = r.get("ConfigMap", f"{FULL}-jobspecs")
@@ -437,7 +437,7 @@ def test_duplicate_job_names_are_refused():
 
 
 def test_job_items_accept_exactly_the_jobspec_fields_a_cluster_job_can_use():
-    from services.jobspec import JobSpec
+    from services.control.jobspec import JobSpec
     allowed = set(chart().schema["properties"]["jobs"]["items"]["properties"])
     assert allowed == set(JobSpec.model_fields) - {"bootstrap"}
 

@@ -23,10 +23,10 @@ from learner.config import LearnerConfig
 from learner.control_agent import ControlAgent
 from learner.core import LearnerCore
 from learner.staleness import StalenessConfig
-from services.api import create_app
-from services.jobspec import JobSpec
-from services.launcher import LocalLauncher
-from services.state import StateStore
+from services.control.api import create_app
+from services.control.jobspec import JobSpec
+from services.control.launchers.local import LocalLauncher
+from services.control.state import StateStore
 from tests.helpers.chunks import robot_chunk
 from tests.helpers.control_plane import ApiServer, client, wait_for
 

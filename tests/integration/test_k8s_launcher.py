@@ -14,9 +14,10 @@ from kubernetes.client import ApiException
 from fleetloop import redis_keys as keys
 from fleetloop.errors import FailedPrecondition
 from learner.config import LearnerConfig
-from services.jobspec import JobSpec
-from services.k8s_launcher import KubeSettings, KubernetesLauncher
-from services.state import StateStore
+from services.control.jobspec import JobSpec
+from services.control.launchers.k8s_reconciler import KubernetesLauncher
+from services.control.launchers.k8s_settings import KubeSettings
+from services.control.state import StateStore
 from tests.helpers.control_plane import start_redis
 from tests.helpers.kmock_server import KmockServer
 
@@ -131,7 +132,7 @@ def test_kuberay_mode_and_failure_status(env):
 def test_submit_over_rest_and_bootstrap_refused(env):
     from fastapi.testclient import TestClient
 
-    from services.api import create_app
+    from services.control.api import create_app
     store, api = env
     key, _ = store.create_api_key("operator", "op")
     launcher = _launcher(store, api)
@@ -240,7 +241,7 @@ def test_tls_and_gpu_workers(env):
 def test_settings_from_environment_and_bad_values():
     from pydantic import ValidationError
 
-    from services.config_files import env_overrides
+    from fleetloop.config_files import env_overrides
     env = {"FLEETLOOP_K8S_RAY_WORKERS": "3", "FLEETLOOP_K8S_TLS_SECRET": "t", "FLEETLOOP_K8S_TLS_CLIENT_AUTH": "true",
            "FLEETLOOP_K8S_IMAGE_PULL_SECRETS": '["a", "b"]', "FLEETLOOP_K8S_NODE_SELECTOR": '{"gpu": "yes"}'}
     s = KubeSettings.model_validate({"redis_url": "redis://r:6379/0", **env_overrides(KubeSettings, "FLEETLOOP_K8S_", env)})

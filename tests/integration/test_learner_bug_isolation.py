@@ -11,7 +11,7 @@ import pytest
 from actor.main import robot_specs
 from actor.runtime import FleetClient
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 
 pytestmark = pytest.mark.timeout(120)
 TASKS = ["reach-v3"]
@@ -19,8 +19,8 @@ TASKS = ["reach-v3"]
 
 @pytest.fixture()
 def learner(tmp_path):
-    impl = _RayLearnerImpl(LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"],
-                                         chunk_steps=10).model_dump_json())
+    impl = build_learner(LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"],
+                                         chunk_steps=10).model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -36,7 +36,7 @@ from fleetloop.codec import PROTOCOL_VERSION  # noqa: E402
 from fleetloop.v1 import fleetloop_pb2 as pb  # noqa: E402
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc  # noqa: E402
 from learner.llm.config import LlmLearnerConfig  # noqa: E402
-from learner.ray_learner import _RayLearnerImpl  # noqa: E402
+from learner.process import build_learner  # noqa: E402
 from tests.helpers.control_plane import wait_for  # noqa: E402
 from tests.helpers.procs import stop_session  # noqa: E402
 
@@ -72,7 +72,7 @@ def _learner(tmp_path: Path, model_cache: Path, toy_task: dict, **over):
                            robot_tokens=[TOKEN], tasks=["arith", toy_task], group_size=4, batch_groups=2, eta=1,
                            max_new_tokens=12, ticket_ttl_s=120, device="cpu", grpc_workers=16,
                            algorithm_params={"lr": 1e-3}, **over)
-    return _RayLearnerImpl(cfg.model_dump_json())
+    return build_learner(cfg.model_dump_json()).serve()
 
 
 def _stub(impl):
@@ -354,8 +354,8 @@ def test_core_never_trains_past_eta(tmp_path, model_cache, toy_task):
 @pytest.mark.timeout(120)
 def test_admit_on_robot_learner(tmp_path):
     from learner.config import LearnerConfig
-    impl = _RayLearnerImpl(LearnerConfig(state_dir=tmp_path / "robot", tasks=["reach-v3"], robot_tokens=[TOKEN],
-                                         max_updates_per_s=5).model_dump_json())
+    impl = build_learner(LearnerConfig(state_dir=tmp_path / "robot", tasks=["reach-v3"], robot_tokens=[TOKEN],
+                                         max_updates_per_s=5).model_dump_json()).serve()
     try:
         ch, stub = _stub(impl)
         with pytest.raises(grpc.RpcError) as info:

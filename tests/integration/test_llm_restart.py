@@ -87,8 +87,7 @@ class Served:
         return [a.duplicate for a in acks]
 
     def queued(self) -> list[str]:
-        with self.core._cond:  # the queues themselves: which groups, in which order
-            return [g.episode_id for g in list(self.core._queue) + list(self.core._extra)]
+        return self.core.queued_episode_ids()  # the queues themselves: which groups, in which order
 
     def step(self) -> dict:
         rec = self.core.train_step(timeout=5)

@@ -24,7 +24,7 @@ from fleetloop.channels import channel_options
 from fleetloop.codec import encode, make_spec
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 
 pytestmark = [pytest.mark.timeout(240)]
 TASK = "reach-v3"
@@ -39,7 +39,7 @@ def learner(tmp_path):
                         max_message_bytes=LIMIT, max_updates_per_s=5, publish_every=10,
                         observation_specs=[{"name": "state", "dtype": "float32", "shape": [39]},
                                            {"name": "cam", "dtype": "uint8", "shape": CAM}])
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

@@ -38,7 +38,7 @@ from actor.operators import ScriptedExpertOperator
 from actor.policy_runner import PolicyRunner
 from actor.robot_loop import run_robot
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from learner.staleness import StalenessConfig
 from tests.helpers.prometheus_server import PrometheusMissing, PrometheusServer, find_prometheus, free_port, static_scrape
 from tests.integration.helpers import RobotThread
@@ -57,7 +57,7 @@ def learner(tmp_path):
     cfg = LearnerConfig(job_id=JOB, state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"], chunk_steps=20,
                         publish_every=5, min_publish_interval_s=0.2, max_updates_per_s=30, metrics_port=0,
                         max_episode_steps=120, staleness=StalenessConfig(bound=BOUND))
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield impl
     impl.stop()
 

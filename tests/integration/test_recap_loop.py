@@ -28,7 +28,7 @@ from actor.robot_loop import RobotStats, run_robot
 from actor.runtime import FleetClient
 from learner.config import LearnerConfig
 from learner.pretrain import pretrain
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 
 pytestmark = [pytest.mark.timeout(300)]
 TASKS = ["reach-v3", "drawer-open-v3"]
@@ -79,7 +79,7 @@ def test_recap_learner_and_guided_fleet(offline, tmp_path, caplog, value_mode, b
                         policy_factory="fleetloop.policies:recap_mlp_policy", algorithm_params=params,
                         initial_weights=offline / "bc.safetensors", offline_dataset=offline / "demos")
     caplog.set_level(logging.INFO)
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     try:
         core = impl.core
         assert core.initial_meta.get("lifted") == "true"  # started from the plain BC file

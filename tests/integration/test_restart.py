@@ -8,7 +8,7 @@ import time
 import pytest
 
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 from tests.integration.helpers import RobotThread
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -18,7 +18,7 @@ TASKS = ["reach-v3"]
 def test_resume_after_abrupt_stop(tmp_path):
     cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, chunk_steps=20, publish_every=5,
                         max_updates_per_s=50, checkpoint_every_s=0.5)
-    first = _RayLearnerImpl(cfg.model_dump_json())
+    first = build_learner(cfg.model_dump_json()).serve()
     robot = RobotThread(f"127.0.0.1:{first.port}", "r", TASKS, tmp_path / "spool", None, episodes=4, seed=1)
     robot.start()
     robot.join(90)
@@ -33,11 +33,9 @@ def test_resume_after_abrupt_stop(tmp_path):
         assert time.monotonic() < deadline, "the learner wrote no checkpoint with step > 0 within 60 s"
         time.sleep(0.1)
     # abrupt: stop serving and training, but no final checkpoint and no log close
-    first.server.stop(grace=0).wait(5)
-    first.core._stop.set()
-    first.core._thread.join(10)
+    first.kill()
 
-    second = _RayLearnerImpl(cfg.model_dump_json())
+    second = build_learner(cfg.model_dump_json()).serve()
     try:
         audit = second.core.audit()
         assert audit["stored_steps"]["reach-v3"] == stored == robot.stats.steps

@@ -12,9 +12,9 @@ from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
-from services.jobspec import JobSpec
-from services.state import StateStore
+from learner.process import build_learner
+from services.control.jobspec import JobSpec
+from services.control.state import StateStore
 from tests.helpers.chunks import robot_chunk
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,7 +29,7 @@ def jobs(redis_server, tmp_path):
     token_a, enrollment_a = store.enroll(job_a.id, "arm-a", by="test")
     token_b, _ = store.enroll(job_b.id, "arm-b", by="test")
     cfg = LearnerConfig(job_id=job_a.id, state_dir=tmp_path / "learner", tasks=["reach-v3"], control_redis_url=redis_server.url)
-    impl = _RayLearnerImpl(cfg.model_dump_json())
+    impl = build_learner(cfg.model_dump_json()).serve()
     yield store, impl, job_a.id, token_a, enrollment_a, token_b
     impl.stop()
 
@@ -76,8 +76,8 @@ def test_every_rest_route_needs_a_key_and_the_right_role(redis_server):
     from fastapi.routing import APIRoute
     from fastapi.testclient import TestClient
 
-    from services.api import create_app
-    from services.launcher import HoldLauncher
+    from services.control.api import create_app
+    from services.control.launchers.hold import HoldLauncher
     store = StateStore(redis_server.url)
     app = create_app(store, HoldLauncher(store), reconcile=False, supervise=False)
     viewer, _ = store.create_api_key("viewer", "v")

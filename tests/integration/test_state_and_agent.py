@@ -17,8 +17,8 @@ from learner.auth import EnrollmentTokens, StaticTokens
 from learner.config import LearnerConfig
 from learner.control_agent import ControlAgent
 from learner.core import LearnerCore
-from services.jobspec import JobSpec
-from services.state import StateStore
+from services.control.jobspec import JobSpec
+from services.control.state import StateStore
 from tests.helpers.chunks import robot_chunk
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,7 +15,7 @@ from actor.runtime import FleetClient
 from fleetloop.errors import FleetloopError
 from fleetloop.tls import init_certs
 from learner.config import LearnerConfig
-from learner.ray_learner import _RayLearnerImpl
+from learner.process import build_learner
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,7 +29,7 @@ def _learner(tmp_path, certs, mtls=False):
     cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=["reach-v3"], robot_tokens=["tok"], max_updates_per_s=5,
                         tls_cert_file=certs["server.pem"], tls_key_file=certs["server.key"],
                         tls_client_ca_file=certs["ca.pem"] if mtls else None)
-    return _RayLearnerImpl(cfg.model_dump_json())
+    return build_learner(cfg.model_dump_json()).serve()
 
 
 def _client(impl, tmp_path, name, **tls):
@@ -94,10 +94,10 @@ def test_tls_config_is_checked(tmp_path, certs):
 def test_api_over_https(tmp_path, certs):
     import uvicorn
 
-    from services.api import create_app
-    from services.launcher import HoldLauncher
-    from services.redis_server import free_port
-    from services.state import StateStore
+    from services.control.api import create_app
+    from services.control.launchers.hold import HoldLauncher
+    from services.control.redis_server import free_port
+    from services.control.state import StateStore
     from tests.helpers.control_plane import start_redis
     redis_server = start_redis(tmp_path)
     store = StateStore(redis_server.url)

@@ -1,6 +1,6 @@
-"""How the CLI's REST client words FastAPI's 422 details (``services.client.validation_problem``)."""
+"""How the CLI's REST client words FastAPI's 422 details (``services.control.client.validation_problem``)."""
 
-from services.client import validation_problem
+from services.control.client import validation_problem
 
 
 def test_nested_field_path_message_and_value():

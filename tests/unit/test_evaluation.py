@@ -11,7 +11,7 @@ from fleetloop.errors import IntegrityError, InvalidArgument, NotFound
 from fleetloop.policies import build_policy
 from fleetloop.weights import state_dict_to_blob
 from learner.weight_store import WeightStore
-from services.evaluation import PeriodicEvaluator, resolve_weights
+from services.harness.evaluation import PeriodicEvaluator, resolve_weights
 
 MLP = "fleetloop.policies:mlp_policy"
 
@@ -95,7 +95,7 @@ class _ScriptedPool:
     (4, [0, 4, 8, 5, 6, 9, 11], 6.0),              # coarse hit at 8; refining 5, 6 finds 6 and stops; curve 9, 11
 ])
 def test_deferred_search_finds_the_first_snapshot_reaching_the_target(tmp_path, stride, asked, ttt):
-    from services.experiment_metrics import time_to_target
+    from services.harness.experiment_metrics import time_to_target
     means = [0.5, 0.6, 0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.85, 0.9, 0.9, 0.95]  # 7 dips below after the first hit
     blobs = {v: _blob(seed=0) for v in range(len(means))}
     pool = _ScriptedPool(means)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from services import experiment_metrics as M
-from services.experiment import summarize
-from services.experiment_config import ExperimentOptions, RunSpec, plan, resolved
+from services.harness import experiment_metrics as M
+from services.harness.experiment import summarize
+from services.harness.experiment_config import ExperimentOptions, RunSpec, plan, resolved
 
 
 def _pt(t, mean, steps=0):
@@ -242,7 +242,7 @@ def test_render_results_writes_tables_checks_and_plots(tmp_path):
 
 
 def test_a_finished_run_is_reused_only_when_ok_and_its_spec_is_unchanged(tmp_path):
-    from services.experiment import _reusable
+    from services.harness.experiment import _reusable
 
     spec = plan(ExperimentOptions(name="sampler", out=tmp_path, seeds=1))[0]
     spec.run_dir = tmp_path / "run"

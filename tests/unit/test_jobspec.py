@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from learner.control_agent import actor_status
-from services.jobspec import JobSpec, learner_config
+from services.control.jobspec import JobSpec, learner_config
 
 
 def _errors(**spec):
@@ -66,7 +66,7 @@ def test_actor_status_by_age():
 def test_learner_env_overrides():
     from fleetloop.errors import InvalidArgument
     from learner.config import LearnerConfig
-    from services.config_files import env_overrides
+    from fleetloop.config_files import env_overrides
     env = {"FLEETLOOP_LEARNER_PORT": "50051", "FLEETLOOP_LEARNER_ROBOT_TOKENS": '["a","b"]', "OTHER": "x",
            "FLEETLOOP_LEARNER_CONTROL_REDIS_URL": "redis://r:6379/0"}
     cfg = LearnerConfig.model_validate({**LearnerConfig().model_dump(), **env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", env)})
@@ -78,7 +78,7 @@ def test_learner_env_overrides():
 # -- task names at submission (issue 17, item 11) -------------------------------------------------
 def _task_error(**spec):
     from fleetloop.errors import InvalidArgument
-    from services.jobspec import check_tasks
+    from services.control.jobspec import check_tasks
     with pytest.raises(InvalidArgument) as info:
         check_tasks(JobSpec(**spec))
     return info.value
@@ -96,12 +96,12 @@ def test_simulated_fleet_tasks_must_be_meta_world_v3_names():
 def test_bootstrap_tasks_need_the_registry_unless_data_is_given():
     err = _task_error(name="b", tasks=["pick-plaec-v3"], bootstrap={})
     assert err.field == "tasks[0]" and "'pick-place-v3'" in str(err) and "bootstrap" in str(err)
-    from services.jobspec import check_tasks
+    from services.control.jobspec import check_tasks
     check_tasks(JobSpec(name="b", tasks=["own-task"], bootstrap={}, offline_dataset="/data/demos"))  # no demos recorded
 
 
 def test_real_robot_jobs_declare_their_own_task_names():
-    from services.jobspec import check_tasks, simulated_tasks
+    from services.control.jobspec import check_tasks, simulated_tasks
     check_tasks(JobSpec(name="r", tasks=["kitchen-wipe", "reach-v2", "shelf.pick_2"]))  # no simulator: any well-formed name
     assert len(simulated_tasks()) == 50
     check_tasks(JobSpec(name="r", tasks=simulated_tasks()[:64], fleet={"robots": 1}))  # every registry name passes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.live_view import staleness_text
+from services.harness.live_view import staleness_text
 
 
 def test_staleness_text_shows_autonomous_staleness_against_the_bound_and_corrections_apart():

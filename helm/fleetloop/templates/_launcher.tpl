@@ -1,6 +1,6 @@
 {{/* The in-cluster launcher's settings, as the API pod's FLEETLOOP_K8S_<FIELD> environment.
 
-Each name is a field of services.k8s_launcher.KubeSettings (an unknown FLEETLOOP_K8S_* name stops
+Each name is a field of services.control.launchers.k8s_settings.KubeSettings (an unknown FLEETLOOP_K8S_* name stops
 the API at start). Lists and maps are JSON, booleans "true"/"false". The namespace is not here: the
 API takes it from FLEETLOOP_NAMESPACE (downward API). Optional settings are left out when unset so
 the launcher's defaults apply: STATE_STORAGE_CLASS (unset = emptyDir), TLS_SECRET and, with it,

@@ -1,4 +1,4 @@
-"""Read models of the REST API built from what learners report (split out of :mod:`services.api`).
+"""Read models of the REST API built from what learners report (split out of :mod:`services.control.api`).
 
 - :class:`ActorRow`: one row of a job's fleet table (``GET /v1/jobs/{id}/actors``, the live view),
   as the learner's control agent writes it, including the steps dropped per reason.
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from fleetloop import redis_keys as keys
-from services.state import TERMINAL_STATES, JobRecord, StateStore
+from services.control.state import TERMINAL_STATES, JobRecord, StateStore
 
 
 class ActorRow(BaseModel):

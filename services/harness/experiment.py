@@ -3,7 +3,7 @@
 1. Offline start, once per seed (shared by every configuration of that seed, so all methods start
    from the same policy): scripted demos (``DIR/offline/seed<s>/demos``), a behaviour-cloned start
    policy per policy family (``pretrained-mlp`` / ``pretrained-recap``) and its protocol evaluation.
-2. Each run (:mod:`services.experiment_run`) in its own process, up to ``parallel`` at once, with a
+2. Each run (:mod:`services.harness.experiment_run`) in its own process, up to ``parallel`` at once, with a
    progress bar; output ``DIR/runs/<config>/seed<s>/run.json`` (``run.log`` holds its logs). A
    finished run whose spec did not change is reused (``--no-reuse`` runs it again).
 3. ``DIR/summary.json``: per configuration mean and std over seeds of every number (failed runs
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop.logs import event, get_logger
-from services import experiment_metrics as M
-from services.experiment_config import MLP_FACTORY, ExperimentOptions, RunSpec, plan, resolved
-from services.experiment_run import machine
+from services.harness import experiment_metrics as M
+from services.harness.experiment_config import MLP_FACTORY, ExperimentOptions, RunSpec, plan, resolved
+from services.harness.experiment_run import machine
 
 log = get_logger("experiment")
 SUMMARY_FORMAT = "fleetloop-experiment-summary/v1"
@@ -67,7 +67,7 @@ def prepare_offline(specs: list[RunSpec], out: Path, r: dict[str, Any], workers:
     and policy family, cached under ``out/offline``)."""
     from actor.demos import record_demos
     from fleetloop.dataset import task_counts
-    from services.evaluation import EvalPool
+    from services.harness.evaluation import EvalPool
 
     cache: dict[tuple[int, str], tuple[Path, dict]] = {}
     with EvalPool(workers) as pool:
@@ -135,7 +135,7 @@ class _Runner:
         fh = open(run_dir / "run.log", "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "services.experiment_run", str(spec_path), str(prog)],
+            proc = subprocess.Popen([sys.executable, "-m", "services.harness.experiment_run", str(spec_path), str(prog)],
                                     stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         finally:
             fh.close()

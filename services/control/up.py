@@ -56,10 +56,10 @@ def run_up(o: UpOptions) -> int:
     import uvicorn
 
     from learner.ray_learner import ensure_ray
-    from services.api import create_app
-    from services.launcher import LocalLauncher
-    from services.redis_server import RedisServer
-    from services.state import StateStore
+    from services.control.api import create_app
+    from services.control.launchers.local import LocalLauncher
+    from services.control.redis_server import RedisServer
+    from services.control.state import StateStore
 
     o.data.mkdir(parents=True, exist_ok=True)
     redis_server = None
@@ -108,7 +108,7 @@ def run_up(o: UpOptions) -> int:
 def _submit_when_up(o: UpOptions, key_file: Path) -> None:
     import time
 
-    from services.client import ApiClient, load_spec
+    from services.control.client import ApiClient, load_spec
 
     key = os.environ.get("FLEETLOOP_API_KEY") or (key_file.read_text().strip() if key_file.exists() else "")
     scheme = "https" if o.tls_cert else "http"

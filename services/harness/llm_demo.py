@@ -3,7 +3,7 @@
     fleetloop demo llm --minutes 12 --out runs/llm-demo            # SmolLM2-135M-Instruct, 2 servers
     fleetloop demo llm --tiny --out runs/llm-tiny                  # random tiny Llama, CI-sized
 
-Runs one :func:`services.llm_fleet.run_session` (an in-process LLM learner + ``servers`` rollout
+Runs one :func:`services.harness.llm_fleet.run_session` (an in-process LLM learner + ``servers`` rollout
 server processes pinned to separate cores) for ``minutes`` after every engine is up, with a rich
 progress bar, then writes ``OUT/report.json`` and ``OUT/reward.png`` (reward and accuracy per
 learner step against wall time; learner and server versions on a second axis).
@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetloop.logs import event, get_logger
-from services.llm_fleet import LlmSessionSpec, package_versions, run_session
+from services.harness.llm_fleet import LlmSessionSpec, package_versions, run_session
 
 log = get_logger("services.llm_demo")
 
@@ -195,7 +195,7 @@ class _Progress:
 
 def run_llm_demo(opts: LlmDemoOptions, command: str = "fleetloop demo llm") -> dict[str, Any]:
     """Run the demo, write ``OUT/report.json`` and ``OUT/reward.png``; returns the report."""
-    from bench.common import load_average, machine_info
+    from services.harness.machine import load_average, machine_info
     spec = opts.spec()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from services.report import fleet_summary
+from services.harness.report import fleet_summary
 
 
 def staleness_text(status: dict) -> str:

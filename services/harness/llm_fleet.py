@@ -3,7 +3,7 @@
     spec = LlmSessionSpec(model="tiny", servers=2, eta=1, max_new_steps=10)
     result = run_session(spec, Path("runs/llm/eta1"), on_tick=print)
 
-Used by ``fleetloop demo llm`` (:mod:`services.llm_demo`) and ``fleetloop bench async``
+Used by ``fleetloop demo llm`` (:mod:`services.harness.llm_demo`) and ``fleetloop bench async``
 (:mod:`bench.llm_async`). What it does:
 
 1. builds an :class:`~learner.llm.config.LlmLearnerConfig` from the spec and runs an
@@ -57,7 +57,7 @@ from fleetloop.errors import FailedPrecondition
 from fleetloop.logs import event, get_logger
 
 log = get_logger("services.llm_fleet")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JOB = "llm"
 
 
@@ -262,8 +262,7 @@ def run_session(spec: LlmSessionSpec, out: Path, on_tick: Callable[[dict[str, An
     "versions", "stop_reason", "target_reached_s"}``; ``steps`` are the learner steps taken in the
     window (``t`` in seconds since the window start); ``timeline`` one sample a second."""
     from learner.llm.config import LlmLearnerConfig
-    from learner.llm.core import LlmLearnerCore
-    from learner.server import LearnerServicer, build_server
+    from learner.process import build_learner
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,11 +277,8 @@ def run_session(spec: LlmSessionSpec, out: Path, on_tick: Callable[[dict[str, An
                            algorithm_params={"lr": spec.lr, **spec.algorithm_params})
     t_start = time.time()
     phase(f"learner: loading {spec.model}")
-    core = LlmLearnerCore(cfg)
-    servicer = LearnerServicer(core)
-    server, port = build_server(servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
-    server.start()
-    core.start_training()
+    proc = build_learner(cfg).serve()
+    core, port = proc.core, proc.port
     servers: list[Server] = []
     exit_codes: list[int | None] = []
     try:
@@ -400,5 +396,4 @@ def run_session(spec: LlmSessionSpec, out: Path, on_tick: Callable[[dict[str, An
     finally:
         if servers and not exit_codes:
             _stop_servers(servers, min(spec.stop_grace_s, 30.0))
-        core.stop()
-        server.stop(grace=2).wait(5)
+        proc.stop(grace_s=2.0, wait_s=5.0, announce=False)

@@ -1,7 +1,7 @@
 """The control plane's REST API (FastAPI) and the dashboard it serves.
 
 Routes live under ``/v1`` (OpenAPI at ``/openapi.json``); ``/healthz`` (process up) and
-``/readyz`` (Redis reachable) need no key; ``/`` is the dashboard. Errors (:mod:`services.api_errors`):
+``/readyz`` (Redis reachable) need no key; ``/`` is the dashboard. Errors (:mod:`services.control.api_errors`):
 the FleetloopError hierarchy is mapped to HTTP there and only there, as ``{"error": {"code",
 "message", "field", "value"}}``; request validation errors are FastAPI's 422 with the field paths;
 the key is checked before a body that cannot be parsed is reported; 405 lists every allowed method.
@@ -27,12 +27,12 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from fleetloop.errors import FailedPrecondition, FleetloopError, NotFound
 from fleetloop.logs import event, get_logger
-from services.access import require
-from services.api_errors import ERRORS, install_error_handlers
-from services.job_views import ActorRow, learner_report
-from services.jobspec import JobSpec
-from services.launcher import Launcher
-from services.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
+from services.control.access import require
+from services.control.api_errors import ERRORS, install_error_handlers
+from services.control.job_views import ActorRow, learner_report
+from services.control.jobspec import JobSpec
+from services.control.launchers.base import Launcher
+from services.control.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
 
 log = get_logger("services.api")
 STATIC = Path(__file__).parent / "dashboard"

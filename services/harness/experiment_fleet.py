@@ -3,7 +3,7 @@
 :class:`LocalLearner` is the real learner (``LearnerCore`` + its gRPC server, the same pieces the Ray
 actor wraps) run inside the run's process, so the harness can pause training at the budget and
 train offline rounds step by step. :class:`Fleet` starts ``fleetloop actor`` processes (Meta-World
-robots, scripted HG-DAgger operator or none, paced at ``hz``) through :mod:`services.sim_fleet`,
+robots, scripted HG-DAgger operator or none, paced at ``hz``) through :mod:`services.harness.sim_fleet`,
 waits until they have connected, stops them by pid (SIGTERM: finish the episode, flush the spool;
 SIGKILL after a grace period) and reads back how many steps each
 robot says it sent (its ``actor_done`` log line), for the exactly-received check.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop.logs import event, get_logger
-from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
+from services.harness.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("experiment.fleet")
 _DONE = re.compile(r"event=actor_done\b.*?\bsteps=(\d+)")
@@ -30,16 +30,11 @@ class LocalLearner:
     thread). ``train=False`` leaves training to the caller (:meth:`train_steps`)."""
 
     def __init__(self, cfg, train: bool) -> None:
-        from learner.core import LearnerCore
-        from learner.server import LearnerServicer, build_server
+        from learner.process import build_learner
 
         self.cfg = cfg
-        self.core = LearnerCore(cfg)
-        self.servicer = LearnerServicer(self.core)
-        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes)
-        self.server.start()
-        if train:
-            self.core.start_training()
+        self.proc = build_learner(cfg).serve(train=train)
+        self.core, self.servicer, self.port = self.proc.core, self.proc.servicer, self.proc.port
         self._stopped = False
         event(log, "learner_up", job=cfg.job_id, port=self.port, train=train, version=self.core.version)
 
@@ -70,9 +65,7 @@ class LocalLearner:
     def freeze(self) -> int:
         """Stop training (no further step starts; the one in flight finishes) and publish the policy as
         it is now. Returns that version: the run's final policy."""
-        self.core.set_paused(True)
-        with self.core._train_lock:  # the step in flight (if any) ends before the weights are copied
-            return self.core.publish()
+        return self.core.pause_and_publish()  # the step in flight (if any) ends before the weights are copied
 
     def train_steps(self, n: int, on_tick=None, tick_s: float = 0.5) -> int:
         """Run up to ``n`` learner steps now (offline training); returns the steps made. ``on_tick()``
@@ -92,10 +85,7 @@ class LocalLearner:
             return {}
         self._stopped = True
         audit = self.core.audit()
-        self.core.begin_stop()
-        self.server.stop(grace=2.0).wait(5.0)
-        self.core.stop(checkpoint=True)
-        status = self.core.status()
+        status = self.proc.stop()
         return {"status": status, "audit": audit}
 
 
@@ -173,7 +163,7 @@ class Fleet:
 
 def write_policy_file(state_dir: Path, policy_factory: str, policy_kwargs: dict[str, Any], tasks: list[str]) -> None:
     """Record how to rebuild the job's policy beside its learner state (read by ``fleetloop eval --state-dir``)."""
-    from services.evaluation import POLICY_FILE
+    from services.harness.evaluation import POLICY_FILE
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / POLICY_FILE).write_text(json.dumps({"policy_factory": policy_factory, "policy_kwargs": policy_kwargs,
                                                      "tasks": tasks}))

@@ -1,4 +1,4 @@
-"""One experiment run (a :class:`RunSpec`): ``python -m services.experiment_run SPEC.json`` writes ``run.json``.
+"""One experiment run (a :class:`RunSpec`): ``python -m services.harness.experiment_run SPEC.json`` writes ``run.json``.
 
 Methods:
 
@@ -14,7 +14,7 @@ Methods:
 
 Both: when the fleet's operator steps reach the intervention budget, the robots are restarted
 without operator (the human goes home); periodic evaluation runs on separate processes
-(:class:`services.evaluation.PeriodicEvaluator`) every ``eval_interval_s`` of run time (``eval_mode``
+(:class:`services.harness.evaluation.PeriodicEvaluator`) every ``eval_interval_s`` of run time (``eval_mode``
 deferred: the run only snapshots the newest version then, and the snapshots are evaluated once robots
 and learner have stopped), and the final
 policy gets the protocol evaluation (``eval_trials`` per task). The run checks that the learner
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop.logs import event, get_logger
-from services import experiment_metrics as M
-from services.experiment_config import RunSpec
+from services.harness import experiment_metrics as M
+from services.harness.experiment_config import RunSpec
 
 log = get_logger("experiment.run")
 FORMAT = "fleetloop-experiment-run/v1"
@@ -187,8 +187,8 @@ class Run:
             return self._record_pretrained()
         import torch
 
-        from services.evaluation import EvalPool, PeriodicEvaluator
-        from services.experiment_fleet import Fleet, LocalLearner, write_policy_file
+        from services.harness.evaluation import EvalPool, PeriodicEvaluator
+        from services.harness.experiment_fleet import Fleet, LocalLearner, write_policy_file
 
         torch.set_num_threads(1)
         state_dir = self.run_dir / "learner"
@@ -337,7 +337,7 @@ def run_spec(spec: RunSpec, progress_path: Path | None = None) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m services.experiment_run SPEC.json [PROGRESS.json]``: exit 0 when the run is ok."""
+    """``python -m services.harness.experiment_run SPEC.json [PROGRESS.json]``: exit 0 when the run is ok."""
     import signal
 
     def _terminate(*_: object) -> None:  # the driver was interrupted: unwind, so our robots and learner are stopped

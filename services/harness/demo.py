@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetloop.logs import event, get_logger
-from services.live_view import LiveView, staleness_text
-from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
+from services.harness.live_view import LiveView, staleness_text
+from services.harness.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("demo")
 
@@ -53,7 +53,7 @@ class DemoOptions(BaseModel):
 
 
 def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
-    from services.bootstrap import bootstrap_offline
+    from services.harness.bootstrap import bootstrap_offline
 
     steps = iter(["[1/5]", "[2/5]"])
     return bootstrap_offline(o.tasks, Path(o.demos) if o.demos else o.out / "demos", o.out / "pretrained.safetensors",
@@ -73,8 +73,8 @@ def run_demo(o: DemoOptions) -> dict:
 
     from learner.config import LearnerConfig
     from learner.ray_learner import start_learner
-    from services.evaluation import evaluate_file
-    from services.report import write_report
+    from services.harness.evaluation import evaluate_file
+    from services.harness.report import write_report
 
     torch.set_num_threads(1)
     o.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Control-plane subcommands of ``fleetloop``: ``up``, ``job ...``, ``admin create-key``.
+"""Control-plane subcommands of ``fleetloop``: ``up``, ``api``, ``job ...``, ``certs init``, ``admin create-key``.
 
 ``job`` commands talk to the REST API (``--api``, default ``$FLEETLOOP_API`` or
 http://127.0.0.1:8000) with the key from ``--key``, ``$FLEETLOOP_API_KEY`` or the local
@@ -34,7 +34,7 @@ def _print(obj) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.up import UpOptions, run_up
+    from services.control.up import UpOptions, run_up
     return run_up(UpOptions(host=args.host, port=args.port, data=Path(args.data), redis_url=args.redis_url,
                             ray_address=args.ray_address, ray_cpus=args.ray_cpus, advertise_host=args.advertise_host,
                             submit=Path(args.submit) if args.submit else None, tls_cert=args.tls_cert, tls_key=args.tls_key))
@@ -62,8 +62,8 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from services.api import create_app
-    from services.state import StateStore
+    from services.control.api import create_app
+    from services.control.state import StateStore
     url = args.redis_url or os.environ.get("REDIS_URL")
     if not url:
         print("error: --redis-url or REDIS_URL is required", file=sys.stderr)
@@ -76,13 +76,13 @@ def _cmd_api(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.launcher == "kubernetes":
-        from services.k8s_launcher import KubernetesLauncher
+        from services.control.launchers.k8s_reconciler import KubernetesLauncher
         launcher = KubernetesLauncher.from_environment(store, namespace=args.namespace)
     elif args.launcher == "local":
-        from services.launcher import LocalLauncher
+        from services.control.launchers.local import LocalLauncher
         launcher = LocalLauncher(store, Path(args.data), ray_address=args.ray_address, advertise_host=args.advertise_host)
     else:
-        from services.launcher import HoldLauncher
+        from services.control.launchers.hold import HoldLauncher
         launcher = HoldLauncher(store)
     server = uvicorn.Server(uvicorn.Config(create_app(store, launcher), host=args.host, port=args.port, log_level="warning",
                                            access_log=False, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key))
@@ -95,7 +95,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
-    from services.client import ApiClient, load_spec
+    from services.control.client import ApiClient, load_spec
     api = ApiClient(args.api, _key(args))
     try:
         if args.job_cmd == "submit":
@@ -153,7 +153,7 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_admin_create_key(args: argparse.Namespace) -> int:
-    from services.state import StateStore
+    from services.control.state import StateStore
     url = args.redis_url or os.environ.get("REDIS_URL")
     local = DEFAULT_DATA / "redis.url"
     if not url and local.exists():

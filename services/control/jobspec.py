@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from fleetloop.errors import InvalidArgument
 from learner.config import LearnerConfig
 from learner.staleness import StalenessConfig
-from services.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
+from services.control.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
 
 TaskId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 

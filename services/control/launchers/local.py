@@ -1,16 +1,6 @@
-"""Launchers: what starts and stops a job's learner (and its simulated fleet).
-
-The control plane only talks to the :class:`Launcher` interface; operator commands that act on a
-running learner (pause, resume, pin, rollback) do not go through the launcher but through Redis
-(:mod:`learner.control_agent`), so they work the same wherever the learner runs.
-
-- :class:`LocalLauncher` (this module): the learner as a Ray actor on this machine's Ray (or a
-  Ray address), the simulated fleet as local processes.
-- A Kubernetes launcher (RayJob/Deployment per job) implements the same interface.
-
-Launch is asynchronous: :meth:`Launcher.launch` returns at once; the job moves through
-``preparing`` (bootstrap), ``starting``, ``running`` (or ``failed`` with the error) in its record.
-"""
+"""LocalLauncher: a job's learner as a Ray actor (this machine's Ray or a Ray address), its
+simulated fleet as local processes (:mod:`services.harness.sim_fleet`); an offline bootstrap
+(scripted demos + behaviour cloning) when the JobSpec asks for one. See :mod:`.base`."""
 
 from __future__ import annotations
 
@@ -18,42 +8,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from fleetloop.errors import FailedPrecondition, FleetloopError
 from fleetloop.logs import event, get_logger
-from services.jobspec import JobSpec, learner_config
-from services.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
-from services.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
+from services.control.jobspec import JobSpec, learner_config
+from services.control.launchers.base import SupervisedLauncher
+from services.control.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
+from services.harness.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("services.launcher")
-
-
-class Launcher(Protocol):
-    """Starts and stops jobs' learners and simulated fleets."""
-
-    def launch(self, job: JobRecord) -> None:
-        """Start the job (asynchronously); progress and failure go to the job's record."""
-
-    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
-        """Drain the fleet (announce 'stopping'), stop the simulated robots and the learner, keep the
-        learner's final status (:meth:`StateStore.finalize_learner`); state -> stopped."""
-
-    def scale_fleet(self, job_id: str, robots: int) -> int:
-        """Set the number of simulated robots of a running job; returns the new number."""
-
-    def alive(self, job_id: str) -> bool:
-        """Whether this launcher runs the job's learner now."""
-
-    def evaluate(self, job_id: str, version: int, trials: int) -> None:
-        """Evaluate a version (fixed held-out seeds, no operator) in the background; results go to
-        the job's evaluations (``GET /policies``) and an ``evaluated`` event."""
-
-    def reconcile(self) -> list[str]:
-        """After a control-plane restart: re-attach to or relaunch every active job; returns their ids."""
-
-    def shutdown(self) -> None:
-        """Stop every job this launcher runs (control plane exit); records stay 'running' for the next start."""
 
 
 @dataclass
@@ -66,7 +29,7 @@ class _LocalJob:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class LocalLauncher:
+class LocalLauncher(SupervisedLauncher):
     """Learners as Ray actors (``ray_address`` or a local Ray), simulated robots as processes.
 
     Files of a job live under ``DATA/jobs/<id>/``: ``learner/`` (ingest log, weights, checkpoints),
@@ -81,7 +44,7 @@ class LocalLauncher:
         self.advertise_host = advertise_host
         self.jobs: dict[str, _LocalJob] = {}
         self._lock = threading.Lock()
-        self._closed = threading.Event()
+        super().__init__(log, "launcher-supervisor")
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
@@ -109,7 +72,7 @@ class LocalLauncher:
                 if weights.exists():
                     dataset = boot / "demos"
                 else:
-                    from services.bootstrap import bootstrap_offline
+                    from services.harness.bootstrap import bootstrap_offline
                     dataset, weights = bootstrap_offline(
                         spec.tasks, boot / "demos", weights, b.demos_per_task, b.pretrain_steps, b.seed,
                         progress=lambda m: self.store.emit(job.id, "bootstrap", message=m))
@@ -223,7 +186,7 @@ class LocalLauncher:
         self.store.set_evaluation(job_id, version, {"state": "running", "trials": trials, "started_at": time.time()})
 
         def run() -> None:
-            from services.evaluation import evaluate_file
+            from services.harness.evaluation import evaluate_file
             try:
                 res = evaluate_file(path, job.spec.tasks, trials, workers=1, policy_factory=job.spec.policy_factory,
                                     policy_kwargs=job.spec.policy_kwargs)
@@ -287,18 +250,8 @@ class LocalLauncher:
             relaunched.append(job_id)
         return relaunched
 
-    def start_supervisor(self, interval_s: float = 5.0) -> None:
-        """Run :meth:`supervise_once` every ``interval_s`` in a daemon thread."""
-        def loop() -> None:
-            while not self._closed.wait(interval_s):
-                try:
-                    self.supervise_once()
-                except Exception as exc:
-                    event(log, "supervisor_error", level=40, error=repr(exc)[:300])
-        threading.Thread(target=loop, name="launcher-supervisor", daemon=True).start()
-
     def shutdown(self) -> None:
-        self._closed.set()
+        super().shutdown()
         for job_id, lj in list(self.jobs.items()):
             stop_robots(lj.robots, grace_s=20.0)
             if lj.handle is not None:
@@ -314,34 +267,3 @@ class LocalLauncher:
             value = getattr(spec, name)
             if value and not Path(value).exists():
                 raise FailedPrecondition(f"{name} {value!r} does not exist on the learner's machine", field=name, value=value)
-
-
-class HoldLauncher:
-    """Accepts jobs and leaves them ``pending``: for an API-only deployment where another
-    controller starts learners, and for fuzzing the API without starting learners."""
-
-    def launch(self, job: JobRecord) -> None:
-        return None
-
-    def stop(self, job_id: str, grace_s: float = 30.0) -> None:
-        self.store.update_job(job_id, state="stopped")
-
-    def scale_fleet(self, job_id: str, robots: int) -> int:
-        raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher)", field="job_id",
-                                 value=job_id)
-
-    def alive(self, job_id: str) -> bool:
-        return False
-
-    def evaluate(self, job_id: str, version: int, trials: int) -> None:
-        raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher)", field="job_id",
-                                 value=job_id)
-
-    def reconcile(self) -> list[str]:
-        return []
-
-    def shutdown(self) -> None:
-        return None
-
-    def __init__(self, store: StateStore) -> None:
-        self.store = store

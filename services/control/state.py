@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from fleetloop import redis_keys as keys
 from fleetloop.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from services.jobspec import JobSpec, check_tasks
+from services.control.jobspec import JobSpec, check_tasks
 
 JobState = Literal["pending", "preparing", "starting", "running", "paused", "stopping", "stopped", "failed"]
 ACTIVE_STATES = ("pending", "preparing", "starting", "running", "paused")
@@ -101,7 +101,7 @@ class StateStore:
     # -- jobs ----------------------------------------------------------------------------------
     def create_job(self, spec: JobSpec, created_by: str) -> JobRecord:
         """Store a new ``pending`` job. Its tasks are checked here, at submission only
-        (:func:`services.jobspec.check_tasks`: InvalidArgument naming ``tasks[i]`` and the value)."""
+        (:func:`services.control.jobspec.check_tasks`: InvalidArgument naming ``tasks[i]`` and the value)."""
         check_tasks(spec)
         now = time.time()
         rec = JobRecord(id=f"{spec.name}-{secrets.token_hex(3)}", spec=spec, state="pending", created_at=now,

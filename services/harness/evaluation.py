@@ -13,7 +13,7 @@
 Evaluation workers hold no learner address and open no connection: their episodes cannot reach a
 learner (the experiment harness also checks that the learner received exactly the robots' steps).
 ``guidance_beta`` (classifier-free guidance of an indicator-conditioned policy, RECAP) is passed to
-the policy runner through the RunConfig's ``inference_json``; unconditioned policies ignore it.
+the policy runner through the RunConfig's ``inference`` settings; unconditioned policies ignore it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ POLICY_FILE = "policy.json"  # optional, in a learner state dir: {"policy_factor
 
 def _run_config(tasks: list[str], policy_factory: str, policy_kwargs: dict, guidance_beta: float | None = None,
                 max_steps: int = 200):
-    from fleetloop.v1 import fleetloop_pb2 as pb
+    from fleetloop import wire_settings
     inference = {} if guidance_beta is None else {"guidance_beta": float(guidance_beta)}
-    return pb.RunConfig(policy_factory=policy_factory, policy_kwargs_json=json.dumps(policy_kwargs), task_ids=tasks,
-                        max_episode_steps=max_steps, inference_json=json.dumps(inference))
+    return wire_settings.run_config(policy_factory=policy_factory, policy_kwargs=policy_kwargs, task_ids=tasks,
+                                    max_episode_steps=max_steps, inference=inference)
 
 
 def _worker_init(nice: int) -> None:
@@ -147,11 +147,11 @@ def _checkpoint_file(checkpoint: Path, out_dir: Path) -> Path:
     from fleetloop.dataset import atomic_write
     from fleetloop.errors import NotFound
     from fleetloop.weights import state_dict_to_blob
-    from learner.checkpoint import _load_one, load_latest
+    from learner.checkpoint import load_one, load_latest
 
     checkpoint = Path(checkpoint)
     if (checkpoint / "state.json").is_file():  # one ckpt-<step> folder
-        step, state = int(checkpoint.name.split("-")[-1]), _load_one(checkpoint)
+        step, state = int(checkpoint.name.split("-")[-1]), load_one(checkpoint)
     else:  # a checkpoints folder (or a state dir holding one): its newest intact checkpoint
         root = checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
         found = load_latest(root)

@@ -68,7 +68,7 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 async def authenticate_first(request: Request) -> Response | None:
-    """Run the matched route's key check (the ``services.access.require`` dependency) before a body
+    """Run the matched route's key check (the ``services.control.access.require`` dependency) before a body
     error is reported: its 401/403 response when the caller may not use the route, else None."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
     for dep in dependant.dependencies if dependant is not None else []:

@@ -14,7 +14,7 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetloop.errors import PermissionDenied
-from services.state import ROLE_RANK, ApiKey, Role, StateStore
+from services.control.state import ROLE_RANK, ApiKey, Role, StateStore
 
 
 def bearer_key(request: Request) -> str | None:
