@@ -33,6 +33,17 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _print_error(exc: FleetloopError, as_json: bool) -> None:
+    """An error on stderr: the usual ``error: ...`` line, or with ``--output json`` one JSON object
+    ``{"error": {"code", "message", "field", "value"}}`` (what a script parses; the exit code is 1)."""
+    if as_json:
+        print(json.dumps({"error": {"code": exc.code, "message": str(exc), "field": exc.field,
+                                    "value": exc.value if isinstance(exc.value, (str, int, float, bool, type(None))) else repr(exc.value)}},
+                         sort_keys=True), file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from services.control.up import UpOptions, run_up
     return run_up(UpOptions(host=args.host, port=args.port, data=Path(args.data), redis_url=args.redis_url,
@@ -95,14 +106,23 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
+    """``fleetloop job ...``. With ``--output json`` every command prints JSON on stdout (``list``: an
+    array; ``status --watch``: one object per line, NDJSON) and errors as one JSON object on stderr."""
     from services.control.client import ApiClient, load_spec
+    as_json = args.output == "json"
     api = ApiClient(args.api, _key(args))
     try:
         if args.job_cmd == "submit":
             job = api.submit(load_spec(Path(args.file)))
-            print(f"submitted {job['id']} (state {job['state']})")
+            if as_json:
+                _print(job)
+            else:
+                print(f"submitted {job['id']} (state {job['state']})")
         elif args.job_cmd == "list":
             rows = api.jobs()
+            if as_json:
+                _print(rows)
+                return 0
             print(f"{'JOB':32} {'STATE':10} {'VERSION':>7} {'ROBOTS':>6}  TASKS")
             for j in rows:
                 version = (j.get("status") or {}).get("version", "-")
@@ -112,8 +132,13 @@ def _cmd_job(args: argparse.Namespace) -> int:
             if args.watch:
                 while True:
                     s = job.get("status") or {}
-                    print(f"{time.strftime('%H:%M:%S')} {job['state']:8} v{s.get('version', '-')} step {s.get('step', '-')} "
-                          f"episodes {s.get('episodes_total', '-')} robots {job['fleet_robots']}", flush=True)
+                    if as_json:
+                        print(json.dumps({"time": time.time(), "state": job["state"], "version": s.get("version"),
+                                          "step": s.get("step"), "episodes_total": s.get("episodes_total"),
+                                          "fleet_robots": job["fleet_robots"]}, sort_keys=True), flush=True)
+                    else:
+                        print(f"{time.strftime('%H:%M:%S')} {job['state']:8} v{s.get('version', '-')} step {s.get('step', '-')} "
+                              f"episodes {s.get('episodes_total', '-')} robots {job['fleet_robots']}", flush=True)
                     if job["state"] in ("stopped", "failed"):
                         break
                     time.sleep(args.watch)
@@ -130,9 +155,12 @@ def _cmd_job(args: argparse.Namespace) -> int:
             _print(api.policy_action(args.job_id, None, "unpin"))
         elif args.job_cmd == "enroll":
             e = api.enroll(args.job_id, args.name, args.actors.split(",") if args.actors else None)
-            print(f"robot token for {args.name} (enrollment {e['id']}); shown once:\n{e['token']}")
+            if as_json:
+                _print(e)
+            else:
+                print(f"robot token for {args.name} (enrollment {e['id']}); shown once:\n{e['token']}")
     except FleetloopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc, as_json)
         return 1
     return 0
 
@@ -201,6 +229,8 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     job = sub.add_parser("job", help="submit and steer jobs through the REST API")
     job.add_argument("--api", default=os.environ.get("FLEETLOOP_API", "http://127.0.0.1:8000"))
     job.add_argument("--key", default=None, help="API key (default $FLEETLOOP_API_KEY or runs/controlplane/admin.key)")
+    output_help = "text (for people, default) or json (for scripts: JSON on stdout, errors as JSON on stderr)"
+    job.add_argument("--output", "-o", choices=["text", "json"], default="text", help=output_help)
     jsub = job.add_subparsers(dest="job_cmd", required=True)
     s = jsub.add_parser("submit", help="submit a JobSpec (YAML or JSON)")
     s.add_argument("file")
@@ -225,6 +255,7 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     en.add_argument("--actors", default=None, help="comma-separated actor ids (glob patterns) the token may act as "
                     "(default: exactly NAME)")
     for c in jsub.choices.values():
+        c.add_argument("--output", "-o", choices=["text", "json"], default=argparse.SUPPRESS, help=output_help)
         c.set_defaults(func=_cmd_job)
 
     certs = sub.add_parser("certs", help="TLS material")

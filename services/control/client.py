@@ -74,11 +74,18 @@ class ApiClient:
             body = r.json()
         except ValueError:
             body = {}
+        field = value = None
         if isinstance(body.get("detail"), list):  # FastAPI validation error: name every field path
-            msg = "; ".join(validation_problem(d) for d in body["detail"] if isinstance(d, dict))
+            problems = [d for d in body["detail"] if isinstance(d, dict)]
+            msg = "; ".join(validation_problem(d) for d in problems)
+            if problems:  # the first problem's path (without the leading "body") and the value given
+                field = ".".join(str(p) for p in problems[0].get("loc", []) if p != "body") or None
+                value = problems[0].get("input")
         else:
-            msg = (body.get("error") or {}).get("message") or r.text[:300]
-        raise _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}")
+            err = body.get("error") or {}
+            msg = err.get("message") or r.text[:300]
+            field, value = err.get("field"), err.get("value")
+        raise _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}", field=field, value=value)
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", json=spec)

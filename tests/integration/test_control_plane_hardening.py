@@ -123,6 +123,37 @@ def test_cli_submit_prints_the_full_field_path(api, tmp_path):
     assert "(got 0.5)" in r.stderr, r.stderr
 
 
+@pytest.mark.timeout(180)
+def test_cli_output_json_for_scripts(api, tmp_path):
+    """``--output json``: stdout parses as JSON (list, status, submit), and an error is one JSON object on
+    stderr naming the field and the value given, with exit code 1."""
+    import json
+
+    base = FLEETLOOP + ["job", "--api", api["url"], "--key", api["keys"]["operator"]]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(base + list(args), capture_output=True, text=True, timeout=90, cwd=tmp_path)
+
+    r = run("--output", "json", "list")
+    assert r.returncode == 0, r.stderr
+    assert api["job"] in [j["id"] for j in json.loads(r.stdout)]
+    r = run("status", api["job"], "-o", "json")  # the flag also after the subcommand
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["id"] == api["job"] and isinstance(job["actors"], (list, dict))
+    spec = tmp_path / "typo.yaml"
+    spec.write_text("name: typo\ntasks: [reach-v3]\nalgorithm_params:\n  beta_typo: 0.5\n")
+    r = run("-o", "json", "submit", str(spec))
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    err = json.loads(r.stderr.strip().splitlines()[-1])["error"]
+    assert (err["code"], err["field"], err["value"]) == ("INVALID_ARGUMENT", "algorithm_params.beta_typo", 0.5), err
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("name: scripted\ntasks: [reach-v3]\n")
+    r = run("-o", "json", "submit", str(ok))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["spec"]["name"] == "scripted"
+
+
 # -- item 14: 405 Allow, authentication before body parsing -------------------------------------------
 def _concrete(template: str) -> str:
     return re.sub(r"\{[^}]+\}", lambda m: "1" if m.group(0) == "{version}" else "x1", template)

@@ -36,7 +36,7 @@ from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.checkpoint import load_latest
 from learner.llm.config import LlmLearnerConfig
 from learner.llm.core import LlmLearnerCore
-from learner.server import LearnerServicer, build_server
+from learner.process import build_learner
 
 pytestmark = [pytest.mark.timeout(300)]
 JOB, TOKEN = "llmjob", "tok"
@@ -73,10 +73,8 @@ class Served:
     """A core behind the real servicer on a free loopback port (no training thread: the test steps)."""
 
     def __init__(self, cfg: LlmLearnerConfig) -> None:
-        self.core = LlmLearnerCore(cfg)
-        self.server, self.port = build_server(LearnerServicer(self.core), "127.0.0.1", 0, cfg.grpc_workers,
-                                              cfg.max_message_bytes)
-        self.server.start()
+        self.proc = build_learner(cfg).serve(train=False)
+        self.core, self.server, self.port = self.proc.core, self.proc.server, self.proc.port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.LearnerStub(self.channel)
 
@@ -101,8 +99,7 @@ class Served:
 
     def stop(self) -> None:
         self.channel.close()
-        self.server.stop(grace=1).wait(5)
-        self.core.stop(checkpoint=True)
+        self.proc.stop(checkpoint=True, grace_s=1.0, wait_s=5.0, announce=False)
 
 
 def group(episode: str, version: int, ticket: str = "") -> pb.EpisodeChunk:
