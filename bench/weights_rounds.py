@@ -73,8 +73,10 @@ def _round_timeout(size_bytes: int, n: int) -> float:
 
 def _fleetloop_round(core, report_q, n: int, blob: bytes, step: int) -> dict[str, Any]:
     """Publish ``blob``; wait until all ``n`` robots run it."""
-    served = core.metrics.served_bytes.labels(JOB)
-    served0, cpu0 = served._value.get(), cpu_seconds()
+    def served() -> float:  # the learner's own counter, read as Prometheus would
+        return core.metrics.registry.get_sample_value("fleetloop_learner_weight_served_bytes_total", {"job": JOB}) or 0.0
+
+    served0, cpu0 = served(), cpu_seconds()
     t0 = time.monotonic()
     info = core.weights.publish(blob, step)
     t_pub = time.monotonic()
@@ -93,7 +95,7 @@ def _fleetloop_round(core, report_q, n: int, blob: bytes, step: int) -> dict[str
             "install_s": median([m["installed"] - m["took"] for m in reps]),
             "first_action_s": median([m["acted"] - m["installed"] for m in reps]),
             "learner_cpu_s": cpu1 - cpu0, "robots_cpu_s": sum(m["cpu_s"] for m in reps),
-            "learner_served_bytes": served._value.get() - served0,
+            "learner_served_bytes": served() - served0,
             "per_robot_running": sorted(m["installed"] - t0 for m in reps),
             "robot_rss_peak_mb": max(m["rss_peak_mb"] or 0 for m in reps)}
 
