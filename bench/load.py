@@ -132,12 +132,14 @@ class ServerProcess:
 
 
 def _learner_config(cfg: LoadConfig, state_dir: Path, token: str) -> dict[str, Any]:
+    """The learner's config file (nested LearnerConfig groups)."""
     train = {"max_updates_per_s": cfg.max_updates_per_s} if cfg.training else \
         {"min_online_steps": 10 ** 12, "max_updates_per_s": 0.1}
-    return {"job_id": cfg.job, "host": "127.0.0.1", "port": 0, "metrics_port": 0, "state_dir": str(state_dir),
-            "tasks": cfg.tasks, "chunk_steps": cfg.chunk_steps, "max_episode_steps": cfg.max_episode_steps,
-            "robot_tokens": [token], "grpc_workers": _workers(cfg), "device": "cpu", **train,
-            **({"online_capacity": cfg.online_capacity} if cfg.online_capacity else {})}
+    return {"job_id": cfg.job, "state_dir": str(state_dir), "tasks": cfg.tasks, "device": "cpu",
+            "serving": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "robot_tokens": [token],
+                        "grpc_workers": _workers(cfg)},
+            "episodes": {"chunk_steps": cfg.chunk_steps, "max_episode_steps": cfg.max_episode_steps},
+            "optimisation": train, "flow": {"online_capacity": cfg.online_capacity} if cfg.online_capacity else {}}
 
 
 def _workers(cfg: LoadConfig) -> int:

@@ -78,9 +78,9 @@ def summarize(cfg: LoadConfig, phase: dict[str, Any], warmup_s: float, server_fi
     if phase["mode"] == "learner":
         out["learner"] = _learner_figures(samples, t_go, counters, server_final)
         if cfg.learner is None:  # the started learner: its ring capacity is known
-            from learner.config import LearnerConfig
+            from learner.config import FlowControlConfig
 
-            cap = (cfg.online_capacity or LearnerConfig.model_fields["online_capacity"].default) * len(cfg.tasks)
+            cap = (cfg.online_capacity or FlowControlConfig.model_fields["online_capacity"].default) * len(cfg.tasks)
             full = [p["t_s"] for p in out["learner"].get("series", []) if (p["stored_steps"] or 0) >= cap]
             out["learner"]["replay"] = {
                 "online_capacity_steps": cap, "full_at_s": full[0] if full else None,

@@ -1,18 +1,35 @@
 """Learner configuration (pydantic). Every field is constrained and documented.
 
-Loaded from a TOML/YAML/JSON file or built in code; ``FLEETLOOP_LEARNER_*`` environment variables
-override top-level scalar fields for deployments.
+A :class:`LearnerConfig` is a small top-level model (identity, tasks, specs, device) with nested
+groups: ``serving`` (:class:`ServingConfig`: bind, ports, threads, stream caps, keepalive, message
+limits, credentials), ``tls`` (:class:`TlsConfig`), ``flow`` (:class:`FlowControlConfig`: rate
+limits, backoff, memory budget), ``optimisation`` (:class:`OptimisationConfig`: policy, algorithm,
+sampler, schedule) and ``episodes`` (:class:`EpisodeConfig`: what actors are told). The LLM learner
+(:mod:`learner.llm.config`) reuses ``serving`` and ``tls``.
+
+Old flat names still load: each key of :data:`LEGACY` (``port``, ``tls_cert_file``, ``batch_size``,
+...) is lifted to its nested path (``serving.port``, ``tls.cert_file``, ``optimisation.batch_size``)
+before validation, so ``LearnerConfig(port=0, batch_size=16)`` and old files and ConfigMaps stay
+valid; giving the old and the new name together is an error naming both. Validated with
+``context={"source": ...}`` (a file or the environment, see :mod:`learner.settings`) each lifted name
+is logged once as ``event=config_name_deprecated old=port new=serving.port``; in code it is silent.
+
+Built in code, loaded from a TOML/YAML/JSON file, and overridden by ``FLEETLOOP_LEARNER_*``
+environment variables (``FLEETLOOP_LEARNER_SERVING__PORT``) by :func:`learner.settings.load_learner_config`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from fleetloop.logs import event, get_logger
 from learner.sampler import SamplerConfig
 from learner.staleness import StalenessConfig
+
+log = get_logger("learner.config")
 
 
 class SpecModel(BaseModel):
@@ -35,69 +52,19 @@ def _default_act() -> list[SpecModel]:
     return [SpecModel(name="action", dtype="float32", shape=[4], low=[-1.0] * 4, high=[1.0] * 4)]
 
 
-class LearnerConfig(BaseModel):
-    """Everything one learner (one job) needs. Defaults run the Meta-World demo on one machine."""
+class ServingConfig(BaseModel):
+    """The gRPC server: bind, ports, threads, stream caps, keepalive, message limits, credentials."""
 
     model_config = ConfigDict(extra="forbid")
-
-    job_id: str = Field("demo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                        description="Job this learner serves; chunks for any other job are refused (NOT_FOUND).")
     host: str = Field("127.0.0.1", description="Interface the gRPC server binds (0.0.0.0 in a cluster). A bind beyond "
-                      "loopback needs credentials (robot_tokens, control_redis_url enrollments or tls_client_ca_file) "
-                      "or allow_unauthenticated = true; it is refused at start-up otherwise.")
+                      "loopback needs credentials (serving.robot_tokens, control_redis_url enrollments or "
+                      "tls.client_ca_file) or serving.allow_unauthenticated = true; it is refused at start-up otherwise.")
     advertise_host: str | None = Field(None, max_length=253, description="Host robots dial to reach this learner "
                                        "(printed and reported as its target). None: the bound host, or for a wildcard "
                                        "bind (0.0.0.0) the address of this machine's routed interface.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (reported by the learner).")
     metrics_port: int | None = Field(None, ge=0, le=65535,
                                      description="Prometheus /metrics HTTP port; None disables it, 0 picks a free one.")
-    state_dir: Path = Field(Path("runs/learner"), description="Where the ingest log, weights and checkpoints live.")
-    tasks: list[str] = Field(default_factory=lambda: ["reach-v3", "push-v3", "drawer-open-v3"], min_length=1,
-                             description="Task ids of the job, in the order the policy indexes them.")
-    observation_specs: list[SpecModel] = Field(default_factory=_default_obs, description="Per-step observation specs.")
-    action_specs: list[SpecModel] = Field(default_factory=_default_act, description="Per-step action specs.")
-    policy_factory: str = Field("fleetloop.policies:mlp_policy", description="Policy plug-in, 'module:function'.")
-    policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
-    initial_weights: Path | None = Field(None, description="safetensors file to start from (e.g. the pretrained policy).")
-    algorithm: str = Field("hg_dagger", description="Algorithm plug-in name (see learner.algorithms.ALGORITHMS).")
-    algorithm_params: dict[str, Any] = Field(default_factory=dict, description="Algorithm config fields.")
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Online/offline mix (SOP adaptive sampler).")
-    staleness: StalenessConfig | None = Field(None, description="Staleness bound and policy; None = the algorithm's default.")
-    offline_dataset: Path | None = Field(None, description="Demonstrations folder (fleetloop-demos/v1) for the offline buffers.")
-    batch_size: int = Field(256, ge=1, le=65536, description="Samples per learner step.")
-    publish_every: int = Field(25, ge=1, description="Publish new weights every K learner steps (SOP: K=25).")
-    min_publish_interval_s: float = Field(0.0, ge=0, description="Never publish more often than this (0 = no limit).")
-    max_updates_per_s: float | None = Field(None, gt=0, description="Cap on learner steps per second (None = as fast as possible).")
-    min_online_steps: int = Field(0, ge=0, description="Do not train until this many online steps arrived (0 = train on demos at once).")
-    max_ingest_steps_per_s: float | None = Field(None, gt=0, description="Fleet-wide ingest rate (steps/s over a 5 s window) "
-                                                  "above which acks ask actors to back off (None = never).")
-    checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between atomic checkpoints.")
-    keep_versions: int = Field(8, ge=2, description="Weight versions kept in memory for fetches (older ones served from disk).")
-    online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
-    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per experience chunk asked of actors.")
-    max_chunk_wait_s: float = Field(0.5, ge=0.0, le=3600.0,
-                                    description="Longest an actor holds a chunk open, seconds from its first step; a "
-                                                "chunk is sealed at chunk_steps steps or after this long, whichever "
-                                                "comes first (0: no time limit). Bounds step -> trainable latency: "
-                                                "at 30 Hz, 50-step chunks alone would hold a step up to 1.6 s.")
-    max_episode_steps: int = Field(200, ge=1, description="Episode step limit (TIMEOUT past it).")
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted (and sent).")
-    weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")
-    robot_tokens: list[str] = Field(default_factory=list,
-                                    description="Accepted robot credentials (fleet-wide: a token may act as any actor id; "
-                                                "enrolled tokens of the control plane are bound to their robots). Empty "
-                                                "(and no enrollments or mTLS) = authentication off: loopback only.")
-    allow_unauthenticated: bool = Field(False, description="Serve anonymous callers on a non-loopback host on purpose "
-                                        "(e.g. behind an authenticating proxy). Logged as a warning at start and exported "
-                                        "as fleetloop_learner_unauthenticated = 1. Without it such a bind is refused.")
-    control_redis_url: str | None = Field(
-        None, description="Control-plane Redis (redis://host:port/db). When set, the learner reports status, actors and "
-                          "versions there, executes operator commands (pause, pin, rollback, stop) from it, and checks "
-                          "robot tokens against the job's enrollments (robot_tokens stay valid too).")
-    tls_cert_file: Path | None = Field(None, description="PEM certificate of the gRPC server; set with tls_key_file to serve TLS only.")
-    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
-    tls_client_ca_file: Path | None = Field(None, description="With TLS: also require client certificates signed by this CA (mTLS).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
     grpc_workers: int = Field(136, ge=4, le=1024, description="gRPC server thread pool (each open stream holds one thread; "
                               "max_streams and max_subscriptions keep threads free for handshakes and weight fetches). "
                               "The default serves 64 robots at once (one experience stream and one weight subscription "
@@ -117,61 +84,16 @@ class LearnerConfig(BaseModel):
                                     "without activity (HTTP/2 keepalive), also connections without calls.")
     keepalive_timeout_s: float = Field(10.0, gt=0, le=600, description="A ping unanswered for this long closes the connection "
                                        "and cancels its streams: a dead or black-holed peer is gone after keepalive_time_s + this.")
-    max_actor_steps_per_s: float | None = Field(
-        None, gt=0, description="Per-actor rate limit (token bucket, steps/s; None = off). Over it, acks carry backoff_ms "
-        "(the time the actor's debt needs at this rate); an actor that ignores the hints and exceeds actor_hard_factor x this "
-        "rate gets RESOURCE_EXHAUSTED naming the actor and the rate (counted as rejected reason rate_limited; resent later).")
-    actor_burst_s: float = Field(2.0, gt=0, le=600, description="Depth of each actor's token bucket, in seconds of "
-                                 "max_actor_steps_per_s (a burst this long passes without backoff).")
-    actor_hard_factor: float = Field(3.0, ge=1.0, le=1000, description="Hard limit = this x max_actor_steps_per_s (bucket "
-                                     "depth also x this): past it chunks are refused, not just slowed down.")
-    max_backoff_ms: int = Field(5000, ge=1, le=600_000, description="Largest backoff hint an ack or refusal carries "
-                                "(must stay below stream_idle_timeout_s, so a pausing actor is never cut as idle).")
-    memory_budget_mb: float | None = Field(
-        None, gt=0, description="Memory budget (MiB) of the replay buffers plus in-flight ingest; None = no budget (online "
-        "rings hold online_capacity steps per task). With a budget: in-flight ingest (chunks being decoded and stored) is "
-        "capped at 4 x max_message_bytes, the demos' buffers are counted, and each task's online ring holds "
-        "min(online_capacity, what is left / tasks / bytes per step) steps. Evictions are counted in "
-        "dropped_samples_total (evicted, evicted_unsampled); evicting never-trained-on steps makes acks ask for backoff.")
-    seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
-    actor_metrics_ttl_s: float = Field(600.0, gt=0, description="An actor with no chunk for this long loses its "
-                                       "fleetloop_learner_actor_policy_version series (it is back with its next chunk).")
-    fsync_log: bool = Field(False, description="fsync the ingest log before every ack (slower; survives power loss).")
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> "LearnerConfig":
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls_cert_file and tls_key_file must be set together")
-        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {str(path)!r} is not a readable file")
-        return self
-
-    @model_validator(mode="after")
-    def _exposure(self) -> "LearnerConfig":
-        from learner.exposure import exposure_problem
-        problem = exposure_problem(self.host, self.robot_tokens, self.control_redis_url is not None,
-                                   self.tls_client_ca_file is not None, self.allow_unauthenticated)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_validator(mode="after")
-    def _flow_limits(self) -> "LearnerConfig":
-        explicit = self.max_streams is not None or self.max_subscriptions is not None
-        if explicit and self.stream_cap + self.subscription_cap > self.grpc_workers - 4:
-            raise ValueError(f"max_streams {self.stream_cap} + max_subscriptions {self.subscription_cap} must leave 4 of "
-                             f"grpc_workers {self.grpc_workers} threads for handshakes and fetches")
-        if self.max_backoff_ms >= self.stream_idle_timeout_s * 1000:
-            raise ValueError(f"max_backoff_ms {self.max_backoff_ms} must be below stream_idle_timeout_s "
-                             f"{self.stream_idle_timeout_s} (a pausing actor would be cut as idle)")
-        if self.memory_budget_mb is not None and self.memory_budget_mb * (1 << 20) < 8 * self.max_message_bytes:
-            raise ValueError(f"memory_budget_mb {self.memory_budget_mb} is below 8 x max_message_bytes "
-                             f"({8 * self.max_message_bytes} bytes): no room for buffers beside in-flight ingest")
-        return self
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted (and sent).")
+    weight_chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Weight fetch chunk size.")
+    keep_versions: int = Field(8, ge=2, description="Weight versions kept in memory for fetches (older ones served from disk).")
+    robot_tokens: list[str] = Field(default_factory=list,
+                                    description="Accepted robot credentials (fleet-wide: a token may act as any actor id; "
+                                                "enrolled tokens of the control plane are bound to their robots). Empty "
+                                                "(and no enrollments or mTLS) = authentication off: loopback only.")
+    allow_unauthenticated: bool = Field(False, description="Serve anonymous callers on a non-loopback host on purpose "
+                                        "(e.g. behind an authenticating proxy). Logged as a warning at start and exported "
+                                        "as fleetloop_learner_unauthenticated = 1. Without it such a bind is refused.")
 
     @property
     def stream_cap(self) -> int:
@@ -182,6 +104,220 @@ class LearnerConfig(BaseModel):
     def subscription_cap(self) -> int:
         """Effective cap on concurrent weight subscriptions (``max_subscriptions`` or its default)."""
         return self.max_subscriptions if self.max_subscriptions is not None else max(1, (self.grpc_workers - 8) // 2)
+
+
+class TlsConfig(BaseModel):
+    """TLS of the gRPC server (all None: plaintext)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cert_file: Path | None = Field(None, description="PEM certificate of the gRPC server; set with key_file to serve TLS only.")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    client_ca_file: Path | None = Field(None, description="With TLS: also require client certificates signed by this CA (mTLS).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file (tls.cert_file, tls.key_file) must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls_client_ca_file (tls.client_ca_file) needs tls.cert_file and tls.key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls_{name} (tls.{name}) {str(path)!r} is not a readable file")
+        return self
+
+
+class BackoffConfig(BaseModel):
+    """The backoff hint every learner's acks and refusals carry (the LLM learner's whole ``flow`` group)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_backoff_ms: int = Field(5000, ge=1, le=600_000, description="Largest backoff hint an ack or refusal carries "
+                                "(must stay below serving.stream_idle_timeout_s, so a pausing actor is never cut as idle).")
+
+
+class FlowControlConfig(BackoffConfig):
+    """Flow control of a robot learner: per-actor and fleet-wide rate limits, backoff, memory budget."""
+
+    max_actor_steps_per_s: float | None = Field(
+        None, gt=0, description="Per-actor rate limit (token bucket, steps/s; None = off). Over it, acks carry backoff_ms "
+        "(the time the actor's debt needs at this rate); an actor that ignores the hints and exceeds actor_hard_factor x this "
+        "rate gets RESOURCE_EXHAUSTED naming the actor and the rate (counted as rejected reason rate_limited; resent later).")
+    actor_burst_s: float = Field(2.0, gt=0, le=600, description="Depth of each actor's token bucket, in seconds of "
+                                 "max_actor_steps_per_s (a burst this long passes without backoff).")
+    actor_hard_factor: float = Field(3.0, ge=1.0, le=1000, description="Hard limit = this x max_actor_steps_per_s (bucket "
+                                     "depth also x this): past it chunks are refused, not just slowed down.")
+    max_ingest_steps_per_s: float | None = Field(None, gt=0, description="Fleet-wide ingest rate (steps/s over a 5 s window) "
+                                                 "above which acks ask actors to back off (None = never).")
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="Memory budget (MiB) of the replay buffers plus in-flight ingest; None = no budget (online "
+        "rings hold online_capacity steps per task). With a budget: in-flight ingest (chunks being decoded and stored) is "
+        "capped at 4 x serving.max_message_bytes, the demos' buffers are counted, and each task's online ring holds "
+        "min(online_capacity, what is left / tasks / bytes per step) steps. Evictions are counted in "
+        "dropped_samples_total (evicted, evicted_unsampled); evicting never-trained-on steps makes acks ask for backoff.")
+    online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
+    actor_metrics_ttl_s: float = Field(600.0, gt=0, description="An actor with no chunk for this long loses its "
+                                       "fleetloop_learner_actor_policy_version series (it is back with its next chunk).")
+
+
+class OptimisationConfig(BaseModel):
+    """What is trained and how: policy, algorithm, data mix, schedule, checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy_factory: str = Field("fleetloop.policies:mlp_policy", description="Policy plug-in, 'module:function'.")
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    initial_weights: Path | None = Field(None, description="safetensors file to start from (e.g. the pretrained policy).")
+    algorithm: str = Field("hg_dagger", description="Algorithm plug-in name (see learner.algorithms.ALGORITHMS).")
+    algorithm_params: dict[str, Any] = Field(default_factory=dict, description="Algorithm config fields.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Online/offline mix (SOP adaptive sampler).")
+    staleness: StalenessConfig | None = Field(None, description="Staleness bound and policy; None = the algorithm's default.")
+    offline_dataset: Path | None = Field(None, description="Demonstrations folder (fleetloop-demos/v1) for the offline buffers.")
+    batch_size: int = Field(256, ge=1, le=65536, description="Samples per learner step.")
+    publish_every: int = Field(25, ge=1, description="Publish new weights every K learner steps (SOP: K=25).")
+    min_publish_interval_s: float = Field(0.0, ge=0, description="Never publish more often than this (0 = no limit).")
+    max_updates_per_s: float | None = Field(None, gt=0, description="Cap on learner steps per second (None = as fast as possible).")
+    min_online_steps: int = Field(0, ge=0, description="Do not train until this many online steps arrived (0 = train on demos at once).")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between atomic checkpoints.")
+
+
+class EpisodeConfig(BaseModel):
+    """What actors are told about chunks and episodes (sent in the handshake's RunConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per experience chunk asked of actors.")
+    max_chunk_wait_s: float = Field(0.5, ge=0.0, le=3600.0,
+                                    description="Longest an actor holds a chunk open, seconds from its first step; a "
+                                                "chunk is sealed at chunk_steps steps or after this long, whichever "
+                                                "comes first (0: no time limit). Bounds step -> trainable latency: "
+                                                "at 30 Hz, 50-step chunks alone would hold a step up to 1.6 s.")
+    max_episode_steps: int = Field(200, ge=1, description="Episode step limit (TIMEOUT past it).")
+
+
+def _group(name: str, fields: tuple[str, ...], prefix: str = "") -> dict[str, tuple[str, str]]:
+    return {prefix + f: (name, f) for f in fields}
+
+
+#: Old flat name -> (group, field) of every LearnerConfig field that moved into a group (frozen: a new
+#: field gets no flat name).
+LEGACY: dict[str, tuple[str, str]] = {
+    **_group("serving", ("host", "advertise_host", "port", "metrics_port", "grpc_workers", "max_streams",
+                         "max_subscriptions", "stream_idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
+                         "max_message_bytes", "weight_chunk_bytes", "keep_versions", "robot_tokens",
+                         "allow_unauthenticated")),
+    **_group("tls", ("cert_file", "key_file", "client_ca_file"), prefix="tls_"),
+    **_group("flow", ("max_actor_steps_per_s", "actor_burst_s", "actor_hard_factor", "max_ingest_steps_per_s",
+                      "max_backoff_ms", "memory_budget_mb", "online_capacity", "actor_metrics_ttl_s")),
+    **_group("optimisation", ("policy_factory", "policy_kwargs", "initial_weights", "algorithm", "algorithm_params",
+                              "sampler", "staleness", "offline_dataset", "batch_size", "publish_every",
+                              "min_publish_interval_s", "max_updates_per_s", "min_online_steps", "checkpoint_every_s")),
+    **_group("episodes", ("chunk_steps", "max_chunk_wait_s", "max_episode_steps")),
+}
+
+
+def lift_legacy(data: Any, legacy: dict[str, tuple[str, str]], source: str | None = None,
+                renamed: dict[str, str] | None = None) -> Any:
+    """``data`` with each old flat key of ``legacy`` moved to its nested path (a new dict; ``data``
+    itself when it holds none). The old and the new name together raise ValueError naming both.
+    ``source`` (a file or the environment): each lifted name is logged as deprecated (once per call);
+    ``renamed`` (if given) collects ``old -> group.field``."""
+    if not isinstance(data, dict) or not any(k in legacy for k in data):
+        return data
+    out = dict(data)
+    for old in [k for k in data if k in legacy]:
+        group, name = legacy[old]
+        sub = out.get(group)
+        if isinstance(sub, BaseModel):  # a group given as a model: keep what it set explicitly
+            sub = {k: getattr(sub, k) for k in sub.model_fields_set}
+        elif sub is None:
+            sub = {}
+        if not isinstance(sub, dict):
+            continue  # a malformed group: validation names it (and the extra flat key)
+        if name in sub:
+            raise ValueError(f"{old} and {group}.{name} are the same setting (old and new name): give only {group}.{name}")
+        out[group] = {**sub, name: out.pop(old)}
+        if renamed is not None:
+            renamed[old] = f"{group}.{name}"
+        if source is not None:
+            event(log, "config_name_deprecated", level=30, old=old, new=f"{group}.{name}", source=source)
+    return out
+
+
+def _source(info: ValidationInfo) -> str | None:
+    return info.context.get("source") if isinstance(info.context, dict) else None
+
+
+def serving_problem(serving: ServingConfig, tls: TlsConfig, enrollments: bool) -> str | None:
+    """Why these serving settings expose a learner to anyone (see :mod:`learner.exposure`), or None."""
+    from learner.exposure import exposure_problem
+    return exposure_problem(serving.host, serving.robot_tokens, enrollments, tls.client_ca_file is not None,
+                            serving.allow_unauthenticated)
+
+
+def flow_problem(serving: ServingConfig, max_backoff_ms: int, memory_budget_mb: float | None = None) -> str | None:
+    """Why the stream caps, backoff and memory budget do not fit together, or None."""
+    s = serving
+    explicit = s.max_streams is not None or s.max_subscriptions is not None
+    if explicit and s.stream_cap + s.subscription_cap > s.grpc_workers - 4:
+        return (f"serving.max_streams {s.stream_cap} + serving.max_subscriptions {s.subscription_cap} must leave 4 of "
+                f"serving.grpc_workers {s.grpc_workers} threads for handshakes and fetches")
+    if max_backoff_ms >= s.stream_idle_timeout_s * 1000:
+        return (f"flow.max_backoff_ms {max_backoff_ms} must be below serving.stream_idle_timeout_s "
+                f"{s.stream_idle_timeout_s} (a pausing actor would be cut as idle)")
+    if memory_budget_mb is not None and memory_budget_mb * (1 << 20) < 8 * s.max_message_bytes:
+        return (f"flow.memory_budget_mb {memory_budget_mb} is below 8 x serving.max_message_bytes "
+                f"({8 * s.max_message_bytes} bytes): no room for buffers beside in-flight ingest")
+    return None
+
+
+class LearnerConfig(BaseModel):
+    """Everything one learner (one job) needs. Defaults run the Meta-World demo on one machine."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: old flat name -> nested path accepted by this model (see the module docstring)
+    legacy_names: ClassVar[dict[str, tuple[str, str]]] = LEGACY
+
+    kind: Literal["robot"] = Field("robot", description="Config discriminator: 'robot' (the default; 'llm' selects "
+                                   "learner.llm.config.LlmLearnerConfig).")
+    job_id: str = Field("demo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                        description="Job this learner serves; chunks for any other job are refused (NOT_FOUND).")
+    state_dir: Path = Field(Path("runs/learner"), description="Where the ingest log, weights and checkpoints live.")
+    tasks: list[str] = Field(default_factory=lambda: ["reach-v3", "push-v3", "drawer-open-v3"], min_length=1,
+                             description="Task ids of the job, in the order the policy indexes them.")
+    observation_specs: list[SpecModel] = Field(default_factory=_default_obs, description="Per-step observation specs.")
+    action_specs: list[SpecModel] = Field(default_factory=_default_act, description="Per-step action specs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = CUDA when present.")
+    seed: int = Field(0, description="Seed of the learner's sampling RNG and policy init.")
+    control_redis_url: str | None = Field(
+        None, description="Control-plane Redis (redis://host:port/db). When set, the learner reports status, actors and "
+                          "versions there, executes operator commands (pause, pin, rollback, stop) from it, and checks "
+                          "robot tokens against the job's enrollments (serving.robot_tokens stay valid too).")
+    fsync_log: bool = Field(False, description="fsync the ingest log before every ack (slower; survives power loss).")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="The gRPC server (ServingConfig).")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC server (TlsConfig).")
+    flow: FlowControlConfig = Field(default_factory=FlowControlConfig, description="Rate limits, backoff and memory "
+                                    "budget (FlowControlConfig).")
+    optimisation: OptimisationConfig = Field(default_factory=OptimisationConfig, description="Policy, algorithm, data "
+                                             "mix and schedule (OptimisationConfig).")
+    episodes: EpisodeConfig = Field(default_factory=EpisodeConfig, description="Chunk and episode limits actors are "
+                                    "told (EpisodeConfig).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data: Any, info: ValidationInfo) -> Any:
+        return lift_legacy(data, cls.legacy_names, _source(info))
+
+    @model_validator(mode="after")
+    def _exposure(self) -> "LearnerConfig":
+        problem = serving_problem(self.serving, self.tls, self.control_redis_url is not None)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _flow_limits(self) -> "LearnerConfig":
+        problem = flow_problem(self.serving, self.flow.max_backoff_ms, self.flow.memory_budget_mb)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("tasks")
     @classmethod

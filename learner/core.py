@@ -98,30 +98,30 @@ class LearnerCore(CoreLifecycle):
         self.act_specs = to_proto_specs(config.action_specs)
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        state_dir = Path(config.state_dir)
+        state_dir, opt = Path(config.state_dir), config.optimisation
         state_dir.mkdir(parents=True, exist_ok=True)
-        policy = build_policy(config.policy_factory, config.policy_kwargs, config.obs_dim, config.act_dim, len(config.tasks))
+        policy = build_policy(opt.policy_factory, opt.policy_kwargs, config.obs_dim, config.act_dim, len(config.tasks))
         self.initial_meta: dict[str, str] = {}
-        if config.initial_weights is not None:
-            self.initial_meta = load_initial_weights(policy, Path(config.initial_weights))
-        params = dict(config.algorithm_params)
-        if config.algorithm == "recap":  # returns are normalised by the episode limit the actors obey
-            params.setdefault("max_episode_steps", config.max_episode_steps)
-        self.algorithm = make_algorithm(config.algorithm, policy.to(self.device), params, self.device)
-        self.gate = StalenessGate(config.staleness or self.algorithm.default_staleness())
+        if opt.initial_weights is not None:
+            self.initial_meta = load_initial_weights(policy, Path(opt.initial_weights))
+        params = dict(opt.algorithm_params)
+        if opt.algorithm == "recap":  # returns are normalised by the episode limit the actors obey
+            params.setdefault("max_episode_steps", config.episodes.max_episode_steps)
+        self.algorithm = make_algorithm(opt.algorithm, policy.to(self.device), params, self.device)
+        self.gate = StalenessGate(opt.staleness or self.algorithm.default_staleness())
         self.metrics.staleness_bound.labels(self.job).set(self.gate.config.bound)
         self.targets = bool(getattr(self.algorithm, "needs_episode_targets", False))
-        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.online_capacity,
+        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.flow.online_capacity,
                                   episode_targets=self.algorithm.episode_targets if self.targets else None)
         self._ends_seen = 0  # ingestor episode records already applied to the replay's target columns
         self.recap_startup: dict[str, Any] | None = None
-        self.sampler = AdaptiveSampler(config.tasks, config.sampler)
-        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions)
+        self.sampler = AdaptiveSampler(config.tasks, opt.sampler)
+        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.serving.keep_versions)
         self.ingest_log = IngestLog(state_dir / "ingest.log", fsync=config.fsync_log)
-        budgeted = config.memory_budget_mb is not None
-        self.flow = FlowControl(config.max_actor_steps_per_s, config.actor_burst_s, config.actor_hard_factor,
-                                config.max_ingest_steps_per_s, config.max_backoff_ms,
-                                INFLIGHT_MESSAGES * config.max_message_bytes if budgeted else None)
+        budgeted, fc = config.flow.memory_budget_mb is not None, config.flow
+        self.flow = FlowControl(fc.max_actor_steps_per_s, fc.actor_burst_s, fc.actor_hard_factor,
+                                fc.max_ingest_steps_per_s, fc.max_backoff_ms,
+                                INFLIGHT_MESSAGES * config.serving.max_message_bytes if budgeted else None)
         self.ingestor = Ingestor(self.job, config.tasks, self.obs_specs, self.act_specs, self.replay, self.gate,
                                  self.ingest_log, self.metrics, flow=self.flow,
                                  interventions_only=bool(self.algorithm.eligible("online").get("interventions_only")))
@@ -147,23 +147,23 @@ class LearnerCore(CoreLifecycle):
 
     # -- start-up ----------------------------------------------------------------------------
     def _load_offline(self) -> int:
-        if self.cfg.offline_dataset is None:
+        if self.cfg.optimisation.offline_dataset is None:
             return 0
         n = 0
-        for ep in iter_episodes(self.cfg.offline_dataset, tasks=self.cfg.tasks):
+        for ep in iter_episodes(self.cfg.optimisation.offline_dataset, tasks=self.cfg.tasks):
             self.replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions, outcome=ep.outcome)
             n += len(ep)
-        event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.offline_dataset))
+        event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.optimisation.offline_dataset))
         return n
 
     def _size_buffers(self) -> MemoryPlan | None:
         """With a memory budget: size the (still empty) online rings from what the demos left."""
-        if self.cfg.memory_budget_mb is None:
+        if self.cfg.flow.memory_budget_mb is None:
             return None
-        plan = plan_memory(self.cfg.memory_budget_mb, self.cfg.max_message_bytes, self.replay.nbytes(source="offline"),
+        plan = plan_memory(self.cfg.flow.memory_budget_mb, self.cfg.serving.max_message_bytes,
+                           self.replay.nbytes(source="offline"),
                            len(self.cfg.tasks), bytes_per_step(self.cfg.obs_dim, self.cfg.act_dim, self.targets),
-                           self.cfg.online_capacity,
-                           min_steps=max(2 * self.cfg.chunk_steps, 100))
+                           self.cfg.flow.online_capacity, min_steps=max(2 * self.cfg.episodes.chunk_steps, 100))
         self.replay.set_online_capacity(plan.online_capacity)
         self.metrics.memory_budget.labels(self.job).set(plan.budget_bytes)
         event(log, "memory_planned", job=self.job, budget=plan.budget_bytes, inflight=plan.inflight_bytes,
@@ -178,11 +178,11 @@ class LearnerCore(CoreLifecycle):
             self.sampler.load_state_dict(state["sampler"])
             self.step = int(state["step"])
             event(log, "checkpoint_restored", job=self.job, step=self.step)
-        elif self.cfg.algorithm == "recap":  # fresh start: pretrain V (and the policy when nothing was published)
+        elif self.cfg.optimisation.algorithm == "recap":  # fresh start: pretrain V (and the policy when nothing was published)
             from learner.pretrain import prepare_recap
-            self.recap_startup = prepare_recap(self.algorithm, self.replay, self.cfg.tasks, self.cfg.offline_dataset,
-                                               self.cfg.batch_size, self.weights.latest is None, self.initial_meta,
-                                               seed=self.cfg.seed)
+            self.recap_startup = prepare_recap(self.algorithm, self.replay, self.cfg.tasks,
+                                               self.cfg.optimisation.offline_dataset, self.cfg.optimisation.batch_size,
+                                               self.weights.latest is None, self.initial_meta, seed=self.cfg.seed)
         replayed = 0
         version = self.version
         skipped = 0
@@ -233,7 +233,7 @@ class LearnerCore(CoreLifecycle):
     def refresh_gauges(self) -> None:
         """Update buffer-size and sampler-share gauges and drop idle actors' version series (called on publish
         and on status)."""
-        self.ingestor.forget_idle_actors(self.cfg.actor_metrics_ttl_s)
+        self.ingestor.forget_idle_actors(self.cfg.flow.actor_metrics_ttl_s)
         for task in self.cfg.tasks:
             for source in SOURCES:
                 self.metrics.buffer_steps.labels(self.job, task, source).set(self.replay.size(task, source))
@@ -253,12 +253,12 @@ class LearnerCore(CoreLifecycle):
 
     def run_config(self) -> pb.RunConfig:
         """Policy, chunking, limits and the algorithm's inference settings for robots."""
-        cfg = self.cfg
+        cfg, opt, ep = self.cfg, self.cfg.optimisation, self.cfg.episodes
         settings = getattr(self.algorithm, "inference_settings", None)  # RECAP: guidance beta, indicator
-        return wire_settings.run_config(policy_factory=cfg.policy_factory, policy_kwargs=cfg.policy_kwargs, task_ids=cfg.tasks,
-                                        chunk_steps=cfg.chunk_steps, max_chunk_wait_s=cfg.max_chunk_wait_s,
-                                        max_episode_steps=cfg.max_episode_steps, max_message_bytes=cfg.max_message_bytes,
-                                        algorithm=cfg.algorithm, inference=settings() if callable(settings) else {})
+        return wire_settings.run_config(policy_factory=opt.policy_factory, policy_kwargs=opt.policy_kwargs, task_ids=cfg.tasks,
+                                        chunk_steps=ep.chunk_steps, max_chunk_wait_s=ep.max_chunk_wait_s,
+                                        max_episode_steps=ep.max_episode_steps, max_message_bytes=cfg.serving.max_message_bytes,
+                                        algorithm=opt.algorithm, inference=settings() if callable(settings) else {})
 
     def check_chunk(self, chunk: pb.EpisodeChunk) -> None:
         """A robot job stores no CompletionGroup (InvalidArgument naming ``group``)."""
@@ -332,10 +332,10 @@ class LearnerCore(CoreLifecycle):
         dt = time.perf_counter() - t0
         self.metrics.learner_steps.labels(self.job).inc()
         self.metrics.update_seconds.labels(self.job).observe(dt)
-        if self.step % self.cfg.publish_every == 0 and \
-                time.monotonic() - self._last_publish >= self.cfg.min_publish_interval_s:
+        if self.step % self.cfg.optimisation.publish_every == 0 and \
+                time.monotonic() - self._last_publish >= self.cfg.optimisation.min_publish_interval_s:
             self.publish()
-        if time.monotonic() - self._last_ckpt >= self.cfg.checkpoint_every_s:
+        if time.monotonic() - self._last_ckpt >= self.cfg.optimisation.checkpoint_every_s:
             self.checkpoint()
         self.last_loss = float(result.loss)
         self.last_stats = {"loss": float(result.loss), **result.stats}
@@ -347,12 +347,12 @@ class LearnerCore(CoreLifecycle):
         if self.targets:
             self._sync_episode_ends()
         online_total = sum(self.replay.size(t, "online") for t in self.cfg.tasks)
-        if online_total < self.cfg.min_online_steps:
+        if online_total < self.cfg.optimisation.min_online_steps:
             return None
         avail = self._available()
         if not any(avail.values()):
             return None
-        plan = self.sampler.plan(self.cfg.batch_size, avail, self.rng)
+        plan = self.sampler.plan(self.cfg.optimisation.batch_size, avail, self.rng)
         return [(task, source, self.replay.sample(task, source, n, self.rng, **self.algorithm.eligible(source)))
                 for (task, source), n in plan.items() if n > 0]
 
@@ -402,7 +402,7 @@ class LearnerCore(CoreLifecycle):
     def _turn(self) -> None:
         """One paced step: at most ``max_updates_per_s``; the wait (and ``IDLE_WAIT_S`` after a step
         that found nothing to train on) counts as learner idle time."""
-        min_dt = 1.0 / self.cfg.max_updates_per_s if self.cfg.max_updates_per_s else 0.0
+        min_dt = 1.0 / self.cfg.optimisation.max_updates_per_s if self.cfg.optimisation.max_updates_per_s else 0.0
         t0 = time.perf_counter()
         out = self._guarded(self.train_step)
         wait = (IDLE_WAIT_S if out is None else 0.0) + max(0.0, min_dt - (time.perf_counter() - t0))

@@ -38,14 +38,14 @@ log = get_logger("learner.process")
 
 
 def parse_config(config_json: str) -> "LearnerConfig | LlmLearnerConfig":
-    """A learner config from JSON: ``{"kind": "llm", ...}`` is an :class:`~learner.llm.config.LlmLearnerConfig`
-    (GRPO on LLM rollouts), anything else a robot :class:`LearnerConfig`."""
+    """A learner config from JSON, by its ``kind``: ``"llm"`` is an :class:`~learner.llm.config.LlmLearnerConfig`
+    (GRPO on LLM rollouts), anything else (or none) a robot :class:`LearnerConfig`. Old flat names are
+    lifted to their groups (:data:`learner.config.LEGACY`); the environment is not read."""
     import json
+
+    from learner.settings import config_model
     data = json.loads(config_json)
-    if isinstance(data, dict) and data.get("kind") == "llm":
-        from learner.llm.config import LlmLearnerConfig
-        return LlmLearnerConfig.model_validate_json(config_json)
-    return LearnerConfig.model_validate_json(config_json)
+    return config_model(data.get("kind") if isinstance(data, dict) else None).model_validate_json(config_json)
 
 
 class LearnerProcess:
@@ -75,15 +75,16 @@ class LearnerProcess:
 
             from learner.auth import EnrollmentTokens, StaticTokens
             auth = EnrollmentTokens(redis.Redis.from_url(self._redis_url, socket_timeout=5.0, decode_responses=True),
-                                    fallback=StaticTokens(cfg.robot_tokens))
+                                    fallback=StaticTokens(cfg.serving.robot_tokens))
         self.servicer = LearnerServicer(self.core, auth=auth)
         creds = None
-        if cfg.tls_cert_file is not None:
+        if cfg.tls.cert_file is not None:
             from fleetloop.tls import server_credentials
-            creds = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
-        self.server, self.port = build_server(self.servicer, cfg.host, cfg.port, cfg.grpc_workers, cfg.max_message_bytes,
+            creds = server_credentials(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file)
+        sv = cfg.serving
+        self.server, self.port = build_server(self.servicer, sv.host, sv.port, sv.grpc_workers, sv.max_message_bytes,
                                               credentials=creds)
-        self.host = advertised_host(cfg.host, cfg.advertise_host)
+        self.host = advertised_host(cfg.serving.host, cfg.serving.advertise_host)
         self.metrics_port: int | None = None
         self.agent: Any = None
         self._served = False
@@ -96,7 +97,7 @@ class LearnerProcess:
         return target(self.host, self.port)
 
     def serve(self, train: bool = True) -> "LearnerProcess":
-        """Start serving: the gRPC server, the metrics endpoint (when ``cfg.metrics_port`` is not None),
+        """Start serving: the gRPC server, the metrics endpoint (when ``cfg.serving.metrics_port`` is not None),
         the training thread (``train``; False leaves training to the caller) and, with a control-plane
         Redis, the control agent. Returns self, so ``build_learner(cfg).serve()`` reads as one line."""
         if self._served:
@@ -104,8 +105,8 @@ class LearnerProcess:
         self._served = True
         cfg = self.cfg
         self.server.start()
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.core.metrics.serve(cfg.metrics_port, cfg.host)
+        if cfg.serving.metrics_port is not None:
+            self.metrics_port = self.core.metrics.serve(cfg.serving.metrics_port, cfg.serving.host)
         if train:
             self.core.start_training()
         if self._redis_url:

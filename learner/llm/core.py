@@ -163,15 +163,15 @@ class LlmLearnerCore(CoreLifecycle):
         self.llm_metrics.eta.labels(self.job).set(config.eta)
         self.metrics.staleness_bound.labels(self.job).set(config.eta)
         # no rate limits or memory budget for groups (admission bounds them); the servicer reserves through it
-        self.flow = FlowControl(None, 1.0, 1.0, None, config.max_backoff_ms, None)
+        self.flow = FlowControl(None, 1.0, 1.0, None, config.flow.max_backoff_ms, None)
         self.groups = GroupQueue()
         self.journal = GroupJournal(state_dir / "llm", _chunk_key)
         self.ingestor = GroupIngestor(
             {"job_id": self.job, "task_ids": frozenset(self.tasks), "group_size": config.group_size,
              "vocab_size": self.vocab_size, "max_new_tokens": config.max_new_tokens,
              "max_prompt_tokens": config.max_prompt_tokens}, self._on_group, self.llm_metrics, journal=self.journal)
-        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.keep_versions,
-                                   keep_on_disk=config.keep_versions_on_disk)
+        self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.serving.keep_versions,
+                                   keep_on_disk=config.serving.keep_versions_on_disk)
         self.step = 0
         self.training = TrainingHistory(self.job, self.metrics, self.llm_metrics, config.history_size)
         self.actor_versions: dict[str, tuple[int, float]] = {}  # actor -> (engine version at its last Admit, time)
@@ -230,7 +230,7 @@ class LlmLearnerCore(CoreLifecycle):
     def run_config(self) -> pb.RunConfig:
         """One group = one chunk = one whole "episode"; the rollout settings travel in ``llm`` (and ``llm_json``)."""
         return wire_settings.run_config(task_ids=self.cfg.task_ids, chunk_steps=1, max_episode_steps=1,
-                                        max_message_bytes=self.cfg.max_message_bytes, algorithm=self.cfg.algorithm,
+                                        max_message_bytes=self.cfg.serving.max_message_bytes, algorithm=self.cfg.algorithm,
                                         inference={}, llm=self.rollout_settings())
 
     def rollout_settings(self) -> dict[str, Any]:

@@ -11,22 +11,19 @@ from services.cli.common import DEFAULT_TASKS
 
 
 def learner_config(args: argparse.Namespace) -> Any:
-    """The learner config of ``fleetloop learner``: the ``--config`` file's ``kind`` picks the model
-    ("llm": :class:`~learner.llm.config.LlmLearnerConfig`, a GRPO job on LLM rollouts; anything else a
-    robot :class:`~learner.config.LearnerConfig`); precedence flags > ``FLEETLOOP_LEARNER_*`` environment
-    (deployments, secrets) > file. Bad values raise InvalidArgument naming the file and field."""
-    from fleetloop.config_files import env_overrides, load_config, load_data
-    from learner.config import LearnerConfig
-    from learner.llm.config import LlmLearnerConfig
+    """The learner config of ``fleetloop learner``: :func:`learner.settings.load_learner_config` over the
+    ``--config`` file (its ``kind`` picks the model: "llm" an :class:`~learner.llm.config.LlmLearnerConfig`,
+    a GRPO job on LLM rollouts; anything else a robot :class:`~learner.config.LearnerConfig`), the
+    ``FLEETLOOP_LEARNER_*`` environment (deployments, secrets) and the flags; precedence flags >
+    environment > file. Bad values raise InvalidArgument naming the file (or variable) and the field."""
+    from learner.settings import load_learner_config
 
-    data = load_data(args.config) if args.config else {}
-    model: type[LearnerConfig] | type[LlmLearnerConfig] = (
-        LlmLearnerConfig if isinstance(data, dict) and data.get("kind") == "llm" else LearnerConfig)
-    cfg = load_config(model, args.config, data) if args.config else model()
-    updates = {**env_overrides(model, "FLEETLOOP_LEARNER_"),
-               **{k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
-                                    "state_dir": args.state_dir}.items() if v is not None}}
-    return model.model_validate({**cfg.model_dump(), **updates})
+    serving = {k: v for k, v in {"port": args.port, "host": args.host, "metrics_port": args.metrics_port}.items()
+               if v is not None}
+    flags: dict[str, Any] = {"serving": serving} if serving else {}
+    if args.state_dir is not None:
+        flags["state_dir"] = args.state_dir
+    return load_learner_config(Path(args.config) if args.config else None, flags)
 
 
 def _cmd_learner(args: argparse.Namespace) -> int:

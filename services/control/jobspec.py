@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from fleetloop.errors import InvalidArgument
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, OptimisationConfig, ServingConfig
 from learner.staleness import StalenessConfig
 from services.control.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
 
@@ -158,10 +158,11 @@ def learner_config(spec: JobSpec, job_id: str, state_dir: Path, control_redis_ur
     weights = initial_weights or (Path(spec.initial_weights) if spec.initial_weights else None)
     dataset = offline_dataset or (Path(spec.offline_dataset) if spec.offline_dataset else None)
     return LearnerConfig(
-        job_id=job_id, host=host, port=0, metrics_port=0, state_dir=state_dir, tasks=spec.tasks,
-        policy_factory=spec.policy_factory, policy_kwargs=spec.policy_kwargs, initial_weights=weights,
-        algorithm=spec.algorithm, algorithm_params=spec.algorithm_params,
-        staleness=StalenessConfig(bound=spec.staleness_bound) if spec.staleness_bound is not None else None,
-        offline_dataset=dataset, batch_size=spec.batch_size, publish_every=spec.publish_every,
-        max_updates_per_s=spec.max_updates_per_s, device="cuda" if spec.resources.gpus else "auto",
-        control_redis_url=control_redis_url)
+        job_id=job_id, state_dir=state_dir, tasks=spec.tasks, device="cuda" if spec.resources.gpus else "auto",
+        control_redis_url=control_redis_url, serving=ServingConfig(host=host, port=0, metrics_port=0),
+        optimisation=OptimisationConfig(
+            policy_factory=spec.policy_factory, policy_kwargs=spec.policy_kwargs, initial_weights=weights,
+            algorithm=spec.algorithm, algorithm_params=spec.algorithm_params,
+            staleness=StalenessConfig(bound=spec.staleness_bound) if spec.staleness_bound is not None else None,
+            offline_dataset=dataset, batch_size=spec.batch_size, publish_every=spec.publish_every,
+            max_updates_per_s=spec.max_updates_per_s))

@@ -40,7 +40,7 @@ class LocalLearner:
 
     @property
     def target(self) -> str:
-        return f"{self.cfg.host}:{self.port}"
+        return f"{self.cfg.serving.host}:{self.port}"
 
     def counts(self) -> dict[str, int]:
         """Received robot steps, operator steps, finished episodes, learner step, newest version."""

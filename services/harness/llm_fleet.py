@@ -374,7 +374,7 @@ def run_session(spec: LlmSessionSpec, out: Path, on_tick: Callable[[dict[str, An
         shares = [v["idle_share"] for v in per_server.values() if v["idle_share"] is not None]
         return {
             "spec": spec.model_dump(),
-            "learner_config": json.loads(cfg.model_dump_json(exclude={"robot_tokens"})),
+            "learner_config": json.loads(cfg.model_dump_json(exclude={"serving": {"robot_tokens"}})),
             "timings": {"startup_s": round(startup_s, 2), "window_s": round(window_s, 2),
                         "total_s": round(time.time() - t_start, 2)},
             "stop_reason": stop_reason, "target_reached_s": target_at,

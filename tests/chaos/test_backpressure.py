@@ -113,7 +113,7 @@ def test_slow_learner_tight_budget_fast_fleet(tmp_path):
         addr = lp.wait_ready()
         rss0 = rss_bytes(addr["pid"])
         budget = int(BUDGET_MB * (1 << 20))
-        inflight_limit = 4 * cfg.max_message_bytes
+        inflight_limit = 4 * cfg.serving.max_message_bytes
         capacity = (budget - inflight_limit) // (4 * 43 + 37 + 8 + 1)
         actors = [FastActor(f"127.0.0.1:{addr['port']}", f"fast-{i}", tmp_path / f"spool-{i}", seed=i) for i in range(4)]
         for a in actors:

@@ -59,7 +59,7 @@ def test_learner_sigkill_under_load_then_restart_same_port(tmp_path):
         first = procs.add(LearnerProc(cfg_path, tmp_path / "final-1.json", tmp_path / "learner-1.log"))
         first.wait_ready()
         robots = [procs.add(ActorProc(a, tmp_path / f"{a}.jsonl",
-                                      ["--learner", f"127.0.0.1:{cfg.port}", "--job", "demo", "--actor-id", a,
+                                      ["--learner", f"127.0.0.1:{cfg.serving.port}", "--job", "demo", "--actor-id", a,
                                        "--tasks", ",".join(TASKS), "--spool", str(tmp_path / f"spool-{a}"), "--hz", "50",
                                        "--seed", str(10 + i), "--operator", "scripted"], tmp_path / f"{a}.log"))
                   for i, a in enumerate(ACTORS)]

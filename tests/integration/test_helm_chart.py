@@ -157,7 +157,6 @@ def _image_ref(img: dict) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_launcher_env_is_exactly_what_the_values_imply_and_parses_as_kube_settings(case):
-    from fleetloop.config_files import env_overrides
     from services.control.launchers.k8s_settings import KubeSettings
     v = chart().merge_values(CASES[case])
     r = render(CASES[case])
@@ -166,7 +165,7 @@ def test_launcher_env_is_exactly_what_the_values_imply_and_parses_as_kube_settin
     assert {k.removeprefix("FLEETLOOP_K8S_") for k in k8s} == _expected_launcher_fields(v)
     unknown = {k for k in k8s if k.removeprefix("FLEETLOOP_K8S_").lower() not in KubeSettings.model_fields}
     assert not unknown, f"not KubeSettings fields (the API would refuse to start): {sorted(unknown)}"
-    s = KubeSettings.model_validate({"namespace": NAMESPACE, **env_overrides(KubeSettings, "FLEETLOOP_K8S_", k8s)})
+    s = KubeSettings.from_env(k8s, defaults={"namespace": NAMESPACE})
     l = v["learner"]
     assert s.learner_image == _image_ref(l["image"]) and s.robot_image == _image_ref(v["robots"]["image"])
     assert s.image_pull_policy == v["imagePullPolicy"] and s.image_pull_secrets == v["imagePullSecrets"]

@@ -62,7 +62,7 @@ def test_job_objects_scale_status_and_stop(env):
 
     root = core.read_namespaced_config_map(f"fl-{jid}", NS)
     cfg = LearnerConfig.model_validate_json(root.data["learner.json"])
-    assert cfg.job_id == jid and cfg.port == 50051 and cfg.metrics_port == 9400 and cfg.host == "0.0.0.0"
+    assert cfg.job_id == jid and cfg.serving.port == 50051 and cfg.serving.metrics_port == 9400 and cfg.serving.host == "0.0.0.0"
     assert cfg.control_redis_url == "redis://redis.fleet.svc:6379/0" and cfg.tasks == ["reach-v3", "push-v3"]
 
     learner = apps.read_namespaced_deployment(f"fl-{jid}-learner", NS)
@@ -204,7 +204,7 @@ def test_tls_and_gpu_workers(env):
     launcher.launch(job)
     assert store.get_job(job.id).state == "starting", store.get_job(job.id).error
     cfg = json.loads(core.read_namespaced_config_map(f"fl-{job.id}", NS).data["learner.json"])
-    assert (cfg["tls_cert_file"], cfg["tls_key_file"], cfg["tls_client_ca_file"]) == (
+    assert (cfg["tls"]["cert_file"], cfg["tls"]["key_file"], cfg["tls"]["client_ca_file"]) == (
         "/etc/fleetloop/tls/tls.crt", "/etc/fleetloop/tls/tls.key", "/etc/fleetloop/tls/ca.crt")
     pod = apps.read_namespaced_deployment(f"fl-{job.id}-learner", NS).spec.template.spec
     assert {v.name: v.secret.secret_name for v in pod.volumes if v.secret} == {"tls": "learner-tls"}
@@ -241,10 +241,9 @@ def test_tls_and_gpu_workers(env):
 def test_settings_from_environment_and_bad_values():
     from pydantic import ValidationError
 
-    from fleetloop.config_files import env_overrides
     env = {"FLEETLOOP_K8S_RAY_WORKERS": "3", "FLEETLOOP_K8S_TLS_SECRET": "t", "FLEETLOOP_K8S_TLS_CLIENT_AUTH": "true",
            "FLEETLOOP_K8S_IMAGE_PULL_SECRETS": '["a", "b"]', "FLEETLOOP_K8S_NODE_SELECTOR": '{"gpu": "yes"}'}
-    s = KubeSettings.model_validate({"redis_url": "redis://r:6379/0", **env_overrides(KubeSettings, "FLEETLOOP_K8S_", env)})
+    s = KubeSettings.from_env(env, defaults={"redis_url": "redis://r:6379/0"})
     assert (s.ray_workers, s.tls_secret, s.tls_client_auth, s.image_pull_secrets, s.node_selector) == (
         3, "t", True, ["a", "b"], {"gpu": "yes"})
     with pytest.raises(ValidationError, match="tls_client_auth"):
@@ -252,4 +251,4 @@ def test_settings_from_environment_and_bad_values():
     with pytest.raises(ValidationError, match="ray_workers"):
         KubeSettings(redis_url="redis://r", ray_workers=-1)
     with pytest.raises(Exception, match="FLEETLOOP_K8S_RAY_WORKER "):
-        env_overrides(KubeSettings, "FLEETLOOP_K8S_", {"FLEETLOOP_K8S_RAY_WORKER": "1"})
+        KubeSettings.from_env({"FLEETLOOP_K8S_RAY_WORKER": "1"})

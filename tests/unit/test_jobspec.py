@@ -51,9 +51,9 @@ def test_algorithm_params_are_checked_at_submission():
 def test_learner_config_from_spec(tmp_path):
     s = JobSpec(name="j", tasks=["reach-v3", "push-v3"], staleness_bound=3, publish_every=7, resources={"gpus": 1})
     cfg = learner_config(s, "j-abc123", tmp_path, "redis://x:1/0", initial_weights=Path("w.safetensors"))
-    assert cfg.job_id == "j-abc123" and cfg.tasks == ["reach-v3", "push-v3"] and cfg.publish_every == 7
-    assert cfg.staleness.bound == 3 and cfg.device == "cuda" and cfg.control_redis_url == "redis://x:1/0"
-    assert cfg.initial_weights == Path("w.safetensors") and cfg.port == 0
+    assert cfg.job_id == "j-abc123" and cfg.tasks == ["reach-v3", "push-v3"] and cfg.optimisation.publish_every == 7
+    assert cfg.optimisation.staleness.bound == 3 and cfg.device == "cuda" and cfg.control_redis_url == "redis://x:1/0"
+    assert cfg.optimisation.initial_weights == Path("w.safetensors") and cfg.serving.port == 0
 
 
 def test_actor_status_by_age():
@@ -65,14 +65,13 @@ def test_actor_status_by_age():
 
 def test_learner_env_overrides():
     from fleetloop.errors import InvalidArgument
-    from learner.config import LearnerConfig
-    from fleetloop.config_files import env_overrides
+    from learner.settings import load_learner_config
     env = {"FLEETLOOP_LEARNER_PORT": "50051", "FLEETLOOP_LEARNER_ROBOT_TOKENS": '["a","b"]', "OTHER": "x",
            "FLEETLOOP_LEARNER_CONTROL_REDIS_URL": "redis://r:6379/0"}
-    cfg = LearnerConfig.model_validate({**LearnerConfig().model_dump(), **env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", env)})
-    assert cfg.port == 50051 and cfg.robot_tokens == ["a", "b"] and cfg.control_redis_url == "redis://r:6379/0"
+    cfg = load_learner_config(None, {}, environ=env)
+    assert cfg.serving.port == 50051 and cfg.serving.robot_tokens == ["a", "b"] and cfg.control_redis_url == "redis://r:6379/0"
     with pytest.raises(InvalidArgument, match="FLEETLOOP_LEARNER_PROT"):
-        env_overrides(LearnerConfig, "FLEETLOOP_LEARNER_", {"FLEETLOOP_LEARNER_PROT": "1"})
+        load_learner_config(None, {}, environ={"FLEETLOOP_LEARNER_PROT": "1"})
 
 
 # -- task names at submission (issue 17, item 11) -------------------------------------------------

@@ -29,7 +29,7 @@ def test_kind_llm_in_yaml_is_an_llm_learner(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETLOOP_LEARNER_METRICS_PORT", "9999")
     cfg = learner_config(_args(path, port=7001))
     assert isinstance(cfg, LlmLearnerConfig)
-    assert (cfg.job_id, cfg.group_size, cfg.eta, cfg.port, cfg.metrics_port) == ("grpo-1", 4, 2, 7001, 9999)
+    assert (cfg.job_id, cfg.group_size, cfg.eta, cfg.serving.port, cfg.serving.metrics_port) == ("grpo-1", 4, 2, 7001, 9999)
 
 
 def test_robot_file_stays_a_robot_learner(tmp_path):

@@ -201,10 +201,10 @@ def test_config_shorthand_and_shared_fields():
     assert cfg.task_ids == ["arith"] and cfg.kind == "llm"
     cfg = LlmLearnerConfig(tasks=[{"name": "arith", "id": "add", "params": {"digits": 1}}, "sort"], max_streams=4,
                            max_subscriptions=4, grpc_workers=16)
-    assert cfg.task_ids == ["add", "sort"] and (cfg.stream_cap, cfg.subscription_cap) == (4, 4)
+    assert cfg.task_ids == ["add", "sort"] and (cfg.serving.stream_cap, cfg.serving.subscription_cap) == (4, 4)
     assert cfg.grpo_params() == {"temperature": 1.0, "max_staleness": 1}
-    assert LlmLearnerConfig.model_fields["port"].description == \
-        __import__("learner.config").config.LearnerConfig.model_fields["port"].description
+    assert LlmLearnerConfig.model_fields["serving"].annotation.model_fields["port"].description == \
+        __import__("learner.config").config.LearnerConfig.model_fields["serving"].annotation.model_fields["port"].description
     settings = cfg.rollout_settings()
     assert {"model", "model_seed", "tasks", "group_size", "max_new_tokens", "temperature", "top_p", "eta",
             "ticket_ttl_s"} <= set(settings)

@@ -204,7 +204,7 @@ def test_config_refuses_inconsistent_limits(kwargs, words):
     for w in words:
         assert w in str(info.value), str(info.value)
     cfg = LearnerConfig(grpc_workers=16)
-    assert cfg.stream_cap == cfg.subscription_cap == 4
+    assert cfg.serving.stream_cap == cfg.serving.subscription_cap == 4
 
 
 def test_zero_step_end_chunk_is_accounted_not_refused(tmp_path):

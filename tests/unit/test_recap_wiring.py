@@ -271,7 +271,8 @@ def test_frozen_value_without_weights_or_demos_is_refused(tmp_path):
                         policy_factory="fleetloop.policies:recap_mlp_policy")
     with pytest.raises(FailedPrecondition, match="value_weights"):
         LearnerCore(cfg)
-    cfg = cfg.model_copy(update={"algorithm_params": {"value_mode": "refit"}, "state_dir": tmp_path / "l2"})
+    cfg = cfg.model_copy(update={"optimisation": cfg.optimisation.model_copy(update={"algorithm_params": {"value_mode": "refit"}}),
+                                 "state_dir": tmp_path / "l2"})
     core = LearnerCore(cfg)  # refit learns V online: allowed
     assert core.recap_startup["value"] == "none"
     core.stop(checkpoint=False)

@@ -191,11 +191,11 @@ def manifests(s: KubeSettings, job: JobRecord, root: dict[str, Any], robots: int
 
 
 def learner_tls(s: KubeSettings) -> dict[str, Any]:
-    """LearnerConfig TLS fields for the mounted ``tls_secret`` (none without one)."""
+    """LearnerConfig ``tls`` group fields for the mounted ``tls_secret`` (none without one)."""
     if not s.tls_secret:
         return {}
-    return {"tls_cert_file": Path(TLS_DIR, "tls.crt"), "tls_key_file": Path(TLS_DIR, "tls.key"),
-            "tls_client_ca_file": Path(TLS_DIR, "ca.crt") if s.tls_client_auth else None}
+    return {"cert_file": Path(TLS_DIR, "tls.crt"), "key_file": Path(TLS_DIR, "tls.key"),
+            "client_ca_file": Path(TLS_DIR, "ca.crt") if s.tls_client_auth else None}
 
 
 def root_config_map(s: KubeSettings, job: JobRecord, learner_json: str) -> dict[str, Any]:

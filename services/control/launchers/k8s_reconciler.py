@@ -27,7 +27,6 @@ not exercised (stop also deletes every child explicitly, so it does not depend o
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -62,12 +61,9 @@ class KubernetesLauncher(SupervisedLauncher):
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        from fleetloop.config_files import env_overrides
-        values: dict[str, Any] = {"redis_url": os.environ.get("FLEETLOOP_K8S_REDIS_URL") or store.url,
-                                  **env_overrides(KubeSettings, "FLEETLOOP_K8S_")}
-        if namespace:
-            values["namespace"] = namespace
-        return cls(store, client.ApiClient(), KubeSettings.model_validate(values))
+        settings = KubeSettings.from_env(defaults={"redis_url": store.url},
+                                         **({"namespace": namespace} if namespace else {}))
+        return cls(store, client.ApiClient(), settings)
 
     # -- objects (built by k8s_manifests) ------------------------------------------------------
     def learner_pod_spec(self, job: JobRecord, command: list[str] | None = None) -> dict[str, Any]:
@@ -124,8 +120,10 @@ class KubernetesLauncher(SupervisedLauncher):
         try:
             self.store.update_job(job.id, state="starting")
             cfg = learner_config(job.spec, job.id, STATE_DIR, self.s.redis_url, host="0.0.0.0")
-            cfg = cfg.model_copy(update={"port": GRPC_PORT, "metrics_port": METRICS_PORT,
-                                         **k8s_manifests.learner_tls(self.s)})
+            # not validated here: the TLS files exist in the learner pod (mounted), not in this one
+            cfg = cfg.model_copy(update={
+                "serving": cfg.serving.model_copy(update={"port": GRPC_PORT, "metrics_port": METRICS_PORT}),
+                "tls": cfg.tls.model_copy(update=k8s_manifests.learner_tls(self.s))})
             root_obj = k8s_manifests.root_config_map(self.s, job, cfg.model_dump_json(indent=2))
             root = self.core.create_namespaced_config_map(self.s.namespace, root_obj).to_dict()
             root = {"metadata": {"name": root["metadata"]["name"], "uid": root["metadata"].get("uid") or ""}}

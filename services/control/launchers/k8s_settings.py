@@ -1,22 +1,36 @@
 """How the Kubernetes launcher builds a job's objects: :class:`KubeSettings` (env ``FLEETLOOP_K8S_*``
-in the API pod) and the fixed ports and paths inside job pods."""
+in the API pod, set by the helm chart's ``_launcher.tpl``) and the fixed ports and paths inside job pods."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fleetloop.config_files import StrictEnvSource
 
 GRPC_PORT, METRICS_PORT, ROBOT_METRICS_PORT = 50051, 9400, 9100
 STATE_DIR = "/var/lib/fleetloop/learner"
 TLS_DIR, ROBOT_TLS_DIR = "/etc/fleetloop/tls", "/etc/fleetloop/robot-tls"
 LEARNER_COMMAND = ["fleetloop", "learner", "--config", "/etc/fleetloop/learner.json"]
 
+#: the environment and defaults of the KubeSettings being built by :meth:`KubeSettings.from_env`
+_FROM_ENV: ContextVar[tuple[Mapping[str, str] | None, Mapping[str, Any]]] = ContextVar("kube_settings_env",
+                                                                                      default=(None, {}))
 
-class KubeSettings(BaseModel):
-    """How the Kubernetes launcher builds a job's objects (env ``FLEETLOOP_K8S_*`` in the API pod)."""
 
-    model_config = ConfigDict(extra="forbid")
+class KubeSettings(BaseSettings):
+    """How the Kubernetes launcher builds a job's objects (env ``FLEETLOOP_K8S_*`` in the API pod).
+
+    A pydantic-settings model: ``KubeSettings(...)`` (and ``model_validate``) take their arguments, then
+    ``FLEETLOOP_K8S_<FIELD>`` variables of ``os.environ`` (lists and mappings as JSON); :meth:`from_env`
+    reads any mapping, over defaults. An unknown ``FLEETLOOP_K8S_*`` variable is refused with
+    InvalidArgument naming it (a typo must not be ignored)."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix="FLEETLOOP_K8S_")
     namespace: str = Field("default", description="Namespace of every job object.")
     learner_image: str = Field("fleetloop/learner:0.1.0", description="Image of the learner.")
     robot_image: str = Field("fleetloop/robot:0.1.0", description="Image of the simulated robots.")
@@ -45,6 +59,23 @@ class KubeSettings(BaseModel):
                                                      "ca.crt (mTLS); simulated robots then need robot_tls_secret.")
     robot_tls_secret: str | None = Field(None, description="Secret (tls.crt, tls.key) with the client certificate simulated "
                                                             "robots present when tls_client_auth is on.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ, defaults = _FROM_ENV.get()
+        return init_settings, StrictEnvSource(settings_cls, environ), InitSettingsSource(settings_cls, dict(defaults))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, defaults: Mapping[str, Any] | None = None,
+                 **overrides: Any) -> "KubeSettings":
+        """Settings from ``environ`` (default ``os.environ``): ``overrides`` > ``FLEETLOOP_K8S_*`` > ``defaults``."""
+        token = _FROM_ENV.set((environ, defaults or {}))
+        try:
+            return cls(**overrides)
+        finally:
+            _FROM_ENV.reset(token)
 
     @model_validator(mode="after")
     def _tls(self) -> "KubeSettings":

@@ -79,7 +79,8 @@ class LocalLauncher(SupervisedLauncher):
             self.store.update_job(job.id, state="starting")
             cfg = learner_config(spec, job.id, root / "learner", self.store.url, initial_weights=weights, offline_dataset=dataset)
             if job.learner is not None:  # a relaunch: same port, so robots that keep retrying find it again
-                cfg = cfg.model_copy(update={"port": int(job.learner.target.rsplit(":", 1)[1])})
+                port = int(job.learner.target.rsplit(":", 1)[1])
+                cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"port": port})})
             handle = start_learner(cfg, ray_address=self.ray_address, num_cpus=self.ray_num_cpus, temp_dir=self.ray_temp_dir,
                                    actor_cpus=spec.resources.cpus, actor_gpus=spec.resources.gpus or None)
             lj.handle = handle
