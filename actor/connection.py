@@ -39,7 +39,7 @@ from fleetloop.errors import FleetloopError, Unavailable
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 
-__all__ = ["LearnerConnection", "RETRYABLE", "error_from_rpc"]
+__all__ = ["ConnectionParts", "LearnerConnection", "RETRYABLE", "error_from_rpc"]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Status codes a call is retried on (the learner is unreachable right now); any other is a refusal."""
@@ -54,6 +54,40 @@ def error_from_rpc(err: grpc.RpcError) -> FleetloopError:
         if cls.code == err.code().name:
             return cls(err.details() or err.code().name)
     return FleetloopError(f"{err.code().name}: {err.details()}")
+
+
+class ConnectionParts:
+    """The parts of ``self.connection`` (a :class:`LearnerConnection`) as the owner's own read-only
+    attributes: what callers of the robot client and the LLM actor read (``metadata``, ``spool``,
+    ``channel``, ``stub``, ``sender``, ``weights``)."""
+
+    connection: "LearnerConnection"
+
+    @property
+    def metadata(self) -> tuple:
+        """The call metadata (bearer token; empty without a credential)."""
+        return self.connection.metadata
+
+    @property
+    def spool(self) -> Spool:
+        return self.connection.spool
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.connection.channel
+
+    @property
+    def stub(self) -> pb_grpc.LearnerStub:
+        return self.connection.stub
+
+    @property
+    def sender(self) -> Sender:
+        return self.connection.sender
+
+    @property
+    def weights(self) -> WeightClient | None:
+        """The weight follower (None before ``connect``)."""
+        return self.connection.weights
 
 
 class LearnerConnection:

@@ -40,19 +40,17 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import grpc
 import numpy as np
 
-from actor.connection import LearnerConnection
+from actor.connection import ConnectionParts, LearnerConnection
 from actor.limits import announced_limit
 from actor.recorder import EpisodeRecorder, _empty_tensors
-from actor.sender import Sender
 from actor.spool import Spool, SpoolEntry
-from actor.weight_client import VerifiedWeights, WeightClient
+from actor.weight_client import VerifiedWeights
 from fleetloop.channels import channel_options
 from fleetloop import wire_settings
 from fleetloop.codec import PROTOCOL_VERSION, encode
 from fleetloop.errors import InvalidArgument, Unavailable
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
-from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from actor.metrics import ActorMetrics
@@ -131,7 +129,7 @@ def close_interrupted_episodes(spool: Spool, observation_specs: Sequence, action
     return closed
 
 
-class FleetClient:
+class FleetClient(ConnectionParts):
     """Connection to one learner for one actor. Thread-safe for one control loop."""
 
     def __init__(self, learner: str, job_id: str, actor_id: str, observation_specs: Sequence, action_specs: Sequence,
@@ -179,33 +177,6 @@ class FleetClient:
         self._callbacks: list[Callable[[VerifiedWeights], None]] = []
         self._open: EpisodeRecorder | None = None
         self.episodes: dict[str, int] = {}
-
-    # -- the connection's parts, as the client's attributes ----------------------------------
-    @property
-    def metadata(self) -> tuple:
-        """The call metadata (bearer token; empty without a credential)."""
-        return self.connection.metadata
-
-    @property
-    def spool(self) -> Spool:
-        return self.connection.spool
-
-    @property
-    def channel(self) -> grpc.Channel:
-        return self.connection.channel
-
-    @property
-    def stub(self) -> pb_grpc.LearnerStub:
-        return self.connection.stub
-
-    @property
-    def sender(self) -> Sender:
-        return self.connection.sender
-
-    @property
-    def weights(self) -> WeightClient | None:
-        """The weight follower (None before :meth:`connect`)."""
-        return self.connection.weights
 
     # -- connection --------------------------------------------------------------------------
     def connect(self) -> pb.RunConfig:

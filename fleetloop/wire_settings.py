@@ -31,6 +31,8 @@ JOB_STATES: dict[str, int] = {"running": pb.JOB_STATE_RUNNING, "paused": pb.JOB_
                               "stopping": pb.JOB_STATE_STOPPING}
 #: Completion finish reasons (vLLM's words) <-> the enum.
 FINISH_REASONS: dict[str, int] = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_STATE_NAMES = {v: k for k, v in JOB_STATES.items()}
+_FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
 
 _INFERENCE_FLOATS = ("guidance_beta", "eval_guidance_beta")
 
@@ -192,7 +194,7 @@ def job_state_fields(state: str) -> dict[str, Any]:
 def job_state(ann: pb.WeightAnnouncement) -> str:
     """The announced job state: the enum when set, else the string ("" = running: learners before it)."""
     if ann.state != pb.JOB_STATE_UNSPECIFIED:
-        return {v: k for k, v in JOB_STATES.items()}.get(ann.state, "running")
+        return _STATE_NAMES.get(ann.state, "running")
     return ann.job_state or "running"
 
 
@@ -206,6 +208,6 @@ def finish_fields(reason: str | None) -> dict[str, Any]:
 def finish_reason(c: pb.Completion) -> str:
     """A completion's finish reason: the enum when set, else the string."""
     if c.finish != pb.FINISH_REASON_UNSPECIFIED:
-        return {v: k for k, v in FINISH_REASONS.items()}[c.finish]
+        return _FINISH_NAMES.get(c.finish, c.finish_reason)  # an enum value newer than this reader: the string
     return c.finish_reason
 

@@ -49,8 +49,7 @@ class JobState(StrEnum):
 
 class AdmitGrant(BaseModel):
     """What one Admit grants (:meth:`LearnerCore.admit`). Invariants: ``retry_after_ms >= 100`` when
-    ``ticket_ids`` is empty, 0 otherwise; ``learner_version >= 0``. Read ``grant["ticket_ids"]`` as
-    well as ``grant.ticket_ids`` (the dict it replaces was read by key)."""
+    ``ticket_ids`` is empty, 0 otherwise; ``learner_version >= 0``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -59,9 +58,6 @@ class AdmitGrant(BaseModel):
     retry_after_ms: int
     ticket_ttl_s: float
     max_staleness: int
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 class StatusBase(BaseModel):

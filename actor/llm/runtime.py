@@ -49,13 +49,12 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from actor.connection import LearnerConnection
+from actor.connection import ConnectionParts, LearnerConnection
 from actor.limits import announced_limit, over_limit, report_oversized
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
 from actor.llm.options import LlmActorOptions, default_engine_factory, resolve_model_dir  # noqa: F401 - re-exported
 from actor.llm.rollout import Rollouts
 from actor.llm.supervisor import EngineSupervisor
-from actor.sender import Sender
 from actor.spool import Spool
 from actor.weight_client import VerifiedWeights, WeightClient
 from fleetloop import wire_settings
@@ -63,7 +62,6 @@ from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.errors import FailedPrecondition, FleetloopError, ResourceExhausted, Unavailable
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
-from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 
 log = get_logger("actor.llm")
 
@@ -78,7 +76,7 @@ class _AnnouncedWeightClient(WeightClient):
         super()._handle(ann)
 
 
-class LlmActor:
+class LlmActor(ConnectionParts):
     """One LLM rollout server; see the module docstring. One control loop (``run``) per instance."""
 
     def __init__(self, opts: LlmActorOptions, engine_factory: Callable[..., Any] = default_engine_factory,
@@ -103,32 +101,7 @@ class LlmActor:
         self._retry: VerifiedWeights | None = None  # an update that failed, retried next turn
         self._started = False
 
-    # -- the connection's and the supervisor's parts, as the actor's attributes ---------------
-    @property
-    def metadata(self) -> tuple:
-        return self.connection.metadata
-
-    @property
-    def spool(self) -> Spool:
-        return self.connection.spool
-
-    @property
-    def channel(self) -> grpc.Channel:
-        return self.connection.channel
-
-    @property
-    def stub(self) -> pb_grpc.LearnerStub:
-        return self.connection.stub
-
-    @property
-    def sender(self) -> Sender:
-        return self.connection.sender
-
-    @property
-    def weights(self) -> _AnnouncedWeightClient | None:
-        """The weight follower (None before :meth:`connect`)."""
-        return self.connection.weights
-
+    # -- the supervisor's parts, as the actor's attributes (the connection's: ConnectionParts) --
     @property
     def engine(self):
         """The engine (None before :meth:`connect`)."""

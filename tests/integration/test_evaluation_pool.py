@@ -7,28 +7,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from fleetloop.policies import build_policy
-from fleetloop.weights import state_dict_to_blob
 from learner.weight_store import WeightStore
 from services.harness.evaluation import EvalPool, PeriodicEvaluator, read_policy_file
+from tests.helpers.policy_weights import policy_blob, published_state_dir
 
-MLP = "fleetloop.policies:mlp_policy"
 RECAP = "fleetloop.policies:recap_mlp_policy"
-
-
-def _blob(factory=MLP, seed=0, tasks=1):
-    torch.manual_seed(seed)
-    return state_dict_to_blob(build_policy(factory, {}, 39, 4, tasks).state_dict())
 
 
 @pytest.fixture()
 def state_dir(tmp_path):
-    store = WeightStore(tmp_path / "state" / "weights")
-    for seed in range(3):
-        store.publish(_blob(seed=seed), learner_step=seed * 10)
-    return tmp_path / "state"
+    return published_state_dir(tmp_path)
 
 
 @pytest.mark.timeout(240)
@@ -39,7 +28,7 @@ def test_fleetloop_eval_by_version_with_guidance_beta(tmp_path, capsys):
     from services.harness.experiment_fleet import write_policy_file
 
     state = tmp_path / "state"
-    WeightStore(state / "weights").publish(_blob(RECAP), learner_step=0)
+    WeightStore(state / "weights").publish(policy_blob(RECAP), learner_step=0)
     write_policy_file(state, RECAP, {}, ["reach-v3"])
     assert read_policy_file(state)["policy_factory"] == RECAP
     out = tmp_path / "eval.json"
@@ -90,7 +79,7 @@ def test_deferred_evaluation_snapshots_during_the_run_and_evaluates_after(tmp_pa
     """Deferred mode: polls only copy snapshots (nothing is evaluated while the run goes on); finish()
     evaluates them in time order, every one up to the first that reaches the target, then a sparse
     curve (evenly spaced plus the last), counting the skipped ones."""
-    blobs = [_blob(seed=s) for s in range(6)]
+    blobs = [policy_blob(seed=s) for s in range(6)]
     current = {"v": 0}
     with EvalPool(1) as pool:
         ev = PeriodicEvaluator(pool, lambda: (current["v"], blobs[current["v"]]), tmp_path / "snaps", ["reach-v3"],
@@ -113,7 +102,7 @@ def test_deferred_evaluation_snapshots_during_the_run_and_evaluates_after(tmp_pa
 @pytest.mark.timeout(240)
 def test_deferred_evaluation_scans_every_snapshot_until_the_target(tmp_path):
     """An unreachable target: every snapshot is evaluated; a version seen twice is evaluated once."""
-    blob = _blob(seed=1)
+    blob = policy_blob(seed=1)
     with EvalPool(1) as pool:
         ev = PeriodicEvaluator(pool, lambda: (7, blob), tmp_path / "snaps", ["reach-v3"], trials=1, interval_s=0.0,
                                eval_kwargs={"max_steps": 10}, deferred=True, target=1.01)

@@ -328,17 +328,17 @@ def test_core_never_trains_past_eta(tmp_path, model_cache, toy_task):
         assert core.ingestor.ingest(chunk, chunk.ByteSize(), core.version) is False
 
     for step in range(3):  # versions 0 -> 3 on fresh groups
-        for i, t in enumerate(core.admit("a", 2, core.version)["ticket_ids"]):
+        for i, t in enumerate(core.admit("a", 2, core.version).ticket_ids):
             send(f"fresh-{step}-{i}", core.version, t)
         assert core.train_step(timeout=5)["staleness"] == [0, 0]
     assert core.version == 3
-    t1, t2 = core.admit("a", 2, 3)["ticket_ids"]
+    t1, t2 = core.admit("a", 2, 3).ticket_ids
     send("stale", 1, t1)       # 3 - 1 = 2 > eta: dropped
     send("ok", 2, t2)          # 3 - 2 = 1: trained
     send("extra", 3)           # no ticket: rides along
     rec = core.train_step(timeout=5)
     assert (rec["groups"], rec["dropped_stale"], sorted(rec["staleness"]), rec["version"]) == (2, 1, [0, 1], 4)
-    t1, t2 = core.admit("a", 2, 4)["ticket_ids"]
+    t1, t2 = core.admit("a", 2, 4).ticket_ids
     send("old-1", 2, t1)
     send("old-2", 0, t2)
     rec = core.train_step(timeout=5)  # every group stale: nothing trained, the version still advances

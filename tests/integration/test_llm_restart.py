@@ -137,7 +137,7 @@ def test_crash_keeps_acknowledged_groups_exactly_once(tmp_path, model_cache):
     cfg = _config(state, model_cache)
     a = Served(cfg)
     a.core.optimizer_ckpt.every_s = 1e9                           # no periodic save: checkpoint() below is the last
-    tickets = a.core.admit("llm-a", 4, 0)["ticket_ids"]
+    tickets = a.core.admit("llm-a", 4, 0).ticket_ids
     assert len(tickets) == 4
     assert a.send(*(group(f"g{i}", 0, t) for i, t in enumerate(tickets))) == [False] * 4
     assert [a.step()["version"], a.step()["version"]] == [1, 2]           # g0..g3 trained

@@ -9,24 +9,13 @@ import torch
 
 from fleetloop.errors import IntegrityError, InvalidArgument, NotFound
 from fleetloop.policies import build_policy
-from fleetloop.weights import state_dict_to_blob
-from learner.weight_store import WeightStore
 from services.harness.evaluation import PeriodicEvaluator, resolve_weights
-
-MLP = "fleetloop.policies:mlp_policy"
-
-
-def _blob(factory=MLP, seed=0, tasks=1):
-    torch.manual_seed(seed)
-    return state_dict_to_blob(build_policy(factory, {}, 39, 4, tasks).state_dict())
+from tests.helpers.policy_weights import MLP, policy_blob, published_state_dir
 
 
 @pytest.fixture()
 def state_dir(tmp_path):
-    store = WeightStore(tmp_path / "state" / "weights")
-    for seed in range(3):
-        store.publish(_blob(seed=seed), learner_step=seed * 10)
-    return tmp_path / "state"
+    return published_state_dir(tmp_path)
 
 
 def test_version_from_a_state_dir(state_dir):
@@ -37,7 +26,7 @@ def test_version_from_a_state_dir(state_dir):
 
 
 def test_a_version_whose_bytes_do_not_match_the_index_is_refused(state_dir):
-    (state_dir / "weights" / "v1.safetensors").write_bytes(_blob(seed=9))
+    (state_dir / "weights" / "v1.safetensors").write_bytes(policy_blob(seed=9))
     with pytest.raises(IntegrityError, match="sha256"):
         resolve_weights(state_dir=state_dir, version=1)
 
@@ -97,7 +86,7 @@ class _ScriptedPool:
 def test_deferred_search_finds_the_first_snapshot_reaching_the_target(tmp_path, stride, asked, ttt):
     from services.harness.experiment_metrics import time_to_target
     means = [0.5, 0.6, 0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.85, 0.9, 0.9, 0.95]  # 7 dips below after the first hit
-    blobs = {v: _blob(seed=0) for v in range(len(means))}
+    blobs = {v: policy_blob(seed=0) for v in range(len(means))}
     pool = _ScriptedPool(means)
     current = {"v": 0}
     ev = PeriodicEvaluator(pool, lambda: (current["v"], blobs[current["v"]]), tmp_path / "snaps", ["reach-v3"], trials=1,
@@ -113,7 +102,7 @@ def test_deferred_search_finds_the_first_snapshot_reaching_the_target(tmp_path, 
 
 def test_deferred_search_without_a_hit_evaluates_the_coarse_grid_and_the_last(tmp_path):
     pool = _ScriptedPool([0.1] * 8)
-    blob = _blob()
+    blob = policy_blob()
     current = {"v": 0}
     ev = PeriodicEvaluator(pool, lambda: (current["v"], blob), tmp_path / "snaps", ["reach-v3"], trials=1, interval_s=1.0,
                            deferred=True, target=0.8, coarse_stride=3)
