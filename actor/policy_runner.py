@@ -1,6 +1,7 @@
 """PolicyRunner: builds the job's policy from the RunConfig and runs it for one robot.
 
-The architecture comes from the handshake (factory name + kwargs + task list), so actor and learner
+The architecture comes from the handshake (factory name + kwargs + task list) and the job's tensor
+specs (the robot's own, which the handshake checked equal to the job's), so actor and learner
 agree by construction; ``load`` takes only digest-verified weights (``VerifiedWeights``).
 Inference is single-observation, no grad, CPU by default (robots run locally).
 
@@ -16,6 +17,7 @@ the positive pass runs. An evaluation harness overrides beta with the ``guidance
 from __future__ import annotations
 
 import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ import torch
 from actor.weight_client import VerifiedWeights
 from fleetloop import wire_settings
 from fleetloop.policies import build_policy, guided_action
+from fleetloop.specs import PolicySpec, TensorInfo
 
 
 class PolicyRunner:
@@ -31,13 +34,18 @@ class PolicyRunner:
     ``guidance``: the CFG beta in use (``guidance_beta`` argument, else the RunConfig's, else 1.0).
     ``guided_actions`` counts actions computed through guidance (conditioned policies only)."""
 
-    def __init__(self, run_config, obs_dim: int, act_dim: int, device: str = "cpu",
-                 guidance_beta: float | None = None) -> None:
+    def __init__(self, run_config, observations: "int | Sequence[Any]", actions: "int | Sequence[Any]",
+                 device: str = "cpu", guidance_beta: float | None = None) -> None:
+        """``observations``/``actions``: the job's tensor specs (wire TensorSpecs, SpecModels or
+        dicts), or widths for one float32 ``state``/``action`` vector each."""
         self.task_ids = list(run_config.task_ids)
         self.task_index = {t: i for i, t in enumerate(self.task_ids)}
         self.device = torch.device(device)
+        obs = [TensorInfo("state", "float32", (int(observations),))] if isinstance(observations, int) else observations
+        act = [TensorInfo("action", "float32", (int(actions),))] if isinstance(actions, int) else actions
+        self.spec = PolicySpec.from_specs(obs, act, self.task_ids)
         self.policy = build_policy(run_config.policy_factory, wire_settings.policy_kwargs(run_config),
-                                   obs_dim, act_dim, len(self.task_ids)).to(self.device).eval()
+                                   self.spec).to(self.device).eval()
         self.inference = wire_settings.inference(run_config)
         self.eval_guidance_beta = float(self.inference.get("eval_guidance_beta", self.inference.get("guidance_beta", 1.0)))
         self.conditioned = bool(getattr(self.policy, "conditioned", False))
@@ -65,12 +73,22 @@ class PolicyRunner:
         self.installs += 1
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, task_id: str) -> np.ndarray:
-        """Action for one observation: float32 [act_dim]. With a conditioned policy, classifier-free
-        guidance mixes the positive-conditioned and unconditional outputs with ``guidance``."""
-        o = torch.as_tensor(np.asarray(obs, np.float32), device=self.device).unsqueeze(0)
+    def act(self, obs: "Mapping[str, np.ndarray] | np.ndarray", task_id: str) -> np.ndarray:
+        """Action for one observation -- a mapping of the job's tensor names to per-step arrays, or
+        one array when the job has a single observation tensor --: float32 [act_dim]. With a
+        conditioned policy, classifier-free guidance mixes the positive-conditioned and
+        unconditional outputs with ``guidance``."""
+        o = self._batch_of_one(obs)
         t = torch.tensor([self.task_index[task_id]], device=self.device)
         if not self.conditioned:
             return self.policy(o, t).squeeze(0).cpu().numpy()
         self.guided_actions += 1
         return guided_action(self.policy, o, t, self.guidance).squeeze(0).cpu().numpy()
+
+    def _batch_of_one(self, obs: "Mapping[str, np.ndarray] | np.ndarray") -> dict[str, torch.Tensor]:
+        if not isinstance(obs, Mapping):
+            if len(self.spec.observations) != 1:
+                raise ValueError(f"this job observes {[o.name for o in self.spec.observations]}: pass a mapping")
+            obs = {self.spec.observations[0].name: obs}
+        return {o.name: torch.as_tensor(np.asarray(obs[o.name], dtype=o.dtype), device=self.device).unsqueeze(0)
+                for o in self.spec.observations}

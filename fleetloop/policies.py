@@ -1,19 +1,28 @@
-"""Policy architecture plug-ins.
+"""Policy architecture plug-ins (the full contract, with an example: docs/POLICIES.md).
 
 A job names its policy as ``"module:function"`` plus keyword arguments (JSON). The function is a
-*factory*::
+*factory*, marked with :func:`policy_factory`::
 
-    factory(obs_dim: int, act_dim: int, num_tasks: int, **kwargs) -> Policy
+    @policy_factory
+    def factory(spec: PolicySpec, **kwargs) -> Policy
 
-and a ``Policy`` is a ``torch.nn.Module`` with
+``spec`` (:class:`fleetloop.specs.PolicySpec`) names the job's observation tensors (state vectors,
+uint8 ``[H, W, C]`` cameras), its flat action width and bounds, and its tasks. A ``Policy`` is a
+``torch.nn.Module`` with
 
-    forward(obs: FloatTensor[B, obs_dim], task: LongTensor[B], cond: LongTensor[B] | None) -> FloatTensor[B, act_dim]
+    forward(obs: dict[str, Tensor], task: LongTensor[B], cond: LongTensor[B] | None) -> FloatTensor[B, act_dim]
 
-returning the action (deterministic mean, in the action space's [-1, 1] range). ``cond`` is an
+``obs`` holds every observation tensor of the job, batched ``[B, *shape]`` in its spec dtype
+(images stay uint8: the policy normalises them, and augments them in ``train()`` mode if it wants).
+It returns the action (deterministic mean, in the action space's [-1, 1] range). ``cond`` is an
 optional per-sample conditioning token (RECAP's advantage indicator: 0 = none/unconditional,
 1 = negative, 2 = positive); policies that ignore it accept ``None``. The learner and every actor
-build the same architecture from the same name and kwargs (sent in the handshake's RunConfig), so
-a state dict from one loads into the other. A VLA replaces this by naming another factory.
+build the same architecture from the same name, kwargs and specs (the handshake sends all three),
+so a state dict from one loads into the other.
+
+An *unmarked* factory is the older form ``factory(obs_dim, act_dim, num_tasks, **kwargs)`` whose
+module takes one flat float tensor: :func:`build_policy` still builds it, passing the width of the
+vector observations (:func:`fleetloop.specs.flatten_vectors`), and lets its module accept the dict.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from torch import nn
 
 from fleetloop.errors import InvalidArgument
 from fleetloop.plugins import import_callable
+from fleetloop.specs import PolicySpec, batch_size_of, flatten_vectors
+
+_MARK = "__fleetloop_policy_spec__"
 
 DEFAULT_FACTORY = "fleetloop.policies:mlp_policy"
 
@@ -55,8 +67,14 @@ class MLPPolicy(nn.Module):
             in_dim = width
         layers.append(nn.Linear(in_dim, act_dim))
         self.net = nn.Sequential(*layers)
+        self.spec: PolicySpec | None = None  # set by the factory: which tensors of a dict observation it reads
 
-    def forward(self, obs: torch.Tensor, task: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, obs, task: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``obs``: a dict of observation tensors (the vector ones are read, flattened in spec
+        order) or one flat float tensor ``[B, obs_dim]``."""
+        if not isinstance(obs, torch.Tensor):
+            obs = flatten_vectors(obs, self.spec) if self.spec is not None else torch.cat(
+                [v.reshape(v.shape[0], -1).float() for v in obs.values()], dim=-1)
         parts = [obs, nn.functional.one_hot(task.long(), self.num_tasks).to(obs.dtype)]
         if self.cond_embed is not None:
             if cond is None:
@@ -65,20 +83,49 @@ class MLPPolicy(nn.Module):
         return torch.tanh(self.net(torch.cat(parts, dim=-1)))
 
 
-def mlp_policy(obs_dim: int, act_dim: int, num_tasks: int, hidden: list[int] | tuple[int, ...] = (256, 256),
-               conditioned: bool = False) -> MLPPolicy:
-    """Factory for :class:`MLPPolicy` (the default policy)."""
-    return MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=conditioned)
+def policy_factory(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Mark ``fn`` as a factory of the current form ``fn(spec: PolicySpec, **kwargs)``."""
+    setattr(fn, _MARK, True)
+    return fn
 
 
-def recap_mlp_policy(obs_dim: int, act_dim: int, num_tasks: int, hidden: list[int] | tuple[int, ...] = (256, 256),
-                     cond_dim: int = 8) -> MLPPolicy:
+def _spec_args(args: tuple) -> tuple[PolicySpec, tuple[int, int, int]]:
+    """``(spec)`` or the legacy ``(obs_dim, act_dim, num_tasks)`` -> (spec, dims)."""
+    if len(args) == 1 and isinstance(args[0], PolicySpec):
+        spec = args[0]
+        return spec, (spec.vector_dim, spec.act_dim, spec.num_tasks)
+    if len(args) == 3:
+        spec = PolicySpec.flat(*(int(a) for a in args))
+        return spec, (spec.vector_dim, spec.act_dim, spec.num_tasks)
+    raise InvalidArgument(f"a policy factory takes (spec) or (obs_dim, act_dim, num_tasks), got {len(args)} arguments",
+                          field="policy_factory", value=len(args))
+
+
+@policy_factory
+def mlp_policy(*args, hidden: list[int] | tuple[int, ...] = (256, 256), conditioned: bool = False) -> MLPPolicy:
+    """Factory for :class:`MLPPolicy` (the default policy): reads the job's vector observations
+    (images, if any, are ignored). Call as ``mlp_policy(spec)`` or ``mlp_policy(obs_dim, act_dim, num_tasks)``."""
+    spec, (obs_dim, act_dim, num_tasks) = _spec_args(args)
+    if obs_dim < 1:
+        raise InvalidArgument("mlp_policy needs at least one non-image observation tensor; the job declares only "
+                              f"images {[o.name for o in spec.images]} (use fleetloop.vision:visuomotor_policy)",
+                              field="policy_factory", value="fleetloop.policies:mlp_policy")
+    policy = MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=conditioned)
+    policy.spec = spec
+    return policy
+
+
+@policy_factory
+def recap_mlp_policy(*args, hidden: list[int] | tuple[int, ...] = (256, 256), cond_dim: int = 8) -> MLPPolicy:
     """Factory for RECAP: an :class:`MLPPolicy` conditioned on the advantage indicator (``cond``:
     :data:`COND_NONE` = unknown/unconditional, :data:`COND_NEGATIVE`, :data:`COND_POSITIVE`), fed as a
     learned ``cond_dim``-wide embedding beside the observation and one-hot task."""
     if int(cond_dim) < 1:
         raise InvalidArgument(f"cond_dim must be >= 1, got {cond_dim}", field="policy_kwargs.cond_dim", value=cond_dim)
-    return MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=True, cond_dim=int(cond_dim))
+    spec, (obs_dim, act_dim, num_tasks) = _spec_args(args)
+    policy = MLPPolicy(obs_dim, act_dim, num_tasks, tuple(int(h) for h in hidden), conditioned=True, cond_dim=int(cond_dim))
+    policy.spec = spec
+    return policy
 
 
 def cfg_mix(uncond: torch.Tensor, cond: torch.Tensor, beta: float,
@@ -104,10 +151,11 @@ def guided_action(policy: nn.Module, obs: torch.Tensor, task: torch.Tensor, beta
     ``beta == 1`` only the conditional forward pass runs. A policy without ``conditioned`` just runs."""
     if not getattr(policy, "conditioned", False):
         return policy(obs, task, None)
-    pos = policy(obs, task, torch.full((obs.shape[0],), COND_POSITIVE, dtype=torch.long, device=obs.device))
+    n = batch_size_of(obs)
+    pos = policy(obs, task, torch.full((n,), COND_POSITIVE, dtype=torch.long, device=task.device))
     if float(beta) == 1.0:
         return pos if low is None and high is None else torch.clamp(pos, min=low, max=high)
-    unc = policy(obs, task, torch.full((obs.shape[0],), COND_NONE, dtype=torch.long, device=obs.device))
+    unc = policy(obs, task, torch.full((n,), COND_NONE, dtype=torch.long, device=task.device))
     return cfg_mix(unc, pos, beta, low, high)
 
 
@@ -116,8 +164,47 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     return import_callable(name, field="policy_factory", what="policy factory")
 
 
-def build_policy(factory: str, kwargs: dict[str, Any] | str | None, obs_dim: int, act_dim: int, num_tasks: int) -> nn.Module:
-    """Build a policy from a factory name and kwargs (dict or JSON string)."""
+def build_policy(factory: str, kwargs: dict[str, Any] | str | None, *spec_or_dims) -> nn.Module:
+    """Build a policy from a factory name, its kwargs (dict or JSON string) and the job's
+    :class:`PolicySpec` (or the legacy ``obs_dim, act_dim, num_tasks``). An unmarked (older) factory
+    is called with ``(spec.vector_dim, spec.act_dim, spec.num_tasks)`` and its module is made to
+    accept dict observations (their vector tensors, flattened in spec order); its state-dict keys
+    are unchanged."""
     if isinstance(kwargs, str):
         kwargs = json.loads(kwargs) if kwargs else {}
-    return resolve_factory(factory)(obs_dim, act_dim, num_tasks, **(kwargs or {}))
+    spec, dims = _spec_args(tuple(spec_or_dims))
+    fn = resolve_factory(factory)
+    if getattr(fn, _MARK, False):
+        return fn(spec, **(kwargs or {}))
+    if spec.images:
+        raise InvalidArgument(f"policy factory {factory!r} takes (obs_dim, act_dim, num_tasks) and cannot read the job's "
+                              f"camera tensors {[o.name for o in spec.images]}; mark a dict-observation factory with "
+                              "@fleetloop.policies.policy_factory (docs/POLICIES.md)", field="policy_factory", value=factory)
+    return accept_dicts(fn(*dims, **(kwargs or {})), spec)
+
+
+_DICT_CLASSES: dict[type, type] = {}
+
+
+class _DictInput:
+    """Mixin put in front of a flat-input policy class by :func:`accept_dicts`."""
+
+    _flat_spec: PolicySpec
+
+    def forward(self, obs, *args, **kwargs):
+        if not isinstance(obs, torch.Tensor):
+            obs = flatten_vectors(obs, self._flat_spec)
+        return super().forward(obs, *args, **kwargs)  # type: ignore[misc]
+
+
+def accept_dicts(module: nn.Module, spec: PolicySpec) -> nn.Module:
+    """Let a flat-input policy module take dict observations: its ``forward`` flattens the vector
+    tensors of ``spec`` first (a bare tensor passes through). Same object, same state-dict keys
+    (its class becomes a subclass that adds only this; deepcopy keeps working)."""
+    cls = type(module)
+    if not issubclass(cls, _DictInput):
+        if cls not in _DICT_CLASSES:
+            _DICT_CLASSES[cls] = type(cls.__name__, (_DictInput, cls), {"__module__": cls.__module__})
+        module.__class__ = _DICT_CLASSES[cls]
+    module._flat_spec = spec
+    return module

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from learner.batch import SAMPLE_FIELDS, Batch, extra_keys
+from learner.batch import Batch, concat_samples, extra_keys
 
 if TYPE_CHECKING:
     from learner.ingest import Ingestor
     from learner.replay import ReplayStore
 
 #: One sampled part: (task, source, sample dict of :meth:`ReplayStore.sample`).
-Part = tuple[str, str, dict[str, np.ndarray]]
+Part = tuple[str, str, dict[str, Any]]
 GroupRows = dict[tuple[str, str], np.ndarray]
 
 
@@ -79,18 +79,17 @@ def stack_parts(parts: Sequence[Part], tasks: Sequence[str]) -> Columns:
     (:func:`learner.batch.extra_keys`) are carried as extra columns."""
     task_index = {t: i for i, t in enumerate(tasks)}
     ext = tuple(extra_keys(parts[0][2]))
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLE_FIELDS, "task", "source", *ext)}
-    spans = {}
+    arrays = concat_samples([s for _, _, s in parts], ext)
+    spans, task_col, source_col = {}, [], []
     offset = 0
     for task, source, s in parts:
         n = len(s["rewards"])
-        for k in (*SAMPLE_FIELDS, *ext):
-            cols[k].append(s[k])
-        cols["task"].append(np.full(n, task_index[task], np.int64))
-        cols["source"].append(np.full(n, 0 if source == "online" else 1, np.uint8))
+        task_col.append(np.full(n, task_index[task], np.int64))
+        source_col.append(np.full(n, 0 if source == "online" else 1, np.uint8))
         spans[(task, source)] = (offset, offset + n)
         offset += n
-    return Columns({k: np.concatenate(v) for k, v in cols.items()}, spans, ext)
+    arrays["task"], arrays["source"] = np.concatenate(task_col), np.concatenate(source_col)
+    return Columns(arrays, spans, ext)
 
 
 def gated_batch(cols: Columns, keep: np.ndarray, weights: np.ndarray) -> tuple[Batch, GroupRows]:
@@ -98,7 +97,8 @@ def gated_batch(cols: Columns, keep: np.ndarray, weights: np.ndarray) -> tuple[B
     row of each of its rows (-1: dropped)."""
     new_index = np.cumsum(keep) - 1
     groups = {key: np.where(keep[a:b], new_index[a:b], -1) for key, (a, b) in cols.spans.items()}
-    sel: dict[str, Any] = {k: v[keep] for k, v in cols.arrays.items()}
+    sel: dict[str, Any] = {k: v[keep] for k, v in cols.arrays.items() if k != "obs"}
+    sel["obs"] = {k: v[keep] for k, v in cols.arrays["obs"].items()}
     batch = Batch.from_numpy(obs=sel["obs"], actions=sel["actions"], task=sel["task"], interventions=sel["interventions"],
                              source=sel["source"], versions=sel["versions"], rewards=sel["rewards"], weights=weights[keep],
                              extra={k: sel[k] for k in cols.extra} or None)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fleetloop.logs import event, get_logger
+from fleetloop.specs import PolicySpec
 from learner.sampler import SamplerConfig
 from learner.staleness import StalenessConfig
 
@@ -33,15 +34,68 @@ log = get_logger("learner.config")
 
 
 class SpecModel(BaseModel):
-    """One per-step tensor spec (mirrors ``fleetloop.v1.TensorSpec``)."""
+    """One per-step tensor spec (mirrors ``fleetloop.v1.TensorSpec``; see :mod:`fleetloop.specs`).
+
+    A uint8 spec of rank 3 is a camera image ``[H, W, C]``: channels last, C in (1, 3, 4), H and W
+    >= 1 (:attr:`is_image`); any other uint8 rank-3 layout (e.g. channels first) is refused naming
+    ``shape``. ``low``/``high`` are empty, one value for every element, or one per element
+    (``prod(shape)`` values), and ``low <= high``. :meth:`check_list` holds a list of specs to unique
+    names (and action specs to float dtypes)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="Tensor name as used in chunk maps, e.g. 'state' or 'action'.")
+    name: str = Field(min_length=1, description="Tensor name as used in chunk maps, e.g. 'state', 'corner3' or 'action'.")
     dtype: Literal["float32", "float16", "float64", "int64", "int32", "uint8", "bool"] = Field(
-        "float32", description="Element type.")
-    shape: list[int] = Field(description="Per-step shape (no time dimension).", min_length=0)
-    low: list[float] = Field(default_factory=list, description="Inclusive lower bounds (actions); empty = none.")
-    high: list[float] = Field(default_factory=list, description="Inclusive upper bounds (actions); empty = none.")
+        "float32", description="Element type; uint8 [H, W, C] is a camera image.")
+    shape: list[int] = Field(description="Per-step shape (no time dimension); an image is [H, W, C], channels last.",
+                             min_length=0)
+    low: list[float] = Field(default_factory=list, description="Inclusive lower bounds (actions): empty = none, one "
+                             "value for every element, or one per element.")
+    high: list[float] = Field(default_factory=list, description="Inclusive upper bounds (actions): empty = none, one "
+                              "value for every element, or one per element.")
+
+    @field_validator("shape")
+    @classmethod
+    def _image_layout(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        if any(d < 0 for d in v):
+            raise ValueError(f"shape {v} has a negative dimension")
+        if info.data.get("dtype") == "uint8" and len(v) == 3 and not (v[2] in (1, 3, 4) and v[0] >= 1 and v[1] >= 1):
+            hint = f" (channels first? use [{v[1]}, {v[2]}, {v[0]}])" if v[0] in (1, 3, 4) and min(v[1:]) >= 1 else ""
+            raise ValueError(f"shape {v}: a uint8 spec of rank 3 is a camera image [H, W, C], channels last, with C in "
+                             f"1, 3 or 4 and H, W >= 1{hint}")
+        return v
+
+    @field_validator("low", "high")
+    @classmethod
+    def _bounds(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        shape, size = info.data.get("shape"), None
+        if shape is not None:
+            size = 1
+            for d in shape:
+                size *= d
+        if v and size is not None and len(v) not in (1, size):
+            raise ValueError(f"{info.field_name} has {len(v)} values; shape {shape} needs 1 or {size}")
+        low = info.data.get("low") if info.field_name == "high" else None
+        if low and v and len(low) in (1, len(v)) and any(lo > hi for lo, hi in zip(low * len(v) if len(low) == 1 else low, v)):
+            raise ValueError(f"high {v} is below low {low}")
+        return v
+
+    @property
+    def is_image(self) -> bool:
+        """uint8 ``[H, W, C]`` with C in (1, 3, 4): a camera frame (:attr:`fleetloop.specs.TensorInfo.is_image`)."""
+        return self.dtype == "uint8" and len(self.shape) == 3 and self.shape[2] in (1, 3, 4) and min(self.shape[:2]) >= 1
+
+    @staticmethod
+    def check_list(specs: list["SpecModel"], field: str) -> list["SpecModel"]:
+        """``specs`` unchanged if their names are unique, and for ``field == "action_specs"`` every
+        dtype is a float type; ValueError naming ``field[i]`` and the value otherwise."""
+        first: dict[str, int] = {}
+        for i, s in enumerate(specs):
+            if s.name in first:
+                raise ValueError(f"{field}[{i}] name {s.name!r} repeats {field}[{first[s.name]}]: names must be unique")
+            first[s.name] = i
+            if field == "action_specs" and s.dtype not in ("float32", "float16", "float64"):
+                raise ValueError(f"{field}[{i}] {s.name!r} has dtype {s.dtype!r}: actions are float32, float16 or float64")
+        return specs
 
 
 def _default_obs() -> list[SpecModel]:
@@ -177,6 +231,9 @@ class OptimisationConfig(BaseModel):
     max_updates_per_s: float | None = Field(None, gt=0, description="Cap on learner steps per second (None = as fast as possible).")
     min_online_steps: int = Field(0, ge=0, description="Do not train until this many online steps arrived (0 = train on demos at once).")
     checkpoint_every_s: float = Field(60.0, gt=0, description="Seconds between atomic checkpoints.")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="Autocast of each update: auto = bf16 on CUDA and none on CPU; bf16 = always where the "
+                            "device supports it; off = full fp32. Robots always run fp32.")
 
 
 class EpisodeConfig(BaseModel):
@@ -319,6 +376,11 @@ class LearnerConfig(BaseModel):
             raise ValueError(problem)
         return self
 
+    @field_validator("observation_specs", "action_specs")
+    @classmethod
+    def _spec_lists(cls, v: list[SpecModel], info: ValidationInfo) -> list[SpecModel]:
+        return SpecModel.check_list(v, info.field_name)
+
     @field_validator("tasks")
     @classmethod
     def _unique_tasks(cls, v: list[str]) -> list[str]:
@@ -327,17 +389,16 @@ class LearnerConfig(BaseModel):
         return v
 
     @property
+    def policy_spec(self) -> PolicySpec:
+        """The job's observation/action tensors and tasks, as policies and the replay see them."""
+        return PolicySpec.from_specs(self.observation_specs, self.action_specs, self.tasks)
+
+    @property
     def obs_dim(self) -> int:
-        """Flattened size of the first observation spec (the MLP policy's input)."""
-        n = 1
-        for d in self.observation_specs[0].shape:
-            n *= d
-        return n
+        """Width of the vector (non-image) observation tensors, flattened (the MLP policy's input)."""
+        return self.policy_spec.vector_dim
 
     @property
     def act_dim(self) -> int:
-        """Flattened size of the first action spec."""
-        n = 1
-        for d in self.action_specs[0].shape:
-            n *= d
-        return n
+        """Width of the flat action: every action spec, flattened, in spec order."""
+        return self.policy_spec.act_dim

@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from fleetloop import wire_settings
-from fleetloop.codec import specs_mismatch
-from fleetloop.dataset import iter_episodes
+from fleetloop.codec import check_specs
 from fleetloop.errors import FailedPrecondition, InvalidArgument
 from fleetloop.logs import event, get_logger
 from fleetloop.policies import build_policy
@@ -52,7 +51,7 @@ from learner.algorithms import make_algorithm
 from learner import robot_status
 from learner.api import AdmitGrant, LearnerHooks, RobotStatus
 from learner.assemble import Part, gated_batch, observe_many, stack_parts, sync_episode_ends
-from learner.backpressure import INFLIGHT_MESSAGES, FlowControl, MemoryPlan, plan_memory
+from learner.backpressure import INFLIGHT_MESSAGES, FlowControl
 from learner.batch import Batch
 from learner.checkpoint import load_latest, save_checkpoint
 from learner.config import LearnerConfig
@@ -61,7 +60,9 @@ from learner.ingest_log import IngestLog
 from learner.lifecycle import CoreLifecycle, LifecycleTraits
 from learner.metrics import LearnerMetrics
 from learner.pretrain import load_initial_weights
-from learner.replay import ReplayStore, bytes_per_step
+from learner.device import pick_device, precision, prepare_policy, to_device
+from learner.replay import ReplayStore
+from learner.startup import load_offline, size_buffers
 from learner.sampler import AdaptiveSampler
 from learner.specs import to_proto_specs
 from learner.staleness import StalenessGate
@@ -73,13 +74,6 @@ log = get_logger("learner")
 SOURCES = ("online", "offline")
 PUBLISH_LOG_INTERVAL_S = 30.0  # at most one info-level "published" line per this many seconds
 IDLE_WAIT_S = 0.05  # the training loop waits this long after a step that found nothing to train on
-
-
-def pick_device(requested: str) -> torch.device:
-    """CUDA when requested or (auto and available), else CPU."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 class LearnerCore(CoreLifecycle):
@@ -100,18 +94,19 @@ class LearnerCore(CoreLifecycle):
         self.rng = np.random.default_rng(config.seed)
         state_dir, opt = Path(config.state_dir), config.optimisation
         state_dir.mkdir(parents=True, exist_ok=True)
-        policy = build_policy(opt.policy_factory, opt.policy_kwargs, config.obs_dim, config.act_dim, len(config.tasks))
+        self.policy_spec = spec = config.policy_spec
+        policy = build_policy(opt.policy_factory, opt.policy_kwargs, spec)
         self.initial_meta: dict[str, str] = {}
         if opt.initial_weights is not None:
             self.initial_meta = load_initial_weights(policy, Path(opt.initial_weights))
         params = dict(opt.algorithm_params)
         if opt.algorithm == "recap":  # returns are normalised by the episode limit the actors obey
             params.setdefault("max_episode_steps", config.episodes.max_episode_steps)
-        self.algorithm = make_algorithm(opt.algorithm, policy.to(self.device), params, self.device)
+        self.algorithm = make_algorithm(opt.algorithm, prepare_policy(policy, self.device), params, self.device)
         self.gate = StalenessGate(opt.staleness or self.algorithm.default_staleness())
         self.metrics.staleness_bound.labels(self.job).set(self.gate.config.bound)
         self.targets = bool(getattr(self.algorithm, "needs_episode_targets", False))
-        self.replay = ReplayStore(config.tasks, config.obs_dim, config.act_dim, online_capacity=config.flow.online_capacity,
+        self.replay = ReplayStore(config.tasks, spec.observations, spec.act_dim, online_capacity=config.flow.online_capacity,
                                   episode_targets=self.algorithm.episode_targets if self.targets else None)
         self._ends_seen = 0  # ingestor episode records already applied to the replay's target columns
         self.recap_startup: dict[str, Any] | None = None
@@ -141,35 +136,11 @@ class LearnerCore(CoreLifecycle):
                 self.metrics.buffer_bytes.labels(self.job, task, source).set_function(
                     lambda t=task, s=source: self.replay.nbytes(t, s))
         self.metrics.inflight_bytes.labels(self.job).set_function(lambda: self.flow.inflight.used)
-        self.offline_steps = self._load_offline()
-        self.memory_plan = self._size_buffers()
+        self.offline_steps = load_offline(config, self.replay)
+        self.memory_plan = size_buffers(config, self.replay, spec, self.targets, self.metrics)
         self._restore()
 
     # -- start-up ----------------------------------------------------------------------------
-    def _load_offline(self) -> int:
-        if self.cfg.optimisation.offline_dataset is None:
-            return 0
-        n = 0
-        for ep in iter_episodes(self.cfg.optimisation.offline_dataset, tasks=self.cfg.tasks):
-            self.replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions, outcome=ep.outcome)
-            n += len(ep)
-        event(log, "offline_loaded", job=self.job, steps=n, dataset=str(self.cfg.optimisation.offline_dataset))
-        return n
-
-    def _size_buffers(self) -> MemoryPlan | None:
-        """With a memory budget: size the (still empty) online rings from what the demos left."""
-        if self.cfg.flow.memory_budget_mb is None:
-            return None
-        plan = plan_memory(self.cfg.flow.memory_budget_mb, self.cfg.serving.max_message_bytes,
-                           self.replay.nbytes(source="offline"),
-                           len(self.cfg.tasks), bytes_per_step(self.cfg.obs_dim, self.cfg.act_dim, self.targets),
-                           self.cfg.flow.online_capacity, min_steps=max(2 * self.cfg.episodes.chunk_steps, 100))
-        self.replay.set_online_capacity(plan.online_capacity)
-        self.metrics.memory_budget.labels(self.job).set(plan.budget_bytes)
-        event(log, "memory_planned", job=self.job, budget=plan.budget_bytes, inflight=plan.inflight_bytes,
-              offline=plan.offline_bytes, online_capacity=plan.online_capacity, step_bytes=plan.step_bytes)
-        return plan
-
     def _restore(self) -> None:
         restored = load_latest(self.ckpt_dir)
         if restored is not None:
@@ -241,12 +212,11 @@ class LearnerCore(CoreLifecycle):
 
     # -- serving (what the servicer asks a core) ----------------------------------------------
     def check_handshake(self, req: pb.HandshakeRequest) -> None:
-        """The actor's observation and action specs must equal the job's (FailedPrecondition naming them)."""
+        """The actor's observation and action specs must equal the job's, bounds included (``codec.check_specs``:
+        FailedPrecondition naming e.g. ``observation_specs[corner3]`` and the declared shape, dtype or bounds)."""
         for name, declared, expected in (("observation_specs", req.observation_specs, self.obs_specs),
                                          ("action_specs", req.action_specs, self.act_specs)):
-            problem = specs_mismatch(declared, expected)
-            if problem:
-                raise FailedPrecondition(problem, field=name, value=len(declared))
+            check_specs(declared, expected, name)
 
     def job_tasks(self) -> list[str]:
         return self.cfg.tasks
@@ -319,7 +289,7 @@ class LearnerCore(CoreLifecycle):
         batch, groups = self._assemble(parts, version)
         if batch is None:
             return None
-        result = self._update(batch.to(self.device))
+        result = self._update(to_device(batch, self.device))
         for (task, source), idx in groups.items():
             kept = idx[idx >= 0]
             if kept.size and np.isfinite(result.per_sample_loss[kept]).all():
@@ -358,12 +328,11 @@ class LearnerCore(CoreLifecycle):
 
     def _update(self, batch: Batch):
         """``Algorithm.update`` (timed for ``hooks.on_update`` when set)."""
-        hook = self.hooks.on_update
-        if hook is None:
-            return self.algorithm.update(batch)
-        t0 = time.perf_counter()
-        result = self.algorithm.update(batch)
-        hook(batch, time.perf_counter() - t0)
+        hook, t0 = self.hooks.on_update, time.perf_counter()
+        with precision(self.device, self.cfg.optimisation.mixed_precision):
+            result = self.algorithm.update(batch)
+        if hook is not None:
+            hook(batch, time.perf_counter() - t0)
         return result
 
     def _sync_episode_ends(self) -> int:

@@ -241,10 +241,7 @@ def shard(batch: Batch, rank: int, workers: int) -> Batch:
         raise InvalidArgument(f"cannot take shard {rank} of {workers} from a batch of {len(batch)}", field="rank",
                               value=rank)
     b = len(batch) // workers
-    take = slice(rank * b, (rank + 1) * b)
-    fields = ("obs", "actions", "task", "interventions", "source", "versions", "rewards", "weights")
-    return Batch(**{f: getattr(batch, f)[take].contiguous() for f in fields},
-                 extra={k: v[take].contiguous() for k, v in batch.extra.items()})
+    return batch.take(slice(rank * b, (rank + 1) * b))
 
 
 def build_algorithm(config: DataParallelConfig, device: torch.device) -> Algorithm:

@@ -48,7 +48,9 @@ _MAX_ID = 128
 
 @dataclass
 class DecodedChunk:
-    """A validated chunk as numpy arrays (obs/actions flattened to [T, dim])."""
+    """A validated chunk as numpy arrays: ``obs`` maps every observation tensor name to
+    ``[T, *shape]`` in its spec dtype (cameras decoded to uint8 ``[T, H, W, C]``); ``actions`` is
+    the action tensors flattened to float32 and concatenated in spec order, ``[T, act_dim]``."""
 
     actor_id: str
     episode_id: str
@@ -56,7 +58,7 @@ class DecodedChunk:
     task_id: str
     behavior_version: int
     first_step: int
-    obs: np.ndarray
+    obs: dict[str, np.ndarray]
     actions: np.ndarray
     rewards: np.ndarray
     interventions: np.ndarray
@@ -130,12 +132,11 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
             raise InvalidArgument(f"end.outcome {int(chunk.end.outcome)} is not one of {sorted(OUTCOMES)}",
                                   field="end.outcome", value=int(chunk.end.outcome))
     # explicit widths: reshape(0, -1) cannot infer -1, and a zero-step end chunk is valid (an episode
-    # ended before any step, or closed as aborted after an actor crash)
-    obs_width, act_width = math.prod(obs_specs[0].shape), math.prod(act_specs[0].shape)  # math.prod: ~20x np.prod here
-    first_obs = obs[obs_specs[0].name].reshape(steps, obs_width).astype(np.float32, copy=False)
-    first_act = acts[act_specs[0].name].reshape(steps, act_width).astype(np.float32, copy=False)
+    # ended before any step, or closed as aborted after an actor crash); math.prod: ~20x np.prod here
+    flat = [acts[s.name].reshape(steps, math.prod(s.shape)).astype(np.float32, copy=False) for s in act_specs]
+    actions = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
     return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
-                        int(chunk.first_step), first_obs, first_act, rewards, inter, outcome, float(chunk.produced_at))
+                        int(chunk.first_step), obs, actions, rewards, inter, outcome, float(chunk.produced_at))
 
 
 def check_bounds(values: np.ndarray, spec, name: str) -> None:
@@ -316,7 +317,8 @@ class Ingestor:
             for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1):
                 if run.size:
                     a, b = int(run[0]), int(run[-1]) + 1
-                    e, w = self._add_online(c.task_id, c.obs[a:b], c.actions[a:b], c.rewards[a:b], c.interventions[a:b],
+                    e, w = self._add_online(c.task_id, {k: v[a:b] for k, v in c.obs.items()}, c.actions[a:b],
+                                            c.rewards[a:b], c.interventions[a:b],
                                             c.behavior_version, key, c.first_step + a)
                     evicted, wasted = evicted + e, wasted + w
             self._c_steps[c.task_id].inc(idx.size)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fleetloop.dataset import atomic_write, iter_episodes, read_manifest
+from fleetloop.dataset import atomic_write, iter_episodes, observation_specs, read_manifest
 from fleetloop.errors import FailedPrecondition, InvalidArgument
 from fleetloop.logs import event, get_logger
 from fleetloop.policies import DEFAULT_FACTORY, build_policy
+from fleetloop.specs import PolicySpec, TensorInfo
 from fleetloop.weights import sha256_hex, state_dict_to_blob
 from learner.algorithms import make_algorithm
 from learner.algorithms.base import Algorithm
@@ -171,14 +172,15 @@ def pretrain(dataset: Path, tasks: list[str], out: Path, steps: int = 3000, batc
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     manifest = read_manifest(dataset)
-    obs_dim, act_dim = int(manifest["obs_dim"]), int(manifest["act_dim"])
+    act_dim = int(manifest["act_dim"])
+    spec = PolicySpec(tuple(observation_specs(manifest)), (TensorInfo("action", "float32", (act_dim,)),), tuple(tasks))
     if algorithm == "recap" and policy_factory == DEFAULT_FACTORY and not (policy_kwargs or {}).get("conditioned"):
         policy_factory = RECAP_FACTORY
-    policy = build_policy(policy_factory, policy_kwargs or {}, obs_dim, act_dim, len(tasks))
+    policy = build_policy(policy_factory, policy_kwargs or {}, spec)
     params = {"lr": lr, **(algorithm_params or {})}
     algo = make_algorithm(algorithm, policy, params, "cpu")
     targets = algo.episode_targets if getattr(algo, "needs_episode_targets", False) else None
-    replay = ReplayStore(tasks, obs_dim, act_dim, episode_targets=targets)
+    replay = ReplayStore(tasks, spec.observations, act_dim, episode_targets=targets)
     for ep in iter_episodes(dataset, tasks=tasks):
         replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions, outcome=ep.outcome)
     missing = [t for t in tasks if replay.size(t, "offline") == 0]

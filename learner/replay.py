@@ -2,7 +2,8 @@
 
 Layout: for every task id of the job, two :class:`~learner.ring.Ring` s (:mod:`learner.ring`, which
 states the ring's own invariants) of preallocated numpy arrays, one row
-per step with fields ``obs`` [obs_dim] f32, ``actions`` [act_dim] f32, ``rewards`` f32,
+per step with fields ``obs`` (every observation tensor of the job's schema, each in its own dtype
+and shape: camera frames stay uint8), ``actions`` [act_dim] f32, ``rewards`` f32,
 ``interventions`` bool, ``versions`` i64 (behaviour policy version; -1 for demos),
 ``episode_keys`` i64, ``steps`` i64 (step index within the episode) and ``insert_times`` f64 (wall
 clock at insertion, for latency metrics).
@@ -42,8 +43,8 @@ arrives, so one vectorised write per episode replaces per-sample work on every l
   not tracked: those rows stay unknown). :meth:`ReplayStore.end_episode` (outcome of the last
   chunk) writes the episode's columns into its rows still live; evicted rows are never touched.
 - Offline demos: :meth:`ReplayStore.add_offline` with ``outcome`` (the manifest's) labels at once.
-- :meth:`ReplayStore.sample` adds ``recap_next_obs`` (the bootstrap step's observation, same
-  episode; the row's own where no bootstrap is needed). A bootstrap step never stored (dropped at
+- :meth:`ReplayStore.sample` adds ``recap_next_obs.<name>`` per observation tensor (the bootstrap
+  step's observation, same episode; the row's own where no bootstrap is needed). A bootstrap step never stored (dropped at
   ingest) or no longer live makes the row's ``recap_adv_valid`` False.
 - Without ``episode_targets`` (HG-DAgger) none of this is allocated or run. :meth:`ReplayStore.restore`
   resets the columns to unknown (the ingest-log replay at restart relabels ended episodes).
@@ -56,12 +57,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
 from fleetloop.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from learner.ring import FIELDS, TARGET_COLUMNS, EpisodeTargets, Eviction, Ring, bytes_per_step
+from fleetloop.specs import TensorInfo
+from learner.ring import FIELDS, OBS_PREFIX, TARGET_COLUMNS, EpisodeTargets, Eviction, Ring, bytes_per_step, obs_schema
 
 __all__ = ["FIELDS", "TARGET_COLUMNS", "EpisodeTargets", "Eviction", "ReplayStore", "Source", "bytes_per_step"]
 
@@ -74,29 +76,35 @@ class ReplayStore:
     def __init__(
         self,
         task_ids: list[str],
-        obs_dim: int,
+        obs: "int | Sequence[TensorInfo]",
         act_dim: int,
         online_capacity: int = 200_000,
         offline_capacity: int = 200_000,
         episode_targets: EpisodeTargets | None = None,
     ) -> None:
-        """``episode_targets``: keep the per-row episode target columns (module docstring) computed
-        by this function; None (HG-DAgger) keeps none."""
+        """``obs``: the observation tensors (:class:`~fleetloop.specs.TensorInfo`, in spec order), or
+        a width for one float32 ``state`` vector. ``episode_targets``: keep the per-row episode
+        target columns (module docstring) computed by this function; None (HG-DAgger) keeps none."""
         if not task_ids or len(set(task_ids)) != len(task_ids):
             raise InvalidArgument(f"task_ids must be non-empty and unique, got {task_ids}", field="task_ids", value=task_ids)
-        for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("online_capacity", online_capacity),
-                        ("offline_capacity", offline_capacity)):
+        self.schema = obs_schema(obs)
+        sizes = [("obs_dim", sum(t.size for t in self.schema)), ("act_dim", act_dim),
+                 ("online_capacity", online_capacity), ("offline_capacity", offline_capacity)]
+        for name, v in sizes:
             if int(v) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {v}", field=name, value=v)
+        if not self.schema or len({t.name for t in self.schema}) != len(self.schema):
+            raise InvalidArgument(f"observation tensor names must be unique, got {[t.name for t in self.schema]}",
+                                  field="observation_specs", value=[t.name for t in self.schema])
         self.task_ids = list(task_ids)
-        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.act_dim = int(act_dim)
         self.online_capacity, self.offline_capacity = int(online_capacity), int(offline_capacity)
         self.episode_targets = episode_targets
         on = episode_targets is not None
         self._buffers: dict[tuple[str, str], Ring] = {}
         for task in self.task_ids:
-            self._buffers[(task, "online")] = Ring(self.obs_dim, self.act_dim, self.online_capacity, evict=True, targets=on)
-            self._buffers[(task, "offline")] = Ring(self.obs_dim, self.act_dim, self.offline_capacity, evict=False,
+            self._buffers[(task, "online")] = Ring(self.schema, self.act_dim, self.online_capacity, evict=True, targets=on)
+            self._buffers[(task, "offline")] = Ring(self.schema, self.act_dim, self.offline_capacity, evict=False,
                                                        targets=on)
         self._lock = threading.Lock()
 
@@ -110,11 +118,42 @@ class ReplayStore:
             raise InvalidArgument(f"unknown task {task_id!r}; this job's tasks are {self.task_ids}",
                                   field="task_id", value=task_id) from None
 
+    @property
+    def obs_dim(self) -> int:
+        """Elements of one step's observation (all tensors, flattened)."""
+        return sum(t.size for t in self.schema)
+
+    def _obs_map(self, obs: Any) -> Mapping[str, Any]:
+        if isinstance(obs, Mapping):
+            return obs
+        if len(self.schema) != 1:
+            raise InvalidArgument(f"obs must map each of {[t.name for t in self.schema]} to an array, got one array",
+                                  field="obs", value=type(obs).__name__)
+        return {self.schema[0].name: obs}
+
     def _rows(self, obs, actions, rewards, interventions) -> dict[str, np.ndarray]:
-        obs = np.asarray(obs, dtype=np.float32)
-        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
-            raise InvalidArgument(f"obs must be [T, {self.obs_dim}], got shape {obs.shape}", field="obs", value=obs.shape)
-        t = obs.shape[0]
+        """Checked rows: ``obs`` maps every tensor name to ``[T, *shape]`` (a bare array: a
+        one-tensor store, ``[T, width]``), cast to the tensor's dtype; floats must be finite."""
+        obs = self._obs_map(obs)
+        unknown = sorted(set(obs) - {t.name for t in self.schema})
+        if unknown:
+            raise InvalidArgument(f"obs has unknown tensor {unknown[0]!r}; the store holds {[t.name for t in self.schema]}",
+                                  field=f"obs[{unknown[0]}]", value=unknown[0])
+        rows: dict[str, np.ndarray] = {}
+        t = -1
+        for info in self.schema:
+            if info.name not in obs:
+                raise InvalidArgument(f"obs lacks tensor {info.name!r}", field=f"obs[{info.name}]", value=None)
+            arr = np.asarray(obs[info.name], dtype=info.dtype)
+            if arr.ndim == 2 and len(info.shape) != 1 and arr.shape[1] == info.size:
+                arr = arr.reshape(arr.shape[0], *info.shape)  # flattened rows of a shaped tensor
+            t = arr.shape[0] if t < 0 and arr.ndim else t
+            if arr.ndim == 0 or arr.shape != (t, *info.shape):
+                raise InvalidArgument(f"obs[{info.name}] must be [{max(t, 0)}, {', '.join(map(str, info.shape))}], got shape "
+                                      f"{arr.shape}", field=f"obs[{info.name}]", value=list(arr.shape))
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InvalidArgument(f"obs[{info.name}] contains NaN or inf", field=f"obs[{info.name}]", value="non-finite")
+            rows[OBS_PREFIX + info.name] = arr
         actions = np.asarray(actions, dtype=np.float32)
         if actions.shape != (t, self.act_dim):
             raise InvalidArgument(f"actions must be [{t}, {self.act_dim}], got shape {actions.shape}", field="actions", value=actions.shape)
@@ -123,10 +162,11 @@ class ReplayStore:
         for name, arr in (("rewards", rewards), ("interventions", interventions)):
             if arr.shape != (t,):
                 raise InvalidArgument(f"{name} must have shape ({t},), got {arr.shape}", field=name, value=arr.shape)
-        for name, arr in (("obs", obs), ("actions", actions), ("rewards", rewards)):
+        for name, arr in (("actions", actions), ("rewards", rewards)):
             if not np.isfinite(arr).all():
                 raise InvalidArgument(f"{name} contains NaN or inf", field=name, value="non-finite")
-        return {"obs": obs, "actions": actions, "rewards": rewards, "interventions": interventions}
+        rows.update(actions=actions, rewards=rewards, interventions=interventions)
+        return rows
 
     # -- writes -------------------------------------------------------------------------------------
     def add_online(
@@ -150,7 +190,7 @@ class ReplayStore:
         """
         buf = self._buffer(task_id, "online")
         rows = self._rows(obs, actions, rewards, interventions)
-        t = rows["obs"].shape[0]
+        t = rows["rewards"].shape[0]
         rows["versions"] = np.full(t, int(behavior_version), dtype=np.int64)
         rows["episode_keys"] = np.full(t, int(episode_key), dtype=np.int64)
         rows["steps"] = np.arange(int(first_step), int(first_step) + t, dtype=np.int64)
@@ -215,7 +255,7 @@ class ReplayStore:
         """
         buf = self._buffer(task_id, "offline")
         rows = self._rows(obs, actions, rewards, interventions)
-        t = rows["obs"].shape[0]
+        t = rows["rewards"].shape[0]
         rows["versions"] = np.full(t, -1, dtype=np.int64)
         rows["episode_keys"] = np.full(t, int(episode_key), dtype=np.int64)
         rows["steps"] = np.arange(t, dtype=np.int64)
@@ -241,8 +281,9 @@ class ReplayStore:
     def sample(
         self, task_id: str, source: Source, n: int, rng: np.random.Generator, interventions_only: bool = False,
     ) -> dict[str, np.ndarray]:
-        """``n`` steps drawn uniformly with replacement: a dict with the keys of :data:`FIELDS`, plus,
-        with ``episode_targets``, those of :data:`TARGET_COLUMNS` and ``recap_next_obs`` [n, obs_dim].
+        """``n`` steps drawn uniformly with replacement: a dict with the keys of :data:`FIELDS`
+        (``obs`` is a dict: tensor name -> ``[n, *shape]``), plus, with ``episode_targets``, those of
+        :data:`TARGET_COLUMNS` and ``recap_next_obs.<name>`` per observation tensor.
 
         ``interventions_only`` samples among intervention steps only. FailedPrecondition naming the
         task and source if there is nothing eligible to sample (and ``n > 0``).
@@ -256,10 +297,11 @@ class ReplayStore:
                 what = "intervention steps" if interventions_only else "steps"
                 raise FailedPrecondition(f"task {task_id!r} has no {source} {what} to sample", field="task_id", value=task_id)
             slots = buf.sample_slots(n, rng, interventions_only) if n else np.zeros(0, dtype=np.int64)
-            out = {k: v[slots] for k, v in buf.data.items()}
+            out: dict[str, Any] = {k: v[slots] for k, v in buf.data.items()}
             if buf.targets:
                 buf.gather_targets(out, slots)
-            return out
+        out["obs"] = {t.name: out.pop(OBS_PREFIX + t.name) for t in self.schema}
+        return out
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per task: ``{online,offline}_{steps,interventions}``, ``online_evicted``, ``online_evicted_unsampled``,
@@ -278,21 +320,25 @@ class ReplayStore:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def export(self, task_id: str, source: Source) -> dict[str, np.ndarray]:
-        """Copies of one buffer's live steps, oldest first (for checkpoints; restore by re-adding)."""
+        """Copies of one buffer's live steps, oldest first (for checkpoints; restore by re-adding).
+        Flat keys: the observation is one ``obs.<name>`` array per tensor."""
         buf = self._buffer(task_id, source)
         with self._lock:
             return buf.ordered()
 
     def restore(self, task_id: str, source: Source, arrays: dict[str, np.ndarray], evicted: int = 0) -> None:
-        """Append steps exported by :meth:`export` (all :data:`FIELDS` required), keeping their
-        versions, episode keys, step indices and insertion times; ``evicted`` is added to the count.
-        Episode target columns restart unknown (the log replay at restart relabels ended episodes)."""
+        """Append steps exported by :meth:`export` (all :data:`FIELDS` required; the observation as
+        ``obs.<name>`` arrays, or one ``obs`` array for a one-tensor store), keeping their versions,
+        episode keys, step indices and insertion times; ``evicted`` is added to the count. Episode
+        target columns restart unknown (the log replay at restart relabels ended episodes)."""
         buf = self._buffer(task_id, source)
-        missing = [k for k in FIELDS if k not in arrays]
+        obs = arrays["obs"] if "obs" in arrays else {t.name: arrays[OBS_PREFIX + t.name] for t in self.schema
+                                                     if OBS_PREFIX + t.name in arrays}
+        missing = [k for k in FIELDS if k != "obs" and k not in arrays] + ([] if len(obs) else ["obs"])
         if missing:
             raise InvalidArgument(f"restore of {task_id!r}/{source} lacks fields {missing}", field="arrays", value=missing)
-        rows = self._rows(arrays["obs"], arrays["actions"], arrays["rewards"], arrays["interventions"])
-        t = rows["obs"].shape[0]
+        rows = self._rows(obs, arrays["actions"], arrays["rewards"], arrays["interventions"])
+        t = rows["rewards"].shape[0]
         for k, dt in (("versions", np.int64), ("episode_keys", np.int64), ("steps", np.int64), ("insert_times", np.float64)):
             rows[k] = np.asarray(arrays[k], dtype=dt).reshape(-1)
             if rows[k].shape != (t,):

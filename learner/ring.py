@@ -2,9 +2,10 @@
 
 :class:`Ring` is the storage of :class:`learner.replay.ReplayStore` (two per task: an online FIFO
 ring and an offline demonstration buffer). It holds one row per step with the fields of
-:data:`FIELDS` (``obs`` [obs_dim] f32, ``actions`` [act_dim] f32, ``rewards`` f32,
-``interventions`` bool, ``versions`` i64, ``episode_keys`` i64, ``steps`` i64, ``insert_times``
-f64) and, with ``targets``, the episode target columns of :data:`TARGET_COLUMNS` plus an internal
+:data:`FIELDS` (the observation as one column ``obs.<name>`` per observation tensor, in that
+tensor's own dtype and per-step shape -- camera frames stay uint8 ``[H, W, C]`` --, ``actions``
+[act_dim] f32, ``rewards`` f32, ``interventions`` bool, ``versions`` i64, ``episode_keys`` i64,
+``steps`` i64, ``insert_times`` f64) and, with ``targets``, the episode target columns of :data:`TARGET_COLUMNS` plus an internal
 column: the write number of each row's N-step bootstrap row. It neither locks nor validates: the
 store does both.
 
@@ -33,14 +34,19 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from fleetloop.errors import FailedPrecondition
+from fleetloop.specs import TensorInfo
 
 FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
 _MIN_ALLOC = 1024
+#: Column prefix of the observation tensors (``obs.<name>``) and of RECAP's bootstrap observation.
+OBS_PREFIX, NEXT_OBS_PREFIX = "obs.", "recap_next_obs."
+#: The observation of a store built from a bare ``obs_dim``: one float32 vector with this name.
+DEFAULT_OBS_NAME = "state"
 _SCALAR_BYTES = 4 + 1 + 8 + 8 + 8 + 8  # rewards f32, interventions bool, versions, episode_keys, steps, insert_times
 #: Per-row episode target columns of a store with ``episode_targets`` (dtype), in sample order.
 TARGET_COLUMNS: dict[str, type] = {"recap_mc_return": np.float32, "recap_value_mask": np.bool_,
@@ -52,11 +58,23 @@ _TARGET_BYTES = 4 + 1 + 4 + 4 + 1 + 8 + 8  # TARGET_COLUMNS, _NEXT, the open-epi
 EpisodeTargets = Callable[[int, "str | None"], Mapping[str, np.ndarray]]
 
 
-def bytes_per_step(obs_dim: int, act_dim: int, targets: bool = False) -> int:
-    """Bytes one buffer row takes: the fields of :data:`FIELDS`, its intervention-index slot (i64)
-    and its sampled flag (bool), plus the episode target columns with ``targets``. Capacity x this
+Schema = tuple[TensorInfo, ...]
+
+
+def obs_schema(obs: "int | Sequence[TensorInfo]") -> Schema:
+    """The observation tensors of a ring: a bare width means one float32 :data:`DEFAULT_OBS_NAME` vector."""
+    if isinstance(obs, (int, np.integer)):
+        return (TensorInfo(DEFAULT_OBS_NAME, "float32", (int(obs),)),)
+    return tuple(obs)
+
+
+def bytes_per_step(obs: "int | Sequence[TensorInfo]", act_dim: int, targets: bool = False) -> int:
+    """Bytes one buffer row takes: every observation tensor in its own dtype (``obs``: the schema,
+    or a float32 width), the other fields of :data:`FIELDS`, its intervention-index slot (i64) and
+    its sampled flag (bool), plus the episode target columns with ``targets``. Capacity x this
     bounds a buffer's allocation."""
-    return 4 * (int(obs_dim) + int(act_dim)) + _SCALAR_BYTES + 8 + 1 + (_TARGET_BYTES if targets else 0)
+    return sum(t.nbytes for t in obs_schema(obs)) + 4 * int(act_dim) + _SCALAR_BYTES + 8 + 1 + \
+        (_TARGET_BYTES if targets else 0)
 
 
 class Eviction(NamedTuple):
@@ -77,12 +95,13 @@ class Ring:
     offline buffer (a full one raises :class:`OverflowError`). ``targets``: also keep the episode
     target columns of :data:`TARGET_COLUMNS` and each row's bootstrap write number."""
 
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int, evict: bool, targets: bool = False) -> None:
+    def __init__(self, obs: "int | Sequence[TensorInfo]", act_dim: int, capacity: int, evict: bool,
+                 targets: bool = False) -> None:
         self.capacity, self.evict, self.targets = capacity, evict, targets
         self.open: dict[int, np.ndarray] = {}   # targets: open episode key -> write number per step index (-1: none)
         self.open_last: dict[int, int] = {}     # targets: open episode key -> its newest write number
         self._prune_at = 256
-        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.schema, self.act_dim = obs_schema(obs), act_dim
         self.size = 0          # live steps
         self.written = 0       # steps ever written; the slot of write number w is w % capacity
         self.evicted = 0       # steps evicted (or never stored because a chunk exceeded the capacity)
@@ -98,9 +117,11 @@ class Ring:
 
     def _grow(self, alloc: int) -> None:
         # Only called before the ring wraps (alloc < capacity), so slots [0, alloc) are in order.
-        shapes = {"obs": (alloc, self.obs_dim), "actions": (alloc, self.act_dim)}
-        dtypes = {"obs": np.float32, "actions": np.float32, "rewards": np.float32, "interventions": np.bool_,
-                  "versions": np.int64, "episode_keys": np.int64, "steps": np.int64, "insert_times": np.float64}
+        shapes: dict[str, tuple[int, ...]] = {OBS_PREFIX + t.name: (alloc, *t.shape) for t in self.schema}
+        shapes["actions"] = (alloc, self.act_dim)
+        dtypes = {OBS_PREFIX + t.name: np.dtype(t.dtype) for t in self.schema}
+        dtypes.update({"actions": np.float32, "rewards": np.float32, "interventions": np.bool_,
+                       "versions": np.int64, "episode_keys": np.int64, "steps": np.int64, "insert_times": np.float64})
         if self.targets:
             dtypes.update(TARGET_COLUMNS)
             dtypes[_NEXT] = np.int64
@@ -136,10 +157,10 @@ class Ring:
             arr[: n - first] = values[first:]
 
     def add(self, rows: dict[str, np.ndarray]) -> Eviction:
-        """Append ``rows`` (every :data:`FIELDS` key, T rows each) at the write head; returns what
-        the append evicted. Raises OverflowError, storing nothing, if a non-evicting buffer would
-        overflow."""
-        t = rows["obs"].shape[0]
+        """Append ``rows`` (every ``obs.<name>`` column and the other :data:`FIELDS` keys, T rows
+        each) at the write head; returns what the append evicted. Raises OverflowError, storing
+        nothing, if a non-evicting buffer would overflow."""
+        t = rows["rewards"].shape[0]
         if not self.evict and self.size + t > self.capacity:
             raise OverflowError
         if self.targets:  # new rows start unknown (no advantage, no value target, no bootstrap row)
@@ -256,10 +277,13 @@ class Ring:
         return 0 if where is None else self.label(where, length, outcome, fn)
 
     def gather_targets(self, out: dict[str, np.ndarray], slots: np.ndarray) -> None:
-        """Complete a sample's target columns in place: replace the internal bootstrap row by
-        ``recap_next_obs`` and mark samples whose bootstrap row is gone as unknown."""
+        """Complete a sample's target columns in place: replace the internal bootstrap row by the
+        ``recap_next_obs.<name>`` columns (one per observation tensor) and mark samples whose
+        bootstrap row is gone as unknown."""
         next_w = out.pop(_NEXT)
         need = out["recap_adv_valid"] & (out["recap_bootstrap"] > 0)
         ok = need & self.live(next_w)
-        out["recap_next_obs"] = self.data["obs"][np.where(ok, next_w % self.capacity, slots)]
+        rows = np.where(ok, next_w % self.capacity, slots)
+        for t in self.schema:
+            out[NEXT_OBS_PREFIX + t.name] = self.data[OBS_PREFIX + t.name][rows]
         out["recap_adv_valid"] = out["recap_adv_valid"] & (ok | ~need)

@@ -37,15 +37,16 @@ from torch import nn
 from fleetloop.errors import InvalidArgument
 from fleetloop.policies import COND_NEGATIVE, COND_NONE, COND_POSITIVE
 from learner.algorithms.base import Algorithm, UpdateResult, _cpu_copy, register
-from learner.algorithms.value import DistributionalValue, TimeoutAs, episode_targets
+from learner.algorithms.value import TimeoutAs, episode_targets, value_net_for
 from learner.batch import OFFLINE, ONLINE, Batch
 from learner.staleness import StalenessConfig
 
-#: ``Batch.extra`` keys RECAP needs (dtype, shape after N). ``recap_next_obs`` is [N, obs_dim].
+#: ``Batch.extra`` fields RECAP needs (dtype, shape after N). ``recap_next_obs`` is observation-valued:
+#: one ``recap_next_obs.<name>`` entry per observation tensor, shaped as ``Batch.obs[name]``.
 REQUIRED_EXTRA: dict[str, str] = {
     "recap_nstep_reward": "float32 [N]",
     "recap_bootstrap": "float32 [N]",
-    "recap_next_obs": "float32 [N, obs_dim]",
+    "recap_next_obs": "observation [N, ...] per tensor",
     "recap_adv_valid": "bool [N]",
     "recap_mc_return": "float32 [N]",
     "recap_value_mask": "bool [N]",
@@ -223,7 +224,7 @@ class RecapAlgorithm(Algorithm):
 
     - ``recap_nstep_reward`` f32: sum of the normalised rewards over the sample's N-step window;
     - ``recap_bootstrap`` f32: 1 to add ``V(recap_next_obs)``, 0 if the episode terminated in the window;
-    - ``recap_next_obs`` f32 [obs_dim]: the observation at the window's end (same episode, same task);
+    - ``recap_next_obs.<name>``: the observation at the window's end (same episode, same task);
     - ``recap_adv_valid`` bool: the three above are known (False: indicator 'unknown');
     - ``recap_mc_return`` f32: normalised MC return-to-go (value target, refit mode);
     - ``recap_value_mask`` bool: ``recap_mc_return`` is exact (terminal episode).
@@ -232,7 +233,8 @@ class RecapAlgorithm(Algorithm):
     keys raise InvalidArgument naming them. ``per_sample_loss`` is the policy's BC loss per sample.
 
     Requires a conditioned policy (``policy.conditioned`` True, e.g.
-    ``fleetloop.policies:recap_mlp_policy``) exposing ``obs_dim`` and ``num_tasks`` for the value MLP.
+    ``fleetloop.policies:recap_mlp_policy``); the value network is built by
+    :func:`learner.algorithms.value.value_net_for` (the policy's ``value_encoder()`` when it has one).
     """
 
     name: ClassVar[str] = "recap"
@@ -248,11 +250,7 @@ class RecapAlgorithm(Algorithm):
             raise InvalidArgument("RECAP needs an indicator-conditioned policy (policy_factory "
                                   "'fleetloop.policies:recap_mlp_policy' or policy_kwargs conditioned=true)",
                                   field="policy_kwargs.conditioned", value=getattr(policy, "conditioned", None))
-        try:
-            obs_dim, num_tasks = int(policy.obs_dim), int(policy.num_tasks)
-        except AttributeError:
-            raise InvalidArgument("RECAP's policy must expose obs_dim and num_tasks", field="policy_factory") from None
-        self.value = DistributionalValue(obs_dim, num_tasks, config.value_hidden, config.num_bins)
+        self.value = value_net_for(policy, config.value_hidden, config.num_bins)
         super().__init__(policy, config, device)
         self.value.to(self.device)
         self.value_optimizer = self.make_value_optimizer()
@@ -306,14 +304,16 @@ class RecapAlgorithm(Algorithm):
 
     # -- labelling -------------------------------------------------------------------------------
     def _extra(self, batch: Batch) -> dict[str, torch.Tensor]:
-        missing = [k for k in REQUIRED_EXTRA if k not in batch.extra]
+        missing = [k for k in REQUIRED_EXTRA if k != "recap_next_obs" and k not in batch.extra]
         if missing:
             raise InvalidArgument(f"RECAP batch lacks per-sample fields {missing} (see RecapAlgorithm docstring)",
                                   field=f"extra.{missing[0]}", value=missing)
-        nxt = batch.extra["recap_next_obs"]
-        if tuple(nxt.shape) != tuple(batch.obs.shape):
-            raise InvalidArgument(f"recap_next_obs must have shape {tuple(batch.obs.shape)}, got {tuple(nxt.shape)}",
-                                  field="extra.recap_next_obs")
+        nxt = batch.extra_obs("recap_next_obs")
+        for name, t in batch.obs.items():
+            if name not in nxt or tuple(nxt[name].shape) != tuple(t.shape):
+                got = tuple(nxt[name].shape) if name in nxt else None
+                raise InvalidArgument(f"recap_next_obs.{name} must have shape {tuple(t.shape)}, got {got}",
+                                      field=f"extra.recap_next_obs.{name}", value=got)
         return batch.extra
 
     @torch.no_grad()
@@ -323,7 +323,7 @@ class RecapAlgorithm(Algorithm):
         was_training = self.value.training
         self.value.eval()
         v = self.value.value(batch.obs, batch.task)
-        v_next = self.value.value(ex["recap_next_obs"].float(), batch.task)
+        v_next = self.value.value(batch.extra_obs("recap_next_obs"), batch.task)
         self.value.train(was_training)
         adv = ex["recap_nstep_reward"].float() + ex["recap_bootstrap"].float() * v_next - v
         return torch.where(ex["recap_adv_valid"].bool(), adv, torch.zeros_like(adv))
@@ -390,7 +390,8 @@ class RecapAlgorithm(Algorithm):
         if not bool(mask.any()):
             return {"value_skipped": 1.0}
         self.value.train()
-        loss = self.value.per_sample_loss(batch.obs[mask], batch.task[mask], ex["recap_mc_return"][mask].float(),
+        loss = self.value.per_sample_loss({k: v[mask] for k, v in batch.obs.items()}, batch.task[mask],
+                                          ex["recap_mc_return"][mask].float(),
                                           self.config.projection).mean()
         self.value_optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -45,13 +45,14 @@ two-hot (default) or one-hot projection of the normalised MC return; ``V(o) = su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from fleetloop.errors import InvalidArgument
+from fleetloop.specs import PolicySpec, flatten_vectors
 
 V_MIN, V_MAX = -1.0, 0.0
 TERMINAL_OUTCOMES = ("success", "failure")
@@ -205,12 +206,18 @@ def project(targets: torch.Tensor, num_bins: int, how: Projection = "two_hot") -
 class DistributionalValue(nn.Module):
     """V(o, task) as a categorical distribution over ``num_bins`` return bins on [-1, 0].
 
-    Input: observation and one-hot task id (as :class:`fleetloop.policies.MLPPolicy`). Invariant:
-    :meth:`value` is always in [-1, 0] (a convex combination of the bin centres)."""
+    Input: observation features and one-hot task id. The features are, by default, the vector
+    observation tensors flattened in spec order (a bare float tensor as is): for a state job this
+    is the network of :class:`fleetloop.policies.MLPPolicy`'s input. With ``encoder`` (e.g. a
+    policy's ``value_encoder()``: a fresh trainable image encoder) they are ``encoder(obs)``, of
+    width ``obs_dim``. Invariant: :meth:`value` is always in [-1, 0] (a convex combination of the
+    bin centres)."""
 
-    def __init__(self, obs_dim: int, num_tasks: int, hidden: Sequence[int] = (256, 256), num_bins: int = 201) -> None:
+    def __init__(self, obs_dim: int, num_tasks: int, hidden: Sequence[int] = (256, 256), num_bins: int = 201,
+                 encoder: nn.Module | None = None, spec: PolicySpec | None = None) -> None:
         super().__init__()
         self.obs_dim, self.num_tasks, self.num_bins = int(obs_dim), int(num_tasks), int(num_bins)
+        self.encoder, self.spec = encoder, spec
         self.register_buffer("centers", bin_centers(self.num_bins), persistent=False)
         layers: list[nn.Module] = []
         width_in = self.obs_dim + self.num_tasks
@@ -220,29 +227,62 @@ class DistributionalValue(nn.Module):
         layers.append(nn.Linear(width_in, self.num_bins))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_bins]."""
-        one_hot = nn.functional.one_hot(task.long(), self.num_tasks).to(obs.dtype)
-        return self.net(torch.cat([obs, one_hot], dim=-1))
+    def features(self, obs) -> torch.Tensor:
+        """[B, obs_dim] float features of an observation batch (dict of tensors, or one flat tensor)."""
+        if self.encoder is not None:
+            return self.encoder(obs)
+        if isinstance(obs, torch.Tensor):
+            return obs.float()
+        if self.spec is None:
+            return torch.cat([v.reshape(v.shape[0], -1).float() for v in obs.values()], dim=-1)
+        return flatten_vectors(obs, self.spec)
 
-    def value(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs, task: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_bins]."""
+        feats = self.features(obs)
+        one_hot = nn.functional.one_hot(task.long(), self.num_tasks).to(feats.dtype)
+        return self.net(torch.cat([feats, one_hot], dim=-1))
+
+    def value(self, obs, task: torch.Tensor) -> torch.Tensor:
         """Expected normalised return [B]: ``softmax(logits) @ centres``."""
         return torch.softmax(self.forward(obs, task), dim=-1) @ self.centers
 
-    def per_sample_loss(self, obs: torch.Tensor, task: torch.Tensor, target: torch.Tensor,
+    def per_sample_loss(self, obs, task: torch.Tensor, target: torch.Tensor,
                         how: Projection = "two_hot") -> torch.Tensor:
         """Cross-entropy [B] between the predicted bins and the projection of ``target``."""
         logp = torch.log_softmax(self.forward(obs, task), dim=-1)
         return -(project(target, self.num_bins, how) * logp).sum(dim=-1)
 
 
+def value_net_for(policy: nn.Module, hidden: Sequence[int], num_bins: int) -> DistributionalValue:
+    """RECAP's value network for ``policy``: on the features of ``policy.value_encoder()`` (a fresh
+    trainable encoder, e.g. for cameras) when the policy has one, else on the vector observations
+    of its spec (``policy.spec``, or the adapter's) or its ``obs_dim``. InvalidArgument naming
+    ``policy_factory`` when none of these can be found."""
+    num_tasks = getattr(policy, "num_tasks", None)
+    spec = getattr(policy, "spec", None) or getattr(policy, "_flat_spec", None)
+    if num_tasks is None and spec is not None:
+        num_tasks = spec.num_tasks
+    if hasattr(policy, "value_encoder"):
+        encoder, width = policy.value_encoder()
+        return DistributionalValue(width, int(num_tasks), hidden, num_bins, encoder=encoder, spec=spec)
+    width = getattr(policy, "obs_dim", None)
+    if width is None and spec is not None:
+        width = spec.vector_dim
+    if width is None or num_tasks is None:
+        raise InvalidArgument("RECAP's policy must expose obs_dim and num_tasks, a PolicySpec, or value_encoder()",
+                              field="policy_factory")
+    return DistributionalValue(int(width), int(num_tasks), hidden, num_bins, spec=spec)
+
+
 # -- offline pretraining -------------------------------------------------------------------------------
 @dataclass
 class ValueEpisode:
-    """One episode for value pretraining: observations [T, obs_dim], task index, outcome, the task's
-    episode limit. Build from a :class:`fleetloop.dataset.DemoEpisode` with :meth:`from_demo`."""
+    """One episode for value pretraining: observations (``[T, obs_dim]`` float, or a dict of named
+    ``[T, *shape]`` arrays), task index, outcome, the task's episode limit. Build from a
+    :class:`fleetloop.dataset.DemoEpisode` with :meth:`from_demo`."""
 
-    obs: np.ndarray
+    obs: Any
     task: int
     outcome: str
     max_len: int
@@ -250,24 +290,35 @@ class ValueEpisode:
     @classmethod
     def from_demo(cls, ep, task_index: Mapping[str, int], max_len: int) -> "ValueEpisode":
         """From a dataset episode (``ep.obs``, ``ep.task_id``, ``ep.outcome``)."""
-        return cls(np.asarray(ep.obs, np.float32), int(task_index[ep.task_id]), str(ep.outcome), int(max_len))
+        obs = ep.obs if isinstance(ep.obs, Mapping) else np.asarray(ep.obs, np.float32)
+        return cls(obs, int(task_index[ep.task_id]), str(ep.outcome), int(max_len))
 
 
 def value_dataset(episodes: Iterable[ValueEpisode], fail_penalty: float = 1.0,
-                  timeout_as: TimeoutAs = "failure") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stack the exact-target frames of ``episodes``: (obs f32 [M, obs_dim], task i64 [M], target f32 [M]).
-    Non-terminal episodes (truncated, aborted) contribute nothing."""
+                  timeout_as: TimeoutAs = "failure") -> tuple[Any, np.ndarray, np.ndarray]:
+    """Stack the exact-target frames of ``episodes``: (obs [M, ...] -- an array, or a dict of arrays
+    when the episodes hold dicts --, task i64 [M], target f32 [M]). Non-terminal episodes
+    (truncated, aborted) contribute nothing."""
     obs, task, tgt = [], [], []
     for ep in episodes:
-        if not is_terminal(ep.outcome, timeout_as) or len(ep.obs) == 0:
+        n = _length(ep.obs)
+        if not is_terminal(ep.outcome, timeout_as) or n == 0:
             continue
-        obs.append(np.asarray(ep.obs, np.float32))
-        task.append(np.full(len(ep.obs), ep.task, np.int64))
-        tgt.append(normalised_returns(len(ep.obs), ep.outcome, ep.max_len, fail_penalty, timeout_as))
+        obs.append(ep.obs if isinstance(ep.obs, Mapping) else np.asarray(ep.obs, np.float32))
+        task.append(np.full(n, ep.task, np.int64))
+        tgt.append(normalised_returns(n, ep.outcome, ep.max_len, fail_penalty, timeout_as))
     if not obs:
         raise InvalidArgument("no episode with an exact return (success/failure) to pretrain the value on",
                               field="episodes", value=0)
-    return np.concatenate(obs), np.concatenate(task), np.concatenate(tgt)
+    if isinstance(obs[0], Mapping):
+        stacked: Any = {k: np.concatenate([o[k] for o in obs]) for k in obs[0]}
+    else:
+        stacked = np.concatenate(obs)
+    return stacked, np.concatenate(task), np.concatenate(tgt)
+
+
+def _length(obs: Any) -> int:
+    return len(next(iter(obs.values()))) if isinstance(obs, Mapping) else len(obs)
 
 
 def pretrain_value(value: DistributionalValue, episodes: Iterable[ValueEpisode], steps: int = 2000,
@@ -280,14 +331,17 @@ def pretrain_value(value: DistributionalValue, episodes: Iterable[ValueEpisode],
     obs, task, tgt = value_dataset(episodes, fail_penalty, timeout_as)
     rng = np.random.default_rng(seed)
     by_task = [np.flatnonzero(task == k) for k in np.unique(task)]
-    o_t, k_t, g_t = (torch.from_numpy(a).to(device) for a in (obs, task, tgt))
+    k_t, g_t = (torch.from_numpy(a).to(device) for a in (task, tgt))
+    o_t: Any = {k: torch.from_numpy(v).to(device) for k, v in obs.items()} if isinstance(obs, Mapping) \
+        else torch.from_numpy(obs).to(device)
     value.to(device).train()
     opt = torch.optim.Adam(value.parameters(), lr=lr)
     losses: list[float] = []
     per = max(1, batch_size // len(by_task))
     for _ in range(int(steps)):
         idx = torch.from_numpy(np.concatenate([rng.choice(ix, per) for ix in by_task])).to(device)
-        loss = value.per_sample_loss(o_t[idx], k_t[idx], g_t[idx], projection).mean()
+        o_b = {k: v[idx] for k, v in o_t.items()} if isinstance(o_t, dict) else o_t[idx]
+        loss = value.per_sample_loss(o_b, k_t[idx], g_t[idx], projection).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,171 @@
+"""What a policy is built for: the job's named observation and action tensors, and its tasks.
+
+A job declares its per-step tensors as specs (``learner.config.SpecModel`` in YAML/JSON,
+``fleetloop.v1.TensorSpec`` on the wire). This module turns either into plain, hashable
+:class:`TensorInfo` and :class:`PolicySpec` values that the replay, the batch and every policy
+plug-in share, so none of them depends on pydantic or protobuf.
+
+Contract:
+
+- An observation is a mapping ``name -> array`` with exactly the spec names; per step each array
+  has the spec's dtype and shape. With a batch dimension it is ``[B, *shape]``.
+- An *image* tensor is uint8 ``[H, W, C]`` with C in (1, 3, 4) (:attr:`TensorInfo.is_image`):
+  channels last, as cameras produce them and as JPEG/PNG decode them. Policies normalise images
+  themselves (the replay stores them as uint8).
+- Every other observation tensor is a *vector* input: flattened and cast to float32, concatenated
+  in spec order (:func:`flatten_vectors`). A job whose only observation is Meta-World's 39-value
+  ``state`` therefore gives exactly the flat input of the original MLP policy.
+- Actions are one flat float32 vector per step: the action specs flattened and concatenated in
+  spec order (:attr:`PolicySpec.act_dim`); ``low``/``high`` are the concatenated bounds (empty
+  when the specs declare none).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fleetloop.codec import WIRE_DTYPES
+from fleetloop.errors import InvalidArgument
+
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named per-step tensor: numpy dtype name (e.g. ``"float32"``, ``"uint8"``) and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Elements per step (the flattened width)."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per step when stored decoded."""
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_image(self) -> bool:
+        """uint8 ``[H, W, C]`` with C in (1, 3, 4): a camera frame, channels last."""
+        return self.dtype == "uint8" and len(self.shape) == 3 and self.shape[2] in _IMAGE_CHANNELS \
+            and self.shape[0] >= 1 and self.shape[1] >= 1
+
+
+def tensor_info(spec: Any) -> TensorInfo:
+    """A :class:`TensorInfo` from a ``SpecModel``, a wire ``TensorSpec`` (dtype as enum code), a
+    dict with name/dtype/shape, or a TensorInfo. InvalidArgument naming the spec on a bad dtype."""
+    if isinstance(spec, TensorInfo):
+        return spec
+    get = spec.get if isinstance(spec, Mapping) else (lambda k, d=None: getattr(spec, k, d))
+    name, dtype, shape = str(get("name")), get("dtype", "float32"), tuple(int(d) for d in get("shape", ()))
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        if int(dtype) not in WIRE_DTYPES:
+            raise InvalidArgument(f"spec {name!r} has unknown dtype code {int(dtype)}", field=f"specs[{name}].dtype",
+                                  value=int(dtype))
+        dtype = WIRE_DTYPES[int(dtype)].name
+    try:
+        dtype = np.dtype(str(dtype)).name
+    except TypeError:
+        raise InvalidArgument(f"spec {name!r} has unknown dtype {dtype!r}", field=f"specs[{name}].dtype",
+                              value=str(dtype)) from None
+    return TensorInfo(name, dtype, shape)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything a policy factory needs to build a network for a job (see the module docstring).
+
+    ``observations`` and ``actions`` keep the job's spec order; ``low``/``high`` are the flattened
+    action bounds (empty: unbounded); ``tasks`` are the job's task ids, in the order the task index
+    of a batch refers to."""
+
+    observations: tuple[TensorInfo, ...]
+    actions: tuple[TensorInfo, ...]
+    tasks: tuple[str, ...]
+    low: tuple[float, ...] = ()
+    high: tuple[float, ...] = ()
+
+    @classmethod
+    def from_specs(cls, observation_specs: Iterable[Any], action_specs: Iterable[Any], tasks: Sequence[str]) -> "PolicySpec":
+        """Build from job specs (SpecModel, wire TensorSpec or dicts) and the task list."""
+        acts = list(action_specs)
+        low = tuple(float(x) for s in acts for x in (getattr(s, "low", None) or ()))
+        high = tuple(float(x) for s in acts for x in (getattr(s, "high", None) or ()))
+        spec = cls(tuple(tensor_info(s) for s in observation_specs), tuple(tensor_info(s) for s in acts),
+                   tuple(str(t) for t in tasks), low, high)
+        if len(spec.low) != spec.act_dim or len(spec.high) != spec.act_dim:
+            spec = cls(spec.observations, spec.actions, spec.tasks)  # partial bounds: treat as unbounded
+        return spec
+
+    @classmethod
+    def flat(cls, obs_dim: int, act_dim: int, num_tasks: int) -> "PolicySpec":
+        """The legacy shape: one float32 ``state`` [obs_dim], one ``action`` [act_dim], tasks
+        ``task-0..``: what a ``(obs_dim, act_dim, num_tasks)`` caller means."""
+        return cls((TensorInfo("state", "float32", (int(obs_dim),)),), (TensorInfo("action", "float32", (int(act_dim),)),),
+                   tuple(f"task-{i}" for i in range(int(num_tasks))))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def act_dim(self) -> int:
+        """Width of the flat action vector (all action specs, flattened, in spec order)."""
+        return sum(a.size for a in self.actions)
+
+    @property
+    def images(self) -> tuple[TensorInfo, ...]:
+        """The camera tensors, in spec order."""
+        return tuple(o for o in self.observations if o.is_image)
+
+    @property
+    def vectors(self) -> tuple[TensorInfo, ...]:
+        """The non-image observation tensors, in spec order."""
+        return tuple(o for o in self.observations if not o.is_image)
+
+    @property
+    def vector_dim(self) -> int:
+        """Width of :func:`flatten_vectors`' output."""
+        return sum(v.size for v in self.vectors)
+
+    @property
+    def obs_nbytes(self) -> int:
+        """Bytes of one step's observation, stored decoded."""
+        return sum(o.nbytes for o in self.observations)
+
+    def observation(self, name: str) -> TensorInfo:
+        for o in self.observations:
+            if o.name == name:
+                return o
+        raise InvalidArgument(f"no observation tensor {name!r}; the job has {[o.name for o in self.observations]}",
+                              field="observation", value=name)
+
+
+def flatten_vectors(obs: Mapping[str, Any], spec: PolicySpec):
+    """The vector observation tensors of a batched ``obs`` mapping (torch tensors ``[B, *shape]``)
+    flattened to float32 and concatenated in spec order: ``[B, spec.vector_dim]``. A bare tensor
+    (a legacy caller's flat observation) is returned as float32 unchanged."""
+    import torch
+
+    if isinstance(obs, torch.Tensor):
+        return obs.float()
+    parts = [obs[v.name].reshape(obs[v.name].shape[0], -1).float() for v in spec.vectors]
+    if not parts:
+        first = next(iter(obs.values()))
+        return torch.zeros(first.shape[0], 0, device=first.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def batch_size_of(obs: Any) -> int:
+    """Leading size of an observation batch: a tensor/array, or a mapping of them."""
+    if isinstance(obs, Mapping):
+        return int(next(iter(obs.values())).shape[0])
+    return int(obs.shape[0])

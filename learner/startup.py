@@ -1,0 +1,45 @@
+"""Robot learner start-up steps that fill or size the replay before serving.
+
+- :func:`load_offline`: every demonstration episode of the job's offline dataset into the offline
+  buffers (only the job's tasks); returns the steps loaded.
+- :func:`size_buffers`: with ``flow.memory_budget_mb``, size the still-empty online rings from what
+  the demos left of the budget, counting every observation tensor's bytes (camera frames included);
+  None without a budget.
+"""
+
+from __future__ import annotations
+
+from fleetloop.dataset import iter_episodes
+from fleetloop.logs import event, get_logger
+from fleetloop.specs import PolicySpec
+from learner.backpressure import MemoryPlan, plan_memory
+from learner.config import LearnerConfig
+from learner.replay import ReplayStore, bytes_per_step
+
+log = get_logger("learner")
+
+
+def load_offline(cfg: LearnerConfig, replay: ReplayStore) -> int:
+    """Load the offline dataset's episodes of ``cfg.tasks`` into ``replay``; returns the steps."""
+    if cfg.optimisation.offline_dataset is None:
+        return 0
+    n = 0
+    for ep in iter_episodes(cfg.optimisation.offline_dataset, tasks=cfg.tasks):
+        replay.add_offline(ep.task_id, ep.obs, ep.actions, ep.rewards, ep.interventions, outcome=ep.outcome)
+        n += len(ep)
+    event(log, "offline_loaded", job=cfg.job_id, steps=n, dataset=str(cfg.optimisation.offline_dataset))
+    return n
+
+
+def size_buffers(cfg: LearnerConfig, replay: ReplayStore, spec: PolicySpec, targets: bool, metrics) -> MemoryPlan | None:
+    """With a memory budget: size the (still empty) online rings from what the demos left."""
+    if cfg.flow.memory_budget_mb is None:
+        return None
+    plan = plan_memory(cfg.flow.memory_budget_mb, cfg.serving.max_message_bytes, replay.nbytes(source="offline"),
+                       len(cfg.tasks), bytes_per_step(spec.observations, spec.act_dim, targets),
+                       cfg.flow.online_capacity, min_steps=max(2 * cfg.episodes.chunk_steps, 100))
+    replay.set_online_capacity(plan.online_capacity)
+    metrics.memory_budget.labels(cfg.job_id).set(plan.budget_bytes)
+    event(log, "memory_planned", job=cfg.job_id, budget=plan.budget_bytes, inflight=plan.inflight_bytes,
+          offline=plan.offline_bytes, online_capacity=plan.online_capacity, step_bytes=plan.step_bytes)
+    return plan
