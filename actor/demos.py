@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from actor.envs import make_env
 from actor.envs.base import ExpertEnv
-from actor.envs.metaworld_env import ACT_DIM, OBS_DIM, MetaWorldEnv, available_tasks
+from actor.envs.metaworld_env import ACT_DIM, OBS_DIM, available_tasks
 from fleetloop.dataset import DemoEpisode, DemoWriter, atomic_write
 from fleetloop.errors import InvalidArgument
 
@@ -53,9 +54,13 @@ def run_expert_episode(env: ExpertEnv, seed: int, action_noise: float = 0.0) -> 
             success = result.success
             break
     t = len(obs_l)
+    if isinstance(obs_l[0], dict):  # named tensors (cameras + proprioception): each kept in its own dtype
+        stacked = {k: np.stack([o[k] for o in obs_l]) for k in obs_l[0]}
+    else:
+        stacked = np.stack(obs_l).astype(np.float32)
     episode = DemoEpisode(
         episode_id=uuid.uuid4().hex, task_id=env.task_id,
-        obs=np.stack(obs_l).astype(np.float32), actions=np.stack(act_l).astype(np.float32),
+        obs=stacked, actions=np.stack(act_l).astype(np.float32),
         rewards=np.asarray(rew_l, dtype=np.float32), interventions=np.ones(t, dtype=np.bool_),
         outcome="success" if success else "timeout", seed=int(seed))
     return episode, success
@@ -70,12 +75,15 @@ def record_demos(
     max_episode_steps: int = 200,
     progress: bool = True,
     max_attempts_factor: int = 5,
+    view: dict | None = None,
 ) -> dict[str, int]:
     """Write ``episodes_per_task`` successful expert episodes per task to ``out_dir``.
 
     Failed attempts are discarded and another seed is tried, up to
     ``max_attempts_factor * episodes_per_task`` attempts per task (a task that stays short is
     reported in the returned counts, not raised). Appends to an existing compatible dataset.
+    ``view``: the robot's observation options (``observations="pixels"``, ``cameras``,
+    ``image_size``): the dataset then stores the camera frames (format v2).
     Returns ``{task: episodes written}``. Unknown tasks raise InvalidArgument before anything is
     written.
     """
@@ -88,8 +96,13 @@ def record_demos(
     if unknown:
         raise InvalidArgument(f"unknown task(s) {unknown}", field="tasks", value=unknown)
     envs: dict[str, ExpertEnv] = {
-        task: MetaWorldEnv(task, seed=seed, max_episode_steps=max_episode_steps) for task in tasks}
-    writer = DemoWriter(out_dir, OBS_DIM, ACT_DIM)
+        task: make_env(task, seed=seed, max_episode_steps=max_episode_steps, **(view or {})) for task in tasks}
+    if (view or {}).get("observations", "state") == "pixels":
+        from fleetloop.presets import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, metaworld_specs
+        specs = metaworld_specs("pixels", view.get("cameras", DEFAULT_CAMERAS), view.get("image_size", DEFAULT_IMAGE_SIZE))
+        writer = DemoWriter(out_dir, specs[0], ACT_DIM)
+    else:
+        writer = DemoWriter(out_dir, OBS_DIM, ACT_DIM)
     counts = {task: 0 for task in tasks}
     max_attempts = max(1, max_attempts_factor) * episodes_per_task
     bar, bar_task = _progress_bar(progress, len(tasks) * episodes_per_task)

@@ -40,11 +40,14 @@ class TaskEval:
 
 
 def evaluate(runner: PolicyRunner, tasks: list[str], trials: int, max_episode_steps: int = 200, hz: float = 30.0,
-             task_offset: dict[str, int] | None = None, first_trial: int = 0) -> dict[str, dict]:
-    """Run ``trials`` episodes per task with the runner's loaded policy; returns per-task results."""
+             task_offset: dict[str, int] | None = None, first_trial: int = 0,
+             view: dict | None = None) -> dict[str, dict]:
+    """Run ``trials`` episodes per task with the runner's loaded policy; returns per-task results.
+    ``view``: the robot's observation options (``observations``, ``cameras``, ``image_size``;
+    default state), as the fleet's robots use them."""
     out = {}
     for task in tasks:
-        env = make_env(task, seed=0, max_episode_steps=max_episode_steps)
+        env = make_env(task, seed=0, max_episode_steps=max_episode_steps, **(view or {}))
         index = (task_offset or {}).get(task, runner.task_index[task])
         t0 = time.monotonic()
         lengths, wins = [], 0

@@ -14,7 +14,6 @@ import threading
 import time
 
 from actor.envs import make_env
-from actor.envs.metaworld_env import ACT_DIM, OBS_DIM
 from actor.metrics import ActorMetrics
 from actor.operators import NoOperator, ScriptedExpertOperator
 from actor.policy_runner import PolicyRunner
@@ -22,14 +21,17 @@ from actor.robot_loop import run_robot
 from actor.runtime import FleetClient
 from fleetloop.codec import make_spec
 from fleetloop.logs import event, get_logger
+from fleetloop.presets import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, metaworld_specs
 
 log = get_logger("actor.main")
 
 
-def robot_specs() -> tuple[list, list]:
-    """Observation/action specs of the built-in Meta-World robot."""
-    return ([make_spec("state", "float32", [OBS_DIM])],
-            [make_spec("action", "float32", [ACT_DIM], [-1.0] * ACT_DIM, [1.0] * ACT_DIM)])
+def robot_specs(observations: str = "state", cameras=DEFAULT_CAMERAS, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[list, list]:
+    """Observation/action specs (wire TensorSpecs) of the built-in Meta-World robot in the given
+    observation mode (:func:`fleetloop.presets.metaworld_specs`)."""
+    obs, act = metaworld_specs(observations, cameras, image_size)
+    return ([make_spec(s["name"], s["dtype"], s["shape"], s["low"], s["high"]) for s in obs],
+            [make_spec(s["name"], s["dtype"], s["shape"], s["low"], s["high"]) for s in act])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=3, help="scripted operator: consecutive deviating steps before takeover")
     p.add_argument("--hold-steps", type=int, default=20, help="scripted operator: steps of each correction")
     p.add_argument("--stall-k", type=int, default=25, help="scripted operator: no-progress steps before takeover (0 = off)")
+    p.add_argument("--observations", choices=["state", "pixels"], default="state",
+                   help="what the robot observes: state (Meta-World's 39 values) or pixels (cameras + proprioception)")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="pixels: comma-separated camera names")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="pixels: square image side in pixels")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="pixels: JPEG quality of the camera frames on the wire")
     p.add_argument("--hz", type=float, default=0.0, help="real-time pacing (e.g. 30); 0 = as fast as possible")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (default: run until signalled)")
     p.add_argument("--episodes", type=int, default=None, help="stop after this many episodes")
@@ -69,21 +76,25 @@ def main(args: argparse.Namespace) -> int:
         return 2
     actor_id = args.actor_id or f"robot-{os.getpid()}"
     tasks = [t for t in args.tasks.split(",") if t]
-    obs_specs, act_specs = robot_specs()
+    cameras = [c for c in args.cameras.split(",") if c]
+    obs_specs, act_specs = robot_specs(args.observations, cameras, args.image_size)
+    pixels = args.observations == "pixels"
     stop = threading.Event()
     metrics = ActorMetrics(actor_id)
     client = FleetClient(args.learner, args.job, actor_id, obs_specs, act_specs, tasks, credential=args.token,
                          spool_dir=args.spool, connect_timeout_s=None,
                          tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, capabilities={"robot": "metaworld", "operator": args.operator, "hz": str(args.hz)},
-                         metrics=metrics)
+                         metrics=metrics, image_encoding={c: "jpeg" for c in cameras} if pixels else None,
+                         jpeg_quality=args.jpeg_quality)
     run = client.connect()  # retries until the learner answers; SIGTERM here just ends the process (spool is on disk)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on: finish the episode, flush, exit
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.metrics_port is not None:
         event(log, "metrics", actor=actor_id, port=metrics.serve(args.metrics_port, args.metrics_host))
     seed = args.seed if args.seed is not None else os.getpid()
-    envs = {t: make_env(t, seed=seed + i, max_episode_steps=run.max_episode_steps) for i, t in enumerate(tasks)}
-    runner = PolicyRunner(run, OBS_DIM, ACT_DIM)
+    view = {"observations": "pixels", "cameras": cameras, "image_size": args.image_size} if pixels else {}
+    envs = {t: make_env(t, seed=seed + i, max_episode_steps=run.max_episode_steps, **view) for i, t in enumerate(tasks)}
+    runner = PolicyRunner(run, obs_specs, act_specs)
 
     def make_operator(env):
         if args.operator == "none":

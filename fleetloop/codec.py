@@ -14,18 +14,23 @@ Compressed images (``Tensor.encoding`` PNG / JPEG, one encoded image per ``[H, W
 ``frames``): :func:`encode` writes them with ``encoding="png"|"jpeg"``, :func:`decode` validates and
 decodes them (:mod:`fleetloop.image_codec`); :func:`decode_map` compares a tensor's declared shape with
 its spec *before* decoding any frame, so no image larger than the job's spec is ever decompressed.
+
+Spec lists (an actor's handshake against the job's) are compared order-free by name, bounds
+included: :func:`spec_problems` lists every difference per tensor, :func:`check_specs` refuses with
+FailedPrecondition naming the first tensor (``observation_specs[corner3]``), and every message about
+specs is bounded in size whatever was declared.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from fleetloop import image_codec
-from fleetloop.errors import InvalidArgument, ResourceExhausted
+from fleetloop.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 #: Bumped on any incompatible wire change; the handshake refuses a mismatch.
 PROTOCOL_VERSION = 2
@@ -218,8 +223,130 @@ def make_spec(name: str, dtype: str, shape: Sequence[int], low: Iterable[float] 
 
 
 def spec_key(spec) -> tuple:
-    """Comparable identity of a TensorSpec (name, dtype, shape)."""
+    """Comparable identity of a TensorSpec (name, dtype, shape); bounds are compared by :func:`spec_problems`."""
     return (spec.name, int(spec.dtype), tuple(int(d) for d in spec.shape))
+
+
+class _Spec(NamedTuple):
+    name: str
+    dtype: int
+    shape: tuple[int, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+
+def _norm(spec) -> _Spec:
+    """One spec in a comparable form: a wire ``TensorSpec`` (dtype as enum code), a ``SpecModel`` or
+    a dict (dtype as a numpy name, e.g. from :mod:`fleetloop.presets`)."""
+    get = spec.get if isinstance(spec, Mapping) else (lambda k, d=None: getattr(spec, k, d))
+    dtype = get("dtype", "float32")
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        code = int(dtype)
+    else:
+        try:
+            code = dtype_code(np.dtype(str(dtype)))
+        except TypeError:
+            raise InvalidArgument(f"spec {str(get('name'))[:40]!r} has unknown dtype {str(dtype)[:40]!r}",
+                                  field="dtype", value=str(dtype)[:40]) from None
+    return _Spec(str(get("name", "")), code, tuple(int(d) for d in get("shape", ()) or ()),
+                 tuple(float(x) for x in get("low", ()) or ()), tuple(float(x) for x in get("high", ()) or ()))
+
+
+#: What :class:`SpecProblem` reports, in the order problems of one tensor are listed.
+SPEC_PROBLEM_KINDS = ("duplicate", "unexpected", "dtype", "shape", "bounds", "missing")
+
+
+class SpecProblem(NamedTuple):
+    """One difference between a declared spec list and the expected one, for the tensor ``name``.
+
+    ``what`` is one of :data:`SPEC_PROBLEM_KINDS`; ``declared`` / ``expected`` are that property on
+    each side: ``dtype`` the wire names (``"FLOAT32"``), ``shape`` lists of ints, ``bounds`` dicts
+    ``{"low": [...], "high": [...]}``; ``unexpected`` has the declared shape and ``expected`` None,
+    ``missing`` the expected shape and ``declared`` None; ``duplicate`` has how often the name was
+    declared (expected 1)."""
+
+    name: str
+    what: str
+    declared: Any
+    expected: Any
+
+
+def _same_bounds(a: tuple[float, ...], b: tuple[float, ...], size: int) -> bool:
+    """Equal bounds: one value stands for every element (the wire contract); floats compared with a
+    small tolerance (the wire carries float32); NaN never equals anything."""
+    a = a * size if len(a) == 1 and size > 1 else a
+    b = b * size if len(b) == 1 and size > 1 else b
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(a, b))
+
+
+def spec_problems(declared: Iterable, expected: Iterable) -> list[SpecProblem]:
+    """Every difference between ``declared`` and ``expected`` spec lists, compared order-free by name
+    (wire ``TensorSpec``, ``SpecModel`` or dicts on either side); empty when they agree.
+
+    Per declared name, in declared order: ``duplicate`` (the name appears more than once: a later
+    entry must not hide an earlier one), else ``unexpected`` (not expected), else each of ``dtype``,
+    ``shape`` and ``bounds`` (``low``/``high``; compared only when the shapes agree) that differs.
+    Then ``missing`` for each expected name not declared, in expected order."""
+    dec, exp = [_norm(s) for s in declared], {}
+    for s in expected:
+        n = _norm(s)
+        exp[n.name] = n
+    counts = Counter(s.name for s in dec)
+    problems: list[SpecProblem] = []
+    seen: set[str] = set()
+    for d in dec:
+        if d.name in seen:
+            continue
+        seen.add(d.name)
+        e = exp.get(d.name)
+        if counts[d.name] > 1:
+            problems.append(SpecProblem(d.name, "duplicate", counts[d.name], 1))
+        elif e is None:
+            problems.append(SpecProblem(d.name, "unexpected", list(d.shape), None))
+        else:
+            if d.dtype != e.dtype:
+                problems.append(SpecProblem(d.name, "dtype", dtype_name(d.dtype), dtype_name(e.dtype)))
+            if d.shape != e.shape:
+                problems.append(SpecProblem(d.name, "shape", list(d.shape), list(e.shape)))
+            elif not (_same_bounds(d.low, e.low, math.prod(d.shape)) and _same_bounds(d.high, e.high, math.prod(d.shape))):
+                problems.append(SpecProblem(d.name, "bounds", {"low": list(d.low), "high": list(d.high)},
+                                            {"low": list(e.low), "high": list(e.high)}))
+    problems.extend(SpecProblem(name, "missing", None, list(e.shape)) for name, e in exp.items() if name not in seen)
+    return problems
+
+
+def _short_name(name: str) -> str:
+    return name if len(name) <= 40 else f"{name[:40]}..."
+
+
+def _short_list(values: Sequence, limit: int = 8) -> str:
+    values = list(values)
+    return str(values) if len(values) <= limit else f"{str(values[:limit])[:-1]}, ... ({len(values)} values)]"
+
+
+def _capped(value: Any, limit: int = 64) -> Any:
+    """A problem's value small enough for an error (lists cut to ``limit`` items)."""
+    if isinstance(value, dict):
+        return {k: _capped(v, limit) for k, v in value.items()}
+    return value[:limit] if isinstance(value, list) else value
+
+
+def describe_problem(p: SpecProblem) -> str:
+    """One line for a :class:`SpecProblem` (names cut to 40 characters, long lists shortened)."""
+    name = repr(_short_name(p.name))
+    if p.what == "duplicate":
+        return f"{name} is declared {p.declared} times"
+    if p.what == "unexpected":
+        return f"{name} {_short_shape(p.declared)} is not a tensor of the job"
+    if p.what == "missing":
+        return f"{name} {_short_shape(p.expected)} is missing"
+    if p.what == "dtype":
+        return f"{name} has dtype {p.declared} but the job expects {p.expected}"
+    if p.what == "shape":
+        return f"{name} has shape {_short_shape(p.declared)} but the job expects {_short_shape(p.expected)}"
+    d, e = p.declared, p.expected
+    return (f"{name} has bounds low {_short_list(d['low'])} high {_short_list(d['high'])} but the job expects "
+            f"low {_short_list(e['low'])} high {_short_list(e['high'])}")
 
 
 def describe_specs(specs: Iterable, limit: int = 600) -> str:
@@ -230,7 +357,8 @@ def describe_specs(specs: Iterable, limit: int = 600) -> str:
     for s in specs:
         if size > limit:  # stop early: a list of 10^5 specs is described by its first few
             break
-        parts.append(f"{s.name[:40]}:{dtype_name(int(s.dtype))}{_short_shape(s.shape)}")
+        n = _norm(s)
+        parts.append(f"{n.name[:40]}:{dtype_name(n.dtype)}{_short_shape(n.shape)}")
         size += len(parts[-1]) + 2
     text = ", ".join(parts)
     return text if len(text) <= limit and len(parts) == len(specs) else f"{text[:limit]}... ({len(specs)} specs)"
@@ -241,21 +369,43 @@ def _short_shape(shape) -> str:
     return str(dims) if len(dims) <= MAX_NDIM else f"{dims[:MAX_NDIM]}+{len(dims) - MAX_NDIM} dims"
 
 
+def _mismatch_text(declared: list, expected: list, problems: list[SpecProblem]) -> str | None:
+    if not problems:
+        return None
+    repeated = sorted(p.name for p in problems if p.what == "duplicate")
+    if repeated:
+        shown = ", ".join(repr(n[:40]) for n in repeated[:8])
+        return f"declared [{describe_specs(declared)}] names [{shown}] more than once"
+    return f"declared [{describe_specs(declared)}] but the job expects [{describe_specs(expected)}]"
+
+
 def specs_mismatch(declared: Iterable, expected: Iterable) -> str | None:
-    """None if the two spec lists agree (order-free), else a message naming the difference.
+    """None if the two spec lists agree (order-free, bounds included: :func:`spec_problems`), else a
+    message naming the whole declared list (and the expected one, or the repeated names).
 
     A declared list with a repeated name never agrees (the later entry must not hide the earlier one).
     """
     declared, expected = list(declared), list(expected)
-    repeated = sorted(n for n, k in Counter(s.name for s in declared).items() if k > 1)
-    if repeated:
-        shown = ", ".join(repr(n[:40]) for n in repeated[:8])
-        return f"declared [{describe_specs(declared)}] names [{shown}] more than once"
-    d = {s.name: spec_key(s) for s in declared}
-    e = {s.name: spec_key(s) for s in expected}
-    if d == e:
-        return None
-    return f"declared [{describe_specs(declared)}] but the job expects [{describe_specs(expected)}]"
+    return _mismatch_text(declared, expected, spec_problems(declared, expected))
+
+
+def check_specs(declared: Iterable, expected: Iterable, field: str) -> None:
+    """Refuse ``declared`` unless it agrees with ``expected`` (:func:`spec_problems`).
+
+    Raises :class:`~fleetloop.errors.FailedPrecondition` with ``field`` ``"<field>[<tensor>]"`` of
+    the first problem's tensor (name cut to 40 characters) and ``value`` its declared property (the
+    shape; the dtype or bounds for such a problem; None for a missing tensor; the count for a
+    repeated name). The message names that problem, how many more there are, and the whole declared
+    list (at most a few hundred characters, whatever was declared)."""
+    declared, expected = list(declared), list(expected)
+    problems = spec_problems(declared, expected)
+    if not problems:
+        return
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    where = f"{field}[{_short_name(first.name)}]"
+    raise FailedPrecondition(f"{where}: {describe_problem(first)}{more}; {_mismatch_text(declared, expected, problems)}",
+                             field=where, value=_capped(first.declared))
 
 
 def decode_map(tensors: Mapping[str, object], specs: Sequence, steps: int, field: str) -> dict[str, np.ndarray]:

@@ -97,13 +97,10 @@ class PolicySpec:
     def from_specs(cls, observation_specs: Iterable[Any], action_specs: Iterable[Any], tasks: Sequence[str]) -> "PolicySpec":
         """Build from job specs (SpecModel, wire TensorSpec or dicts) and the task list."""
         acts = list(action_specs)
-        low = tuple(float(x) for s in acts for x in (getattr(s, "low", None) or ()))
-        high = tuple(float(x) for s in acts for x in (getattr(s, "high", None) or ()))
-        spec = cls(tuple(tensor_info(s) for s in observation_specs), tuple(tensor_info(s) for s in acts),
-                   tuple(str(t) for t in tasks), low, high)
-        if len(spec.low) != spec.act_dim or len(spec.high) != spec.act_dim:
-            spec = cls(spec.observations, spec.actions, spec.tasks)  # partial bounds: treat as unbounded
-        return spec
+        infos = tuple(tensor_info(s) for s in acts)
+        low = _bounds(acts, infos, "low", float("-inf"))
+        high = _bounds(acts, infos, "high", float("inf"))
+        return cls(tuple(tensor_info(s) for s in observation_specs), infos, tuple(str(t) for t in tasks), low, high)
 
     @classmethod
     def flat(cls, obs_dim: int, act_dim: int, num_tasks: int) -> "PolicySpec":
@@ -147,6 +144,17 @@ class PolicySpec:
                 return o
         raise InvalidArgument(f"no observation tensor {name!r}; the job has {[o.name for o in self.observations]}",
                               field="observation", value=name)
+
+
+def _bounds(specs: list[Any], infos: tuple[TensorInfo, ...], key: str, unbounded: float) -> tuple[float, ...]:
+    """Flattened ``low``/``high`` of the action specs: a spec's one value applies to all its
+    elements (as on the wire); a spec without bounds is unbounded; () when no spec has any."""
+    out: list[float] = []
+    for spec, info in zip(specs, infos):
+        vals = spec.get(key) if isinstance(spec, Mapping) else getattr(spec, key, None)
+        vals = [float(x) for x in (vals or ())]
+        out += vals * info.size if len(vals) == 1 else (vals if len(vals) == info.size else [unbounded] * info.size)
+    return () if all(abs(x) == float("inf") for x in out) else tuple(out)
 
 
 def flatten_vectors(obs: Mapping[str, Any], spec: PolicySpec):

@@ -43,11 +43,12 @@ class SpecModel(BaseModel):
     names (and action specs to float dtypes)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, description="Tensor name as used in chunk maps, e.g. 'state', 'corner3' or 'action'.")
+    name: str = Field(min_length=1, max_length=128,
+                      description="Tensor name as used in chunk maps, e.g. 'state', 'corner3' or 'action'.")
     dtype: Literal["float32", "float16", "float64", "int64", "int32", "uint8", "bool"] = Field(
         "float32", description="Element type; uint8 [H, W, C] is a camera image.")
-    shape: list[int] = Field(description="Per-step shape (no time dimension); an image is [H, W, C], channels last.",
-                             min_length=0)
+    shape: list[int] = Field(description="Per-step shape (no time dimension, at most 16 dimensions, none negative); an "
+                             "image is [H, W, C], channels last.", min_length=0, max_length=16)
     low: list[float] = Field(default_factory=list, description="Inclusive lower bounds (actions): empty = none, one "
                              "value for every element, or one per element.")
     high: list[float] = Field(default_factory=list, description="Inclusive upper bounds (actions): empty = none, one "
@@ -72,11 +73,16 @@ class SpecModel(BaseModel):
             size = 1
             for d in shape:
                 size *= d
+        if any(x != x for x in v):
+            raise ValueError(f"{info.field_name} {v} holds NaN (every value would be out of bounds)")
         if v and size is not None and len(v) not in (1, size):
             raise ValueError(f"{info.field_name} has {len(v)} values; shape {shape} needs 1 or {size}")
         low = info.data.get("low") if info.field_name == "high" else None
-        if low and v and len(low) in (1, len(v)) and any(lo > hi for lo, hi in zip(low * len(v) if len(low) == 1 else low, v)):
-            raise ValueError(f"high {v} is below low {low}")
+        if low and v:
+            n = max(len(low), len(v))
+            lo, hi = (low * n if len(low) == 1 else low), (v * n if len(v) == 1 else v)
+            if len(lo) == len(hi) and any(a > b for a, b in zip(lo, hi)):
+                raise ValueError(f"high {v} is below low {low}")
         return v
 
     @property

@@ -16,16 +16,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from services.harness.llm_demo import LlmDemoOptions, run_llm_demo
         model = "tiny" if args.tiny else (args.model or "smollm2")
         # the robot demo's defaults (9 minutes, runs/demo) mean "not given" here
-        minutes = args.minutes if args.minutes != 9.0 else (0.75 if args.tiny else 12.0)
+        minutes = args.minutes if args.minutes is not None else (0.75 if args.tiny else 12.0)
         out = args.out if args.out != "runs/demo" else "runs/llm-demo"
         run_llm_demo(LlmDemoOptions(minutes=minutes, out=Path(out), model=model, task=args.task, servers=args.servers,
                                     eta=args.eta, lr=args.lr, seed=args.seed, live=not args.no_live),
                      command=" ".join(["fleetloop", *sys.argv[1:]]))
         return 0
-    from services.harness.demo import DemoOptions, run_demo
-    opts = DemoOptions(algorithm=args.algorithm, robots=args.robots, tasks=args.tasks.split(","), minutes=args.minutes, out=Path(args.out),
-                       seed=args.seed, demos_per_task=args.demos_per_task, pretrain_steps=args.pretrain_steps,
-                       eval_trials=args.eval_trials, hz=args.hz, live=not args.no_live, demos=args.demos)
+    from services.harness.demo import demo_options, run_demo
+    tasks = args.tasks.split(",") if args.tasks else (None if args.observations == "pixels" else DEFAULT_TASKS.split(","))
+    cameras = [c for c in args.cameras.split(",") if c] if args.cameras else None
+    opts = demo_options(args.observations, algorithm=args.algorithm, robots=args.robots, tasks=tasks,
+                        minutes=args.minutes, out=Path(args.out), seed=args.seed, demos_per_task=args.demos_per_task,
+                        pretrain_steps=args.pretrain_steps, eval_trials=args.eval_trials, hz=args.hz,
+                        live=not args.no_live, demos=args.demos, cameras=cameras, image_size=args.image_size,
+                        batch_size=args.batch_size)
     report = run_demo(opts)
     return 0 if report["overall"]["duplicates_stored"] == 0 else 1
 
@@ -86,14 +90,21 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--lr", type=float, default=None, help="llm: GRPO learning rate (default: the model preset's)")
     dl.add_argument("--tiny", action="store_true", help="llm: tiny random Llama, about a minute after start-up (CI)")
     d.add_argument("--robots", type=int, default=4, help="number of simulated robots")
-    d.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World v3 task ids")
-    d.add_argument("--minutes", type=float, default=9.0, help="length of the online phase")
+    d.add_argument("--tasks", default=None, help=f"comma-separated Meta-World v3 task ids (default {DEFAULT_TASKS}; "
+                   "pixels: push-v3,drawer-open-v3,window-open-v3)")
+    d.add_argument("--minutes", type=float, default=None, help="length of the online phase (default 9; pixels 8)")
+    d.add_argument("--observations", choices=["state", "pixels"], default="state",
+                   help="state: the 39 Meta-World values and an MLP; pixels: 2 cameras + proprioception (no object or "
+                        "goal coordinates) and the visuomotor policy, with its own defaults (services.harness.demo.PIXEL_PRESET)")
+    d.add_argument("--cameras", default=None, help="pixels: comma-separated cameras (default corner3,gripperPOV)")
+    d.add_argument("--image-size", type=int, default=None, help="pixels: square image side in pixels (default 84)")
+    d.add_argument("--batch-size", type=int, default=None, help="learner batch size (default 256; pixels 64)")
     d.add_argument("--out", default="runs/demo", help="output folder (report.json, report.png, logs, state)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--demos", default=None, help="existing demo dataset (default: record into OUT/demos)")
-    d.add_argument("--demos-per-task", type=int, default=2, help="scripted demonstrations recorded per task")
-    d.add_argument("--pretrain-steps", type=int, default=3000, help="behaviour-cloning steps of the initial policy")
-    d.add_argument("--eval-trials", type=int, default=50, help="evaluation trials per task (pretrained and final)")
+    d.add_argument("--demos-per-task", type=int, default=None, help="scripted demonstrations recorded per task (default 2)")
+    d.add_argument("--pretrain-steps", type=int, default=None, help="behaviour-cloning steps of the initial policy (default 3000)")
+    d.add_argument("--eval-trials", type=int, default=None, help="evaluation trials per task, pretrained and final (default 50)")
     d.add_argument("--hz", type=float, default=0.0, help="robot pacing (0 = as fast as the CPU allows)")
     d.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
     d.add_argument("--algorithm", choices=["hg_dagger", "recap"], default="hg_dagger", help="learner algorithm")

@@ -3,6 +3,13 @@
 Validation happens here, once, with pydantic: an invalid spec is answered 422 with the field path
 of every problem. :func:`learner_config` turns a valid spec into the learner's
 :class:`~learner.config.LearnerConfig`; anything the spec does not set keeps the learner default.
+
+Tensor specs: a job declares its per-step ``observation_specs`` / ``action_specs``
+(:class:`~learner.config.SpecModel`); omitted, they are the simulated robot's preset
+(:func:`fleetloop.presets.metaworld_specs` of ``fleet.observations``, or ``"state"``: 39 / 4). A
+job whose tasks run in the simulator (a ``fleet``, or a ``bootstrap`` that records scripted demos)
+may only declare the preset (a 422 naming ``observation_specs`` / ``action_specs`` otherwise); the
+learner config always carries the specs, so robots are held to them at handshake.
 """
 
 from __future__ import annotations
@@ -11,10 +18,15 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from fleetloop.codec import describe_problem, spec_problems
 from fleetloop.errors import InvalidArgument
-from learner.config import LearnerConfig, OptimisationConfig, ServingConfig
+from fleetloop.presets import (DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, METAWORLD_CAMERAS, MIN_IMAGE_SIZE,
+                               metaworld_specs)
+from learner.config import FlowControlConfig, LearnerConfig, OptimisationConfig, ServingConfig, SpecModel
 from learner.staleness import StalenessConfig
 from services.control.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
 
@@ -27,6 +39,9 @@ def _algorithm_names() -> list[str]:
 
 
 DEFAULT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3"]
+Camera = Literal[METAWORLD_CAMERAS]  # type: ignore[valid-type]  # the simulator's camera names
+#: Smallest memory budget a job may ask for: the learner needs 8 x serving.max_message_bytes (default) beside ingest.
+MIN_MEMORY_BUDGET_MB = 8 * ServingConfig().max_message_bytes / (1 << 20)
 
 
 class Resources(BaseModel):
@@ -45,6 +60,42 @@ class SimFleet(BaseModel):
     hz: float = Field(0.0, ge=0, le=1000, description="Control rate of each robot; 0 = as fast as the CPU allows.")
     operator: Literal["scripted", "none"] = Field("scripted", description="Scripted HG-DAgger operator, or none (autonomous).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Base seed of the robots' layouts.")
+    observations: Literal["state", "pixels"] = Field(
+        "state", description="What the robots observe: 'state' (Meta-World's 39-value vector) or 'pixels' ('proprio' "
+                             "float32 [8] plus one uint8 [image_size, image_size, 3] image per camera). Sets the job's "
+                             "default tensor specs (fleetloop.presets.metaworld_specs).")
+    cameras: list[Camera] = Field(list(DEFAULT_CAMERAS), min_length=1, max_length=len(METAWORLD_CAMERAS),
+                                  json_schema_extra={"uniqueItems": True},
+                                  description="With observations 'pixels': the cameras, in spec order (unique).")
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE,
+                            description="With observations 'pixels': side of the square camera images, in pixels.")
+    jpeg_quality: int = Field(90, ge=1, le=95, description="With observations 'pixels': JPEG quality of the images the "
+                              "robots send (1..95, as fleetloop.image_codec encodes).")
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, v: list[str]) -> list[str]:
+        for i, cam in enumerate(v):
+            if cam in v[:i]:
+                raise ValueError(f"cameras must be unique: cameras[{i}] {cam!r} repeats cameras[{v.index(cam)}]")
+        return v
+
+    def specs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The fleet's (observation, action) specs as plain dicts (:func:`fleetloop.presets.metaworld_specs`)."""
+        return metaworld_specs(self.observations, tuple(self.cameras), self.image_size)
+
+    def view(self) -> dict[str, Any] | None:
+        """The robots' observation options (``fleetloop actor`` / ``make_env``): None for state."""
+        if self.observations == "state":
+            return None
+        return {"observations": "pixels", "cameras": list(self.cameras), "image_size": self.image_size}
+
+    def actor_args(self) -> list[str]:
+        """``fleetloop actor`` flags for this fleet's observation mode (none for state)."""
+        if self.observations == "state":
+            return []
+        return ["--observations", "pixels", "--cameras", ",".join(self.cameras), "--image-size", str(self.image_size),
+                "--jpeg-quality", str(self.jpeg_quality)]
 
 
 class Bootstrap(BaseModel):
@@ -82,6 +133,17 @@ class JobSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources, description="Learner resources.")
     fleet: SimFleet | None = Field(None, description="Simulated fleet to start with the job (None = real robots only).")
     bootstrap: Bootstrap | None = Field(None, description="Record demos and pretrain first when offline_dataset/initial_weights are unset.")
+    observation_specs: list[SpecModel] | None = Field(
+        None, min_length=1, max_length=64, description="Per-step observation tensors (unique names; uint8 [H, W, C] is a "
+        "camera image). None: the preset of fleet.observations, or Meta-World's 'state' float32 [39]. With a fleet or a "
+        "bootstrap that records demos, only that preset is accepted.")
+    action_specs: list[SpecModel] | None = Field(
+        None, min_length=1, max_length=64, description="Per-step action tensors (float dtypes, unique names, optional "
+        "low/high bounds). None: the preset's 'action' float32 [4] in [-1, 1]. With a fleet or a bootstrap that records "
+        "demos, only that preset is accepted.")
+    memory_budget_mb: float | None = Field(
+        None, ge=MIN_MEMORY_BUDGET_MB, le=16 << 20, description="Memory budget (MiB) of the learner's replay buffers plus "
+        f"in-flight ingest (the learner's flow.memory_budget_mb); at least {MIN_MEMORY_BUDGET_MB:g}. None = no budget.")
 
     @field_validator("tasks")
     @classmethod
@@ -101,10 +163,58 @@ class JobSpec(BaseModel):
             raise ValueError(f"algorithm {v!r} is not one of {sorted(ALGORITHMS)}")
         return v
 
+    @field_validator("observation_specs", "action_specs")
+    @classmethod
+    def _spec_lists(cls, v: list[SpecModel] | None, info: ValidationInfo) -> list[SpecModel] | None:
+        return v if v is None else SpecModel.check_list(v, info.field_name)
+
     @model_validator(mode="after")
     def _params(self) -> "JobSpec":
         check_algorithm_params(self.algorithm, self.algorithm_params)  # errors at algorithm_params.<field>
         return self
+
+    @model_validator(mode="after")
+    def _simulated_specs(self) -> "JobSpec":
+        """Explicit specs of a simulated job must be the simulator's preset: one error per list, at
+        ``observation_specs`` / ``action_specs``, naming the first differing tensor."""
+        who = self.simulated_by
+        if who is None:
+            return self
+        preset, details = self.preset_specs(), []
+        for field, declared, expected in (("observation_specs", self.observation_specs, preset[0]),
+                                          ("action_specs", self.action_specs, preset[1])):
+            problems = [] if declared is None else spec_problems(declared, expected)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                wanted = ", ".join(f"{s['name']}:{s['dtype']}{s['shape']}" for s in expected)
+                msg = (f"{field}[{problems[0].name}]: {describe_problem(problems[0])}{more}; {who} sends exactly "
+                       f"[{wanted}] (omit {field} to use it)")
+                details.append(InitErrorDetails(type=PydanticCustomError("spec_mismatch", msg), loc=(field,),
+                                                input=[s.model_dump() for s in declared or ()]))
+        if details:
+            raise ValidationError.from_exception_data("JobSpec", details)
+        return self
+
+    @property
+    def simulated_by(self) -> str | None:
+        """Who runs the job's tasks in the simulator: ``"the simulated fleet"`` (a ``fleet``), ``"the
+        bootstrap (scripted demos)"`` (a ``bootstrap`` without ``offline_dataset`` / ``initial_weights``),
+        or None (real robots only)."""
+        if self.fleet is not None:
+            return "the simulated fleet"
+        if self.bootstrap is not None and not self.offline_dataset and not self.initial_weights:
+            return "the bootstrap (scripted demos)"
+        return None
+
+    def preset_specs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The simulator's specs for this job (plain dicts): the fleet's preset, else Meta-World 'state'."""
+        return self.fleet.specs() if self.fleet is not None else metaworld_specs("state")
+
+    def tensor_specs(self) -> tuple[list[SpecModel], list[SpecModel]]:
+        """The job's (observation, action) specs: each list as declared, or its preset (:meth:`preset_specs`)."""
+        obs, act = self.preset_specs()
+        return ([SpecModel.model_validate(s) for s in obs] if self.observation_specs is None else list(self.observation_specs),
+                [SpecModel.model_validate(s) for s in act] if self.action_specs is None else list(self.action_specs))
 
 
 def simulated_tasks() -> list[str]:
@@ -131,8 +241,8 @@ def check_tasks(spec: JobSpec) -> None:
     ``value`` the first unknown name; the message names every unknown one with its close matches,
     and lists the valid names when one has none.
     """
-    bootstraps = spec.bootstrap is not None and not spec.offline_dataset and not spec.initial_weights
-    if spec.fleet is None and not bootstraps:
+    who = spec.simulated_by
+    if who is None:
         return
     valid = simulated_tasks()
     known = set(valid)
@@ -144,7 +254,6 @@ def check_tasks(spec: JobSpec) -> None:
         close = difflib.get_close_matches(t, valid, n=3, cutoff=0.6)
         unmatched = unmatched or not close
         parts.append(f"tasks[{i}] {t!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
-    who = "the simulated fleet" if spec.fleet is not None else "the bootstrap (scripted demos)"
     msg = f"{'; '.join(parts)}: not a Meta-World v3 task, and {who} runs only those"
     if unmatched:
         msg += f"; valid tasks: {', '.join(valid)}"
@@ -154,12 +263,16 @@ def check_tasks(spec: JobSpec) -> None:
 
 def learner_config(spec: JobSpec, job_id: str, state_dir: Path, control_redis_url: str | None, host: str = "127.0.0.1",
                    initial_weights: Path | None = None, offline_dataset: Path | None = None) -> LearnerConfig:
-    """The learner configuration of a job (bootstrap outputs override the spec's paths)."""
+    """The learner configuration of a job (bootstrap outputs override the spec's paths). The tensor
+    specs are always written (:meth:`JobSpec.tensor_specs`; the state preset is the learner's old
+    default 39 / 4), and ``memory_budget_mb`` becomes ``flow.memory_budget_mb``."""
     weights = initial_weights or (Path(spec.initial_weights) if spec.initial_weights else None)
     dataset = offline_dataset or (Path(spec.offline_dataset) if spec.offline_dataset else None)
+    obs, act = spec.tensor_specs()
     return LearnerConfig(
         job_id=job_id, state_dir=state_dir, tasks=spec.tasks, device="cuda" if spec.resources.gpus else "auto",
         control_redis_url=control_redis_url, serving=ServingConfig(host=host, port=0, metrics_port=0),
+        observation_specs=obs, action_specs=act, flow=FlowControlConfig(memory_budget_mb=spec.memory_budget_mb),
         optimisation=OptimisationConfig(
             policy_factory=spec.policy_factory, policy_kwargs=spec.policy_kwargs, initial_weights=weights,
             algorithm=spec.algorithm, algorithm_params=spec.algorithm_params,

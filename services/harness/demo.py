@@ -23,10 +23,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleetloop.logs import event, get_logger
+from fleetloop.presets import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, metaworld_specs
 from services.harness.live_view import LiveView, staleness_text
 from services.harness.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
 log = get_logger("demo")
+VISUOMOTOR_FACTORY = "fleetloop.vision:visuomotor_policy"
+#: ``--observations pixels`` defaults (any option given explicitly wins): tasks a pixel policy can learn
+#: on this machine's budget, a small batch and a capped update rate so 2 cores render and train.
+PIXEL_PRESET: dict[str, object] = {
+    "tasks": ["push-v3", "drawer-open-v3", "window-open-v3"], "minutes": 8.0, "demos_per_task": 3,
+    "pretrain_steps": 800, "eval_trials": 20, "publish_every": 25, "max_updates_per_s": 4.0, "batch_size": 64,
+    "memory_budget_mb": 3072,
+}
 
 
 class DemoOptions(BaseModel):
@@ -46,25 +55,56 @@ class DemoOptions(BaseModel):
     live: bool = Field(True, description="Live terminal view (else one log line per update).")
     publish_every: int = Field(50, ge=1, description="Learner steps between published versions.")
     max_updates_per_s: float = Field(100.0, gt=0, description="Learner step rate cap (leaves CPU to the simulated fleet).")
+    observations: Literal["state", "pixels"] = Field(
+        "state", description="What robots and policy see: state (Meta-World's 39 values, MLP policy) or pixels "
+        "(cameras + proprioception, no object or goal coordinates; visuomotor policy).")
+    cameras: list[str] = Field(default_factory=lambda: list(DEFAULT_CAMERAS), description="pixels: camera names.")
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=16, le=256, description="pixels: square image side (pixels).")
+    jpeg_quality: int = Field(90, ge=1, le=95, description="pixels: JPEG quality of camera frames on the wire.")
+    batch_size: int = Field(256, ge=1, le=65536, description="Learner (and pretraining) batch size.")
+    memory_budget_mb: int | None = Field(None, ge=64, description="Learner memory budget (replay sized from it).")
     algorithm: Literal["hg_dagger", "recap"] = Field(
         "hg_dagger", description="Learner algorithm. recap: the BC policy is lifted into the indicator-conditioned policy "
         "(recap_mlp_policy), the learner pretrains V and the policy on the demos at start-up, robots act with guidance "
         "beta 1; 'pretrained' in the report stays the BC policy.")
 
 
+def demo_options(observations: str = "state", **given: object) -> DemoOptions:
+    """DemoOptions for an observation mode: ``given`` options over the mode's defaults
+    (:data:`PIXEL_PRESET` for pixels, the model's defaults for state)."""
+    base = dict(PIXEL_PRESET) if observations == "pixels" else {}
+    return DemoOptions(observations=observations, **{**base, **{k: v for k, v in given.items() if v is not None}})
+
+
+def _view(o: DemoOptions) -> dict | None:
+    """The robots' observation options (None: state)."""
+    if o.observations == "state":
+        return None
+    return {"observations": "pixels", "cameras": list(o.cameras), "image_size": o.image_size}
+
+
+def _policy(o: DemoOptions) -> dict:
+    if o.observations == "pixels":
+        return {"policy_factory": VISUOMOTOR_FACTORY, "policy_kwargs": {"conditioned": o.algorithm == "recap"}}
+    return {"policy_factory": "fleetloop.policies:recap_mlp_policy"} if o.algorithm == "recap" else {}
+
+
 def _prepare_offline(o: DemoOptions) -> tuple[Path, Path]:
     from services.harness.bootstrap import bootstrap_offline
 
     steps = iter(["[1/5]", "[2/5]"])
+    pixels = _policy(o) if o.observations == "pixels" else {}
     return bootstrap_offline(o.tasks, Path(o.demos) if o.demos else o.out / "demos", o.out / "pretrained.safetensors",
                              o.demos_per_task, o.pretrain_steps, seed=o.seed,
-                             progress=lambda m: print(f"{next(steps, '     ')} {m}", flush=True))
+                             progress=lambda m: print(f"{next(steps, '     ')} {m}", flush=True),
+                             view=_view(o), batch_size=o.batch_size, **pixels)
 
 
 def _spawn_robots(o: DemoOptions, target: str, job: str, token: str) -> list[SimRobot]:
     return [spawn_robot(target=target, job=job, actor_id=f"robot-{i}", tasks=rotated(o.tasks, i), token=token,
                         spool=o.out / "spool" / f"robot-{i}", log_path=o.out / "logs" / f"robot-{i}.log",
-                        seed=o.seed * 1000 + i * 7919, hz=o.hz, minutes=o.minutes) for i in range(o.robots)]
+                        seed=o.seed * 1000 + i * 7919, hz=o.hz, minutes=o.minutes, view=_view(o),
+                        jpeg_quality=o.jpeg_quality) for i in range(o.robots)]
 
 
 def run_demo(o: DemoOptions) -> dict:
@@ -81,7 +121,9 @@ def run_demo(o: DemoOptions) -> dict:
     t_start = time.monotonic()
     demos, pretrained = _prepare_offline(o)
     print(f"[3/5] evaluating the pretrained policy ({o.eval_trials} held-out trials per task, no operator)", flush=True)
-    pre_eval = evaluate_file(pretrained, o.tasks, o.eval_trials)
+    policy, view = _policy(o), _view(o)
+    pre_eval = evaluate_file(pretrained, o.tasks, o.eval_trials, view=view,
+                             **({} if o.algorithm == "recap" and view is None else policy))
     print("      pretrained success: " + ", ".join(f"{t} {pre_eval[t]['success_rate']:.2f}" for t in o.tasks), flush=True)
 
     state_dir = o.out / "learner"
@@ -89,10 +131,11 @@ def run_demo(o: DemoOptions) -> dict:
     shutil.rmtree(o.out / "spool", ignore_errors=True)
     token = secrets.token_urlsafe(24)
     job = "demo"
-    policy = {"policy_factory": "fleetloop.policies:recap_mlp_policy"} if o.algorithm == "recap" else {}
+    obs_specs, act_specs = metaworld_specs(o.observations, o.cameras, o.image_size)
     cfg = LearnerConfig(job_id=job, state_dir=state_dir, tasks=o.tasks, initial_weights=pretrained, offline_dataset=demos,
                         publish_every=o.publish_every, min_publish_interval_s=1.0, max_updates_per_s=o.max_updates_per_s,
-                        robot_tokens=[token], metrics_port=0, seed=o.seed, algorithm=o.algorithm, **policy)
+                        robot_tokens=[token], metrics_port=0, seed=o.seed, algorithm=o.algorithm, batch_size=o.batch_size,
+                        memory_budget_mb=o.memory_budget_mb, observation_specs=obs_specs, action_specs=act_specs, **policy)
     print(f"[4/5] starting Ray, the learner and {o.robots} robots for {o.minutes:g} min", flush=True)
     ray_tmp = f"/tmp/fl-ray-{os.getpid()}"
     handle = start_learner(cfg, num_cpus=2, temp_dir=ray_tmp)
@@ -126,14 +169,15 @@ def run_demo(o: DemoOptions) -> dict:
     robot_rc = [r.proc.returncode for r in robots]
     print(f"[5/5] evaluating the final policy v{final['version']} ({o.eval_trials} held-out trials per task)", flush=True)
     final_weights = state_dir / "weights" / f"v{final['version']}.safetensors"
-    final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials, **policy)
+    final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials, view=view, **policy)
     overall = {"policy_version": final["version"], "learner_steps": final["step"], "wall_seconds": wall,
                "total_seconds": time.monotonic() - t_start, "staleness_max": final["staleness_max"],
                "staleness_max_autonomous": final.get("staleness_max_autonomous", 0),
                "staleness_bound": final["staleness_bound"], "duplicates_stored": audit["duplicates_stored"],
                "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
                "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"],
-               "algorithm": o.algorithm}
+               "algorithm": o.algorithm, "observations": o.observations,
+               **({"cameras": list(o.cameras), "image_size": o.image_size} if view else {})}
     report = write_report(o.out, o.tasks, pre_eval, final_eval, episodes, t0, overall, versions)
     (o.out / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -53,21 +53,22 @@ def _worker_init(nice: int) -> None:
 
 
 def _eval_one(path: str, all_tasks: list[str], task: str, trials: int, max_steps: int, policy_factory: str,
-              policy_kwargs: dict, hz: float, guidance_beta: float | None = None) -> dict:
+              policy_kwargs: dict, hz: float, guidance_beta: float | None = None, view: dict | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from actor.envs.metaworld_env import ACT_DIM, OBS_DIM
     from actor.evaluate import evaluate
+    from actor.main import robot_specs
     from actor.policy_runner import PolicyRunner
     from actor.weight_client import VerifiedWeights
     from fleetloop.weights import load_verified, sha256_hex
 
     blob = Path(path).read_bytes()
     digest = sha256_hex(blob)
-    runner = PolicyRunner(_run_config(all_tasks, policy_factory, policy_kwargs, guidance_beta, max_steps), OBS_DIM, ACT_DIM)
+    obs_specs, act_specs = robot_specs(**(view or {}))
+    runner = PolicyRunner(_run_config(all_tasks, policy_factory, policy_kwargs, guidance_beta, max_steps), obs_specs, act_specs)
     runner.load(VerifiedWeights(-1, digest, load_verified(blob, digest), len(blob), 0.0, 0.0))
-    return evaluate(runner, [task], trials, max_episode_steps=max_steps, hz=hz)[task]
+    return evaluate(runner, [task], trials, max_episode_steps=max_steps, hz=hz, view=view)[task]
 
 
 class EvalPool:
@@ -81,10 +82,11 @@ class EvalPool:
 
     def submit(self, path: Path, tasks: list[str], trials: int, *, max_steps: int = 200,
                policy_factory: str = DEFAULT_FACTORY, policy_kwargs: dict | None = None, hz: float = 30.0,
-               guidance_beta: float | None = None) -> dict[str, Future]:
-        """Evaluate ``path`` on every task (one job per task); returns {task: future of the task's result}."""
+               guidance_beta: float | None = None, view: dict | None = None) -> dict[str, Future]:
+        """Evaluate ``path`` on every task (one job per task); returns {task: future of the task's result}.
+        ``view``: the robots' observation options (``observations``, ``cameras``, ``image_size``)."""
         return {t: self._pool.submit(_eval_one, str(path), list(tasks), t, int(trials), int(max_steps), policy_factory,
-                                     dict(policy_kwargs or {}), float(hz), guidance_beta) for t in tasks}
+                                     dict(policy_kwargs or {}), float(hz), guidance_beta, view) for t in tasks}
 
     def evaluate(self, path: Path, tasks: list[str], trials: int, **kwargs: Any) -> dict[str, dict]:
         """Blocking :meth:`submit`: {task: result}."""
@@ -103,11 +105,11 @@ class EvalPool:
 
 def evaluate_file(path: Path, tasks: list[str], trials: int, workers: int = 2, max_steps: int = 200,
                   policy_factory: str = DEFAULT_FACTORY, policy_kwargs: dict | None = None,
-                  hz: float = 30.0, guidance_beta: float | None = None) -> dict[str, dict]:
+                  hz: float = 30.0, guidance_beta: float | None = None, view: dict | None = None) -> dict[str, dict]:
     """Per-task success rate, mean length and episodes/hour of the policy in ``path`` (no operator)."""
     with EvalPool(min(workers, len(tasks))) as pool:
         return pool.evaluate(path, tasks, trials, max_steps=max_steps, policy_factory=policy_factory,
-                             policy_kwargs=policy_kwargs, hz=hz, guidance_beta=guidance_beta)
+                             policy_kwargs=policy_kwargs, hz=hz, guidance_beta=guidance_beta, view=view)
 
 
 def summarize(results: dict[str, dict]) -> dict[str, float]:

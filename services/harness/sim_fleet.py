@@ -56,16 +56,23 @@ class SimRobot:
 
 def spawn_robot(*, target: str, job: str, actor_id: str, tasks: list[str], token: str | None, spool: Path, log_path: Path,
                 seed: int, hz: float = 0.0, minutes: float | None = None, operator: str = "scripted",
-                extra_env: dict[str, str] | None = None) -> SimRobot:
-    """Start one ``fleetloop actor`` process for the built-in Meta-World robot."""
+                extra_env: dict[str, str] | None = None, view: dict | None = None, jpeg_quality: int = 90) -> SimRobot:
+    """Start one ``fleetloop actor`` process for the built-in Meta-World robot. ``view``: its
+    observation options (``observations="pixels"``, ``cameras``, ``image_size``; None = state);
+    camera frames go on the wire as JPEG at ``jpeg_quality``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
+    # one BLAS and one llvmpipe (offscreen rendering) thread per robot: N robots must not oversubscribe the cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LP_NUM_THREADS": "1", **(extra_env or {})}
     if token:
         env["FLEETLOOP_ROBOT_TOKEN"] = token
     cmd = [sys.executable, "-m", "services.cli", "actor", "--learner", target, "--job", job, "--actor-id", actor_id,
            "--tasks", ",".join(tasks), "--spool", str(spool), "--seed", str(seed), "--hz", str(hz), "--operator", operator]
     if minutes:
         cmd += ["--minutes", str(minutes)]
+    if view and view.get("observations") == "pixels":
+        cmd += ["--observations", "pixels", "--jpeg-quality", str(jpeg_quality)]
+        cmd += ["--cameras", ",".join(view["cameras"])] if view.get("cameras") else []
+        cmd += ["--image-size", str(view["image_size"])] if view.get("image_size") else []
     fh = open(log_path, "a")
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),

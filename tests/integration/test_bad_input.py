@@ -120,6 +120,37 @@ def test_handshake_refusals(learner):
     ch.close()
 
 
+def test_handshake_names_the_tensor_that_differs(tmp_path):
+    """A pixel job refuses a robot whose camera (or action bounds) differ, naming that tensor (issue 19, item 1)."""
+    from fleetloop.presets import metaworld_specs
+    obs, act = metaworld_specs("pixels", image_size=16)
+    cfg = LearnerConfig(state_dir=tmp_path / "learner", tasks=TASKS, robot_tokens=["tok"], observation_specs=obs,
+                        action_specs=act)
+    impl = build_learner(cfg.model_dump_json()).serve()
+    try:
+        ch, stub = _stub(impl)
+        good = dict(protocol_version=PROTOCOL_VERSION, job_id="demo", actor_id="cam-robot", kind=pb.ROBOT, tasks=TASKS,
+                    observation_specs=[make_spec(**s) for s in reversed(obs)], action_specs=[make_spec(**s) for s in act])
+        assert stub.Handshake(pb.HandshakeRequest(**good), metadata=MD, timeout=10).session_id  # order-free
+        big = [make_spec(**s) for s in metaworld_specs("pixels", cameras=("corner3",), image_size=16)[0]]
+        big[1] = make_spec("corner3", "uint8", [32, 32, 3])
+        big.append(make_spec(**obs[2]))
+        wide = [make_spec("action", "float32", [4], [-2.0] * 4, [2.0] * 4)]
+        for change, words in (({"observation_specs": big}, ["observation_specs[corner3]", "[32, 32, 3]", "[16, 16, 3]",
+                                                            "proprio:FLOAT32[8], corner3:UINT8[32, 32, 3]"]),
+                              ({"action_specs": wide}, ["action_specs[action]", "bounds", "-2.0"])):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Handshake(pb.HandshakeRequest(**{**good, **change}), metadata=MD, timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+            for w in words:
+                assert w in info.value.details(), (w, info.value.details())
+        text = _metrics_text(impl)
+        assert 'reason="failed_precondition:observation_specs"' in text and 'reason="failed_precondition:action_specs"' in text
+        ch.close()
+    finally:
+        impl.stop()
+
+
 def test_bad_chunk_does_not_disturb_other_actor(learner, tmp_path):
     robot = RobotThread(f"127.0.0.1:{learner.port}", "good-robot", TASKS, tmp_path / "spool", "tok", episodes=6, seed=5)
     robot.start()

@@ -70,8 +70,9 @@ def test_load_episode_bank_chunks_pass_the_learners_validation():
         assert [d.first_step for d in decoded] == list(range(0, ep.length, 40))
         assert sum(d.steps for d in decoded) == ep.length and all(d.steps >= 1 for d in decoded)
         assert [d.outcome for d in decoded] == [None] * (len(decoded) - 1) + [ep.outcome]
-        assert all(d.behavior_version == 2 and d.obs.shape[1] == 39 and d.actions.shape[1] == 4 for d in decoded)
-        obs = np.concatenate([d.obs for d in decoded])
+        assert all(d.behavior_version == 2 and set(d.obs) == {"state"} and d.obs["state"].shape[1] == 39
+                   and d.actions.shape[1] == 4 for d in decoded)
+        obs = np.concatenate([d.obs["state"] for d in decoded])
         assert np.allclose(obs[1:, 18:36], obs[:-1, :18])  # Meta-World layout: previous frame follows the current one
         assert np.abs(np.concatenate([d.actions for d in decoded])).max() <= 1.0
         outcomes.add(ep.outcome)

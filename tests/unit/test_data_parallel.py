@@ -36,14 +36,15 @@ def test_config_errors_name_field_and_value():
 def test_global_batch_is_deterministic_stratified_and_shaped_like_the_learners():
     cfg = DataParallelConfig(num_workers=2, **SMALL)
     a, b = make_global_batch(cfg, 0), make_global_batch(cfg, 0)
-    assert len(a) == 64 and torch.equal(a.obs, b.obs) and torch.equal(a.interventions, b.interventions)
-    assert not torch.equal(a.obs, make_global_batch(cfg, 1).obs)
+    assert len(a) == 64 and set(a.obs) == {"state"} and torch.equal(a.obs["state"], b.obs["state"])
+    assert torch.equal(a.interventions, b.interventions)
+    assert not torch.equal(a.obs["state"], make_global_batch(cfg, 1).obs["state"])
     a.validate()
-    assert a.obs.shape == (64, 39) and a.actions.shape == (64, 4) and a.task.max() < 3
+    assert a.obs["state"].shape == (64, 39) and a.actions.shape == (64, 4) and a.task.max() < 3
     assert (a.versions[a.source == OFFLINE] == -1).all() and a.interventions[a.source == OFFLINE].all()
     algo = build_algorithm(cfg, torch.device("cpu"))
     shards = [shard(a, r, 2) for r in range(2)]
-    assert torch.equal(torch.cat([s.obs for s in shards]), a.obs)
+    assert torch.equal(torch.cat([s.obs["state"] for s in shards]), a.obs["state"])
     # every stratum has the same plan (task, source counts) and the same trainable count
     for field in ("task", "source", "interventions"):
         assert torch.equal(torch.sort(getattr(shards[0], field).long()).values,

@@ -63,7 +63,7 @@ def test_full_chunks_then_end_chunk_carry_every_step_in_order(tmp_path):
     assert [len(c.rewards.data) // 4 for c in chunks] == [4, 4, 2]  # the end chunk carries the last steps
     assert [c.seq for c in chunks] == [0, 1, 2] and [c.first_step for c in chunks] == [0, 4, 8]
     decoded = [_validated(client, c) for c in chunks]
-    obs = np.concatenate([d.obs for d in decoded])
+    obs = np.concatenate([d.obs["state"] for d in decoded])
     assert obs.dtype == np.float32 and obs[:, 0].tolist() == list(range(10))  # rows reused, values intact
     assert np.concatenate([d.rewards for d in decoded]).tolist() == list(range(10))
     assert np.concatenate([d.interventions for d in decoded]).tolist() == [t % 3 == 0 for t in range(10)]
@@ -221,7 +221,7 @@ def test_chunks_split_by_steps_to_stay_within_max_message_bytes(tmp_path):
     decoded = _assert_contiguous_within(client, limit, 40)
     assert len(decoded) >= 5 and rec.oversized_steps == 0
     assert all(len(r) >= limit * 3 // 4 for r in _raws(client)[:-1]), "split chunks should be nearly full"
-    obs = np.concatenate([d.obs for d in decoded])
+    obs = np.concatenate([d.obs["state"] for d in decoded])
     assert obs[:, 0].tolist() == list(range(40))
     assert np.concatenate([d.rewards for d in decoded]).tolist() == list(range(40))
 
@@ -244,7 +244,7 @@ def test_compressed_frames_are_sized_as_encoded(tmp_path, codec):
     rec.end("timeout")
     decoded = _assert_contiguous_within(client, limit, 30)
     assert len(decoded) >= 2 and rec.oversized_steps == 0
-    assert np.concatenate([d.obs for d in decoded])[:, 0].tolist() == list(range(30))
+    assert np.concatenate([d.obs["state"] for d in decoded])[:, 0].tolist() == list(range(30))
     if codec == "png":
         from fleetloop.codec import decode
 
@@ -285,7 +285,7 @@ def test_a_lone_oversized_step_is_set_aside_counted_and_logged(tmp_path):
         logging.getLogger("fleetloop.actor").removeHandler(lines)
     kept = [t for t in range(12) if t not in (3, 7)]
     decoded = _assert_contiguous_within(client, limit, len(kept))
-    assert np.concatenate([d.obs for d in decoded])[:, 0].tolist() == kept
+    assert np.concatenate([d.obs["state"] for d in decoded])[:, 0].tolist() == kept
     assert rec.oversized_steps == 2 and rec.steps == 10 and rec.intervention_steps == 0
     assert rec.total_reward == 12.0 and closed == ["success"]  # the return still counts the dropped steps
     assert metrics.registry.get_sample_value("fleetloop_actor_oversized_steps_total", {"actor": "a-1", "task": TASK}) == 2
@@ -319,4 +319,4 @@ def test_seal_checks_the_real_size_when_the_estimate_is_short(tmp_path):
         rec.record({"state": np.full(3, t, np.float32), "cam": np.full((8, 8, 3), t, np.uint8)}, np.zeros(2), 0.0, False)
     rec.end("success")
     decoded = _assert_contiguous_within(client, limit, 30)
-    assert np.concatenate([d.obs for d in decoded])[:, 0].tolist() == list(range(30)) and rec.oversized_steps == 0
+    assert np.concatenate([d.obs["state"] for d in decoded])[:, 0].tolist() == list(range(30)) and rec.oversized_steps == 0

@@ -107,3 +107,121 @@ def test_real_robot_jobs_declare_their_own_task_names():
     errs = _errors(name="r", tasks=["a", "b", "a"])
     assert "tasks[2] 'a' repeats tasks[0]" in errs["tasks"], errs
     assert "tasks.1" in _errors(name="r", tasks=["ok", ""]) and "tasks.0" in _errors(name="r", tasks=["bad/name"])
+
+
+# -- tensor specs in the job (issue 19, item 1) ---------------------------------------------------
+PIXELS_YAML = """
+name: pix
+tasks: [push-v3]
+memory_budget_mb: 512
+observation_specs:
+  - {name: proprio, dtype: float32, shape: [8]}
+  - {name: wrist, dtype: uint8, shape: [96, 128, 3]}
+action_specs:
+  - {name: action, dtype: float32, shape: [7], low: [-1], high: [1]}
+"""
+
+
+def test_specs_from_yaml_reach_the_learner_config(tmp_path):
+    import yaml
+    s = JobSpec.model_validate(yaml.safe_load(PIXELS_YAML))  # real robots: any valid specs
+    cfg = learner_config(s, "pix-abc123", tmp_path, None)
+    assert [(o.name, o.dtype, o.shape) for o in cfg.observation_specs] == [("proprio", "float32", [8]),
+                                                                         ("wrist", "uint8", [96, 128, 3])]
+    assert [o.is_image for o in cfg.observation_specs] == [False, True]
+    assert cfg.action_specs[0].shape == [7] and cfg.action_specs[0].low == [-1.0]
+    assert cfg.flow.memory_budget_mb == 512
+
+
+def test_omitted_specs_are_the_fleet_preset(tmp_path):
+    from fleetloop.presets import metaworld_specs
+    cfg = learner_config(JobSpec(name="s", tasks=["reach-v3"]), "s-1", tmp_path, None)  # no fleet: the state preset
+    assert [o.model_dump() for o in cfg.observation_specs] == metaworld_specs("state")[0]
+    assert cfg.obs_dim == 39 and cfg.act_dim == 4 and cfg.action_specs[0].low == [-1.0] * 4
+    assert cfg.flow.memory_budget_mb is None
+    s = JobSpec(name="p", tasks=["push-v3"], fleet={"observations": "pixels", "cameras": ["topview"], "image_size": 32})
+    assert s.observation_specs is None  # the spec keeps what was submitted; the preset fills in the learner config
+    cfg = learner_config(s, "p-1", tmp_path, None)
+    assert [(o.name, o.shape) for o in cfg.observation_specs] == [("proprio", [8]), ("topview", [32, 32, 3])]
+    obs, act = metaworld_specs("pixels", ["topview"], 32)
+    assert JobSpec(name="p", tasks=["push-v3"], fleet={"observations": "pixels", "cameras": ["topview"], "image_size": 32},
+                   observation_specs=obs, action_specs=act).observation_specs is not None  # the preset itself: accepted
+
+
+@pytest.mark.parametrize("extra,path,words", [
+    ({"fleet": {"observations": "pixels"}, "observation_specs": [{"name": "proprio", "shape": [8]},
+      {"name": "corner3", "dtype": "uint8", "shape": [64, 64, 3]},
+      {"name": "gripperPOV", "dtype": "uint8", "shape": [84, 84, 3]}]},
+     "observation_specs", ["observation_specs[corner3]", "[64, 64, 3]", "[84, 84, 3]"]),
+    ({"fleet": {}, "observation_specs": [{"name": "state", "shape": [40]}]}, "observation_specs",
+     ["observation_specs[state]", "[40]", "simulated fleet"]),
+    ({"bootstrap": {}, "action_specs": [{"name": "action", "shape": [4], "low": [-2], "high": [2]}]}, "action_specs",
+     ["action_specs[action]", "bounds", "bootstrap"]),
+])
+def test_simulated_jobs_refuse_specs_other_than_the_preset(extra, path, words):
+    errs = _errors(name="s", tasks=["push-v3"], **extra)
+    assert path in errs, errs
+    for w in words:
+        assert w in errs[path], errs
+
+
+def test_bootstrap_with_data_takes_any_specs():
+    s = JobSpec(name="b", tasks=["t"], bootstrap={}, offline_dataset="/d", observation_specs=[{"name": "s", "shape": [3]}])
+    assert s.tensor_specs()[0][0].shape == [3]
+
+
+@pytest.mark.parametrize("extra,path", [
+    ({"observation_specs": [{"name": "cam", "dtype": "uint8", "shape": [3, 84, 84]}]}, "observation_specs.0.shape"),
+    ({"observation_specs": [{"name": "cam", "dtype": "uint8", "shape": [84, 84, 2]}]}, "observation_specs.0.shape"),
+    ({"observation_specs": [{"name": "a", "shape": [1]}, {"name": "a", "shape": [2]}]}, "observation_specs"),
+    ({"observation_specs": []}, "observation_specs"),
+    ({"action_specs": [{"name": "a", "dtype": "int64", "shape": [2]}]}, "action_specs"),
+    ({"action_specs": [{"name": "a", "shape": [3], "low": [0, 0]}]}, "action_specs.0.low"),
+    ({"action_specs": [{"name": "a", "shape": [2], "low": [1], "high": [0]}]}, "action_specs.0.high"),
+    ({"memory_budget_mb": 10}, "memory_budget_mb"),
+    ({"fleet": {"observations": "rgbd"}}, "fleet.observations"),
+    ({"fleet": {"cameras": ["corner3", "corner3"]}}, "fleet.cameras"),
+    ({"fleet": {"cameras": ["nose"]}}, "fleet.cameras.0"),
+    ({"fleet": {"image_size": 8}}, "fleet.image_size"),
+    ({"fleet": {"jpeg_quality": 0}}, "fleet.jpeg_quality"),
+])
+def test_bad_specs_name_the_field(extra, path):
+    errs = _errors(name="s", tasks=["push-v3"], **extra)
+    assert path in errs, errs
+
+
+def test_bad_image_layout_names_shape_in_the_learner_config_too():
+    from learner.config import LearnerConfig
+    with pytest.raises(ValidationError) as info:
+        LearnerConfig(observation_specs=[{"name": "cam", "dtype": "uint8", "shape": [3, 84, 84]}])
+    (err,) = info.value.errors()
+    assert err["loc"] == ("observation_specs", 0, "shape") and "channels last" in err["msg"] and "[84, 84, 3]" in err["msg"]
+
+
+def test_metaworld_presets():
+    from fleetloop.errors import InvalidArgument
+    from fleetloop.presets import metaworld_specs
+    obs, act = metaworld_specs()
+    assert obs == [{"name": "state", "dtype": "float32", "shape": [39], "low": [], "high": []}]
+    assert act == [{"name": "action", "dtype": "float32", "shape": [4], "low": [-1.0] * 4, "high": [1.0] * 4}]
+    obs, _ = metaworld_specs("pixels", cameras=("gripperPOV", "corner3"), image_size=16)
+    assert [(o["name"], o["dtype"], o["shape"]) for o in obs] == [
+        ("proprio", "float32", [8]), ("gripperPOV", "uint8", [16, 16, 3]), ("corner3", "uint8", [16, 16, 3])]
+    for kwargs, field in (({"observations": "rgb"}, "observations"), ({"cameras": ["corner3", "nose"]}, "cameras[1]"),
+                          ({"cameras": ["corner3", "corner3"]}, "cameras[1]"), ({"cameras": "corner3"}, "cameras"),
+                          ({"cameras": []}, "cameras"), ({"image_size": 8}, "image_size"), ({"image_size": 84.0}, "image_size")):
+        with pytest.raises(InvalidArgument) as info:
+            metaworld_specs("pixels", **kwargs) if "observations" not in kwargs else metaworld_specs(**kwargs)
+        assert info.value.field == field, (kwargs, info.value.field)
+
+
+@pytest.mark.parametrize("name", ["job-metaworld.yaml", "job-pixels.yaml"])
+def test_examples_validate(name):
+    import yaml
+    from services.control.jobspec import check_tasks
+    spec = JobSpec.model_validate(yaml.safe_load((Path(__file__).parents[2] / "examples" / name).read_text()))
+    check_tasks(spec)
+    cfg = learner_config(spec, "ex-abc123", Path("/tmp/unused"), None)
+    if name == "job-pixels.yaml":
+        assert [o.name for o in cfg.observation_specs if o.is_image] == ["corner3", "gripperPOV"]
+        assert cfg.optimisation.batch_size == 64 and cfg.flow.memory_budget_mb and spec.fleet.observations == "pixels"

@@ -53,16 +53,22 @@ def all_rows(store, task, source="online", n=4000, seed=0):
     return store.sample(task, source, n, np.random.default_rng(seed))
 
 
+def rows_where(out, sel):
+    """The rows ``sel`` of a replay sample (``obs`` is a dict of tensors)."""
+    return {k: ({n: a[sel] for n, a in v.items()} if isinstance(v, dict) else v[sel]) for k, v in out.items()}
+
+
 def check_rows(out, outcome, length):
     """Every sampled row of episode-encoded obs matches episode_targets(length, outcome) at its step."""
     want = targets_fn(length, outcome)
-    step = out["obs"][:, 0].astype(int)
+    obs, nxt = out["obs"]["state"], out["recap_next_obs.state"]
+    step = obs[:, 0].astype(int)
     for k in TARGET_COLUMNS:
         np.testing.assert_allclose(out[k], want[k][step], err_msg=k)
     boot = out["recap_adv_valid"] & (out["recap_bootstrap"] > 0)
-    np.testing.assert_array_equal(out["recap_next_obs"][boot, 0].astype(int), want["recap_next_step"][step[boot]])
-    np.testing.assert_array_equal(out["recap_next_obs"][:, 1], out["obs"][:, 1])  # same episode
-    np.testing.assert_array_equal(out["recap_next_obs"][~boot], out["obs"][~boot])  # no bootstrap: own row
+    np.testing.assert_array_equal(nxt[boot, 0].astype(int), want["recap_next_step"][step[boot]])
+    np.testing.assert_array_equal(nxt[:, 1], obs[:, 1])  # same episode
+    np.testing.assert_array_equal(nxt[~boot], obs[~boot])  # no bootstrap: own row
 
 
 # -- replay columns ----------------------------------------------------------------------------------
@@ -72,7 +78,8 @@ def test_online_episode_unknown_until_its_outcome_then_labelled(outcome, length)
     add(s, "a", 1, 0, 5)
     add(s, "a", 1, 5, length - 5)
     out = all_rows(s, "a")
-    assert set(out) == set(FIELDS) | set(TARGET_COLUMNS) | {"recap_next_obs"}
+    assert set(out) == set(FIELDS) | set(TARGET_COLUMNS) | {"recap_next_obs.state"}
+    assert set(out["obs"]) == {"state"}
     assert not out["recap_adv_valid"].any() and not out["recap_value_mask"].any()  # running: unknown
     assert s.open_episodes("a") == 1
     assert s.end_episode("a", 1, outcome, length) == length
@@ -92,10 +99,10 @@ def test_running_episode_stays_unknown_beside_finished_ones():
     add(s, "a", 2, 0, 12)   # still running
     s.end_episode("a", 1, "success", 10)
     out = all_rows(s, "a")
-    run = out["obs"][:, 1] == 2
+    run = out["obs"]["state"][:, 1] == 2
     assert run.any() and (~run).any()
     assert not out["recap_adv_valid"][run].any() and not out["recap_value_mask"][run].any()
-    check_rows({k: v[~run] for k, v in out.items()}, "success", 10)
+    check_rows(rows_where(out, ~run), "success", 10)
 
 
 def test_aborted_episode_is_bootstrapped_not_a_value_target():
@@ -105,7 +112,7 @@ def test_aborted_episode_is_bootstrapped_not_a_value_target():
     out = all_rows(s, "a")
     check_rows(out, "aborted", 8)
     assert not out["recap_value_mask"].any()
-    last = out["obs"][:, 0] == 7
+    last = out["obs"]["state"][:, 0] == 7
     assert not out["recap_adv_valid"][last].any()  # empty window at the last stored step
 
 
@@ -118,8 +125,8 @@ def test_interleaved_episodes_get_their_own_bootstrap_rows():
     s.end_episode("a", 2, "timeout", 12)
     out = all_rows(s, "a")
     for ep, outcome in ((1, "success"), (2, "timeout")):
-        sel = out["obs"][:, 1] == ep
-        check_rows({k: v[sel] for k, v in out.items()}, outcome, 12)
+        sel = out["obs"]["state"][:, 1] == ep
+        check_rows(rows_where(out, sel), outcome, 12)
 
 
 def test_eviction_before_the_end_labels_only_live_rows_and_never_overwrites():
@@ -129,9 +136,9 @@ def test_eviction_before_the_end_labels_only_live_rows_and_never_overwrites():
     add(s, "a", 1, 15, 3)   # evicts more of episode 1
     assert s.end_episode("a", 1, "success", 18) == 10  # steps 8..17 still stored
     out = all_rows(s, "a")
-    two = out["obs"][:, 1] == 2
+    two = out["obs"]["state"][:, 1] == 2
     assert not out["recap_adv_valid"][two].any()  # episode 2's rows untouched (still running)
-    check_rows({k: v[~two] for k, v in out.items()}, "success", 18)
+    check_rows(rows_where(out, ~two), "success", 18)
 
 
 def test_missing_bootstrap_step_means_no_advantage():
@@ -140,7 +147,7 @@ def test_missing_bootstrap_step_means_no_advantage():
     add(s, "a", 1, 10, 10)  # steps 5..9 dropped at ingest (e.g. stale autonomous frames)
     s.end_episode("a", 1, "failure", 20)
     out = all_rows(s, "a")
-    step = out["obs"][:, 0].astype(int)
+    step = out["obs"]["state"][:, 0].astype(int)
     want = targets_fn(20, "failure")
     gap = np.isin(want["recap_next_step"][step], np.arange(5, 10))
     assert gap.any() and not out["recap_adv_valid"][gap].any()
@@ -182,8 +189,9 @@ def test_batch_from_parts_carries_extra_columns_and_refuses_mixed_ones():
                   outcome="success")
     rng = np.random.default_rng(0)
     b = Batch.from_parts([(0, ONLINE, s.sample("a", "online", 7, rng)), (0, OFFLINE, s.sample("a", "offline", 3, rng))])
-    assert set(REQUIRED_EXTRA) <= set(b.extra) and len(b) == 10
-    assert b.extra["recap_next_obs"].shape == (10, OBS) and b.extra["recap_adv_valid"].dtype == torch.bool
+    assert set(REQUIRED_EXTRA) - {"recap_next_obs"} <= set(b.extra) and len(b) == 10
+    assert set(b.extra_obs("recap_next_obs")) == set(b.obs) == {"state"}  # observation-valued: one entry per tensor
+    assert b.extra["recap_next_obs.state"].shape == (10, OBS) and b.extra["recap_adv_valid"].dtype == torch.bool
     plain = ReplayStore(["a"], OBS, ACT, online_capacity=50)
     add(plain, "a", 1, 0, 4)
     with pytest.raises(InvalidArgument, match="extra columns"):
@@ -235,16 +243,17 @@ def test_learner_assembles_recap_columns_through_the_staleness_gate(tmp_path):
     parts = [("reach-v3", "online", core.replay.sample("reach-v3", "online", 200, rng)),
              ("reach-v3", "offline", core.replay.sample("reach-v3", "offline", 50, rng))]
     batch, groups = core._assemble(parts, core.version)
-    kept_online = batch.obs[batch.source == ONLINE]
+    kept_online = batch.obs["state"][batch.source == ONLINE]
     assert (kept_online[:, 1] == 2).all()  # the stale episode was dropped, columns went with it
-    assert len(batch) == 50 + int((parts[0][2]["obs"][:, 1] == 2).sum())
+    assert len(batch) == 50 + int((parts[0][2]["obs"]["state"][:, 1] == 2).sum())
     ex = {k: v.numpy() for k, v in batch.extra.items()}
     online = batch.source.numpy() == ONLINE
     want = episode_targets(40, "timeout", 50, 5)
-    step = batch.obs.numpy()[online, 0].astype(int)
+    step = batch.obs["state"].numpy()[online, 0].astype(int)
     np.testing.assert_allclose(ex["recap_mc_return"][online], want["recap_mc_return"][step])
     boot = ex["recap_adv_valid"] & (ex["recap_bootstrap"] > 0) & online
-    np.testing.assert_array_equal(ex["recap_next_obs"][boot, 0].astype(int), want["recap_next_step"][batch.obs.numpy()[boot, 0].astype(int)])
+    np.testing.assert_array_equal(ex["recap_next_obs.state"][boot, 0].astype(int),
+                                  want["recap_next_step"][batch.obs["state"].numpy()[boot, 0].astype(int)])
     assert ex["recap_adv_valid"][~online].all()  # demos: labelled from the manifest outcome
     out = core.train_step()
     assert out is not None and out["skipped"] == 0.0 and np.isfinite(out["loss"])

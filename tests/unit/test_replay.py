@@ -24,19 +24,19 @@ def test_add_and_sample_shapes():
     s.add_offline("b", *chunk(4, iv=[1, 1, 1, 1]))
     rng = np.random.default_rng(0)
     out = s.sample("a", "online", 32, rng)
-    assert set(out) == set(FIELDS)
-    assert out["obs"].shape == (32, OBS) and out["obs"].dtype == np.float32
+    assert set(out) == set(FIELDS) and set(out["obs"]) == {"state"}
+    assert out["obs"]["state"].shape == (32, OBS) and out["obs"]["state"].dtype == np.float32
     assert out["actions"].shape == (32, ACT)
     for k in ("rewards", "interventions", "versions", "episode_keys", "steps", "insert_times"):
         assert out[k].shape == (32,)
     assert (out["versions"] == 3).all() and (out["episode_keys"] == 7).all() and (out["insert_times"] == 123.0).all()
     assert set(out["steps"]) <= set(range(20, 30))
     # step index and obs stay aligned per row
-    np.testing.assert_array_equal(out["steps"] - 20, out["obs"][:, 0].astype(int))
+    np.testing.assert_array_equal(out["steps"] - 20, out["obs"]["state"][:, 0].astype(int))
     off = s.sample("b", "offline", 8, rng)
     assert (off["versions"] == -1).all() and off["interventions"].all()
     assert s.size("a", "online") == 10 and s.size("b", "offline") == 4 and s.size("b", "online") == 0
-    assert s.sample("a", "online", 0, rng)["obs"].shape == (0, OBS)
+    assert s.sample("a", "online", 0, rng)["obs"]["state"].shape == (0, OBS)
     st = s.stats()
     assert st["a"]["online_steps"] == 10 and st["b"]["offline_interventions"] == 4
 
@@ -45,8 +45,8 @@ def test_sample_is_a_copy():
     s = ReplayStore(["a"], OBS, ACT, online_capacity=10)
     s.add_online("a", *chunk(3), behavior_version=0, episode_key=0, first_step=0)
     out = s.sample("a", "online", 4, np.random.default_rng(0))
-    out["obs"][:] = 99
-    assert s.sample("a", "online", 50, np.random.default_rng(1))["obs"].max() < 99
+    out["obs"]["state"][:] = 99
+    assert s.sample("a", "online", 50, np.random.default_rng(1))["obs"]["state"].max() < 99
 
 
 def test_ring_eviction_keeps_intervention_index():
@@ -69,9 +69,9 @@ def test_ring_eviction_keeps_intervention_index():
             out = s.sample("a", "online", 200, rng, interventions_only=True)
             assert out["interventions"].all()
             live_iv = {v for v, f in live if f}
-            assert set(out["obs"][:, 0].astype(int)) <= live_iv
+            assert set(out["obs"]["state"][:, 0].astype(int)) <= live_iv
         out = s.sample("a", "online", 200, rng)
-        assert set(out["obs"][:, 0].astype(int)) <= {v for v, _ in live}
+        assert set(out["obs"]["state"][:, 0].astype(int)) <= {v for v, _ in live}
     assert s.stats()["a"]["online_added"] == len(history)
 
 
@@ -80,7 +80,7 @@ def test_chunk_larger_than_capacity_keeps_newest():
     s.add_online("a", *chunk(20, iv=np.arange(20) % 2 == 0), behavior_version=0, episode_key=0, first_step=0)
     assert s.size("a", "online") == 8 and s.size("a", "online", interventions_only=True) == 4
     out = s.export("a", "online")
-    np.testing.assert_array_equal(out["obs"][:, 0], np.arange(12, 20))
+    np.testing.assert_array_equal(out["obs.state"][:, 0], np.arange(12, 20))
     assert s.stats()["a"]["online_evicted"] == 12
 
 
@@ -90,7 +90,7 @@ def test_growth_past_initial_allocation():
         s.add_online("a", *chunk(50, start=i * 50, iv=np.arange(50) < 5), behavior_version=i, episode_key=i, first_step=0)
     assert s.size("a", "online") == 5000 and s.size("a", "online", True) == 500
     out = s.export("a", "online")
-    np.testing.assert_array_equal(out["obs"][:, 0], np.arange(1000, 6000))
+    np.testing.assert_array_equal(out["obs.state"][:, 0], np.arange(1000, 6000))
     assert out["interventions"].sum() == 500
 
 
@@ -142,9 +142,10 @@ def test_batch_from_parts():
     s.add_offline("b", *chunk(3, iv=[1, 1, 1]))
     rng = np.random.default_rng(0)
     b = Batch.from_parts([(0, ONLINE, s.sample("a", "online", 4, rng)), (1, OFFLINE, s.sample("b", "offline", 2, rng))])
-    assert len(b) == 6 and b.obs.shape == (6, OBS) and b.weights.tolist() == [1.0] * 6
+    assert len(b) == 6 and set(b.obs) == {"state"} and b.obs["state"].shape == (6, OBS)
+    assert b.weights.tolist() == [1.0] * 6
     assert b.task.tolist() == [0] * 4 + [1] * 2 and b.source.tolist() == [0] * 4 + [1] * 2
     assert b.versions.tolist() == [2] * 4 + [-1] * 2
-    assert b.to("cpu").obs.dtype == b.obs.dtype
+    assert b.to("cpu").obs["state"].dtype == b.obs["state"].dtype
     with pytest.raises(InvalidArgument, match="rewards"):
         Batch.from_numpy(np.zeros((2, 3)), np.zeros((2, 1)), np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(3))

@@ -174,7 +174,7 @@ def manifests(s: KubeSettings, job: JobRecord, root: dict[str, Any], robots: int
                                                   # one actor id per pod (its name; k8s expands $(VAR) from env),
                                                   # matching the fleet enrollment's actors pattern
                                                   "--actor-id", "$(POD_NAME)",
-                                                  *tls_args],
+                                                  *fleet.actor_args(), *tls_args],
                                       "env": [{"name": "FLEETLOOP_ROBOT_TOKEN", "valueFrom": {"secretKeyRef": {
                                           "name": object_name(jid, "robot-token"), "key": "token"}}},
                                               {"name": "POD_NAME", "valueFrom": {"fieldRef": {

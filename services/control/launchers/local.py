@@ -29,6 +29,16 @@ class _LocalJob:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _bootstrap_policy(spec) -> dict:
+    """What a pixel fleet's bootstrap pretrains with: the job's own (visuomotor) policy on camera demos.
+    A state job keeps the MLP pretraining (RECAP lifts it into its conditioned policy)."""
+    view = spec.fleet.view() if spec.fleet else None
+    if view is None:
+        return {}
+    return {"view": view, "policy_factory": spec.policy_factory, "policy_kwargs": spec.policy_kwargs,
+            "batch_size": spec.batch_size}
+
+
 class LocalLauncher(SupervisedLauncher):
     """Learners as Ray actors (``ray_address`` or a local Ray), simulated robots as processes.
 
@@ -75,7 +85,8 @@ class LocalLauncher(SupervisedLauncher):
                     from services.harness.bootstrap import bootstrap_offline
                     dataset, weights = bootstrap_offline(
                         spec.tasks, boot / "demos", weights, b.demos_per_task, b.pretrain_steps, b.seed,
-                        progress=lambda m: self.store.emit(job.id, "bootstrap", message=m))
+                        progress=lambda m: self.store.emit(job.id, "bootstrap", message=m),
+                        **_bootstrap_policy(spec))
             self.store.update_job(job.id, state="starting")
             cfg = learner_config(spec, job.id, root / "learner", self.store.url, initial_weights=weights, offline_dataset=dataset)
             if job.learner is not None:  # a relaunch: same port, so robots that keep retrying find it again
@@ -132,7 +143,8 @@ class LocalLauncher(SupervisedLauncher):
                     lj.robots.append(spawn_robot(
                         target=job.learner.target, job=job_id, actor_id=actor_id, tasks=rotated(job.spec.tasks, i),
                         token=lj.token, spool=root / "spool" / actor_id, log_path=root / "logs" / f"{actor_id}.log",
-                        seed=fleet.seed * 1000 + i * 7919, hz=fleet.hz, operator=fleet.operator))
+                        seed=fleet.seed * 1000 + i * 7919, hz=fleet.hz, operator=fleet.operator, view=fleet.view(),
+                        jpeg_quality=fleet.jpeg_quality))
             elif robots < len(lj.robots):
                 extra, lj.robots = lj.robots[robots:], lj.robots[:robots]
                 threading.Thread(target=stop_robots, args=(extra,), daemon=True).start()
