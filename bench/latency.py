@@ -133,7 +133,7 @@ def fleet_phase(pool: Pool, k: int, chunk: int, cfg: LatencyConfig, tmp: Path, b
             arr = impl.core.replay.export(TASK, "online")
     finally:
         stop_learner_in_process(impl)
-    obs = arr["obs"].astype(np.float64)
+    obs = arr["obs.state"].astype(np.float64)
     produced = base + obs[:, 0] + obs[:, 1]
     trainable = arr["insert_times"]
     ident = obs[:, 2].astype(np.int64) * (1 << 32) + obs[:, 3].astype(np.int64)
