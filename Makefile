@@ -13,13 +13,16 @@ DEMO_ARGS ?=
 
 install: sysdeps $(STAMP) $(GEN)
 
-# System packages the tests use: a real redis-server, Chromium (dashboard browser test), Prometheus + promtool.
+# System packages the tests use: a real redis-server, Chromium (dashboard browser test), Prometheus + promtool,
+# and headless EGL through Mesa for the simulated robots' cameras (MUJOCO_GL=egl; the fallback, not
+# installed, is MUJOCO_GL=osmesa with libosmesa6).
 # Idempotent: apt-get runs only when one is missing (needs root, as on the CI machines).
 sysdeps:
-	@if ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+	@if ! command -v redis-server >/dev/null || ! command -v chromium >/dev/null || ! command -v promtool >/dev/null \
+	    || ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q libEGL_mesa; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium prometheus >/dev/null; \
-	  else echo "warning: redis-server/chromium/prometheus missing and apt-get unavailable: their tests will fail"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium prometheus libegl1 libopengl0 libegl-mesa0 libgl1-mesa-dri libgbm1 >/dev/null; \
+	  else echo "warning: redis-server/chromium/prometheus or EGL (libegl1 libopengl0 libegl-mesa0 libgl1-mesa-dri libgbm1) missing and apt-get unavailable: their tests will fail"; fi; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -20,4 +20,6 @@ BENCHES: dict[str, tuple[str, str]] = {
     "utilisation": ("bench.utilisation", "learner idle share, updates/s and staleness under a fast and a slow fleet, vs no fleet"),
     "latency": ("bench.latency", "step produced on an actor -> trainable on the learner, P50/P99, vs raw gRPC one-way"),
     "learner-scaling": ("bench.learner_scaling", "learner samples/s, 1 and 2 Ray Train DDP workers (gloo; NCCL on CUDA) vs one process"),
+    "render": ("bench.render", "camera observations of the simulated robot: ms per frame per camera, CPU per step with "
+                               "cameras + JPEG, JPEG bytes, vs a state-only step"),
 }

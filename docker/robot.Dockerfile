@@ -2,7 +2,8 @@
 # policy, streaming experience to a learner over gRPC.
 #   docker build -f docker/robot.Dockerfile -t fleetloop/robot:0.1.0 .
 #   docker run fleetloop/robot:0.1.0 actor --learner HOST:50051 --job JOB --tasks reach-v3 --metrics-port 9100
-# State observations need no GL: MuJoCo runs headless, so no X/EGL libraries are installed.
+# Camera observations (pixel robots) render headless through EGL on Mesa (llvmpipe on a
+# CPU; MUJOCO_GL=egl is the actor's default): the runtime installs those libraries, and no X server.
 # Base pinned by exact tag; pin by digest in a real registry.
 
 # ---- builder: a self-contained venv in /opt/venv ----------------------------------------------
@@ -35,7 +36,11 @@ LABEL org.opencontainers.image.title="fleetloop-robot" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="fleetloop" \
       org.opencontainers.image.base.name="python:3.11.14-slim-bookworm"
-RUN groupadd --system --gid 10001 fleetloop \
+# libegl1 libopengl0 libegl-mesa0 libgl1-mesa-dri libgbm1: headless EGL rendering of the robot's cameras.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libegl1 libopengl0 libegl-mesa0 libgl1-mesa-dri libgbm1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 fleetloop \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/fleetloop --shell /usr/sbin/nologin fleetloop
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/fleetloop/healthcheck.py

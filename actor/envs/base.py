@@ -3,8 +3,10 @@
 A :class:`RobotEnv` is Gymnasium-like but narrower and stricter, so a real robot, a simulator or a
 test double can stand behind the same runtime:
 
-* ``reset(seed)`` starts an episode and returns the first observation: float32, shape
-  ``[obs_dim]``. The same seed gives the same initial state (object and goal positions); ``None``
+* ``reset(seed)`` starts an episode and returns the first observation: either one float32 array of
+  shape ``[obs_dim]``, or a mapping of named arrays (e.g. ``{"proprio": float32 [8], "corner3":
+  uint8 [H, W, 3]}``) whose names, dtypes and shapes are the job's observation specs, in spec order
+  (camera images channels-last, uint8). The same seed gives the same initial state (object and goal positions); ``None``
   continues the env's own random stream, so consecutive resets differ. A real robot may ignore
   the seed (it cannot place objects) but must still return a valid observation.
 * ``step(action)`` takes a float array of shape ``[act_dim]``; the env clips it to its action
@@ -19,8 +21,9 @@ test double can stand behind the same runtime:
 Optional capabilities, discovered with ``isinstance`` against the runtime-checkable protocols:
 
 * :class:`ExpertEnv`: ``expert_action(obs)`` (a scripted expert, used by the scripted operator and
-  by demo recording) and ``progress()`` (a task-progress score in [0, 1] for the current state,
-  higher is better, used by operators to detect a stalled robot).
+  by demo recording; it plays the human, so it may read simulator state the observation lacks, e.g.
+  object positions behind a pixel observation) and ``progress()`` (a task-progress score in [0, 1]
+  for the current state, higher is better, used by operators to detect a stalled robot).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import numpy as np
 class StepResult:
     """What one ``step`` returns.
 
-    ``obs``: float32 ``[obs_dim]``, the observation after the action. ``reward``: the env's dense
+    ``obs``: the observation after the action (float32 ``[obs_dim]`` or a mapping of named arrays,
+    as ``reset`` returns). ``reward``: the env's dense
     reward for this step. ``success``: the task is achieved in this state. ``terminated``: the
     episode ended on its own (success or unrecoverable failure). ``truncated``: the episode hit
     its step limit (timeout). ``info``: env-specific extras, never needed by the runtime.
@@ -75,7 +79,7 @@ class RobotEnv(Protocol):
     max_episode_steps: int
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Start an episode; return the float32 ``[obs_dim]`` first observation."""
+        """Start an episode; return the first observation (float32 ``[obs_dim]`` or a mapping of named arrays)."""
         ...
 
     def step(self, action: np.ndarray) -> StepResult:

@@ -96,3 +96,19 @@ def test_load_stats_rss_verdict_and_port_lookup():
     assert s["count"] == 100 and abs(s["p50_ms"] - 1.0) < 1e-9 and s["max_ms"] == 100.0
     with RawServer(workers=8) as server:
         assert pid_listening_on(server.port) == os.getpid()
+
+
+def test_render_bad_arguments_return_2(tmp_path, capsys):
+    """``fleetloop bench render``: a bad flag exits 2 naming it, before any simulator starts (the run
+    itself is in tests/integration/test_metaworld_pixels.py)."""
+    from services.cli import build_parser
+
+    out = str(tmp_path / "render.json")
+    for bad, flag in ((["--cameras", "corner3,bogus"], "--cameras"), (["--image-size", "8"], "--image-size"),
+                      (["--image-size", "84,x"], "--image-size"), (["--steps", "0"], "--steps"),
+                      (["--jpeg-quality", "99"], "--jpeg-quality"), (["--tasks", ","], "--tasks"),
+                      (["--tasks", "drawer-open-v3,nope-v3"], "--tasks")):
+        args = build_parser().parse_args(["bench", "render", *bad, "--out", out])
+        assert args.func(args) == 2, bad
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "render.json").exists()
