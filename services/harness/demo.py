@@ -145,9 +145,9 @@ def run_demo(o: DemoOptions) -> dict:
     episodes: list[dict] = []
     versions: list[tuple[float, int]] = []
     index = 0
-    view = LiveView(o.tasks, o.minutes * 60, live=o.live)
+    live = LiveView(o.tasks, o.minutes * 60, live=o.live)
     try:
-        with view:
+        with live:
             while any(r.alive() for r in robots):
                 time.sleep(2.0)
                 status = handle.status()
@@ -155,7 +155,7 @@ def run_demo(o: DemoOptions) -> dict:
                 episodes.extend(new)
                 if not versions or versions[-1][1] != status["version"]:
                     versions.append((time.time(), status["version"]))
-                view.update(status, episodes, time.time() - t0, sum(r.alive() for r in robots))
+                live.update(status, episodes, time.time() - t0, sum(r.alive() for r in robots))
                 if time.time() - t0 > o.minutes * 60 + 120:  # robots overdue: stop them
                     for r in robots:
                         r.terminate()
