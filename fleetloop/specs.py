@@ -13,10 +13,10 @@ Contract:
   channels last, as cameras produce them and as JPEG/PNG decode them. Policies normalise images
   themselves (the replay stores them as uint8).
 - Every other observation tensor is a *vector* input: flattened and cast to float32, concatenated
-  in spec order (:func:`flatten_vectors`). A job whose only observation is Meta-World's 39-value
+  in name order (:func:`flatten_vectors`; :meth:`PolicySpec.from_specs` sorts by name). A job whose only observation is Meta-World's 39-value
   ``state`` therefore gives exactly the flat input of the original MLP policy.
 - Actions are one flat float32 vector per step: the action specs flattened and concatenated in
-  spec order (:attr:`PolicySpec.act_dim`); ``low``/``high`` are the concatenated bounds (empty
+  name order (:attr:`PolicySpec.act_dim`); ``low``/``high`` are the concatenated bounds (empty
   when the specs declare none).
 """
 
@@ -83,7 +83,8 @@ def tensor_info(spec: Any) -> TensorInfo:
 class PolicySpec:
     """Everything a policy factory needs to build a network for a job (see the module docstring).
 
-    ``observations`` and ``actions`` keep the job's spec order; ``low``/``high`` are the flattened
+    ``observations`` and ``actions`` are in name order when built by :meth:`from_specs` (the same
+    on the learner and on every robot, whatever order each declared); ``low``/``high`` are the flattened
     action bounds (empty: unbounded); ``tasks`` are the job's task ids, in the order the task index
     of a batch refers to."""
 
@@ -95,12 +96,15 @@ class PolicySpec:
 
     @classmethod
     def from_specs(cls, observation_specs: Iterable[Any], action_specs: Iterable[Any], tasks: Sequence[str]) -> "PolicySpec":
-        """Build from job specs (SpecModel, wire TensorSpec or dicts) and the task list."""
-        acts = list(action_specs)
+        """Build from job specs (SpecModel, wire TensorSpec or dicts) and the task list. Tensors are
+        put in *name order*: the handshake compares a robot's specs with the job's order-free, so
+        the learner and every robot must not depend on the order either side declared them in."""
+        acts = sorted(action_specs, key=lambda s: tensor_info(s).name)
+        obs = sorted((tensor_info(s) for s in observation_specs), key=lambda t: t.name)
         infos = tuple(tensor_info(s) for s in acts)
         low = _bounds(acts, infos, "low", float("-inf"))
         high = _bounds(acts, infos, "high", float("inf"))
-        return cls(tuple(tensor_info(s) for s in observation_specs), infos, tuple(str(t) for t in tasks), low, high)
+        return cls(tuple(obs), infos, tuple(str(t) for t in tasks), low, high)
 
     @classmethod
     def flat(cls, obs_dim: int, act_dim: int, num_tasks: int) -> "PolicySpec":

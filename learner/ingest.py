@@ -50,7 +50,8 @@ _MAX_ID = 128
 class DecodedChunk:
     """A validated chunk as numpy arrays: ``obs`` maps every observation tensor name to
     ``[T, *shape]`` in its spec dtype (cameras decoded to uint8 ``[T, H, W, C]``); ``actions`` is
-    the action tensors flattened to float32 and concatenated in spec order, ``[T, act_dim]``."""
+    the action tensors flattened to float32 and concatenated in name order (as
+    :class:`fleetloop.specs.PolicySpec`), ``[T, act_dim]``."""
 
     actor_id: str
     episode_id: str
@@ -133,7 +134,8 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
                                   field="end.outcome", value=int(chunk.end.outcome))
     # explicit widths: reshape(0, -1) cannot infer -1, and a zero-step end chunk is valid (an episode
     # ended before any step, or closed as aborted after an actor crash); math.prod: ~20x np.prod here
-    flat = [acts[s.name].reshape(steps, math.prod(s.shape)).astype(np.float32, copy=False) for s in act_specs]
+    flat = [acts[s.name].reshape(steps, math.prod(s.shape)).astype(np.float32, copy=False)
+            for s in sorted(act_specs, key=lambda s: s.name)]
     actions = flat[0] if len(flat) == 1 else np.concatenate(flat, axis=1)
     return DecodedChunk(chunk.actor_id, chunk.episode_id, int(chunk.seq), chunk.task_id, int(chunk.behavior_version),
                         int(chunk.first_step), obs, actions, rewards, inter, outcome, float(chunk.produced_at))
