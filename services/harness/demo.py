@@ -34,7 +34,7 @@ VISUOMOTOR_FACTORY = "fleetloop.vision:visuomotor_policy"
 PIXEL_PRESET: dict[str, object] = {
     "tasks": ["push-v3", "drawer-open-v3", "window-open-v3"], "minutes": 8.0, "demos_per_task": 3,
     "pretrain_steps": 800, "eval_trials": 20, "publish_every": 25, "max_updates_per_s": 4.0, "batch_size": 64,
-    "memory_budget_mb": 3072,
+    "memory_budget_mb": 3072, "curve_every_s": 60.0,
 }
 
 
@@ -63,6 +63,12 @@ class DemoOptions(BaseModel):
     jpeg_quality: int = Field(90, ge=1, le=95, description="pixels: JPEG quality of camera frames on the wire.")
     batch_size: int = Field(256, ge=1, le=65536, description="Learner (and pretraining) batch size.")
     memory_budget_mb: int | None = Field(None, ge=64, description="Learner memory budget (replay sized from it).")
+    curve_every_s: float | None = Field(
+        None, gt=0, description="Snapshot the fleet's policy this often during the run and evaluate the snapshots "
+        "afterwards (held-out seeds, curve_trials each; evaluations never compete with the fleet for CPU): a success "
+        "curve and the time to target_success in the report. None = final evaluation only.")
+    curve_trials: int = Field(10, ge=1, description="Held-out trials per task of each curve point.")
+    target_success: float = Field(0.8, gt=0, le=1, description="Mean success whose first curve point is time-to-target.")
     algorithm: Literal["hg_dagger", "recap"] = Field(
         "hg_dagger", description="Learner algorithm. recap: the BC policy is lifted into the indicator-conditioned policy "
         "(recap_mlp_policy), the learner pretrains V and the policy on the demos at start-up, robots act with guidance "
@@ -113,7 +119,7 @@ def run_demo(o: DemoOptions) -> dict:
 
     from learner.config import LearnerConfig
     from learner.ray_learner import start_learner
-    from services.harness.evaluation import evaluate_file
+    from services.harness.evaluation import EvalPool, PeriodicEvaluator, evaluate_file
     from services.harness.report import write_report
 
     torch.set_num_threads(1)
@@ -146,6 +152,13 @@ def run_demo(o: DemoOptions) -> dict:
     versions: list[tuple[float, int]] = []
     index = 0
     live = LiveView(o.tasks, o.minutes * 60, live=o.live)
+    pool = EvalPool(min(2, len(o.tasks))) if o.curve_every_s else None
+    curve = None if pool is None else PeriodicEvaluator(
+        pool, lambda: _snapshot(state_dir, handle.status()["version"]), o.out / "curve-snapshots", o.tasks,
+        o.curve_trials, o.curve_every_s, {"view": view, "max_steps": 200, **policy}, deferred=True,
+        target=o.target_success, coarse_stride=2)
+    if curve is not None:
+        curve.known(0, pre_eval)  # version 0 is the pretrained policy, evaluated above
     try:
         with live:
             while any(r.alive() for r in robots):
@@ -156,6 +169,8 @@ def run_demo(o: DemoOptions) -> dict:
                 if not versions or versions[-1][1] != status["version"]:
                     versions.append((time.time(), status["version"]))
                 live.update(status, episodes, time.time() - t0, sum(r.alive() for r in robots))
+                if curve is not None:
+                    curve.poll(time.time() - t0, {"learner_step": status["step"]})
                 if time.time() - t0 > o.minutes * 60 + 120:  # robots overdue: stop them
                     for r in robots:
                         r.terminate()
@@ -170,6 +185,12 @@ def run_demo(o: DemoOptions) -> dict:
     print(f"[5/5] evaluating the final policy v{final['version']} ({o.eval_trials} held-out trials per task)", flush=True)
     final_weights = state_dir / "weights" / f"v{final['version']}.safetensors"
     final_eval = evaluate_file(final_weights, o.tasks, o.eval_trials, view=view, **policy)
+    series: list[dict] = []
+    if curve is not None and pool is not None:
+        print(f"      evaluating the policy snapshots of the run ({o.curve_trials} trials per task each)", flush=True)
+        with pool:
+            series = curve.finish()
+    hit = next((p["t"] for p in series if p["mean"] >= o.target_success), None)
     overall = {"policy_version": final["version"], "learner_steps": final["step"], "wall_seconds": wall,
                "total_seconds": time.monotonic() - t_start, "staleness_max": final["staleness_max"],
                "staleness_max_autonomous": final.get("staleness_max_autonomous", 0),
@@ -177,12 +198,18 @@ def run_demo(o: DemoOptions) -> dict:
                "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
                "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"],
                "algorithm": o.algorithm, "observations": o.observations,
+               **({"curve": series, "target_success": o.target_success, "time_to_target_s": hit} if curve else {}),
                **({"cameras": list(o.cameras), "image_size": o.image_size} if view else {})}
     report = write_report(o.out, o.tasks, pre_eval, final_eval, episodes, t0, overall, versions)
     (o.out / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     shutil.rmtree(ray_tmp, ignore_errors=True)
     _print_summary(report, o.out)
     return report
+
+
+def _snapshot(state_dir: Path, version: int) -> tuple[int, bytes]:
+    """(version, weights) of a published version, read from the learner's weight store on disk."""
+    return version, (state_dir / "weights" / f"v{version}.safetensors").read_bytes()
 
 
 def _print_summary(report: dict, out: Path) -> None:
