@@ -2,7 +2,8 @@
 
     .venv/bin/python docs/render_results.py [--results docs/results/experiments] [--out docs/RESULTS.md]
 
-Reads ``RESULTS/<experiment>/summary.json`` for experiment in main, sampler, scaling (those present),
+Reads ``RESULTS/<experiment>/summary.json`` for experiment in main, sampler, scaling (those present)
+and the pixel-demo reports ``RESULTS/pixels/seed*/report.json`` (docs/render_pixels.py),
 writes the tables (mean ± std over seeds), the checks of issue 3's "done when" evaluated on the
 numbers, and the plots ``RESULTS/main_success.png``, ``sampler_success.png``, ``scaling_success.png``,
 ``scaling_time_to_target.png``. Each section states the command, the machine and the wall time
@@ -255,9 +256,19 @@ def render(results: Path, out: Path) -> str:
             md += _method_table(s) + ["Per task (final success):", ""] + _task_table(s)
         _plot_curves(s, results / f"{name}_success.png")
         md += [f"![{name}: success over time]({rel}/{name}_success.png)", "", *_errors(s)]
+    md += _pixels_section(results, rel)
     text = "\n".join(md)
     out.write_text(text)
     return text
+
+
+def _pixels_section(results: Path, rel: str) -> list[str]:
+    """The pixel-demo section (docs/render_pixels.py), loaded beside this file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("render_pixels", Path(__file__).with_name("render_pixels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.section(results, rel)
 
 
 def main() -> None:

@@ -197,7 +197,7 @@ def run_demo(o: DemoOptions) -> dict:
                "staleness_bound": final["staleness_bound"], "duplicates_stored": audit["duplicates_stored"],
                "stored_steps": sum(audit["stored_steps"].values()), "ingested_steps": final["ingested_steps"],
                "robots": o.robots, "robot_exit_codes": robot_rc, "episodes": len(episodes), "device": final["device"],
-               "algorithm": o.algorithm, "observations": o.observations,
+               "algorithm": o.algorithm, "observations": o.observations, "seed": o.seed,
                **({"curve": series, "target_success": o.target_success, "time_to_target_s": hit} if curve else {}),
                **({"cameras": list(o.cameras), "image_size": o.image_size} if view else {})}
     report = write_report(o.out, o.tasks, pre_eval, final_eval, episodes, t0, overall, versions)
