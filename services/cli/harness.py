@@ -92,7 +92,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--robots", type=int, default=4, help="number of simulated robots")
     d.add_argument("--tasks", default=None, help=f"comma-separated Meta-World v3 task ids (default {DEFAULT_TASKS}; "
                    "pixels: push-v3,drawer-open-v3,window-open-v3)")
-    d.add_argument("--minutes", type=float, default=None, help="length of the online phase (default 9; pixels 8)")
+    d.add_argument("--minutes", type=float, default=None, help="length of the online phase (default 9; pixels 10)")
     d.add_argument("--observations", choices=["state", "pixels"], default="state",
                    help="state: the 39 Meta-World values and an MLP; pixels: 2 cameras + proprioception (no object or "
                         "goal coordinates) and the visuomotor policy, with its own defaults (services.harness.demo.PIXEL_PRESET)")

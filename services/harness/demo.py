@@ -32,8 +32,8 @@ VISUOMOTOR_FACTORY = "fleetloop.vision:visuomotor_policy"
 #: ``--observations pixels`` defaults (any option given explicitly wins): tasks a pixel policy can learn
 #: on this machine's budget, a small batch and a capped update rate so 2 cores render and train.
 PIXEL_PRESET: dict[str, object] = {
-    "tasks": ["push-v3", "drawer-open-v3", "window-open-v3"], "minutes": 8.0, "demos_per_task": 3,
-    "pretrain_steps": 800, "eval_trials": 20, "publish_every": 25, "max_updates_per_s": 4.0, "batch_size": 64,
+    "tasks": ["push-v3", "drawer-open-v3", "window-open-v3"], "minutes": 10.0, "demos_per_task": 2,
+    "pretrain_steps": 400, "eval_trials": 20, "publish_every": 25, "max_updates_per_s": 4.0, "batch_size": 64,
     "memory_budget_mb": 3072, "curve_every_s": 60.0,
 }
 
