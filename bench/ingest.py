@@ -1,6 +1,10 @@
 """Ingest throughput: K actors streaming experience into one learner, vs raw gRPC of the same bytes,
-for four payloads (:mod:`bench.payloads`: state-only robot steps, steps with three 224x224 RGB
-images raw or JPEG/PNG-compressed, LLM token groups) and fleet sizes K (default 1, 4, 16, 32).
+for five payloads (:mod:`bench.payloads`: state-only robot steps, steps with three 224x224 RGB
+images raw or JPEG/PNG-compressed, the simulated robot's pixel steps (two 84x84 JPEG cameras), LLM
+token groups) and fleet sizes K (default 1, 4, 16, 32). Compressed cameras are stored as the learner
+stores them (``image_storage``: compressed by default, header-checked at ingest and decoded at batch
+time); the decode cost that moves to training is measured apart (:mod:`bench.decode_cost`: ms per
+batch of 64 steps).
 
 fleetloop path (per payload and K): the real learner in this process, serving on a loopback port:
 robot payloads ``LearnerCore`` + ``LearnerServicer`` + gRPC server (``learner.process.build_learner``, what
@@ -54,9 +58,12 @@ class IngestConfig(BaseModel):
     seconds: float = Field(4.0, gt=0, le=300, description="Measured seconds per path per (payload, K), split into slices.")
     slices: int = Field(2, ge=1, le=10, description="Alternating fleetloop/raw slices per (payload, K).")
     warmup_s: float = Field(1.5, ge=0, le=60, description="Unmeasured warm-up before the first slice (0.5 s before the others).")
-    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per chunk of the state payload (images use 8).")
-    episode_steps: int = Field(200, ge=1, le=100_000, description="Steps per episode (image payloads: at most 64).")
+    chunk_steps: int = Field(50, ge=1, le=10_000, description="Steps per chunk of the state payload (images use 8, pixels 50).")
+    episode_steps: int = Field(200, ge=1, le=100_000, description="Steps per episode (images and images-compressed: at most 64).")
     image_codec: str = Field("jpeg", pattern="^(jpeg|png)$", description="Encoding of images-compressed: jpeg (q90) or png.")
+    image_storage: str = Field("compressed", pattern="^(compressed|decoded)$", description="The learner's images.storage: "
+                               "compressed (headers checked at ingest, frames decoded at batch time) or decoded (every "
+                               "frame decoded and checked at ingest).")
     processes: int = Field(8, ge=1, le=64, description="Most client processes; each hosts K/processes actors and raw streams.")
     profile_seconds: float = Field(3.0, ge=0, le=60, description="py-spy the learner for this long at the largest K of each "
                                                                  "payload (0: no profile).")
@@ -116,7 +123,8 @@ def episode_messages(chunk_steps: int, actor_id: str, seed: int, steps: int = 20
 class _Learner:
     """A learner serving on loopback in this process; ``counters()`` = what it stored so far."""
 
-    def __init__(self, spec: PayloadSpec, state_dir: Path, chunk_steps: int, episode_steps: int) -> None:
+    def __init__(self, spec: PayloadSpec, state_dir: Path, chunk_steps: int, episode_steps: int,
+                 image_storage: str = "compressed") -> None:
         self.spec, self.state_dir = spec, state_dir
         self.group_bytes = 0.0  # LLM: serialized bytes of one group chunk (set by the caller)
         from learner.process import build_learner
@@ -126,7 +134,8 @@ class _Learner:
             from learner.config import LearnerConfig
             cfg = LearnerConfig(job_id=JOB, host="127.0.0.1", port=0, metrics_port=None, state_dir=state_dir, tasks=[TASK],
                                 chunk_steps=chunk_steps, max_episode_steps=episode_steps, min_online_steps=10 ** 12,
-                                max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu", **learner_specs(spec))
+                                max_updates_per_s=0.1, checkpoint_every_s=1e6, device="cpu", **learner_specs(spec),
+                                images={"storage": image_storage})
             self.proc = build_learner(cfg).serve()
         else:
             from bench.payloads import llm_learner_config
@@ -191,7 +200,7 @@ def measure(spec: PayloadSpec, k: int, cfg: IngestConfig, tmp: Path, profile_s: 
     """Both paths for ``k`` actors of ``spec`` in alternating slices (plus a profiled slice when ``profile_s``)."""
     from bench.ingest_workers import raw_messages
 
-    episode_steps = min(cfg.episode_steps, 64) if spec.images else cfg.episode_steps
+    episode_steps = min(cfg.episode_steps, spec.max_episode_steps or cfg.episode_steps)
     sample = raw_messages(spec, 4242, JOB, TASK)
     msg_bytes = sum(len(m) for m in sample) / len(sample)
     per_step = msg_bytes if not spec.robot else sum(len(m) for m in sample) / (16 if spec.images else 200)
@@ -199,7 +208,7 @@ def measure(spec: PayloadSpec, k: int, cfg: IngestConfig, tmp: Path, profile_s: 
     procs = min(k, cfg.processes)
     shares = [list(range(p, k, procs)) for p in range(procs)]
     state_dir = tmp / f"learner-{spec.name}-k{k}"
-    learner = _Learner(spec, state_dir, spec.chunk_steps, episode_steps)
+    learner = _Learner(spec, state_dir, spec.chunk_steps, episode_steps, cfg.image_storage)
     learner.group_bytes = msg_bytes
     fl_slices, raw_slices, profile = [], [], None
     try:

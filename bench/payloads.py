@@ -4,7 +4,11 @@ real actor builds it, plus the identical serialized chunks the raw-gRPC baseline
 - ``state``: Meta-World robot steps: obs ``state`` f32[39], action f32[4] (the default job's specs);
 - ``images``: the same plus obs ``images`` uint8[3, 224, 224, 3] (three RGB cameras), raw bytes;
 - ``images-compressed``: the same images, each frame JPEG (quality 90) or PNG encoded
-  (``Tensor.encoding``, :mod:`fleetloop.image_codec`); the learner decodes and checks every frame;
+  (``Tensor.encoding``, :mod:`fleetloop.image_codec`); the learner checks every frame's header and
+  stores the frames compressed (``images.storage``; ``decoded``: it decodes every frame at ingest);
+- ``pixels``: what the simulated robot sends in pixel mode (:func:`fleetloop.presets.metaworld_specs`
+  ``("pixels")``): obs ``proprio`` f32[8] plus two 84x84 RGB cameras (``corner3``, ``gripperPOV``),
+  each frame JPEG q90, 50 steps per chunk, action f32[4];
 - ``llm``: GRPO groups (``EpisodeChunk.group``, protocol 2): one prompt, G completions with token ids,
   behaviour log-probs, reward, policy version and text, each under a real admission ticket.
 
@@ -25,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-PAYLOADS = ("state", "images", "images-compressed", "llm")
+PAYLOADS = ("state", "images", "images-compressed", "pixels", "llm")
 OBS_DIM, ACT_DIM = 39, 4
 CAMERAS, IMAGE_HW = 3, 224
 FRAME_POOL = 16              # distinct steps of camera frames per actor, cycled
@@ -51,6 +55,23 @@ class PayloadSpec:
     def robot(self) -> bool:
         return self.name != "llm"
 
+    @property
+    def max_episode_steps(self) -> int | None:
+        """Longest episode actors record (None: as configured): raw 224 px images are 450 KB a step."""
+        return 64 if self.images and self.name != "pixels" else None
+
+    @property
+    def observations(self) -> list[dict[str, Any]]:
+        """The observation specs (plain dicts, vector first): what the learner and the actors declare."""
+        if self.name == "pixels":
+            from fleetloop.presets import metaworld_specs
+
+            return metaworld_specs("pixels")[0]
+        obs = [{"name": "state", "dtype": "float32", "shape": [OBS_DIM]}]
+        if self.images:
+            obs.append({"name": "images", "dtype": "uint8", "shape": [CAMERAS, IMAGE_HW, IMAGE_HW, 3]})
+        return obs
+
 
 def payload_spec(name: str, state_chunk_steps: int = 50, image_codec: str = "jpeg") -> PayloadSpec:
     """The :class:`PayloadSpec` of ``name`` (ValueError naming it when unknown)."""
@@ -60,6 +81,8 @@ def payload_spec(name: str, state_chunk_steps: int = 50, image_codec: str = "jpe
         return PayloadSpec("images", IMAGE_CHUNK_STEPS, images="raw")
     if name == "images-compressed":
         return PayloadSpec("images-compressed", IMAGE_CHUNK_STEPS, images=image_codec)
+    if name == "pixels":
+        return PayloadSpec("pixels", 50, images="jpeg")
     if name == "llm":
         return PayloadSpec("llm", 1, unit="groups")
     raise ValueError(f"--payload {name!r} is not one of {', '.join(PAYLOADS)}")
@@ -67,31 +90,26 @@ def payload_spec(name: str, state_chunk_steps: int = 50, image_codec: str = "jpe
 
 # -- robot payloads ---------------------------------------------------------------------------
 def learner_specs(spec: PayloadSpec) -> dict[str, Any]:
-    """``observation_specs`` for the learner config (state first: the policy's input)."""
-    obs = [{"name": "state", "dtype": "float32", "shape": [OBS_DIM]}]
-    if spec.images:
-        obs.append({"name": "images", "dtype": "uint8", "shape": [CAMERAS, IMAGE_HW, IMAGE_HW, 3]})
-    return {"observation_specs": obs}
+    """``observation_specs`` for the learner config (the vector first: the policy's input)."""
+    return {"observation_specs": spec.observations}
 
 
 def robot_specs(spec: PayloadSpec) -> tuple[list, list]:
     """Wire observation/action specs an actor declares in its handshake."""
     from fleetloop.codec import make_spec
 
-    obs = [make_spec("state", "float32", [OBS_DIM])]
-    if spec.images:
-        obs.append(make_spec("images", "uint8", [CAMERAS, IMAGE_HW, IMAGE_HW, 3]))
+    obs = [make_spec(**s) for s in spec.observations]
     return obs, [make_spec("action", "float32", [ACT_DIM], [-1.0] * ACT_DIM, [1.0] * ACT_DIM)]
 
 
-def camera_frames(seed: int, steps: int = FRAME_POOL):
-    """uint8 [steps, CAMERAS, 224, 224, 3]: smooth shading + soft objects + sensor noise (fixed seed)."""
+def camera_frames(seed: int, steps: int = FRAME_POOL, cameras: int = CAMERAS, hw: int = IMAGE_HW):
+    """uint8 [steps, cameras, hw, hw, 3]: smooth shading + soft objects + sensor noise (fixed seed)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:IMAGE_HW, 0:IMAGE_HW].astype(np.float32)
-    out = np.empty((steps, CAMERAS, IMAGE_HW, IMAGE_HW, 3), dtype=np.uint8)
-    for cam in range(CAMERAS):
+    y, x = np.mgrid[0:hw, 0:hw].astype(np.float32) * (IMAGE_HW / hw)  # the same scene at any resolution
+    out = np.empty((steps, cameras, hw, hw, 3), dtype=np.uint8)
+    for cam in range(cameras):
         scene = [(rng.uniform(0, IMAGE_HW), rng.uniform(0, IMAGE_HW), rng.uniform(15, 40), rng.uniform(0, 255, 3),
                   rng.uniform(-2, 2, 2)) for _ in range(4)]
         for t in range(steps):
@@ -116,21 +134,28 @@ class RobotSource:
         import numpy as np
 
         rng = np.random.default_rng(self.seed)
-        self.state = rng.standard_normal((self.steps, OBS_DIM), dtype=np.float32)
+        vector, *images = self.spec.observations
+        self.vector, self.image_specs = vector["name"], images
+        self.state = rng.standard_normal((self.steps, vector["shape"][0]), dtype=np.float32)
         self.actions = rng.uniform(-1.0, 1.0, (self.steps, ACT_DIM)).astype(np.float32)
         self.rewards = [float(r) for r in rng.standard_normal(self.steps, dtype=np.float32)]
-        self.frames = camera_frames(self.seed) if self.spec.images else None
-        self.encoded: list[list[bytes]] | None = None  # per pool step: CAMERAS encoded frames
+        self.frames: dict[str, Any] = {}  # image tensor -> [FRAME_POOL, *shape] uint8
+        for i, img in enumerate(images):
+            shape = img["shape"]
+            pool = camera_frames(self.seed + 7 * i, cameras=shape[0] if len(shape) == 4 else 1, hw=shape[-2])
+            self.frames[img["name"]] = pool if len(shape) == 4 else pool[:, 0]
+        self.encoded: dict[str, list[list[bytes]]] | None = None  # per image tensor, per pool step: its encoded frames
         if self.spec.images in ("jpeg", "png"):
             from fleetloop.image_codec import encode_frames
 
-            self.encoded = [encode_frames(self.frames[t], self.spec.images, quality=self.spec.quality)
-                            for t in range(len(self.frames))]
+            self.encoded = {name: [encode_frames(pool[t].reshape(-1, *pool.shape[-3:]), self.spec.images,
+                                                 quality=self.spec.quality) for t in range(len(pool))]
+                            for name, pool in self.frames.items()}
 
     def obs(self, t: int):
-        if self.frames is None:
+        if not self.frames and self.vector == "state":
             return self.state[t]
-        return {"state": self.state[t], "images": self.frames[t % len(self.frames)]}
+        return {self.vector: self.state[t], **{n: pool[t % len(pool)] for n, pool in self.frames.items()}}
 
 
 def record_episode(client, task: str, src: RobotSource) -> int:
@@ -167,13 +192,14 @@ def _record_encoded(client, task: str, src: RobotSource) -> int:
         last = t1 == src.steps
         chunk = pb.EpisodeChunk(job_id=client.job_id, actor_id=client.actor_id, episode_id=episode, seq=seq,
                                 task_id=task, behavior_version=version, first_step=first, produced_at=time.time())
-        encode(src.state[first:t1], chunk.observations["state"])
-        img = chunk.observations["images"]
-        img.dtype = pb.UINT8
-        img.shape.extend([t1 - first, CAMERAS, IMAGE_HW, IMAGE_HW, 3])
-        img.encoding = enc
-        for t in range(first, t1):
-            img.frames.extend(src.encoded[t % len(src.encoded)])
+        encode(src.state[first:t1], chunk.observations[src.vector])
+        for spec in src.image_specs:
+            img, pool = chunk.observations[spec["name"]], src.encoded[spec["name"]]
+            img.dtype = pb.UINT8
+            img.shape.extend([t1 - first, *spec["shape"]])
+            img.encoding = enc
+            for t in range(first, t1):
+                img.frames.extend(pool[t % len(pool)])
         encode(src.actions[first:t1], chunk.actions["action"])
         encode(np.asarray(src.rewards[first:t1], np.float32), chunk.rewards)
         encode(np.zeros(t1 - first, np.bool_), chunk.interventions)

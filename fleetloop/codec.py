@@ -121,12 +121,15 @@ def check_shape(shape: Sequence[int], itemsize: int, field: str) -> tuple[int, .
     return shape
 
 
-def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_IMAGE_BYTES) -> np.ndarray:
+def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_IMAGE_BYTES,
+           headers_only: bool = False) -> np.ndarray:
     """Decode a ``fleetloop.v1.Tensor`` to a read-only numpy array, validating dtype, shape and size.
 
     Raw: zero-copy (a view of ``tensor.data``); nothing is allocated before every check passed.
     PNG / JPEG: uint8 only, at most ``max_decoded_bytes`` decoded, every frame checked (see
-    :mod:`fleetloop.image_codec`).
+    :mod:`fleetloop.image_codec`). With ``headers_only`` an encoded tensor is not decoded: the same
+    checks on the headers only (:func:`fleetloop.image_codec.check_frames`), and the result is an
+    object array of its frames (bytes) shaped ``shape[:-3]``.
     """
     code = int(tensor.dtype)
     if code not in WIRE_DTYPES:
@@ -136,7 +139,7 @@ def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_I
     dt = WIRE_DTYPES[code]
     shape = check_shape(tensor.shape, dt.itemsize, field)
     if tensor.encoding:
-        return _decode_images(tensor, code, shape, field, max_decoded_bytes)
+        return _decode_images(tensor, code, shape, field, max_decoded_bytes, headers_only)
     if len(tensor.frames):
         raise InvalidArgument(f"a RAW tensor carries its values in data, not in {len(tensor.frames)} frames",
                               field=f"{field}.frames", value=len(tensor.frames))
@@ -150,7 +153,8 @@ def decode(tensor, field: str = "tensor", max_decoded_bytes: int = MAX_DECODED_I
     return np.frombuffer(tensor.data, dtype=dt).reshape(shape)
 
 
-def _decode_images(tensor, code: int, shape: tuple[int, ...], field: str, max_decoded_bytes: int) -> np.ndarray:
+def _decode_images(tensor, code: int, shape: tuple[int, ...], field: str, max_decoded_bytes: int,
+                   headers_only: bool = False) -> np.ndarray:
     enc = int(tensor.encoding)
     if enc not in image_codec.NAMES:
         raise InvalidArgument(f"unknown encoding {enc}; the wire carries {sorted(image_codec.NAMES.values())}",
@@ -165,7 +169,13 @@ def _decode_images(tensor, code: int, shape: tuple[int, ...], field: str, max_de
     if size > max_decoded_bytes:
         raise InvalidArgument(f"shape {list(shape)} decodes to {size} bytes (limit {max_decoded_bytes})",
                               field=f"{field}.shape", value=list(shape))
-    return image_codec.decode_frames(tensor.frames, shape, enc, field)
+    if not headers_only:
+        return image_codec.decode_frames(tensor.frames, shape, enc, field)
+    frames = list(tensor.frames)
+    image_codec.check_frames(frames, shape, enc, field)
+    out = np.empty(len(frames), dtype=object)
+    out[:] = frames
+    return out.reshape(shape[:-3])
 
 
 def parse_message(raw: bytes, message_cls, max_bytes: int | None = None, field: str = "message"):
@@ -408,8 +418,11 @@ def check_specs(declared: Iterable, expected: Iterable, field: str) -> None:
                              field=where, value=_capped(first.declared))
 
 
-def decode_map(tensors: Mapping[str, object], specs: Sequence, steps: int, field: str) -> dict[str, np.ndarray]:
-    """Decode a name->Tensor map, requiring exactly the spec names, each checked against its spec."""
+def decode_map(tensors: Mapping[str, object], specs: Sequence, steps: int, field: str,
+               keep_encoded: bool = False) -> dict[str, np.ndarray]:
+    """Decode a name->Tensor map, requiring exactly the spec names, each checked against its spec.
+    ``keep_encoded``: a PNG/JPEG tensor is checked on its frame headers only and kept as its frames
+    (:func:`decode` with ``headers_only``: an object array ``[T, *spec.shape[:-3]]`` of bytes)."""
     names = {s.name for s in specs}
     extra = set(tensors) - names
     if extra:
@@ -426,7 +439,10 @@ def decode_map(tensors: Mapping[str, object], specs: Sequence, steps: int, field
                 raise InvalidArgument(f"shape {list(tensor.shape)[:MAX_NDIM]} does not match spec {spec.name!r} "
                                       f"[T={steps}, {want[1:]}]", field=f"{field}[{spec.name}].shape",
                                       value=list(tensor.shape)[:MAX_NDIM])
-        arr = decode(tensor, f"{field}[{spec.name}]")
+        arr = decode(tensor, f"{field}[{spec.name}]", headers_only=keep_encoded)
+        if arr.dtype == object and int(spec.dtype) == image_codec.UINT8:
+            out[spec.name] = arr  # frames: the tensor's shape was checked against the spec above
+            continue
         check_against_spec(arr, spec, steps, f"{field}[{spec.name}]")
         out[spec.name] = arr
     return out

@@ -13,12 +13,20 @@ of the leading dimensions, and ``data`` is empty. Decoding never trusts the send
 Every refusal is :class:`~fleetloop.errors.InvalidArgument` naming the field (``<field>.frames[i]``,
 ``<field>.shape``, ...) and the offending value. Pillow does the image work: it ships with
 matplotlib (a core dependency), and its wheels bundle libjpeg-turbo and zlib.
+
+Header-only checks (:func:`check_frames`, for a receiver that keeps the frames compressed and decodes
+them later): the same checks up to the pixels, without decoding any: format, width, height and mode
+from the header (JPEG: simplejpeg's header reader when it is installed, else Pillow's; PNG: the IHDR
+chunk, 8-bit L / RGB / RGBA), plus the end marker (JPEG ``FF D9``, PNG ``IEND``), which catches a
+truncated frame. A frame whose *body* is corrupt passes them; it fails when decoded
+(:func:`decode_frame_into`, simplejpeg for JPEG when chosen, else Pillow).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -124,3 +132,106 @@ def decode_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, 
     result = out.reshape(tuple(int(d) for d in shape))
     result.flags.writeable = False
     return result
+
+
+# -- header-only checks and batch-time decoding (frames kept compressed until they are trained on) ---
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA", 3: "P", 4: "LA"}
+_SJ_MODES = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB", "CMYK": "CMYK", "YCCK": "CMYK"}
+DECODERS = ("auto", "pillow", "simplejpeg")
+_simplejpeg: object = None  # the module once imported; False: not installed
+
+
+def simplejpeg_module():
+    """The ``simplejpeg`` module, or None when it is not installed (``pip install fleetloop[images]``)."""
+    global _simplejpeg
+    if _simplejpeg is None:
+        try:
+            import simplejpeg
+            _simplejpeg = simplejpeg
+        except ImportError:
+            _simplejpeg = False
+    return _simplejpeg or None
+
+
+def resolve_decoder(name: str = "auto") -> str:
+    """'pillow' or 'simplejpeg' for a decoder setting ('auto': simplejpeg when installed, else Pillow);
+    InvalidArgument naming ``decoder`` for an unknown name or simplejpeg asked for but not installed."""
+    if name not in DECODERS:
+        raise InvalidArgument(f"decoder {name!r} is not one of {list(DECODERS)}", field="decoder", value=name)
+    if name == "auto":
+        return "simplejpeg" if simplejpeg_module() is not None else "pillow"
+    if name == "simplejpeg" and simplejpeg_module() is None:
+        raise InvalidArgument("decoder 'simplejpeg' is not installed (pip install 'fleetloop[images]' or simplejpeg)",
+                              field="decoder", value=name)
+    return name
+
+
+def frame_header(blob: bytes, encoding: int) -> tuple[int, int, str]:
+    """(width, height, mode) of one encoded frame from its header alone, and its end marker checked;
+    ValueError saying what is wrong. Mode as Pillow names it ('L', 'RGB', 'RGBA'; anything else for a
+    frame no image tensor accepts)."""
+    if encoding == PNG:
+        if len(blob) < 33 or not blob.startswith(_PNG_SIGNATURE) or blob[12:16] != b"IHDR":
+            raise ValueError("no PNG signature and IHDR chunk")
+        w, h, depth, ctype = struct.unpack(">IIBB", blob[16:26])
+        if not blob.endswith(_PNG_END):
+            raise ValueError("no IEND chunk at the end (truncated?)")
+        mode = _PNG_MODES.get(ctype, f"type{ctype}")
+        return w, h, mode if depth == 8 else f"{mode};{depth}"
+    if not blob.startswith(b"\xff\xd8"):
+        raise ValueError("no JPEG start-of-image marker")
+    sj = simplejpeg_module()
+    if sj is not None:
+        h, w, space, _sub = sj.decode_jpeg_header(blob)
+        size, mode = (w, h), _SJ_MODES.get(space, space)
+    else:
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(blob), formats=("JPEG",))
+        size, mode = img.size, img.mode
+    if not blob.endswith(b"\xff\xd9"):
+        raise ValueError("no end-of-image marker FF D9 at the end (truncated?)")
+    return size[0], size[1], mode
+
+
+def check_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, field: str) -> None:
+    """Header-only counterpart of :func:`decode_frames`: the layout, the frame count and every frame's
+    format, size, mode and end marker (:func:`frame_header`), no pixel decoded; the same refusals
+    (InvalidArgument naming ``<field>.frames[i]`` / ``.frames`` / ``.shape`` and the value)."""
+    if encoding not in _FORMATS:
+        raise InvalidArgument(f"encoding {encoding} is not an image encoding ({sorted(NAMES[c] for c in _FORMATS)})",
+                              field=f"{field}.encoding", value=encoding)
+    n, h, w, c = check_image_layout(shape, encoding, field)
+    if len(frames) != n:
+        raise InvalidArgument(f"{len(frames)} frames for shape {[int(d) for d in shape]} (needs {n}: one per [H, W, C] "
+                              f"image)", field=f"{field}.frames", value=len(frames))
+    fmt, mode = _FORMATS[encoding], _MODES[c]
+    for i, blob in enumerate(frames):
+        try:
+            fw, fh, fmode = frame_header(blob, encoding)
+        except Exception as exc:  # ValueError, UnidentifiedImageError, struct.error, ...
+            raise InvalidArgument(f"{len(blob)} bytes are not a {fmt} image: {type(exc).__name__}: {exc}"[:300],
+                                  field=f"{field}.frames[{i}]", value=len(blob)) from None
+        if (fw, fh) != (w, h) or fmode != mode:
+            raise InvalidArgument(f"{fmt} image is {fw}x{fh} {fmode} (H, W, mode {[fh, fw, fmode]}); the tensor says "
+                                  f"{w}x{h} {mode}", field=f"{field}.frames[{i}]", value=[fh, fw, fmode])
+
+
+def decode_frame_into(blob: bytes, out: np.ndarray, encoding: int, decoder: str = "pillow") -> None:
+    """Decode one encoded frame into ``out`` (a writable, C-contiguous uint8 ``[H, W, C]`` view);
+    ValueError (or the decoder's own error) when it does not decode to exactly that. ``decoder``:
+    'simplejpeg' (JPEG only; PNG always goes through Pillow) or 'pillow'. Both release the GIL."""
+    h, w, c = out.shape
+    if encoding == JPEG and decoder == "simplejpeg" and simplejpeg_module() is not None:
+        got = _simplejpeg.decode_jpeg(blob, colorspace="GRAY" if c == 1 else "RGB", buffer=out)
+        if got.shape != out.shape:  # decoded into the start of ``out``'s buffer: the whole of it when the shapes agree
+            raise ValueError(f"JPEG decodes to {list(got.shape)}, not [{h}, {w}, {c}]")
+        return
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(blob), formats=(_FORMATS[encoding],))
+    if img.size != (w, h) or img.mode != _MODES[c]:
+        raise ValueError(f"image is {img.size[0]}x{img.size[1]} {img.mode}, not {w}x{h} {_MODES[c]}")
+    out[...] = np.asarray(img).reshape(h, w, c)

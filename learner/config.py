@@ -4,7 +4,8 @@ A :class:`LearnerConfig` is a small top-level model (identity, tasks, specs, dev
 groups: ``serving`` (:class:`ServingConfig`: bind, ports, threads, stream caps, keepalive, message
 limits, credentials), ``tls`` (:class:`TlsConfig`), ``flow`` (:class:`FlowControlConfig`: rate
 limits, backoff, memory budget), ``optimisation`` (:class:`OptimisationConfig`: policy, algorithm,
-sampler, schedule) and ``episodes`` (:class:`EpisodeConfig`: what actors are told). The LLM learner
+sampler, schedule), ``episodes`` (:class:`EpisodeConfig`: what actors are told) and ``images``
+(:class:`ImageConfig`: camera frame storage and batch-time decoding; no flat names). The LLM learner
 (:mod:`learner.llm.config`) reuses ``serving`` and ``tls``.
 
 Old flat names still load: each key of :data:`LEGACY` (``port``, ``tls_cert_file``, ``batch_size``,
@@ -212,7 +213,9 @@ class FlowControlConfig(BackoffConfig):
         None, gt=0, description="Memory budget (MiB) of the replay buffers plus in-flight ingest; None = no budget (online "
         "rings hold online_capacity steps per task). With a budget: in-flight ingest (chunks being decoded and stored) is "
         "capped at 4 x serving.max_message_bytes, the demos' buffers are counted, and each task's online ring holds "
-        "min(online_capacity, what is left / tasks / bytes per step) steps. Evictions are counted in "
+        "min(online_capacity, what is left / tasks / bytes per step) steps; cameras stored compressed (images.storage) "
+        "count their frames' actual bytes, and each ring also evicts (FIFO) by bytes to stay within its share. Evictions "
+        "are counted in "
         "dropped_samples_total (evicted, evicted_unsampled); evicting never-trained-on steps makes acks ask for backoff.")
     online_capacity: int = Field(200_000, ge=1000, description="Online buffer capacity per task (steps, FIFO).")
     actor_metrics_ttl_s: float = Field(600.0, gt=0, description="An actor with no chunk for this long loses its "
@@ -253,6 +256,26 @@ class EpisodeConfig(BaseModel):
                                                 "comes first (0: no time limit). Bounds step -> trainable latency: "
                                                 "at 30 Hz, 50-step chunks alone would hold a step up to 1.6 s.")
     max_episode_steps: int = Field(200, ge=1, description="Episode step limit (TIMEOUT past it).")
+
+
+class ImageConfig(BaseModel):
+    """Camera observations in the replay: how frames are stored and decoded (:mod:`learner.frames`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    storage: Literal["decoded", "compressed"] = Field(
+        "compressed", description="How the online replay keeps camera frames that arrive JPEG/PNG-encoded: compressed = "
+        "as the encoded bytes (the ingest checks headers and end markers only; frames are decoded when a batch is built, "
+        "a frame that fails then is dropped from its batch as dropped_samples_total{reason=corrupt_frame}; the memory "
+        "budget counts the actual frame bytes); decoded = decoded and fully checked at ingest (a corrupt frame is refused "
+        "with INVALID_ARGUMENT). Frames that arrive raw are stored decoded either way.")
+    decode_workers: int = Field(2, ge=1, le=64, description="Threads that decode a batch's compressed frames (the "
+                                "training thread is one of them; JPEG/PNG decoders release the GIL).")
+    prefetch: int = Field(1, ge=0, le=8, description="Batches sampled and decoded ahead, while the current update runs "
+                          "(0 = sample and decode in the step). Jobs with compressed frames only; the staleness gate is "
+                          "applied when a batch is used, with the version current then.")
+    decoder: Literal["auto", "pillow", "simplejpeg"] = Field(
+        "auto", description="JPEG decoder at batch time: auto = simplejpeg when installed (pip install "
+        "'fleetloop[images]'), else Pillow; PNG always uses Pillow.")
 
 
 def _group(name: str, fields: tuple[str, ...], prefix: str = "") -> dict[str, tuple[str, str]]:
@@ -362,6 +385,8 @@ class LearnerConfig(BaseModel):
                                              "mix and schedule (OptimisationConfig).")
     episodes: EpisodeConfig = Field(default_factory=EpisodeConfig, description="Chunk and episode limits actors are "
                                     "told (EpisodeConfig).")
+    images: ImageConfig = Field(default_factory=ImageConfig, description="Camera frames in the replay: storage, "
+                                "batch-time decoding and prefetch (ImageConfig).")
 
     @model_validator(mode="before")
     @classmethod

@@ -27,7 +27,9 @@ demos + online rings (at capacity) + the in-flight ingest limit fit the budget
 
 Hooks (:class:`learner.api.LearnerHooks`, constructor argument or ``core.hooks`` before
 ``start_training``): ``on_update`` around ``Algorithm.update``, ``on_gate`` after the staleness gate,
-``on_lock_wait`` for a step's wait on the ingest lock, ``on_ingest`` around :meth:`ingest` (the
+``on_lock_wait`` for a step's wait on the ingest lock (in the prefetch thread when batches are
+prefetched: :mod:`learner.prefetch`, which also decodes compressed camera frames outside the lock,
+:mod:`learner.frames`), ``on_ingest`` around :meth:`ingest` (the
 servicer's path; not the start-up log replay) and ``wrap_training`` around the training loop.
 """
 
@@ -59,6 +61,8 @@ from learner.ingest import Ingestor
 from learner.ingest_log import IngestLog
 from learner.lifecycle import CoreLifecycle, LifecycleTraits
 from learner.metrics import LearnerMetrics
+from learner.frames import compressed_names
+from learner.prefetch import BatchSource
 from learner.pretrain import load_initial_weights
 from learner.device import pick_device, precision, prepare_policy, to_device
 from learner.replay import ReplayStore
@@ -106,8 +110,10 @@ class LearnerCore(CoreLifecycle):
         self.gate = StalenessGate(opt.staleness or self.algorithm.default_staleness())
         self.metrics.staleness_bound.labels(self.job).set(self.gate.config.bound)
         self.targets = bool(getattr(self.algorithm, "needs_episode_targets", False))
+        compressed = compressed_names(spec.observations, config.images.storage)  # cameras kept encoded (learner.frames)
         self.replay = ReplayStore(config.tasks, spec.observations, spec.act_dim, online_capacity=config.flow.online_capacity,
-                                  episode_targets=self.algorithm.episode_targets if self.targets else None)
+                                  episode_targets=self.algorithm.episode_targets if self.targets else None,
+                                  compressed=compressed)
         self._ends_seen = 0  # ingestor episode records already applied to the replay's target columns
         self.recap_startup: dict[str, Any] | None = None
         self.sampler = AdaptiveSampler(config.tasks, opt.sampler)
@@ -119,7 +125,10 @@ class LearnerCore(CoreLifecycle):
                                 INFLIGHT_MESSAGES * config.serving.max_message_bytes if budgeted else None)
         self.ingestor = Ingestor(self.job, config.tasks, self.obs_specs, self.act_specs, self.replay, self.gate,
                                  self.ingest_log, self.metrics, flow=self.flow,
-                                 interventions_only=bool(self.algorithm.eligible("online").get("interventions_only")))
+                                 interventions_only=bool(self.algorithm.eligible("online").get("interventions_only")),
+                                 keep_encoded=bool(compressed))
+        self.batches = BatchSource.build(self._locked_sample, spec.observations, compressed, config.images,
+                                         self.metrics.dropped_samples.labels(self.job, "corrupt_frame").inc)
         self.ckpt_dir = state_dir / "checkpoints"
         self.step = 0
         self._last_ckpt = time.monotonic()
@@ -272,17 +281,7 @@ class LearnerCore(CoreLifecycle):
 
     def _train_step(self) -> dict[str, float] | None:
         t0 = time.perf_counter()
-        lock, wait_hook = self.ingestor.lock, self.hooks.on_lock_wait
-        if wait_hook is None:
-            lock.acquire()
-        else:
-            t_wait = time.perf_counter()
-            lock.acquire()
-            wait_hook(time.perf_counter() - t_wait)
-        try:
-            parts = self._sample()
-        finally:
-            lock.release()
+        parts = self.batches.next()  # sampled under the ingest lock, frames decoded (maybe prefetched): learner.prefetch
         if parts is None:
             return None
         version = max(self.version, 0)
@@ -290,12 +289,13 @@ class LearnerCore(CoreLifecycle):
         if batch is None:
             return None
         result = self._update(to_device(batch, self.device))
-        for (task, source), idx in groups.items():
-            kept = idx[idx >= 0]
-            if kept.size and np.isfinite(result.per_sample_loss[kept]).all():
-                group_loss = float(np.mean(result.per_sample_loss[kept]))
-                self.sampler.observe(task, source, group_loss)
-                self.metrics.task_loss.labels(self.job, task, source).set(group_loss)
+        with self.ingestor.lock:  # the sampler plans under this lock (maybe in the prefetch thread)
+            for (task, source), idx in groups.items():
+                kept = idx[idx >= 0]
+                if kept.size and np.isfinite(result.per_sample_loss[kept]).all():
+                    group_loss = float(np.mean(result.per_sample_loss[kept]))
+                    self.sampler.observe(task, source, group_loss)
+                    self.metrics.task_loss.labels(self.job, task, source).set(group_loss)
         if not result.stats.get("skipped"):
             self.metrics.loss.labels(self.job).set(float(result.loss))
         self.step += 1
@@ -310,6 +310,14 @@ class LearnerCore(CoreLifecycle):
         self.last_loss = float(result.loss)
         self.last_stats = {"loss": float(result.loss), **result.stats}
         return self.last_stats
+
+    def _locked_sample(self) -> list[Part] | None:
+        """:meth:`_sample` under the ingest lock, the wait timed for ``hooks.on_lock_wait``."""
+        lock, wait_hook, t_wait = self.ingestor.lock, self.hooks.on_lock_wait, time.perf_counter()
+        with lock:
+            if wait_hook is not None:
+                wait_hook(time.perf_counter() - t_wait)
+            return self._sample()
 
     def _sample(self) -> list[Part] | None:
         """This step's parts, one per (task, source) the sampler planned (the caller holds the ingest
@@ -390,9 +398,10 @@ class LearnerCore(CoreLifecycle):
         return path
 
     def _shutdown(self, checkpoint: bool) -> None:
-        """Checkpoint (optionally) and close the ingest log."""
+        """Checkpoint (optionally), stop prefetching and close the ingest log."""
         if checkpoint:
             self.checkpoint()
+        self.batches.close()
         self.ingest_log.close()
 
     # -- status (learner.robot_status) ------------------------------------------------------

@@ -19,6 +19,12 @@ frames). So received = live online steps + dropped at ingest + evicted (all thre
 Invariants: every stored step carries its behaviour version; an (actor, episode_id, seq) key is stored
 at most once, also across restarts (the log is replayed through the same path with ``durable=False``);
 every stored action lies within its spec's ``low``/``high`` bounds.
+
+Compressed camera storage (``keep_encoded``, ``images.storage = "compressed"``): a PNG/JPEG tensor is
+validated on its frame headers only (format, size, mode, end marker; :func:`fleetloop.image_codec.check_frames`)
+and stored as its encoded frames. A frame whose header is sound but whose body is corrupt is therefore
+acked and stored; it is found when a batch decodes it, and that row is dropped from the batch
+(``dropped_samples_total{reason="corrupt_frame"}``, :mod:`learner.frames`).
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ _MAX_ID = 128
 @dataclass
 class DecodedChunk:
     """A validated chunk as numpy arrays: ``obs`` maps every observation tensor name to
-    ``[T, *shape]`` in its spec dtype (cameras decoded to uint8 ``[T, H, W, C]``); ``actions`` is
+    ``[T, *shape]`` in its spec dtype (cameras decoded to uint8 ``[T, H, W, C]``; a camera kept encoded,
+    ``validate(keep_encoded=True)``: an object array ``[T, *shape[:-3]]`` of its frames, bytes with
+    checked headers); ``actions`` is
     the action tensors flattened to float32 and concatenated in name order (as
     :class:`fleetloop.specs.PolicySpec`), ``[T, act_dim]``."""
 
@@ -93,8 +101,10 @@ def _check_id(value: str, name: str) -> None:
         raise InvalidArgument(f"{name} {value!r} must be 1..{_MAX_ID} characters", field=name, value=value)
 
 
-def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_version: int) -> DecodedChunk:
-    """Check every field of ``chunk`` against the job; return it decoded. Pure, no state."""
+def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_version: int,
+             keep_encoded: bool = False) -> DecodedChunk:
+    """Check every field of ``chunk`` against the job; return it decoded (PNG/JPEG observation tensors
+    header-checked and kept encoded with ``keep_encoded``). Pure, no state."""
     if chunk.job_id != job_id:
         raise NotFound(f"unknown job {chunk.job_id!r} (this learner serves {job_id!r})", field="job_id", value=chunk.job_id)
     _check_id(chunk.actor_id, "actor_id")
@@ -121,7 +131,7 @@ def validate(chunk, job_id: str, tasks: set[str], obs_specs, act_specs, latest_v
     if inter.shape != (steps,) or inter.dtype != np.bool_:
         raise InvalidArgument(f"interventions must be bool [{steps}], got {inter.dtype} {list(inter.shape)}",
                               field="interventions", value=list(inter.shape))
-    obs = decode_map(chunk.observations, obs_specs, steps, "observations")
+    obs = decode_map(chunk.observations, obs_specs, steps, "observations", keep_encoded=keep_encoded)
     acts = decode_map(chunk.actions, act_specs, steps, "actions")
     for spec in act_specs:
         if steps and (spec.low or spec.high):
@@ -193,10 +203,11 @@ class Ingestor:
 
     def __init__(self, job_id: str, tasks: list[str], obs_specs, act_specs, replay: ReplayStore, gate: StalenessGate,
                  log: IngestLog, metrics: LearnerMetrics, flow: FlowControl | None = None,
-                 interventions_only: bool = False) -> None:
+                 interventions_only: bool = False, keep_encoded: bool = False) -> None:
         """``flow``: rate limits and backpressure (None = none); ``interventions_only``: the algorithm
-        trains on online intervention frames only (evicted autonomous frames are then ``evicted_ineligible``)."""
-        self.job_id, self.tasks = job_id, set(tasks)
+        trains on online intervention frames only (evicted autonomous frames are then ``evicted_ineligible``);
+        ``keep_encoded``: store PNG/JPEG cameras as their frames (module docstring)."""
+        self.job_id, self.tasks, self.keep_encoded = job_id, set(tasks), keep_encoded
         self.flow, self.interventions_only = flow, interventions_only
         self.obs_specs, self.act_specs = list(obs_specs), list(act_specs)
         self.replay, self.gate, self.log, self.m = replay, gate, log, metrics
@@ -231,7 +242,8 @@ class Ingestor:
         """
         raw = raw if raw is not None else chunk.SerializeToString()
         content = digest(raw)
-        decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version)
+        decoded = validate(chunk, self.job_id, self.tasks, self.obs_specs, self.act_specs, learner_version,
+                           self.keep_encoded)
         key = (decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.outcome is not None, content)
         with self.lock:
             if self.ledger.check(*key) is True:

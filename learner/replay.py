@@ -28,6 +28,12 @@ Invariants:
 - Memory: a buffer holds at most ``capacity`` rows of :func:`bytes_per_step` bytes (arrays grow
   geometrically up to the capacity, never past it); :meth:`ReplayStore.nbytes` reports what is
   allocated, so a memory budget can size the online rings (:meth:`ReplayStore.set_online_capacity`).
+- Compressed cameras (``compressed``, :mod:`learner.frames`): the online rings store those tensors
+  as frame cells (encoded bytes as they arrived, or arrays for frames that arrived raw) and count
+  their actual bytes; with ``max_bytes`` an online ring evicts FIFO by rows and by bytes
+  (:mod:`learner.ring`). ``sample`` then returns their cells (object arrays ``[n, k]``, also in
+  ``recap_next_obs.<name>``): :class:`learner.frames.FrameDecoder` decodes them outside the lock.
+  Offline buffers always store decoded frames.
 
 **Episode target columns (RECAP).** A store built with ``episode_targets`` (a function
 ``(length, outcome) -> per-step columns``, e.g. :meth:`learner.algorithms.recap.RecapAlgorithm.episode_targets`)
@@ -63,7 +69,9 @@ import numpy as np
 
 from fleetloop.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from fleetloop.specs import TensorInfo
-from learner.ring import FIELDS, OBS_PREFIX, TARGET_COLUMNS, EpisodeTargets, Eviction, Ring, bytes_per_step, obs_schema
+from learner.frames import frames_per_step, to_cells
+from learner.ring import (FIELDS, FRAME_BYTES, OBS_PREFIX, TARGET_COLUMNS, EpisodeTargets, Eviction, Ring, bytes_per_step,
+                          obs_schema)
 
 __all__ = ["FIELDS", "TARGET_COLUMNS", "EpisodeTargets", "Eviction", "ReplayStore", "Source", "bytes_per_step"]
 
@@ -81,10 +89,12 @@ class ReplayStore:
         online_capacity: int = 200_000,
         offline_capacity: int = 200_000,
         episode_targets: EpisodeTargets | None = None,
+        compressed: Sequence[str] = (),
     ) -> None:
         """``obs``: the observation tensors (:class:`~fleetloop.specs.TensorInfo`, in spec order), or
         a width for one float32 ``state`` vector. ``episode_targets``: keep the per-row episode
-        target columns (module docstring) computed by this function; None (HG-DAgger) keeps none."""
+        target columns (module docstring) computed by this function; None (HG-DAgger) keeps none.
+        ``compressed``: image tensors the online rings store as frame cells (module docstring)."""
         if not task_ids or len(set(task_ids)) != len(task_ids):
             raise InvalidArgument(f"task_ids must be non-empty and unique, got {task_ids}", field="task_ids", value=task_ids)
         self.schema = obs_schema(obs)
@@ -96,6 +106,11 @@ class ReplayStore:
         if not self.schema or len({t.name for t in self.schema}) != len(self.schema):
             raise InvalidArgument(f"observation tensor names must be unique, got {[t.name for t in self.schema]}",
                                   field="observation_specs", value=[t.name for t in self.schema])
+        bad = [n for n in compressed if n not in {t.name for t in self.schema if frames_per_step(t) is not None}]
+        if bad:
+            raise InvalidArgument(f"compressed names {bad[0]!r}, not an image tensor [..., H, W, C] uint8 of the store",
+                                  field="compressed", value=bad[0])
+        self.compressed = tuple(compressed)
         self.task_ids = list(task_ids)
         self.act_dim = int(act_dim)
         self.online_capacity, self.offline_capacity = int(online_capacity), int(offline_capacity)
@@ -103,7 +118,8 @@ class ReplayStore:
         on = episode_targets is not None
         self._buffers: dict[tuple[str, str], Ring] = {}
         for task in self.task_ids:
-            self._buffers[(task, "online")] = Ring(self.schema, self.act_dim, self.online_capacity, evict=True, targets=on)
+            self._buffers[(task, "online")] = Ring(self.schema, self.act_dim, self.online_capacity, evict=True, targets=on,
+                                                   frames=self.compressed)
             self._buffers[(task, "offline")] = Ring(self.schema, self.act_dim, self.offline_capacity, evict=False,
                                                        targets=on)
         self._lock = threading.Lock()
@@ -131,9 +147,10 @@ class ReplayStore:
                                   field="obs", value=type(obs).__name__)
         return {self.schema[0].name: obs}
 
-    def _rows(self, obs, actions, rewards, interventions) -> dict[str, np.ndarray]:
+    def _rows(self, obs, actions, rewards, interventions, frames: Mapping[str, int] | tuple = ()) -> dict[str, np.ndarray]:
         """Checked rows: ``obs`` maps every tensor name to ``[T, *shape]`` (a bare array: a
-        one-tensor store, ``[T, width]``), cast to the tensor's dtype; floats must be finite."""
+        one-tensor store, ``[T, width]``), cast to the tensor's dtype; floats must be finite. A
+        tensor in ``frames`` (the buffer's frame columns) becomes frame cells (:func:`learner.frames.to_cells`)."""
         obs = self._obs_map(obs)
         unknown = sorted(set(obs) - {t.name for t in self.schema})
         if unknown:
@@ -144,6 +161,13 @@ class ReplayStore:
         for info in self.schema:
             if info.name not in obs:
                 raise InvalidArgument(f"obs lacks tensor {info.name!r}", field=f"obs[{info.name}]", value=None)
+            if info.name in frames:
+                t = np.shape(obs[info.name])[0] if t < 0 and np.ndim(obs[info.name]) else t
+                rows[OBS_PREFIX + info.name] = to_cells(obs[info.name], info, max(t, 0))
+                continue
+            if getattr(obs[info.name], "dtype", None) == object:
+                raise InvalidArgument(f"obs[{info.name}] holds encoded frames; this buffer stores decoded ones",
+                                      field=f"obs[{info.name}]", value="frames")
             arr = np.asarray(obs[info.name], dtype=info.dtype)
             if arr.ndim == 2 and len(info.shape) != 1 and arr.shape[1] == info.size:
                 arr = arr.reshape(arr.shape[0], *info.shape)  # flattened rows of a shaped tensor
@@ -189,7 +213,7 @@ class ReplayStore:
         InvalidArgument before anything is stored.
         """
         buf = self._buffer(task_id, "online")
-        rows = self._rows(obs, actions, rewards, interventions)
+        rows = self._rows(obs, actions, rewards, interventions, buf.frames)
         t = rows["rewards"].shape[0]
         rows["versions"] = np.full(t, int(behavior_version), dtype=np.int64)
         rows["episode_keys"] = np.full(t, int(episode_key), dtype=np.int64)
@@ -200,8 +224,9 @@ class ReplayStore:
                 return buf.add(rows)
             w0, steps = buf.written, rows["steps"]
             ev = buf.add(rows)
-            kept = min(t, buf.capacity)  # a chunk longer than the ring keeps its newest rows
-            buf.track(int(episode_key), steps[t - kept:], w0 + np.arange(kept, dtype=np.int64))
+            kept = buf.written - w0  # a chunk longer than the ring (or its byte share) keeps its newest rows
+            if kept:
+                buf.track(int(episode_key), steps[t - kept:], w0 + np.arange(kept, dtype=np.int64))
             return ev
 
     def end_episode(self, task_id: str, episode_key: int, outcome: str | None, length: int = 0) -> int:
@@ -220,14 +245,15 @@ class ReplayStore:
         with self._lock:
             return len(buf.open)
 
-    def set_online_capacity(self, capacity: int) -> None:
-        """Resize every online ring to ``capacity`` steps; only before any online step was added
-        (the learner sizes its rings from its memory budget once the demos are loaded)."""
+    def set_online_capacity(self, capacity: int, max_bytes: int | None = None) -> None:
+        """Resize every online ring to ``capacity`` steps (and, with compressed tensors, at most
+        ``max_bytes`` bytes each); only before any online step was added (the learner sizes its rings
+        from its memory budget once the demos are loaded)."""
         if int(capacity) < 1:
             raise InvalidArgument(f"online capacity must be >= 1, got {capacity}", field="online_capacity", value=capacity)
         with self._lock:
             for task in self.task_ids:
-                self._buffers[(task, "online")].resize(int(capacity))
+                self._buffers[(task, "online")].resize(int(capacity), max_bytes)
             self.online_capacity = int(capacity)
 
     def nbytes(self, task_id: str | None = None, source: Source | None = None) -> int:
@@ -297,7 +323,7 @@ class ReplayStore:
                 what = "intervention steps" if interventions_only else "steps"
                 raise FailedPrecondition(f"task {task_id!r} has no {source} {what} to sample", field="task_id", value=task_id)
             slots = buf.sample_slots(n, rng, interventions_only) if n else np.zeros(0, dtype=np.int64)
-            out: dict[str, Any] = {k: v[slots] for k, v in buf.data.items()}
+            out: dict[str, Any] = {k: v[slots] for k, v in buf.data.items() if k != FRAME_BYTES}
             if buf.targets:
                 buf.gather_targets(out, slots)
         out["obs"] = {t.name: out.pop(OBS_PREFIX + t.name) for t in self.schema}
@@ -337,7 +363,7 @@ class ReplayStore:
         missing = [k for k in FIELDS if k != "obs" and k not in arrays] + ([] if len(obs) else ["obs"])
         if missing:
             raise InvalidArgument(f"restore of {task_id!r}/{source} lacks fields {missing}", field="arrays", value=missing)
-        rows = self._rows(obs, arrays["actions"], arrays["rewards"], arrays["interventions"])
+        rows = self._rows(obs, arrays["actions"], arrays["rewards"], arrays["interventions"], buf.frames)
         t = rows["rewards"].shape[0]
         for k, dt in (("versions", np.int64), ("episode_keys", np.int64), ("steps", np.int64), ("insert_times", np.float64)):
             rows[k] = np.asarray(arrays[k], dtype=dt).reshape(-1)

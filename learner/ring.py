@@ -19,7 +19,17 @@ Invariants:
   OverflowError before anything is stored.
 - Appending T rows is amortised O(T): arrays grow geometrically up to the capacity (an empty ring
   allocates nothing), then wrap; a ring never holds more than ``capacity`` rows of
-  :func:`bytes_per_step` bytes.
+  :func:`bytes_per_step` bytes (plus, with frame columns, the live frames' bytes below).
+- Frame columns (``frames``, :mod:`learner.frames`): such an observation tensor's column holds
+  *cells* (an object array ``[rows, k]``: encoded frames as bytes, or uint8 arrays for frames that
+  arrived raw) and each row's cell bytes (:func:`learner.frames.cell_bytes`); ``frame_bytes`` is
+  the sum over live rows, and an evicted row's cells are released at once. With ``max_bytes``,
+  ``nbytes`` (allocated arrays + ``frame_bytes``) never exceeds it: the frames may use
+  ``max_bytes - capacity x bytes_per_step`` (the fixed columns counted as if fully allocated), and
+  an evicting ring evicts FIFO by rows *and* by bytes: an append first drops the oldest live rows
+  until both the row capacity and that byte share hold (one eviction, counted in ``evicted`` like a
+  row overflow); a chunk whose own frames exceed the share keeps its newest rows that fit (the rest
+  count as evicted, never sampled). A non-evicting buffer raises OverflowError instead.
 - The intervention index (a second FIFO ring of the slots holding intervention rows) gives O(1)
   intervention counts and O(n) uniform sampling of intervention rows. It stays exact under
   eviction because eviction is FIFO: the evicted intervention rows are always the oldest ones in
@@ -38,8 +48,9 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from fleetloop.errors import FailedPrecondition
+from fleetloop.errors import FailedPrecondition, InvalidArgument
 from fleetloop.specs import TensorInfo
+from learner.frames import cell_bytes, frames_per_step
 
 FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
 _MIN_ALLOC = 1024
@@ -53,6 +64,8 @@ TARGET_COLUMNS: dict[str, type] = {"recap_mc_return": np.float32, "recap_value_m
                                    "recap_nstep_reward": np.float32, "recap_bootstrap": np.float32,
                                    "recap_adv_valid": np.bool_}
 _NEXT = "_next_w"  # internal column: write number of the bootstrap observation's row (-1: none)
+FRAME_BYTES = "_frame_bytes"  # internal column (rings with frame columns): bytes of the row's frame cells
+_INTERNAL = (_NEXT, FRAME_BYTES)
 _TARGET_BYTES = 4 + 1 + 4 + 4 + 1 + 8 + 8  # TARGET_COLUMNS, _NEXT, the open-episode map entry
 #: ``(length, outcome) -> {column: [length] array}``: must return every key of TARGET_COLUMNS and ``recap_next_step``.
 EpisodeTargets = Callable[[int, "str | None"], Mapping[str, np.ndarray]]
@@ -68,13 +81,17 @@ def obs_schema(obs: "int | Sequence[TensorInfo]") -> Schema:
     return tuple(obs)
 
 
-def bytes_per_step(obs: "int | Sequence[TensorInfo]", act_dim: int, targets: bool = False) -> int:
+def bytes_per_step(obs: "int | Sequence[TensorInfo]", act_dim: int, targets: bool = False,
+                   frames: Sequence[str] = ()) -> int:
     """Bytes one buffer row takes: every observation tensor in its own dtype (``obs``: the schema,
     or a float32 width), the other fields of :data:`FIELDS`, its intervention-index slot (i64) and
-    its sampled flag (bool), plus the episode target columns with ``targets``. Capacity x this
-    bounds a buffer's allocation."""
-    return sum(t.nbytes for t in obs_schema(obs)) + 4 * int(act_dim) + _SCALAR_BYTES + 8 + 1 + \
-        (_TARGET_BYTES if targets else 0)
+    its sampled flag (bool), plus the episode target columns with ``targets``. A tensor named in
+    ``frames`` counts its cell pointers (8 bytes per frame) and the row's byte count (8): its frames
+    themselves are counted as they are stored (``Ring.frame_bytes``). Capacity x this bounds a
+    buffer's allocated arrays."""
+    schema = obs_schema(obs)
+    obs_bytes = sum(8 * frames_per_step(t) if t.name in frames else t.nbytes for t in schema)
+    return obs_bytes + (8 if frames else 0) + 4 * int(act_dim) + _SCALAR_BYTES + 8 + 1 + (_TARGET_BYTES if targets else 0)
 
 
 class Eviction(NamedTuple):
@@ -96,8 +113,12 @@ class Ring:
     target columns of :data:`TARGET_COLUMNS` and each row's bootstrap write number."""
 
     def __init__(self, obs: "int | Sequence[TensorInfo]", act_dim: int, capacity: int, evict: bool,
-                 targets: bool = False) -> None:
+                 targets: bool = False, frames: Sequence[str] = (), max_bytes: int | None = None) -> None:
+        """``frames``: observation tensors stored as frame cells; ``max_bytes``: bound on ``nbytes``
+        (frame columns only; see the module docstring)."""
         self.capacity, self.evict, self.targets = capacity, evict, targets
+        self.frames = {t.name: frames_per_step(t) for t in obs_schema(obs) if t.name in frames}
+        self.frame_bytes, self.max_bytes = 0, None  # live frame cell bytes; bound on nbytes
         self.open: dict[int, np.ndarray] = {}   # targets: open episode key -> write number per step index (-1: none)
         self.open_last: dict[int, int] = {}     # targets: open episode key -> its newest write number
         self._prune_at = 256
@@ -114,12 +135,34 @@ class Ring:
         self.sampled = np.zeros(0, dtype=np.bool_)  # per slot: sampled since written
         self.evicted_unsampled = 0  # evicted (or truncated) steps that were never sampled
         self._grow(0)  # nothing allocated until the first add
+        self.set_max_bytes(max_bytes)
+
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Bound ``nbytes`` (rings with frame columns); InvalidArgument naming ``max_bytes`` when the
+        fixed columns at capacity leave no room for frames."""
+        if max_bytes is not None and self.frames and self._frame_share(max_bytes) <= 0:
+            raise InvalidArgument(f"max_bytes {max_bytes} leaves no room for frames beside {self.capacity} rows of "
+                                  f"{self.row_bytes} bytes", field="max_bytes", value=max_bytes)
+        self.max_bytes = None if max_bytes is None or not self.frames else int(max_bytes)
+
+    @property
+    def row_bytes(self) -> int:
+        """:func:`bytes_per_step` of this ring (frame payloads excluded)."""
+        return bytes_per_step(self.schema, self.act_dim, self.targets, tuple(self.frames))
+
+    def _frame_share(self, max_bytes: int | None = None) -> int | None:
+        """Bytes the frames may take: ``max_bytes`` less the fixed columns at capacity (None: unbounded)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        return None if limit is None else int(limit) - self.capacity * self.row_bytes
 
     def _grow(self, alloc: int) -> None:
         # Only called before the ring wraps (alloc < capacity), so slots [0, alloc) are in order.
         shapes: dict[str, tuple[int, ...]] = {OBS_PREFIX + t.name: (alloc, *t.shape) for t in self.schema}
         shapes["actions"] = (alloc, self.act_dim)
-        dtypes = {OBS_PREFIX + t.name: np.dtype(t.dtype) for t in self.schema}
+        shapes.update({OBS_PREFIX + n: (alloc, k) for n, k in self.frames.items()})
+        dtypes = {OBS_PREFIX + t.name: np.dtype(object if t.name in self.frames else t.dtype) for t in self.schema}
+        if self.frames:
+            dtypes[FRAME_BYTES] = np.int64
         dtypes.update({"actions": np.float32, "rewards": np.float32, "interventions": np.bool_,
                        "versions": np.int64, "episode_keys": np.int64, "steps": np.int64, "insert_times": np.float64})
         if self.targets:
@@ -136,16 +179,17 @@ class Ring:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays this buffer holds (allocated, not just live)."""
-        return sum(a.nbytes for a in self.data.values()) + self.iv_slots.nbytes + self.sampled.nbytes
+        """Bytes of the arrays this buffer holds (allocated, not just live), plus its live frames."""
+        return sum(a.nbytes for a in self.data.values()) + self.iv_slots.nbytes + self.sampled.nbytes + self.frame_bytes
 
-    def resize(self, capacity: int) -> None:
-        """Change the capacity of an empty buffer (nothing ever written)."""
+    def resize(self, capacity: int, max_bytes: int | None = None) -> None:
+        """Change the capacity (and the byte bound) of an empty buffer (nothing ever written)."""
         if self.written:
             raise FailedPrecondition(f"cannot resize a buffer that holds data ({self.size} steps)", field="capacity", value=capacity)
         self.capacity, self.alloc, self.data = int(capacity), 0, {}
         self.iv_slots, self.sampled = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)
         self._grow(0)
+        self.set_max_bytes(max_bytes)
 
     def _put(self, arr: np.ndarray, start: int, values: np.ndarray) -> None:
         """Write ``values`` at ring position ``start`` (mod capacity), splitting at the wrap point."""
@@ -161,7 +205,11 @@ class Ring:
         each) at the write head; returns what the append evicted. Raises OverflowError, storing
         nothing, if a non-evicting buffer would overflow."""
         t = rows["rewards"].shape[0]
-        if not self.evict and self.size + t > self.capacity:
+        share = self._frame_share()
+        if self.frames:
+            rows[FRAME_BYTES] = sum(cell_bytes(rows[OBS_PREFIX + n]) for n in self.frames) + np.zeros(t, np.int64)
+        if not self.evict and (self.size + t > self.capacity or
+                               (share is not None and self.frame_bytes + int(rows[FRAME_BYTES].sum()) > share)):
             raise OverflowError
         if self.targets:  # new rows start unknown (no advantage, no value target, no bootstrap row)
             for key, dt in TARGET_COLUMNS.items():
@@ -169,12 +217,17 @@ class Ring:
             rows.setdefault(_NEXT, np.full(t, -1, dtype=np.int64))
         self.added += t
         evicted = unsampled = unsampled_iv = evicted_iv = 0
-        if t > self.capacity:  # only the newest `capacity` steps can be kept
-            evicted = unsampled = t - self.capacity
-            unsampled_iv = evicted_iv = int(np.count_nonzero(rows["interventions"][: t - self.capacity]))
-            rows = {k: v[t - self.capacity:] for k, v in rows.items()}
-            t = self.capacity
+        keep = min(t, self.capacity)  # only the newest `capacity` steps (and frames within the share) can be kept
+        if share is not None:
+            keep = min(keep, int(np.searchsorted(np.cumsum(rows[FRAME_BYTES][::-1]), share, side="right")))
+        if keep < t:
+            evicted = unsampled = t - keep
+            unsampled_iv = evicted_iv = int(np.count_nonzero(rows["interventions"][: t - keep]))
+            rows = {k: v[t - keep:] for k, v in rows.items()}
+            t = keep
         overflow = self.size + t - self.capacity
+        if share is not None:
+            overflow = max(overflow, self._rows_to_free(self.frame_bytes + int(rows[FRAME_BYTES].sum()) - share))
         if overflow > 0:
             oldest = self.written - self.size
             gone = (oldest + np.arange(overflow)) % self.capacity
@@ -186,6 +239,12 @@ class Ring:
             evicted += overflow
             unsampled += int(np.count_nonzero(never))
             unsampled_iv += int(np.count_nonzero(never & gone_iv))
+            if self.frames:  # release the evicted frames now, not when their slots are next written
+                self.frame_bytes -= int(self.data[FRAME_BYTES][gone].sum())
+                for name in self.frames:
+                    self.data[OBS_PREFIX + name][gone] = None
+        if self.frames:
+            self.frame_bytes += int(rows[FRAME_BYTES].sum())
         self.evicted += evicted
         self.evicted_unsampled += unsampled
         need = min(self.capacity, self.written + t)
@@ -203,6 +262,20 @@ class Ring:
         self.size += t
         return Eviction(evicted, unsampled, unsampled_iv, evicted_iv)
 
+    def _rows_to_free(self, excess: int) -> int:
+        """How many of the oldest live rows hold at least ``excess`` frame bytes (all live rows at most)."""
+        if excess <= 0:
+            return 0
+        oldest, done, freed, block = self.written - self.size, 0, 0, 64
+        while done < self.size:
+            m = min(block, self.size - done)
+            c = np.cumsum(self.data[FRAME_BYTES][(oldest + done + np.arange(m)) % self.capacity]) + freed
+            i = int(np.searchsorted(c, excess, side="left"))
+            if i < m:
+                return done + i + 1
+            done, freed, block = done + m, int(c[-1]), 2 * block
+        return self.size
+
     def sample_slots(self, n: int, rng: np.random.Generator, interventions_only: bool) -> np.ndarray:
         """``n`` live slots drawn uniformly with replacement (among intervention rows only with
         ``interventions_only``; the caller checks there is one), marked as sampled."""
@@ -215,9 +288,10 @@ class Ring:
         return slots
 
     def ordered(self) -> dict[str, np.ndarray]:
-        """Copies of the live steps, oldest first (target columns included, the internal bootstrap row not)."""
+        """Copies of the live steps, oldest first (target columns included, the internal bootstrap row
+        and frame byte counts not; frame cells are copied as references to the same immutable frames)."""
         slots = (self.written - self.size + np.arange(self.size)) % self.capacity
-        return {k: v[slots] for k, v in self.data.items() if k != _NEXT}
+        return {k: v[slots] for k, v in self.data.items() if k not in _INTERNAL}
 
     # -- episode target columns (only with ``targets``) ---------------------------------------------
     def live(self, w: np.ndarray) -> np.ndarray:

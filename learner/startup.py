@@ -4,7 +4,10 @@
   buffers (only the job's tasks); returns the steps loaded.
 - :func:`size_buffers`: with ``flow.memory_budget_mb``, size the still-empty online rings from what
   the demos left of the budget, counting every observation tensor's bytes (camera frames included);
-  None without a budget.
+  None without a budget. Cameras stored compressed (``replay.compressed``) have no fixed size: each
+  online ring gets its share of the budget as a byte bound (it evicts by bytes too, counting the
+  frames as stored) and a row capacity from an assumed compression
+  (:data:`learner.frames.ASSUMED_COMPRESSION`), which only sets how many rows its arrays may hold.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from fleetloop.logs import event, get_logger
 from fleetloop.specs import PolicySpec
 from learner.backpressure import MemoryPlan, plan_memory
 from learner.config import LearnerConfig
+from learner.frames import ASSUMED_COMPRESSION
 from learner.replay import ReplayStore, bytes_per_step
 
 log = get_logger("learner")
@@ -35,10 +39,13 @@ def size_buffers(cfg: LearnerConfig, replay: ReplayStore, spec: PolicySpec, targ
     """With a memory budget: size the (still empty) online rings from what the demos left."""
     if cfg.flow.memory_budget_mb is None:
         return None
+    frames = replay.compressed
+    step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
+        sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
     plan = plan_memory(cfg.flow.memory_budget_mb, cfg.serving.max_message_bytes, replay.nbytes(source="offline"),
-                       len(cfg.tasks), bytes_per_step(spec.observations, spec.act_dim, targets),
-                       cfg.flow.online_capacity, min_steps=max(2 * cfg.episodes.chunk_steps, 100))
-    replay.set_online_capacity(plan.online_capacity)
+                       len(cfg.tasks), step, cfg.flow.online_capacity, min_steps=max(2 * cfg.episodes.chunk_steps, 100))
+    share = (plan.budget_bytes - plan.inflight_bytes - plan.offline_bytes) // len(cfg.tasks)
+    replay.set_online_capacity(plan.online_capacity, max_bytes=share if frames else None)
     metrics.memory_budget.labels(cfg.job_id).set(plan.budget_bytes)
     event(log, "memory_planned", job=cfg.job_id, budget=plan.budget_bytes, inflight=plan.inflight_bytes,
           offline=plan.offline_bytes, online_capacity=plan.online_capacity, step_bytes=plan.step_bytes)

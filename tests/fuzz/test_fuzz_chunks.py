@@ -61,7 +61,8 @@ def assert_clear(exc: BaseException, desc: str) -> None:
 def assert_valid(d: DecodedChunk, chunk: pb.EpisodeChunk) -> None:
     """A decoded chunk satisfies everything the replay store relies on."""
     t = d.steps
-    assert d.obs.shape == (t, OBS_DIM) and d.obs.dtype == np.float32 and np.isfinite(d.obs).all()
+    obs = d.obs["state"]  # observations are a dict of named tensors (the fuzzed job has one: state)
+    assert set(d.obs) == {"state"} and obs.shape == (t, OBS_DIM) and obs.dtype == np.float32 and np.isfinite(obs).all()
     assert d.actions.shape == (t, ACT_DIM) and d.actions.dtype == np.float32 and np.isfinite(d.actions).all()
     assert d.rewards.shape == (t,) and d.rewards.dtype == np.float32 and np.isfinite(d.rewards).all()
     assert d.interventions.shape == (t,) and d.interventions.dtype == np.bool_
@@ -167,4 +168,4 @@ def test_zero_step_end_chunk_is_valid():
     encode(np.zeros(0, np.bool_), chunk.interventions)
     chunk.end.outcome = pb.ABORTED
     decoded = validate(chunk, JOB, set(TASKS), OBS_SPECS, ACT_SPECS, LATEST)
-    assert decoded.steps == 0 and decoded.outcome == "aborted" and decoded.obs.shape == (0, OBS_DIM)
+    assert decoded.steps == 0 and decoded.outcome == "aborted" and decoded.obs["state"].shape == (0, OBS_DIM)

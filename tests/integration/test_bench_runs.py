@@ -38,12 +38,15 @@ def test_ingest_smoke(tmp_path, capsys):
     each run stored data on both paths, no actor had a chunk rejected, figures beside baselines."""
     from bench.ingest import main
 
-    args = ingest_args(tmp_path, payload="state,images,images-compressed,llm")
+    args = ingest_args(tmp_path, payload="state,images,images-compressed,pixels,llm")
     assert main(args) == 0
     doc = json.loads((tmp_path / "nested" / "ingest.json").read_text())
     _check_common(doc, "ingest")
     assert doc["config"]["actors"] == "1"
-    assert [r["payload"] for r in doc["runs"]] == ["state", "images", "images-compressed", "llm"]
+    assert [r["payload"] for r in doc["runs"]] == ["state", "images", "images-compressed", "pixels", "llm"]
+    assert set(doc["batch_decode"]) == {"images-compressed", "pixels"}  # camera frames stored compressed: decode at training
+    for cost in doc["batch_decode"].values():
+        assert cost["batch_steps"] == 64 and cost["default"]["wall_ms"] > 0 and cost["ingest_header_check_ms"] > 0
     for run in doc["runs"]:
         assert run["fleetloop"]["steps"] > 0 and run["raw_grpc"]["messages"] > 0, run["payload"]
         assert all(a.get("rejected", 0) == 0 and "error" not in a for a in run["fleetloop"]["actors"]), run["payload"]

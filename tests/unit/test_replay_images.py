@@ -208,3 +208,103 @@ def test_wrong_or_unknown_camera_tensor_is_refused(bad, field):
         s.add_online("a", frames(0, 3)[0]["proprio"], act, rew, np.zeros(3, bool), 0, 0, 0)
     assert err.value.field == "obs"
     assert s.size("a", "online") == s.size("a", "offline") == 0 and s.nbytes() == 0
+
+
+# -- compressed storage: frame cells, byte-bounded FIFO eviction (learner.frames, learner.ring) ------------
+def enc_frames(first, t, ep=0, size_of=lambda v: 100 + 37 * (v % 7)):
+    """A chunk whose camera arrives encoded: one bytes frame per step, of a varying size, starting
+    with its step value (the ring never decodes them)."""
+    obs, act, rew = frames(first, t, ep)
+    cells = np.empty(t, object)
+    cells[:] = [int(v).to_bytes(4, "big") + bytes(size_of(int(v))) for v in range(first, first + t)]
+    return {"proprio": obs["proprio"], "cam": cells}, act, rew
+
+
+def cell_value(cells):
+    return np.array([int.from_bytes(c[:4], "big") for c in cells.reshape(-1)])
+
+
+def test_compressed_rows_keep_their_bytes_through_sample_export_and_restore():
+    s = ReplayStore(["a"], SCHEMA, ACT, online_capacity=50, offline_capacity=50, compressed=("cam",))
+    obs, act, rew = enc_frames(0, 20)
+    s.add_online("a", obs, act, rew, np.arange(20) % 3 == 0, behavior_version=0, episode_key=0, first_step=0)
+    raw, ract, rrew = frames(20, 5)  # the same camera arriving raw: stored as arrays (decoded) in cells
+    s.add_online("a", raw, ract, rrew, np.zeros(5, bool), behavior_version=0, episode_key=0, first_step=20)
+    demo, dact, drew = frames(0, 4, seed=3)
+    s.add_offline("a", demo, dact, drew, np.ones(4, bool))  # offline: plain uint8 column
+    out = s.sample("a", "online", 200, np.random.default_rng(0))
+    cells = out["obs"]["cam"]
+    assert cells.dtype == object and cells.shape == (200, 1) and "_frame_bytes" not in out
+    enc = out["steps"] < 20
+    assert (cell_value(cells[enc]) == out["steps"][enc]).all()
+    np.testing.assert_array_equal(np.stack(cells[~enc, 0]), raw["cam"][out["steps"][~enc] - 20])
+    assert s.sample("a", "offline", 3, np.random.default_rng(0))["obs"]["cam"].dtype == np.uint8
+    ring = s._buffers[("a", "online")]
+    sizes = [len(c) + 33 for c in obs["cam"]] + [16 * 16 * 3 + np.empty(0, np.uint8).__sizeof__()] * 5
+    assert ring.frame_bytes == sum(sizes)
+    assert s.nbytes("a", "online") == ring.frame_bytes + sum(a.nbytes for a in ring.data.values()) \
+        + ring.iv_slots.nbytes + ring.sampled.nbytes
+    exp = s.export("a", "online")
+    assert exp["obs.cam"].dtype == object and "_frame_bytes" not in exp
+    t = ReplayStore(["a"], SCHEMA, ACT, online_capacity=50, compressed=("cam",))
+    t.restore("a", "online", exp)
+    again = t.export("a", "online")
+    assert all(x is y for x, y in zip(again["obs.cam"].reshape(-1), exp["obs.cam"].reshape(-1)))  # the same frames
+    assert t._buffers[("a", "online")].frame_bytes == ring.frame_bytes
+    with pytest.raises(InvalidArgument) as err:  # a store that decodes cannot take encoded frames
+        ReplayStore(["a"], SCHEMA, ACT, online_capacity=50).add_online("a", obs, act, rew, np.zeros(20, bool), 0, 0, 0)
+    assert err.value.field == "obs[cam]"
+    with pytest.raises(InvalidArgument) as err:
+        ReplayStore(["a"], SCHEMA, ACT, compressed=("proprio",))
+    assert err.value.field == "compressed"
+
+
+def test_compressed_ring_evicts_fifo_by_rows_and_bytes_within_its_budget():
+    cap, budget = 60, 9000
+    s = ReplayStore(["a"], SCHEMA, ACT, online_capacity=cap, compressed=("cam",))
+    s.set_online_capacity(cap, max_bytes=budget)
+    ring = s._buffers[("a", "online")]
+    share = budget - cap * ring.row_bytes
+    assert share > 0 and ring.row_bytes == bytes_per_step(SCHEMA, ACT, frames=("cam",))
+    rng = np.random.default_rng(0)
+    history, value, evicted, unsampled = [], 0, 0, 0
+    for i in range(80):
+        t = int(rng.integers(1, 12))
+        iv = rng.random(t) < 0.3
+        obs, act, rew = enc_frames(value, t)
+        ev = s.add_online("a", obs, act, rew, iv, behavior_version=0, episode_key=i, first_step=value)
+        evicted, unsampled = evicted + ev.evicted, unsampled + ev.unsampled
+        history += [(value + j, bool(iv[j]), len(obs["cam"][j]) + 33) for j in range(t)]
+        value += t
+        # FIFO by rows and bytes: the live rows are the newest that fit both the capacity and the share
+        live, used = [], 0
+        for v, flag, size in reversed(history):
+            if len(live) == cap or used + size > share:
+                break
+            live.insert(0, (v, flag, size))
+            used += size
+        assert s.size("a", "online") == len(live) and ring.frame_bytes == used
+        assert s.nbytes("a", "online") <= budget
+        assert s.size("a", "online", interventions_only=True) == sum(f for _, f, _ in live)
+        assert s.stats()["a"]["online_evicted"] == evicted == len(history) - len(live)
+        out = s.sample("a", "online", 50, rng) if i % 3 else None
+        if out is not None:
+            assert set(cell_value(out["obs"]["cam"])) <= {v for v, _, _ in live}
+            assert (cell_value(out["obs"]["cam"]) == out["obs"]["proprio"][:, 0].astype(int)).all()
+        gone = [w % cap for w in range(max(0, ring.written - cap), ring.written - ring.size)]
+        assert all(ring.data["obs.cam"][g, 0] is None for g in gone)  # evicted frames are released at once
+    assert s.stats()["a"]["online_evicted_unsampled"] == unsampled > 0
+    # one chunk heavier than the share keeps its newest rows that fit; the rest count as evicted, unsampled
+    big, bact, brew = enc_frames(10_000, 40, size_of=lambda v: 400)
+    ev = s.add_online("a", big, bact, brew, np.zeros(40, bool), behavior_version=0, episode_key=999, first_step=0)
+    fit = share // (404 + 33)
+    room, older = share - fit * (404 + 33), []
+    for v, _, size in reversed(live):  # then the newest older rows that still fit, FIFO
+        if size > room:
+            break
+        older.insert(0, v)
+        room -= size
+    values = cell_value(s.export("a", "online")["obs.cam"]).tolist()
+    assert values == older + list(range(10_040 - fit, 10_040)) and fit > 0
+    assert ev.evicted == 40 - fit + len(live) - len(older) and ev.unsampled >= 40 - fit
+    assert s.nbytes("a", "online") <= budget and ring.frame_bytes <= share
