@@ -36,10 +36,18 @@ def load_offline(cfg: LearnerConfig, replay: ReplayStore) -> int:
 
 
 def size_buffers(cfg: LearnerConfig, replay: ReplayStore, spec: PolicySpec, targets: bool, metrics) -> MemoryPlan | None:
-    """With a memory budget: size the (still empty) online rings from what the demos left."""
-    if cfg.flow.memory_budget_mb is None:
-        return None
+    """With a memory budget: size the (still empty) online rings from what the demos left. Without
+    one, a job with cameras gets a warning naming what its full online rings could take."""
     frames = replay.compressed
+    if cfg.flow.memory_budget_mb is None:
+        if spec.images:
+            step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
+                sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
+            event(log, "image_job_without_budget", level=30, job=cfg.job_id, online_capacity=cfg.flow.online_capacity,
+                  tasks=len(cfg.tasks), step_bytes=step, full_online_gib=round(step * cfg.flow.online_capacity *
+                                                                               len(cfg.tasks) / 2**30, 2),
+                  hint="set flow.memory_budget_mb to bound the replay")
+        return None
     step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
         sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
     plan = plan_memory(cfg.flow.memory_budget_mb, cfg.serving.max_message_bytes, replay.nbytes(source="offline"),
