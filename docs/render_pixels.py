@@ -73,6 +73,37 @@ def section(results: Path, rel: str) -> list[str]:
     ok = gain >= GOAL_GAIN and final >= GOAL_FINAL and minutes <= GOAL_MINUTES
     md += [f"Goal (issue 19): mean gain >= {GOAL_GAIN} and final mean >= {GOAL_FINAL} within {GOAL_MINUTES:.0f} fleet "
            f"minutes: **{'PASS' if ok else 'FAIL'}** (gain {gain:.2f}, final {final:.2f}, {minutes:.1f} min).", ""]
-    md += [f"![pixels, seed {i}]({rel}/pixels/{p.parent.name}/report.png)" for i, p in
-           enumerate(sorted((results / "pixels").glob("seed*/report.png")))][:1] + [""]
+    if _plot_curves(reports, results / "pixels_success.png"):
+        md += [f"![pixels: held-out success over time]({rel}/pixels_success.png)", ""]
+    md += ["One run's report plot (fleet success without intervention and intervention rate per task, policy "
+           "versions):", ""]
+    md += [f"![pixels, {p.parent.name}]({rel}/pixels/{p.parent.name}/report.png)" for p in
+           sorted((results / "pixels").glob("seed*/report.png"))][:1] + [""]
     return md
+
+
+def _plot_curves(reports: list[dict[str, Any]], path: Path) -> bool:
+    """Held-out mean success of the policy snapshots over online minutes, one line per seed."""
+    curves = [(r["overall"].get("seed", i), r["overall"].get("curve")) for i, r in enumerate(reports)]
+    curves = [(s, c) for s, c in curves if c]
+    if not curves:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for seed, curve in curves:
+        pts = sorted((p["t"] / 60, p["mean"]) for p in curve)
+        ax.plot([t for t, _ in pts], [m for _, m in pts], marker="s", markersize=4, label=f"seed {seed}")
+    target = reports[0]["overall"].get("target_success", 0.8)
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
+    ax.set_xlabel("online minutes (4 robots)")
+    ax.set_ylabel("held-out mean success (3 tasks, no operator)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Pixel policy: held-out success of the fleet's policy snapshots", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -65,13 +65,16 @@ def write_report(out: Path, tasks: list[str], pre_eval: dict, final_eval: dict, 
     report = {"tasks": per_task, "overall": {**overall, "mean_pretrained_success": pre, "mean_final_success": fin,
                                              "improvement": fin - pre}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(out / "report.png", tasks, episodes, t0, per_task, overall.get("wall_seconds", 0.0), versions)
+    plot(out / "report.png", tasks, episodes, t0, per_task, overall.get("wall_seconds", 0.0), versions,
+         curve=overall.get("curve"))
     return report
 
 
 def plot(path: Path, tasks: list[str], episodes: list[dict], t0: float, per_task: dict, wall: float,
-         versions: list[tuple[float, int]]) -> None:
-    """Success and intervention rate per task over wall-clock minutes, with evaluation markers."""
+         versions: list[tuple[float, int]], curve: list[dict] | None = None) -> None:
+    """Success and intervention rate per task over wall-clock minutes, with evaluation markers;
+    with ``curve`` (held-out evaluations of policy snapshots: ``t``, ``mean``) also the held-out mean
+    success over time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,6 +88,10 @@ def plot(path: Path, tasks: list[str], episodes: list[dict], t0: float, per_task
         axes[0].scatter([0], [per_task[task]["pretrained_success"]], color=c, marker="o", s=40)
         axes[0].scatter([wall / 60], [per_task[task]["final_success"]], color=c, marker="*", s=120)
         axes[1].plot(r["t"] / 60, r["intervention"], color=c, label=task)
+    if curve:
+        pts = sorted((p["t"], p["mean"]) for p in curve)
+        axes[0].plot([t / 60 for t, _ in pts], [m for _, m in pts], color="black", marker="s", markersize=4, lw=1.5,
+                     label="held-out mean success (policy snapshots, no operator)")
     axes[0].set_ylabel("success rate")
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].set_title("Success per task (lines: fleet episodes without intervention; o = pretrained eval, * = final eval)",
