@@ -47,6 +47,7 @@ def section(results: Path, rel: str) -> list[str]:
           "evaluated after the run). Reports: "
           + ", ".join(f"[{p.parent.name}]({rel}/pixels/{p.parent.name}/report.json)"
                       for p in sorted((results / "pixels").glob("seed*/report.json"))) + ".", "",
+          *([(results / "pixels" / "NOTE.md").read_text().strip(), ""] if (results / "pixels" / "NOTE.md").is_file() else []),
           "| task | pretrained | final | gain | intervention share |", "|---|---|---|---|---|"]
     for t in tasks:
         pre = [r["tasks"][t]["pretrained_success"] for r in reports]
