@@ -12,7 +12,6 @@ the loss falls: the target action is a function of the probed camera's brightnes
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
