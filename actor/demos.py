@@ -98,9 +98,8 @@ def record_demos(
     envs: dict[str, ExpertEnv] = {
         task: make_env(task, seed=seed, max_episode_steps=max_episode_steps, **(view or {})) for task in tasks}
     if (view or {}).get("observations", "state") == "pixels":
-        from fleetloop.presets import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, metaworld_specs
-        specs = metaworld_specs("pixels", view.get("cameras", DEFAULT_CAMERAS), view.get("image_size", DEFAULT_IMAGE_SIZE))
-        writer = DemoWriter(out_dir, specs[0], ACT_DIM)
+        from fleetloop.presets import metaworld_specs
+        writer = DemoWriter(out_dir, metaworld_specs(**view)[0], ACT_DIM)  # the robot's own specs (v2 dataset)
     else:
         writer = DemoWriter(out_dir, OBS_DIM, ACT_DIM)
     counts = {task: 0 for task in tasks}

@@ -25,7 +25,7 @@ import torch
 from actor.weight_client import VerifiedWeights
 from fleetloop import wire_settings
 from fleetloop.policies import build_policy, guided_action
-from fleetloop.specs import PolicySpec, TensorInfo
+from fleetloop.specs import DEFAULT_ACTION_NAME, PolicySpec, as_infos
 
 
 class PolicyRunner:
@@ -41,9 +41,8 @@ class PolicyRunner:
         self.task_ids = list(run_config.task_ids)
         self.task_index = {t: i for i, t in enumerate(self.task_ids)}
         self.device = torch.device(device)
-        obs = [TensorInfo("state", "float32", (int(observations),))] if isinstance(observations, int) else observations
-        act = [TensorInfo("action", "float32", (int(actions),))] if isinstance(actions, int) else actions
-        self.spec = PolicySpec.from_specs(obs, act, self.task_ids)
+        self.spec = PolicySpec.from_specs(as_infos(observations), as_infos(actions, DEFAULT_ACTION_NAME),
+                                          self.task_ids)
         self.policy = build_policy(run_config.policy_factory, wire_settings.policy_kwargs(run_config),
                                    self.spec).to(self.device).eval()
         self.inference = wire_settings.inference(run_config)

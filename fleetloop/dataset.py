@@ -41,7 +41,7 @@ from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 from fleetloop.errors import IntegrityError, InvalidArgument, NotFound
-from fleetloop.specs import TensorInfo, tensor_info
+from fleetloop.specs import TensorInfo, flat_tensor, tensor_info
 
 FORMAT = "fleetloop-demos/v1"
 FORMAT_V2 = "fleetloop-demos/v2"
@@ -148,7 +148,7 @@ def observation_specs(manifest: dict) -> list[TensorInfo]:
     """The observation tensors a dataset's episodes hold (v1: one float32 ``state`` [obs_dim])."""
     if manifest.get("format") == FORMAT_V2:
         return [tensor_info(s) for s in manifest["observation_specs"]]
-    return [TensorInfo("state", "float32", (int(manifest["obs_dim"]),))]
+    return [flat_tensor(int(manifest["obs_dim"]))]
 
 
 def read_manifest(root: str | Path) -> dict:

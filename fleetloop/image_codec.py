@@ -95,12 +95,9 @@ def encode_frames(array: np.ndarray, encoding: str | int, quality: int = 90, png
     return out
 
 
-def decode_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, field: str) -> np.ndarray:
-    """Decode the ``frames`` of an encoded tensor of ``shape`` into a read-only uint8 array of that shape;
-    see the module docstring for every check. ``shape`` must already have passed the layout-size check
-    (:func:`fleetloop.codec.check_shape`)."""
-    from PIL import Image
-
+def _frames_layout(frames: Sequence[bytes], shape: Sequence[int], encoding: int, field: str) -> tuple[int, int, int, int]:
+    """(frames, H, W, C) once the encoding is an image one, the layout allowed and the frame count
+    right (the checks :func:`decode_frames` and :func:`check_frames` share, before any frame is read)."""
     if encoding not in _FORMATS:
         raise InvalidArgument(f"encoding {encoding} is not an image encoding ({sorted(NAMES[c] for c in _FORMATS)})",
                               field=f"{field}.encoding", value=encoding)
@@ -108,6 +105,16 @@ def decode_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, 
     if len(frames) != n:
         raise InvalidArgument(f"{len(frames)} frames for shape {[int(d) for d in shape]} (needs {n}: one per [H, W, C] "
                               f"image)", field=f"{field}.frames", value=len(frames))
+    return n, h, w, c
+
+
+def decode_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, field: str) -> np.ndarray:
+    """Decode the ``frames`` of an encoded tensor of ``shape`` into a read-only uint8 array of that shape;
+    see the module docstring for every check. ``shape`` must already have passed the layout-size check
+    (:func:`fleetloop.codec.check_shape`)."""
+    from PIL import Image
+
+    n, h, w, c = _frames_layout(frames, shape, encoding, field)
     fmt, mode = _FORMATS[encoding], _MODES[c]
     out = np.empty((n, h, w, c), dtype=np.uint8)
     for i, blob in enumerate(frames):
@@ -200,13 +207,7 @@ def check_frames(frames: Sequence[bytes], shape: Sequence[int], encoding: int, f
     """Header-only counterpart of :func:`decode_frames`: the layout, the frame count and every frame's
     format, size, mode and end marker (:func:`frame_header`), no pixel decoded; the same refusals
     (InvalidArgument naming ``<field>.frames[i]`` / ``.frames`` / ``.shape`` and the value)."""
-    if encoding not in _FORMATS:
-        raise InvalidArgument(f"encoding {encoding} is not an image encoding ({sorted(NAMES[c] for c in _FORMATS)})",
-                              field=f"{field}.encoding", value=encoding)
-    n, h, w, c = check_image_layout(shape, encoding, field)
-    if len(frames) != n:
-        raise InvalidArgument(f"{len(frames)} frames for shape {[int(d) for d in shape]} (needs {n}: one per [H, W, C] "
-                              f"image)", field=f"{field}.frames", value=len(frames))
+    n, h, w, c = _frames_layout(frames, shape, encoding, field)
     fmt, mode = _FORMATS[encoding], _MODES[c]
     for i, blob in enumerate(frames):
         try:

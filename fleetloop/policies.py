@@ -72,9 +72,7 @@ class MLPPolicy(nn.Module):
     def forward(self, obs, task: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``obs``: a dict of observation tensors (the vector ones are read, flattened in spec
         order) or one flat float tensor ``[B, obs_dim]``."""
-        if not isinstance(obs, torch.Tensor):
-            obs = flatten_vectors(obs, self.spec) if self.spec is not None else torch.cat(
-                [v.reshape(v.shape[0], -1).float() for v in obs.values()], dim=-1)
+        obs = flatten_vectors(obs, self.spec)
         parts = [obs, nn.functional.one_hot(task.long(), self.num_tasks).to(obs.dtype)]
         if self.cond_embed is not None:
             if cond is None:

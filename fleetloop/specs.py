@@ -32,6 +32,9 @@ from fleetloop.codec import WIRE_DTYPES
 from fleetloop.errors import InvalidArgument
 
 _IMAGE_CHANNELS = (1, 3, 4)
+#: Names of the one observation / action tensor a caller means when it gives a bare width (the
+#: legacy flat shape: a ``(obs_dim, act_dim, num_tasks)`` factory, a v1 dataset, a width-built replay).
+DEFAULT_OBS_NAME, DEFAULT_ACTION_NAME = "state", "action"
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,19 @@ def tensor_info(spec: Any) -> TensorInfo:
     return TensorInfo(name, dtype, shape)
 
 
+def flat_tensor(width: int, name: str = DEFAULT_OBS_NAME) -> TensorInfo:
+    """One float32 vector of ``width`` elements (a bare width's meaning)."""
+    return TensorInfo(name, "float32", (int(width),))
+
+
+def as_infos(specs: "int | Iterable[Any]", name: str = DEFAULT_OBS_NAME) -> list[TensorInfo]:
+    """Spec list (SpecModel, wire TensorSpec, dicts) as TensorInfos; a bare width as one
+    :func:`flat_tensor` named ``name``."""
+    if isinstance(specs, (int, np.integer)):
+        return [flat_tensor(int(specs), name)]
+    return [tensor_info(s) for s in specs]
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """Everything a policy factory needs to build a network for a job (see the module docstring).
@@ -110,7 +126,7 @@ class PolicySpec:
     def flat(cls, obs_dim: int, act_dim: int, num_tasks: int) -> "PolicySpec":
         """The legacy shape: one float32 ``state`` [obs_dim], one ``action`` [act_dim], tasks
         ``task-0..``: what a ``(obs_dim, act_dim, num_tasks)`` caller means."""
-        return cls((TensorInfo("state", "float32", (int(obs_dim),)),), (TensorInfo("action", "float32", (int(act_dim),)),),
+        return cls((flat_tensor(obs_dim),), (flat_tensor(act_dim, DEFAULT_ACTION_NAME),),
                    tuple(f"task-{i}" for i in range(int(num_tasks))))
 
     @property
@@ -137,11 +153,6 @@ class PolicySpec:
         """Width of :func:`flatten_vectors`' output."""
         return sum(v.size for v in self.vectors)
 
-    @property
-    def obs_nbytes(self) -> int:
-        """Bytes of one step's observation, stored decoded."""
-        return sum(o.nbytes for o in self.observations)
-
     def observation(self, name: str) -> TensorInfo:
         for o in self.observations:
             if o.name == name:
@@ -161,15 +172,17 @@ def _bounds(specs: list[Any], infos: tuple[TensorInfo, ...], key: str, unbounded
     return () if all(abs(x) == float("inf") for x in out) else tuple(out)
 
 
-def flatten_vectors(obs: Mapping[str, Any], spec: PolicySpec):
+def flatten_vectors(obs: Mapping[str, Any], spec: PolicySpec | None):
     """The vector observation tensors of a batched ``obs`` mapping (torch tensors ``[B, *shape]``)
-    flattened to float32 and concatenated in spec order: ``[B, spec.vector_dim]``. A bare tensor
-    (a legacy caller's flat observation) is returned as float32 unchanged."""
+    flattened to float32 and concatenated in spec order: ``[B, spec.vector_dim]``. Without a spec,
+    every tensor of ``obs``, in its order. A bare tensor (a legacy caller's flat observation) is
+    returned as float32 unchanged."""
     import torch
 
     if isinstance(obs, torch.Tensor):
         return obs.float()
-    parts = [obs[v.name].reshape(obs[v.name].shape[0], -1).float() for v in spec.vectors]
+    names = list(obs) if spec is None else [v.name for v in spec.vectors]
+    parts = [obs[n].reshape(obs[n].shape[0], -1).float() for n in names]
     if not parts:
         first = next(iter(obs.values()))
         return torch.zeros(first.shape[0], 0, device=first.device)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fleetloop.errors import InvalidArgument
+from fleetloop.specs import DEFAULT_OBS_NAME
 
 ONLINE, OFFLINE = 0, 1
 #: Behaviour version stored for offline demonstrations (no policy produced them).
@@ -42,8 +43,6 @@ OFFLINE_VERSION = -1
 SOURCES = {"online": ONLINE, "offline": OFFLINE}
 
 _TENSOR_FIELDS = ("actions", "task", "interventions", "source", "versions", "rewards", "weights")
-#: Name of the observation tensor when a caller gives one bare array (the legacy flat observation).
-DEFAULT_OBS_NAME = "state"
 #: Replay sample keys that are batch fields; :data:`REPLAY_META` keys stay in the replay; every other
 #: sample key (e.g. RECAP's ``recap_*`` columns) is carried into ``Batch.extra``.
 SAMPLE_FIELDS = ("obs", "actions", "rewards", "interventions", "versions")

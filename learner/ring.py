@@ -49,15 +49,13 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from fleetloop.errors import FailedPrecondition, InvalidArgument
-from fleetloop.specs import TensorInfo
+from fleetloop.specs import TensorInfo, as_infos
 from learner.frames import cell_bytes, frames_per_step
 
 FIELDS = ("obs", "actions", "rewards", "interventions", "versions", "episode_keys", "steps", "insert_times")
 _MIN_ALLOC = 1024
 #: Column prefix of the observation tensors (``obs.<name>``) and of RECAP's bootstrap observation.
 OBS_PREFIX, NEXT_OBS_PREFIX = "obs.", "recap_next_obs."
-#: The observation of a store built from a bare ``obs_dim``: one float32 vector with this name.
-DEFAULT_OBS_NAME = "state"
 _SCALAR_BYTES = 4 + 1 + 8 + 8 + 8 + 8  # rewards f32, interventions bool, versions, episode_keys, steps, insert_times
 #: Per-row episode target columns of a store with ``episode_targets`` (dtype), in sample order.
 TARGET_COLUMNS: dict[str, type] = {"recap_mc_return": np.float32, "recap_value_mask": np.bool_,
@@ -75,10 +73,8 @@ Schema = tuple[TensorInfo, ...]
 
 
 def obs_schema(obs: "int | Sequence[TensorInfo]") -> Schema:
-    """The observation tensors of a ring: a bare width means one float32 :data:`DEFAULT_OBS_NAME` vector."""
-    if isinstance(obs, (int, np.integer)):
-        return (TensorInfo(DEFAULT_OBS_NAME, "float32", (int(obs),)),)
-    return tuple(obs)
+    """The observation tensors of a ring: a bare width means one float32 :data:`fleetloop.specs.DEFAULT_OBS_NAME` vector."""
+    return tuple(as_infos(obs))
 
 
 def bytes_per_step(obs: "int | Sequence[TensorInfo]", act_dim: int, targets: bool = False,

@@ -39,17 +39,15 @@ def size_buffers(cfg: LearnerConfig, replay: ReplayStore, spec: PolicySpec, targ
     """With a memory budget: size the (still empty) online rings from what the demos left. Without
     one, a job with cameras gets a warning naming what its full online rings could take."""
     frames = replay.compressed
+    step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
+        sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
     if cfg.flow.memory_budget_mb is None:
         if spec.images:
-            step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
-                sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
             event(log, "image_job_without_budget", level=30, job=cfg.job_id, online_capacity=cfg.flow.online_capacity,
                   tasks=len(cfg.tasks), step_bytes=step, full_online_gib=round(step * cfg.flow.online_capacity *
                                                                                len(cfg.tasks) / 2**30, 2),
                   hint="set flow.memory_budget_mb to bound the replay")
         return None
-    step = bytes_per_step(spec.observations, spec.act_dim, targets, frames) + \
-        sum(o.nbytes // ASSUMED_COMPRESSION for o in spec.observations if o.name in frames)
     plan = plan_memory(cfg.flow.memory_budget_mb, cfg.serving.max_message_bytes, replay.nbytes(source="offline"),
                        len(cfg.tasks), step, cfg.flow.online_capacity, min_steps=max(2 * cfg.episodes.chunk_steps, 100))
     share = (plan.budget_bytes - plan.inflight_bytes - plan.offline_bytes) // len(cfg.tasks)

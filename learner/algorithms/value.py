@@ -229,13 +229,7 @@ class DistributionalValue(nn.Module):
 
     def features(self, obs) -> torch.Tensor:
         """[B, obs_dim] float features of an observation batch (dict of tensors, or one flat tensor)."""
-        if self.encoder is not None:
-            return self.encoder(obs)
-        if isinstance(obs, torch.Tensor):
-            return obs.float()
-        if self.spec is None:
-            return torch.cat([v.reshape(v.shape[0], -1).float() for v in obs.values()], dim=-1)
-        return flatten_vectors(obs, self.spec)
+        return self.encoder(obs) if self.encoder is not None else flatten_vectors(obs, self.spec)
 
     def forward(self, obs, task: torch.Tensor) -> torch.Tensor:
         """Logits [B, num_bins]."""

@@ -92,10 +92,8 @@ class SimFleet(BaseModel):
 
     def actor_args(self) -> list[str]:
         """``fleetloop actor`` flags for this fleet's observation mode (none for state)."""
-        if self.observations == "state":
-            return []
-        return ["--observations", "pixels", "--cameras", ",".join(self.cameras), "--image-size", str(self.image_size),
-                "--jpeg-quality", str(self.jpeg_quality)]
+        from services.harness.sim_fleet import view_args
+        return view_args(self.view(), self.jpeg_quality)
 
 
 class Bootstrap(BaseModel):

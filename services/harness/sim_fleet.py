@@ -54,6 +54,16 @@ class SimRobot:
             self.proc.wait(5)
 
 
+def view_args(view: dict | None, jpeg_quality: int = 90) -> list[str]:
+    """``fleetloop actor`` flags for a robot's observation options (``observations``, ``cameras``,
+    ``image_size``; none for state); camera frames as JPEG at ``jpeg_quality``."""
+    if not view or view.get("observations") != "pixels":
+        return []
+    args = ["--observations", "pixels", "--jpeg-quality", str(jpeg_quality)]
+    args += ["--cameras", ",".join(view["cameras"])] if view.get("cameras") else []
+    return args + (["--image-size", str(view["image_size"])] if view.get("image_size") else [])
+
+
 def spawn_robot(*, target: str, job: str, actor_id: str, tasks: list[str], token: str | None, spool: Path, log_path: Path,
                 seed: int, hz: float = 0.0, minutes: float | None = None, operator: str = "scripted",
                 extra_env: dict[str, str] | None = None, view: dict | None = None, jpeg_quality: int = 90) -> SimRobot:
@@ -69,10 +79,7 @@ def spawn_robot(*, target: str, job: str, actor_id: str, tasks: list[str], token
            "--tasks", ",".join(tasks), "--spool", str(spool), "--seed", str(seed), "--hz", str(hz), "--operator", operator]
     if minutes:
         cmd += ["--minutes", str(minutes)]
-    if view and view.get("observations") == "pixels":
-        cmd += ["--observations", "pixels", "--jpeg-quality", str(jpeg_quality)]
-        cmd += ["--cameras", ",".join(view["cameras"])] if view.get("cameras") else []
-        cmd += ["--image-size", str(view["image_size"])] if view.get("image_size") else []
+    cmd += view_args(view, jpeg_quality)
     fh = open(log_path, "a")
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),
