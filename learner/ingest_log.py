@@ -86,3 +86,43 @@ class IngestLog:
                 self._fh.close()
                 self._fh = None
 
+
+#: Bytes of a record before its payload (magic, length, crc32).
+RECORD_HEADER_BYTES = _HEADER.size
+
+
+def scan_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Read-only iteration for offline readers (``fleetloop data export``): ``(offset, payload)`` of
+    every intact record in order, stopping at the first torn or corrupt one. Unlike
+    :meth:`IngestLog.replay` it never truncates, never creates a folder, and works on a log a learner
+    is still appending to (it sees a prefix). A missing file yields nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        while True:
+            offset = fh.tell()
+            header = fh.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return
+            magic, length, crc = _HEADER.unpack(header)
+            if magic != _MAGIC:
+                return
+            payload = fh.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                return
+            yield offset, payload
+
+
+def read_record(fh, offset: int) -> bytes:
+    """The payload of the record at ``offset`` of an open binary log file (one :func:`scan_records`
+    yielded); ValueError when no intact record starts there."""
+    fh.seek(offset)
+    header = fh.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise ValueError(f"no record header at offset {offset}")
+    magic, length, crc = _HEADER.unpack(header)
+    payload = fh.read(length) if magic == _MAGIC else b""
+    if magic != _MAGIC or len(payload) < length or zlib.crc32(payload) != crc:
+        raise ValueError(f"no intact record at offset {offset}")
+    return payload
