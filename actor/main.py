@@ -18,7 +18,7 @@ from actor.metrics import ActorMetrics
 from actor.operators import NoOperator, ScriptedExpertOperator
 from actor.policy_runner import PolicyRunner
 from actor.robot_loop import run_robot
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.codec import make_spec
 from fleetloop.logs import event, get_logger
 from fleetloop.presets import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, metaworld_specs

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from actor.weight_client import VerifiedWeights
+from fleetloop.client.weight_client import VerifiedWeights
 from fleetloop import wire_settings
 from fleetloop.policies import build_policy, guided_action
 from fleetloop.specs import DEFAULT_ACTION_NAME, PolicySpec, as_infos
@@ -66,7 +66,10 @@ class PolicyRunner:
         """Swap in a verified version (call only between episodes). Afterwards ``installed_at``
         (``time.monotonic()``) is when this version became the one :meth:`act` uses (the end of the
         "published -> running on the robot" latency) and ``installs`` counts the swaps."""
-        self.policy.load_state_dict(weights.state_dict)
+        state = weights.state_dict
+        if getattr(weights, "tensor_format", "torch") == "numpy":  # a client made with weights_format="numpy"
+            state = {k: torch.from_numpy(v) for k, v in state.items()}
+        self.policy.load_state_dict(state)
         self.version = weights.version
         self.installed_at = time.monotonic()
         self.installs += 1

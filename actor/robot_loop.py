@@ -18,7 +18,7 @@ from actor.envs.base import RobotEnv
 from actor.metrics import ActorMetrics
 from actor.operators import NoOperator, Operator
 from actor.policy_runner import PolicyRunner
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.logs import event, get_logger
 
 log = get_logger("actor.robot")

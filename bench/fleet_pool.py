@@ -47,7 +47,7 @@ def _run_fleet(idx: int, cmd: dict[str, Any], life) -> dict[str, Any]:
     import numpy as np
 
     from actor.main import robot_specs
-    from actor.runtime import FleetClient
+    from fleetloop.client.runtime import FleetClient
     from bench.ingest import synthetic_episode
 
     obs_specs, act_specs = robot_specs()
@@ -182,7 +182,7 @@ def worker(idx: int, cmd_q, ready_q, result_q, hard_deadline_s: float) -> None:
 
     try:
         life = child_setup(hard_deadline_s)
-        import actor.runtime  # noqa: F401  (import cost paid before 'ready')
+        import fleetloop.client.runtime  # noqa: F401  (import cost paid before 'ready')
         ready_q.put({"idx": idx, "ready": True})
     except Exception as exc:
         ready_q.put({"idx": idx, "error": repr(exc)[:500]})

@@ -34,7 +34,7 @@ ADMIT_BATCH = 8  # tickets per Admit (an LLM rollout server asks for a batch of 
 
 class _RobotActor:
     def __init__(self, idx: int, cfg: dict[str, Any], spec: PayloadSpec) -> None:
-        from actor.runtime import FleetClient
+        from fleetloop.client.runtime import FleetClient
 
         obs_specs, act_specs = robot_specs(spec)
         self.client = FleetClient(cfg["learner"], cfg["job"], f"bench-actor-{idx}", obs_specs, act_specs, [cfg["task"]],
@@ -55,9 +55,9 @@ class _LlmActor:
     def __init__(self, idx: int, cfg: dict[str, Any], spec: PayloadSpec) -> None:
         import grpc
 
-        from actor.runtime import channel_options
-        from actor.sender import Sender
-        from actor.spool import Spool
+        from fleetloop.client.runtime import channel_options
+        from fleetloop.client.sender import Sender
+        from fleetloop.client.spool import Spool
         from fleetloop.codec import PROTOCOL_VERSION
         from fleetloop.v1 import fleetloop_pb2 as pb
         from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
@@ -115,7 +115,7 @@ class _RawStream:
     def _run(self) -> None:
         import grpc
 
-        from actor.runtime import channel_options
+        from fleetloop.client.runtime import channel_options
 
         try:
             channel = grpc.insecure_channel(self.target, options=channel_options())

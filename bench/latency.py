@@ -303,7 +303,7 @@ def _goals_and_notes(cfg: LatencyConfig, runs: list[dict[str, Any]]) -> tuple[li
         limit = "" if met else (
             f"chunking: a step waits for the rest of its chunk (the first step up to {floor:.2f} s: (C-1)/hz"
             f"{f', capped by max_chunk_wait_s {wait:g} s' if wait else ''}) plus one more step period, because "
-            f"EpisodeRecorder seals a chunk when the next step is recorded (actor/runtime.py); mean parts: {_dominant(fl)}; "
+            f"EpisodeRecorder seals a chunk when the next step is recorded (fleetloop/client/runtime.py); mean parts: {_dominant(fl)}; "
             f"raw gRPC with the same chunking: P99 {raw_p99:.2f} s, so no transport can meet it with this chunking. "
             f"Fix: max_chunk_wait_s <= 0.9 s (learner config) or chunk_steps <= {int(cfg.hz * 0.9)} at {cfg.hz:g} Hz")
         sealed = f", sealed after {cfg.max_chunk_wait_s:g} s" if cfg.max_chunk_wait_s else ""

@@ -4,7 +4,7 @@ Each :class:`LoadActor` is one robot's uplink without the robot: its own gRPC ch
 connection: ``grpc.use_local_subchannel_pool``), a ``Handshake`` with its credential (learner
 mode), then one ``StreamExperience`` stream over which it sends pre-built chunks
 (:mod:`bench.load_data`) at ``hz`` steps per second (0 = as fast as its window allows) with at
-most ``max_inflight`` unacknowledged, as ``actor.sender.Sender`` does. Per ack it records the
+most ``max_inflight`` unacknowledged, as ``fleetloop.client.sender.Sender`` does. Per ack it records the
 latency (monotonic time from just before the chunk was written to the stream to the ack's
 arrival), duplicates, ``backoff_ms`` hints (honoured: sending pauses that long) and, in learner
 mode, that the ack names the chunk it acknowledges. A failed stream is counted by status code and
@@ -231,7 +231,7 @@ class LoadActor:
                 if self.stop.is_set() and time.monotonic() > drain_deadline[0]:
                     break
                 self.stats.c["reconnects"] += 1
-                pushback = _pushback_s(err)  # the learner's grpc-retry-pushback-ms, as actor.sender honours it
+                pushback = _pushback_s(err)  # the learner's grpc-retry-pushback-ms, as fleetloop.client.sender honours it
                 await asyncio.sleep(pushback if pushback is not None else delay * (0.5 + self.rng.random()))
                 delay = min(5.0, delay * 2)
         self._requeue()

@@ -15,7 +15,7 @@ What the episodes look like (per step; the same specs as ``fleetloop actor``):
 - interventions: operator takeovers in contiguous runs of 8-20 steps, ~10 % of steps overall;
 - outcome: ~55 % ``success`` (episode ends early, 60-200 steps), ~10 % ``failure`` (ends early),
   the rest ``timeout`` at ``max_episode_steps``. The last chunk always has steps and the end,
-  as ``actor.runtime.EpisodeRecorder`` sends it.
+  as ``fleetloop.client.runtime.EpisodeRecorder`` sends it.
 
 Deterministic for a given seed. Only numpy and the generated protobuf code are imported.
 """

@@ -235,7 +235,7 @@ def robot_messages(spec: PayloadSpec, actor_id: str, seed: int, steps: int, job:
     if src.encoded is not None:
         _record_encoded(fake, task, src)
     else:
-        from actor.runtime import EpisodeRecorder
+        from fleetloop.client.runtime import EpisodeRecorder
 
         rec = EpisodeRecorder(fake, task, f"{actor_id}-{uuid.uuid4().hex[:16]}", 0)
         for t in range(steps):

@@ -6,7 +6,7 @@ is always measured, the ratios need it):
 fleetloop path:
   an in-process learner (``build_learner(...).serve()``, training idle, ``keep_versions=2``) and N robot
   processes (``spawn``, :func:`bench.weights_procs.robot`), each with the real
-  ``actor.weight_client.WeightClient`` (SubscribeWeights -> fetch thread -> FetchWeights chunks
+  ``fleetloop.client.weight_client.WeightClient`` (SubscribeWeights -> fetch thread -> FetchWeights chunks
   hashed as they arrive into one buffer -> digest check -> zero-copy safetensors views) and the
   real ``actor.policy_runner.PolicyRunner`` running an MLP whose parameters total the size (4
   hidden layers, width solved for the size). The bench publishes with ``core.weights.publish(blob)``

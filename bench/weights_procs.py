@@ -41,7 +41,7 @@ def robot(idx: int, target: str, spec: dict[str, Any], ready_q, report_q, stop, 
         from actor.policy_runner import PolicyRunner
         from fleetloop import wire_settings
         from fleetloop.channels import channel_options
-        from actor.weight_client import VerifiedWeights, WeightClient, load_checked
+        from fleetloop.client.weight_client import VerifiedWeights, WeightClient, load_checked
         from fleetloop.v1 import fleetloop_pb2 as pb
         from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 

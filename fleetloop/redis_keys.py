@@ -16,7 +16,8 @@ key                                         type    written by / meaning
 ``fl:job:{id}:final``                       string  learner's last report / launcher on reaping it: the
                                                     final status of a stopped learner (JSON, no TTL)
 ``fl:job:{id}:actors``                      hash    learner: actor id -> JSON row of the fleet table
-``fl:job:{id}:versions``                    hash    learner: version -> JSON (step, time, digest)
+``fl:job:{id}:versions``                    hash    learner: version -> JSON (step, time, digest,
+                                                    kept) of each version its weight store retains
 ``fl:job:{id}:series``                      list    learner: time series points for charts (capped)
 ``fl:job:{id}:evaluations``                 hash    API: version -> JSON evaluation results
 ``fl:job:{id}:enrollments``                 hash    API: sha256(token) -> JSON (id, name, revoked)

@@ -217,6 +217,10 @@ class Lifecycle(Protocol):
         """Tell the fleet to run ``version`` (None: unpin, the newest again)."""
         ...
 
+    def keep(self, version: int, keep: bool = True) -> None:
+        """Mark ``version`` kept (retention never deletes its weights) or release it; NotFound if not retained."""
+        ...
+
     def set_paused(self, paused: bool) -> None: ...
 
     def begin_stop(self) -> None:

@@ -6,13 +6,17 @@ Runs as one background thread inside the learner process (Ray actor or pod). Eac
 
 - a heartbeat (with a TTL, so a dead learner is visible as a missing key);
 - the status snapshot, and one row per actor for the fleet table;
-- every newly published version into the version index (plus a ``published`` event);
+- the version index: one row per *retained* version (version, step, time, digest, ``kept``), kept
+  equal to the weight store: new versions are added (plus a ``published`` event), rows whose
+  ``kept`` mark changed are rewritten, and versions retention deleted are removed (the first tick
+  after a start also removes rows a previous learner left for versions no longer on disk), so the
+  API lists and serves only versions whose weights exist;
 - every ``series_every_s`` a time-series point for the dashboard's charts (per-task success and
   intervention rates over the window since the previous point, loss, updates/s, ingest rate,
   buffer sizes, version, staleness);
 
-and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``rollback``,
-``drain``) from the job's command list and writes each result under ``fl:cmd:{id}``.
+and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``keep``, ``unkeep``,
+``rollback``, ``drain``) from the job's command list and writes each result under ``fl:cmd:{id}``.
 
 When the learner stops (:meth:`ControlAgent.stop`), a last tick is followed by the final report
 (:meth:`ControlAgent.report_final`): the status is kept without TTL (``fl:job:{id}:final``, ingest
@@ -72,7 +76,7 @@ class ControlAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported_version = -1
-        self._pruned_below = 0  # version index entries below this were deleted (cap: keys.VERSIONS_MAX)
+        self._version_rows: dict[int, str] | None = None  # what the version index holds (None: not read yet)
         self._episode_index = 0
         self._last_point: tuple[float, int, int] | None = None  # (time, learner step, ingested steps)
         self._last_error_log = 0.0
@@ -178,18 +182,23 @@ class ControlAgent:
         pipe.set(keys.status(self.job), json.dumps(status))
         if rows:
             pipe.hset(keys.actors(self.job), mapping={a: json.dumps(r) for a, r in rows.items()})
-        new_versions = [v for v in self.core.weights.versions() if v.version > self._reported_version]
-        for v in new_versions:
-            pipe.hset(keys.versions(self.job), str(v.version), json.dumps(
-                {"version": v.version, "step": v.learner_step, "published_at": v.published_at, "sha256": v.sha256,
-                 "size_bytes": v.size_bytes}))
+        infos, rows_now = self._versions_now()
+        new_versions = [v for v in infos if v.version > self._reported_version]
+        if self._version_rows is None:  # rows a previous learner left for versions no longer on disk go too
+            self._version_rows = {int(v): "" for v in self.redis.hkeys(keys.versions(self.job)) if v.isdigit()}
+        changed = {str(v): r for v, r in rows_now.items() if self._version_rows.get(v) != r}
+        gone = [str(v) for v in self._version_rows if v not in rows_now]
+        if changed:
+            pipe.hset(keys.versions(self.job), mapping=changed)
+        for i in range(0, len(gone), 1000):
+            pipe.hdel(keys.versions(self.job), *gone[i:i + 1000])
         if point:
             pipe.rpush(keys.series(self.job), json.dumps(self.series_point(status, now)))
             pipe.ltrim(keys.series(self.job), -keys.SERIES_MAX, -1)
         pipe.execute()
+        self._version_rows = rows_now
         if new_versions:
             self._reported_version = new_versions[-1].version
-            self._prune_versions()
             self.emit("published", version=self._reported_version, step=new_versions[-1].learner_step,
                       count=len(new_versions))
         self.ticks += 1
@@ -209,16 +218,16 @@ class ControlAgent:
         pipe.execute()
         return final
 
-    def _prune_versions(self) -> None:
-        """Keep the newest ``keys.VERSIONS_MAX`` entries of the version index (the pinned one too)."""
-        below = self._reported_version + 1 - keys.VERSIONS_MAX
-        if below <= self._pruned_below:
-            return
-        pinned = self.core.weights.pinned
-        doomed = [str(v) for v in range(self._pruned_below, below) if v != pinned]
-        for i in range(0, len(doomed), 1000):
-            self.redis.hdel(keys.versions(self.job), *doomed[i:i + 1000])
-        self._pruned_below = below
+    def _versions_now(self) -> tuple[list[Any], dict[int, str]]:
+        """The weight store's retained versions (oldest first) and the version index rows they make:
+        the newest ``keys.VERSIONS_MAX`` plus version 0, the pinned one and every kept one."""
+        weights = self.core.weights
+        infos, kept, pinned = weights.versions(), weights.kept, weights.pinned
+        newest = {v.version for v in infos[-keys.VERSIONS_MAX:]}
+        return infos, {v.version: json.dumps(
+            {"version": v.version, "step": v.learner_step, "published_at": v.published_at, "sha256": v.sha256,
+             "size_bytes": v.size_bytes, "kept": v.version in kept})
+            for v in infos if v.version in newest or v.version in kept or v.version in (0, pinned)}
 
     # -- commands ----------------------------------------------------------------------------
     def run_commands(self, limit: int = 16) -> int:
@@ -257,6 +266,9 @@ class ControlAgent:
             elif op == "unpin":
                 self.core.pin(None)
                 result = {"pinned": None}
+            elif op in ("keep", "unkeep"):
+                self.core.keep(int(args["version"]), op == "keep")
+                result = {"version": int(args["version"]), "kept": op == "keep"}
             elif op == "rollback":
                 if not isinstance(self.core, Rollback):
                     raise FailedPrecondition(f"job {self.job!r} ({self.core.kind}) cannot roll back; pin a version instead",

@@ -66,7 +66,7 @@ from learner.prefetch import BatchSource
 from learner.pretrain import load_initial_weights
 from learner.device import pick_device, precision, prepare_policy, to_device
 from learner.replay import ReplayStore
-from learner.startup import load_offline, size_buffers
+from learner.startup import load_offline, size_buffers, write_policy_file
 from learner.sampler import AdaptiveSampler
 from learner.specs import to_proto_specs
 from learner.staleness import StalenessGate
@@ -118,6 +118,7 @@ class LearnerCore(CoreLifecycle):
         self.recap_startup: dict[str, Any] | None = None
         self.sampler = AdaptiveSampler(config.tasks, opt.sampler)
         self.weights = WeightStore(state_dir / "weights", keep_in_memory=config.serving.keep_versions)
+        write_policy_file(config)  # how to rebuild the policy offline (fleetloop eval / policy export --state-dir)
         self.ingest_log = IngestLog(state_dir / "ingest.log", fsync=config.fsync_log)
         budgeted, fc = config.flow.memory_budget_mb is not None, config.flow
         self.flow = FlowControl(fc.max_actor_steps_per_s, fc.actor_burst_s, fc.actor_hard_factor,

@@ -1,6 +1,6 @@
 """The one implementation of :class:`learner.api.Lifecycle`, shared by the robot and the LLM core.
 
-:class:`CoreLifecycle` is a mixin: versions (``version``, ``publish``), operator controls (``pin``,
+:class:`CoreLifecycle` is a mixin: versions (``version``, ``publish``), operator controls (``pin``, ``keep``,
 ``set_paused``, ``begin_stop``, ``pause_and_publish``), the training thread (``start_training``,
 ``stop_training``, ``stop``) and the experience-in path both cores share (``reserve``, ``ingest``
 with the ``on_ingest`` hook). What differs stays in each core:
@@ -136,6 +136,12 @@ class CoreLifecycle:
         self.weights.pin(version)
         self._sync_fleet_metric()
         event(self.traits.log, "pinned", job=self.job, version=version)
+
+    def keep(self, version: int, keep: bool = True) -> None:
+        """Mark a version kept (weight retention never deletes it; persisted) or release it.
+        NotFound names a version that is not retained."""
+        if self.weights.keep(version, keep):
+            event(self.traits.log, "kept" if keep else "unkept", job=self.job, version=version)
 
     def set_paused(self, paused: bool) -> None:
         """Pause (or resume) training and publishing. Ingest, weight serving (and LLM admission) go on,

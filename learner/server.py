@@ -350,7 +350,7 @@ def _parsed(cls, method, metrics, job: str):
 def transport_limit(max_message_bytes: int) -> int:
     """The gRPC transport's receive limit for a learner that accepts ``max_message_bytes`` (the limit it
     announces in RunConfig and enforces itself). Actors check every chunk against the announced limit
-    before sending (:mod:`actor.limits`; their channel sets no lower send cap); the transport takes up to twice as much (at least 1 MiB more)
+    before sending (:mod:`fleetloop.client.limits`; their channel sets no lower send cap); the transport takes up to twice as much (at least 1 MiB more)
     so that a client that does send an oversized chunk gets the learner's own refusal (RESOURCE_EXHAUSTED
     naming ``message_size`` and both sizes, ``grpc-retry-pushback-ms: -1``, counted and logged) instead
     of a bare transport error; only past this limit does gRPC itself refuse the message."""

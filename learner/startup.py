@@ -8,11 +8,17 @@
   online ring gets its share of the budget as a byte bound (it evicts by bytes too, counting the
   frames as stored) and a row capacity from an assumed compression
   (:data:`learner.frames.ASSUMED_COMPRESSION`), which only sets how many rows its arrays may hold.
+- :func:`write_policy_file`: ``STATE_DIR/policy.json``, how to rebuild the job's policy offline (job
+  id, factory, kwargs, tasks, tensor specs, algorithm): what ``fleetloop eval --state-dir`` and
+  ``fleetloop policy export --state-dir`` read beside the weights.
 """
 
 from __future__ import annotations
 
-from fleetloop.dataset import iter_episodes
+import json
+from pathlib import Path
+
+from fleetloop.dataset import atomic_write, iter_episodes
 from fleetloop.logs import event, get_logger
 from fleetloop.specs import PolicySpec
 from learner.backpressure import MemoryPlan, plan_memory
@@ -21,6 +27,21 @@ from learner.frames import ASSUMED_COMPRESSION
 from learner.replay import ReplayStore, bytes_per_step
 
 log = get_logger("learner")
+
+
+POLICY_FILE = "policy.json"
+
+
+def write_policy_file(cfg: LearnerConfig) -> Path:
+    """Write ``STATE_DIR/policy.json`` (atomically; rewritten at every start); returns its path."""
+    opt = cfg.optimisation
+    path = Path(cfg.state_dir) / POLICY_FILE
+    atomic_write(path, json.dumps({
+        "job_id": cfg.job_id, "policy_factory": opt.policy_factory, "policy_kwargs": opt.policy_kwargs,
+        "tasks": list(cfg.tasks), "algorithm": opt.algorithm,
+        "observation_specs": [s.model_dump() for s in cfg.observation_specs],
+        "action_specs": [s.model_dump() for s in cfg.action_specs]}, indent=1).encode())
+    return path
 
 
 def load_offline(cfg: LearnerConfig, replay: ReplayStore) -> int:

@@ -1,8 +1,10 @@
 """WeightStore: versioned, content-addressed policy weights.
 
 Invariants:
-- retention: version 0 (the initial policy), a pinned version and the newest ``keep_on_disk``
-  versions stay fetchable; older ones are deleted (their numbers are never reused);
+- retention: version 0 (the initial policy), a pinned version, every *kept* version
+  (:meth:`WeightStore.keep`: an operator's "never delete this one", persisted in ``index.json`` so it
+  survives restarts) and the newest ``keep_on_disk`` versions stay fetchable; older ones are deleted
+  (their numbers are never reused);
 - versions increase by exactly one per publish and never repeat (also across restarts: the store
   reloads its index from disk);
 - a version's bytes are a safetensors blob whose sha256 is its identity; blobs are written
@@ -52,6 +54,7 @@ class WeightStore:
         self._blobs: OrderedDict[int, bytes] = OrderedDict()
         self._index: dict[int, VersionInfo] = {}
         self._pinned: int | None = None
+        self._kept: set[int] = set()
         #: seconds of the last publish's sha256 and durable write (they run at the same time)
         self.last_publish_timings: dict[str, float] = {}
         self._load_index()
@@ -70,11 +73,12 @@ class WeightStore:
             if (self.root / f"v{info.version}.safetensors").exists():
                 self._index[info.version] = info
         self._pinned = data.get("pinned")
+        self._kept = {int(v) for v in data.get("kept", []) if int(v) in self._index}
         self._next_version = int(data.get("next_version", max(self._index, default=-1) + 1))
 
     def _save_index(self) -> None:
         data = {"versions": [asdict(v) for v in sorted(self._index.values(), key=lambda v: v.version)],
-                "pinned": self._pinned, "next_version": self._next_version}
+                "pinned": self._pinned, "kept": sorted(self._kept), "next_version": self._next_version}
         atomic_write(self._index_path(), json.dumps(data).encode())
 
     # -- publishing --------------------------------------------------------------------------
@@ -128,10 +132,10 @@ class WeightStore:
             self._keep_disk = int(n)
 
     def _prune(self) -> None:
-        """Keep version 0, the pinned version and the newest ``keep_on_disk`` versions on disk."""
+        """Keep version 0, the pinned version, the kept versions and the newest ``keep_on_disk`` versions on disk."""
         old = sorted(self._index)[:-self._keep_disk]
         for v in old:
-            if v in (0, self._pinned):
+            if v in (0, self._pinned) or v in self._kept:
                 continue
             del self._index[v]
             (self.root / f"v{v}.safetensors").unlink(missing_ok=True)
@@ -144,6 +148,30 @@ class WeightStore:
             self._pinned = version
             self._save_index()
             self._cond.notify_all()
+
+    def keep(self, version: int, keep: bool = True) -> bool:
+        """Mark ``version`` kept (retention never deletes it) or release it (``keep=False``; it is then
+        pruned at once if retention no longer holds it). Persisted in ``index.json``. NotFound names
+        a version that is not retained (unknown or already pruned). Returns whether the mark changed."""
+        with self._cond:
+            if version not in self._index:
+                raise NotFound(f"unknown policy version {version} (never published or pruned)", field="version",
+                               value=version)
+            if (version in self._kept) == bool(keep):
+                return False
+            if keep:
+                self._kept.add(version)
+            else:
+                self._kept.discard(version)
+                self._prune()
+            self._save_index()
+            return True
+
+    @property
+    def kept(self) -> frozenset[int]:
+        """Versions an operator marked kept (never pruned)."""
+        with self._cond:
+            return frozenset(self._kept)
 
     # -- reading -----------------------------------------------------------------------------
     @property

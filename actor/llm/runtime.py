@@ -14,14 +14,14 @@ tickets (an engine that dies mid-call is restarted and the tickets reused once; 
 never returns is abandoned and replaced), score each with :func:`fleetloop.llm_tasks.safe_score`
 (a verifier that raises scores the task's failure score, is logged and flagged ``verifier_error``;
 it never stops the actor) -> one EpisodeChunk per group (``group`` set, ``episode_id`` unique per group, seq 0, end SUCCESS) into the
-spool; the existing :class:`~actor.sender.Sender` ships it (acknowledged data is never lost;
+spool; the existing :class:`~fleetloop.client.sender.Sender` ships it (acknowledged data is never lost;
 unacknowledged groups survive a restart on the same spool folder). A group larger than the
 learner's ``max_message_bytes`` (a group cannot be split) is never spooled: one
 ``event=group_oversized`` line, ``fleetloop_llm_actor_set_aside_groups_total{reason="oversized"}``;
 the sender sets aside (never retries) a spooled group over the limit or refused for size, counted
-there too (:mod:`actor.limits`).
+there too (:mod:`fleetloop.client.limits`).
 
-Weights: :class:`~actor.weight_client.WeightClient` subscribes, fetches and verifies every announced
+Weights: :class:`~fleetloop.client.weight_client.WeightClient` subscribes, fetches and verifies every announced
 version (digest first); updates are applied between ``generate`` calls only, so every completion is
 tagged with the version its ``generate`` started on (the engine's policy). An update that fails or
 times out (``weight_timeout_s``) is counted (``fleetloop_llm_weight_update_failures_total{reason}``),
@@ -31,7 +31,7 @@ failed) is logged and retried with backoff; a refusal no retry can fix (bad cred
 a robot job) ends :meth:`LlmActor.run` with that error. Structured logs carry job, actor and version.
 
 Parts: the learner connection (channel, sender, handshake retry, weight follower) is
-:class:`actor.connection.LearnerConnection`, shared with the robot runtime; the engine's supervision
+:class:`fleetloop.client.connection.LearnerConnection`, shared with the robot runtime; the engine's supervision
 (restart, stuck-call replacement) is :mod:`actor.llm.supervisor`; prompt sampling and group chunks are
 :mod:`actor.llm.rollout`. This module runs the loop.
 
@@ -49,14 +49,14 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from actor.connection import ConnectionParts, LearnerConnection
-from actor.limits import announced_limit, over_limit, report_oversized
+from fleetloop.client.connection import ConnectionParts, LearnerConnection
+from fleetloop.client.limits import announced_limit, over_limit, report_oversized
 from actor.llm.metrics import LlmActorMetrics, LlmActorStats  # noqa: F401 - re-exported
 from actor.llm.options import LlmActorOptions, default_engine_factory, resolve_model_dir  # noqa: F401 - re-exported
 from actor.llm.rollout import Rollouts
 from actor.llm.supervisor import EngineSupervisor
-from actor.spool import Spool
-from actor.weight_client import VerifiedWeights, WeightClient
+from fleetloop.client.spool import Spool
+from fleetloop.client.weight_client import VerifiedWeights, WeightClient
 from fleetloop import wire_settings
 from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.errors import FailedPrecondition, FleetloopError, ResourceExhausted, Unavailable
@@ -367,7 +367,7 @@ class LlmActor(ConnectionParts):
 
     def close(self, flush_timeout: float = 10.0) -> None:
         """Flush (bounded), stop the sender and the weight follower, close the channel, close the engine.
-        Unacknowledged groups stay in the spool folder (:meth:`~actor.connection.LearnerConnection.close`)."""
+        Unacknowledged groups stay in the spool folder (:meth:`~fleetloop.client.connection.LearnerConnection.close`)."""
         self.connection.close(flush_timeout, flush=self._started)
         self.supervisor.close()
 

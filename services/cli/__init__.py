@@ -3,7 +3,8 @@
 Subcommands, one module per group: ``demo`` (the main job; ``demo llm``: GRPO with vLLM rollout
 servers), ``eval``, ``experiment`` (:mod:`.harness`); ``learner``, ``pretrain`` (:mod:`.learner`);
 ``actor``, ``demos record`` (:mod:`.actor`); control plane: ``up``, ``api``, ``job ...``, ``certs
-init``, ``admin create-key`` (:mod:`.control`). Other installed packages add subcommands through the
+init``, ``admin create-key`` (:mod:`.control`); ``data import`` / ``data export`` (LeRobotDataset v3.0,
+:mod:`.data`); ``policy export`` / ``policy keep`` (:mod:`.policy`). Other installed packages add subcommands through the
 ``fleetloop.cli`` entry point group: ``bench ingest`` / ``bench weights`` / ``bench load`` / ``bench
 async`` / ... come from :func:`bench.cli.add_commands` that way (services never import bench).
 """
@@ -17,7 +18,7 @@ from importlib.metadata import entry_points
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
-from services.cli import actor, control, harness, learner  # noqa: E402  (after the environment defaults)
+from services.cli import actor, control, data, harness, learner, policy  # noqa: E402  (after the environment defaults)
 from services.cli.common import DEFAULT_TASKS  # noqa: E402
 from services.cli.learner import learner_config  # noqa: E402
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_pretrain(sub)
     harness.add_eval(sub)
     harness.add_experiment(sub)
+    data.add_data(sub)
+    policy.add_policy_commands(sub)
     add_plugin_commands(sub)
     control.add_control_commands(sub)
     return p

@@ -35,9 +35,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from services.harness.evaluation import evaluate_file, read_policy_file, resolve_weights, summarize
+    from services.harness.evaluation import evaluate_file, policy_view, read_bundle, read_policy_file, resolve_weights, summarize
     state = Path(args.state_dir) if args.state_dir else None
     saved = read_policy_file(state) if state else {}
+    if args.weights and Path(args.weights).is_dir():  # an export folder (fleetloop policy export): verified, self-describing
+        weights, saved = read_bundle(Path(args.weights))
+        args.weights = str(weights)
     if not saved and args.checkpoint:  # a checkpoint inside a state dir: STATE/checkpoints[/ckpt-*]
         ck = Path(args.checkpoint)
         saved = next((read_policy_file(d) for d in (ck, ck.parent, ck.parent.parent) if read_policy_file(d)), {})
@@ -48,7 +51,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     factory = args.policy_factory or saved.get("policy_factory", "fleetloop.policies:mlp_policy")
     kwargs = json.loads(args.policy_kwargs) if args.policy_kwargs else saved.get("policy_kwargs", {})
     res = evaluate_file(path, tasks, args.trials, workers=args.workers, policy_factory=factory, policy_kwargs=kwargs,
-                        hz=args.hz, guidance_beta=args.guidance_beta, max_steps=args.max_steps)
+                        hz=args.hz, guidance_beta=args.guidance_beta, max_steps=args.max_steps, view=policy_view(saved))
     report = {"weights": str(path), "tasks": res, **summarize(res), "trials": args.trials, "hz": args.hz,
               "guidance_beta": args.guidance_beta, "policy_factory": factory}
     text = json.dumps(report, indent=1)
@@ -114,7 +117,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a frozen policy on fixed held-out seeds (no operator): success, "
                                      "episodes per hour at the robot's pace, mean episode length")
-    ev.add_argument("--weights", default=None, help="a safetensors weights file")
+    ev.add_argument("--weights", default=None, help="a safetensors weights file, or an export folder (fleetloop policy "
+                    "export: its policy, tasks and observation layout come with it)")
     ev.add_argument("--state-dir", default=None, help="a job's learner state folder (weights/, checkpoints/)")
     ev.add_argument("--version", default=None, help="policy version in --state-dir (a number or 'latest')")
     ev.add_argument("--checkpoint", default=None, help="a learner checkpoint folder (ckpt-*, or checkpoints/: the newest)")

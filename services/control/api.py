@@ -6,7 +6,7 @@ the FleetloopError hierarchy is mapped to HTTP there and only there, as ``{"erro
 "message", "field", "value"}}``; request validation errors are FastAPI's 422 with the field paths;
 the key is checked before a body that cannot be parsed is reported; 405 lists every allowed method.
 
-Operator commands on a running learner (pause, resume, pin, unpin, rollback) are queued in Redis
+Operator commands on a running learner (pause, resume, pin, unpin, keep, rollback) are queued in Redis
 for the learner's control agent; the API waits up to ``command_timeout_s`` for the result (200),
 else answers 202 with the queued command's id (the learner runs it when it next polls).
 """
@@ -32,6 +32,7 @@ from services.control.api_errors import ERRORS, install_error_handlers
 from services.control.job_views import ActorRow, learner_report
 from services.control.jobspec import JobSpec
 from services.control.launchers.base import Launcher
+from services.control.policy_routes import install_policy_routes
 from services.control.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
 
 log = get_logger("services.api")
@@ -72,6 +73,7 @@ class PolicyVersion(BaseModel):
     sha256: str
     size_bytes: int
     pinned: bool = Field(description="The fleet is pinned to this version.")
+    kept: bool = Field(False, description="Kept: weight retention never deletes it (POST/DELETE .../keep).")
     evaluation: dict[str, Any] | None = Field(None, description="Evaluation results, when known.")
 
 
@@ -313,6 +315,9 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
         if res.status == "done":  # a queued one reaches the record via the learner's report
             store.update_job(job_id, pinned=None)
         return reply(res)
+
+    install_policy_routes(app, store, launcher, viewer=viewer, operator=operator, active_job=active_job, command=command,
+                          reply=reply, command_model=CommandResult)  # export (metadata, weights, tar) and keep
 
     # -- fleet ---------------------------------------------------------------------------
     @app.get("/v1/jobs/{job_id}/actors", response_model=list[ActorRow], responses=ERRORS, tags=["fleet"])

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 import httpx
 
 from fleetloop.errors import (FailedPrecondition, FleetloopError, InvalidArgument, NotFound, PermissionDenied,
                               Unauthenticated, Unavailable)
 
+T = TypeVar("T")
 _BY_STATUS = {401: Unauthenticated, 403: PermissionDenied, 404: NotFound, 409: FailedPrecondition, 422: InvalidArgument,
               503: Unavailable}
 
@@ -70,6 +71,10 @@ class ApiClient:
             raise Unavailable(f"control plane at {self.http.base_url} unreachable: {exc}", field="api", value=str(self.http.base_url)) from None
         if r.status_code < 300:
             return r.json()
+        raise self.error(r)
+
+    def error(self, r: httpx.Response) -> FleetloopError:
+        """The FleetloopError of a failed response (its body read), as :meth:`call` raises it."""
         try:
             body = r.json()
         except ValueError:
@@ -85,7 +90,20 @@ class ApiClient:
             err = body.get("error") or {}
             msg = err.get("message") or r.text[:300]
             field, value = err.get("field"), err.get("value")
-        raise _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}", field=field, value=value)
+        return _BY_STATUS.get(r.status_code, FleetloopError)(f"HTTP {r.status_code}: {msg}", field=field, value=value)
+
+    def download(self, path: str, sink: Callable[[Iterator[bytes], httpx.Headers], T], chunk_bytes: int = 1 << 20) -> T:
+        """Stream ``GET path`` into ``sink(pieces, headers)`` (never the whole body in memory) and return
+        what it returns; an error status raises like :meth:`call`."""
+        try:
+            with self.http.stream("GET", path) as r:
+                if r.status_code >= 300:
+                    r.read()
+                    raise self.error(r)
+                return sink(r.iter_bytes(chunk_bytes), r.headers)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"control plane at {self.http.base_url}: {path}: {exc}", field="api",
+                              value=str(self.http.base_url)) from None
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", json=spec)

@@ -253,6 +253,11 @@ class StateStore:
         rows = self._guard(self.r.hgetall, keys.evaluations(job_id))
         return {int(v): json.loads(r) for v, r in rows.items()}
 
+    def version(self, job_id: str, version: int) -> dict[str, Any] | None:
+        """The version index row of ``version`` (what the learner reported while it retained it), or None."""
+        raw = self._guard(self.r.hget, keys.versions(job_id), str(version))
+        return None if raw is None else json.loads(raw)
+
     def version_exists(self, job_id: str, version: int) -> bool:
         return bool(self._guard(self.r.hexists, keys.versions(job_id), str(version)))
 

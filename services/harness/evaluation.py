@@ -3,6 +3,10 @@
 * :func:`evaluate_file` runs ``trials`` episodes per task (seeds fixed by :mod:`actor.evaluate`) on
   worker processes (one task each) and returns per task: success rate, mean episode length and
   throughput (episodes per hour at the robot's pace ``hz``, resets excluded).
+* :func:`read_bundle` reads an export folder (``fleetloop policy export``: ``model.safetensors`` +
+  ``fleetloop-policy.json``, sha256 verified): the weights file and the policy description (factory,
+  kwargs, tasks, tensor specs) it carries, so a machine without the job's state evaluates it;
+  :func:`policy_view` turns a description's specs into the simulated robot's observation options.
 * :func:`resolve_weights` finds the weights to evaluate: a safetensors file, a version number in a
   job's state dir (``STATE/weights/v<N>.safetensors``, sha256 checked against the weight store's
   ``index.json``), or a learner checkpoint (``STATE/checkpoints`` or one ``ckpt-*`` folder: its
@@ -60,7 +64,7 @@ def _eval_one(path: str, all_tasks: list[str], task: str, trials: int, max_steps
     from actor.evaluate import evaluate
     from actor.main import robot_specs
     from actor.policy_runner import PolicyRunner
-    from actor.weight_client import VerifiedWeights
+    from fleetloop.client.weight_client import VerifiedWeights
     from fleetloop.weights import load_verified, sha256_hex
 
     blob = Path(path).read_bytes()
@@ -125,6 +129,28 @@ def read_policy_file(state_dir: Path) -> dict[str, Any]:
     """The job's policy description saved beside its learner state (``policy.json``), or {}."""
     p = Path(state_dir) / POLICY_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def read_bundle(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """(weights file, policy description) of an export folder, after its sha256 checked out
+    (IntegrityError naming ``model.safetensors`` otherwise); InvalidArgument for an LLM bundle."""
+    from fleetloop.errors import InvalidArgument
+    from fleetloop.policy_bundle import WEIGHTS_FILE, verify_bundle
+
+    meta = verify_bundle(folder)
+    if meta["kind"] != "robot":
+        raise InvalidArgument(f"{folder} is an {meta['kind']} policy: it is evaluated by its own tasks, not on Meta-World",
+                              field="weights", value=str(folder))
+    return Path(folder) / WEIGHTS_FILE, meta
+
+
+def policy_view(saved: dict[str, Any]) -> dict | None:
+    """The simulated robot's observation options for a policy description with tensor specs (None:
+    state, or no specs recorded); InvalidArgument when the specs are no simulated layout."""
+    if not saved.get("observation_specs"):
+        return None
+    from fleetloop.policy_bundle import simulator_view
+    return simulator_view(saved)
 
 
 def _version_file(state_dir: Path, version: int) -> Path:

@@ -20,8 +20,8 @@ import time
 
 def install(journal_path: str) -> None:
     """Wrap Spool.put / Spool.reject / FleetClient._on_ack / FleetClient.connect to journal them."""
-    from actor.runtime import FleetClient
-    from actor.spool import Spool
+    from fleetloop.client.runtime import FleetClient
+    from fleetloop.client.spool import Spool
     from tests.chaos.procs import chunk_rec
 
     fh = open(journal_path, "a", buffering=1)

@@ -225,7 +225,7 @@ def frame_torn(actor_id: str, episode_id: str, seq: int, task: str) -> tuple[byt
     file bytes)."""
     import numpy as np
 
-    from actor.spool import frame
+    from fleetloop.client.spool import frame
     from fleetloop.codec import encode
     from fleetloop.v1 import fleetloop_pb2 as pb
 
@@ -244,7 +244,7 @@ def frame_torn(actor_id: str, episode_id: str, seq: int, task: str) -> tuple[byt
 
 def spool_snapshot(spool_dir: Path) -> list[ChunkRec]:
     """The chunks in a (dead) actor's spool folder, read with the spool's own frame check."""
-    from actor.spool import unframe
+    from fleetloop.client.spool import unframe
 
     out = []
     for path in sorted(Path(spool_dir).glob("*.chunk")):

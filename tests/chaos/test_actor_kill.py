@@ -16,7 +16,7 @@ Definitions used by the assertions:
 
 Holds: every sent chunk is in the learner's log exactly once and nothing else is; every sent step
 is in the buffer exactly once (0 duplicates); every chunk the actor saw acknowledged is stored; the
-episode the kill cut is *left open* (the runtime's default, see ``actor/runtime.py``): its spooled
+episode the kill cut is *left open* (the runtime's default, see ``fleetloop/client/runtime.py``): its spooled
 chunks 0..k are all stored (contiguous seqs and steps), it has no outcome, it is the only open
 episode on the learner, and the restarted process reports it (``episode_left_open``) and clears
 its marker; a torn spool file (a write cut by a power loss, planted here next to the temp file a
@@ -199,8 +199,8 @@ def test_abort_chunk_of_an_interrupted_episode(tmp_path):
     ABORTED end chunk with the next seq and first step, also when the last put beat its marker
     update (the spool's own entries win); an episode whose end is already spooled just loses its marker."""
     from actor.main import robot_specs
-    from actor.runtime import close_interrupted_episodes
-    from actor.spool import Spool
+    from fleetloop.client.runtime import close_interrupted_episodes
+    from fleetloop.client.spool import Spool
 
     obs, act = robot_specs()
     spool = Spool(tmp_path / "spool")
@@ -224,8 +224,8 @@ def test_abort_chunk_of_an_interrupted_episode(tmp_path):
 
 def test_zero_step_end_chunk_is_ingested(tmp_path):
     from actor.main import robot_specs
-    from actor.runtime import close_interrupted_episodes
-    from actor.spool import Spool
+    from fleetloop.client.runtime import close_interrupted_episodes
+    from fleetloop.client.spool import Spool
     from learner.ingest import validate
 
     obs, act = robot_specs()

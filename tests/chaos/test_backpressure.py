@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from actor.main import robot_specs
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.config import LearnerConfig
 from learner.process import build_learner
@@ -267,7 +267,7 @@ def test_rate_limit_hints_refuses_the_deaf_and_the_sender_keeps_its_chunks(rate_
 
 def test_fast_actor_spool_cap_blocks_recording(tmp_path):
     """The test's own producer: a full spool blocks recording (nothing is dropped) until an ack."""
-    from actor.spool import Spool
+    from fleetloop.client.spool import Spool
     spool = Spool(tmp_path / "s", max_bytes=100)
     spool.put("e", 0, b"x" * 80)
     with pytest.raises(TimeoutError):

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from actor.main import robot_specs
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.codec import PROTOCOL_VERSION
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc

@@ -40,7 +40,7 @@ TASK = "reach-v3"
 
 def test_redis_sigkill_and_restart_under_api_and_learner(tmp_path):
     from actor.main import robot_specs
-    from actor.runtime import FleetClient
+    from fleetloop.client.runtime import FleetClient
 
     redis = start_redis(tmp_path)
     redis2 = None

@@ -37,27 +37,27 @@ FINDINGS: list[dict[str, str]] = [
      "symptom": "the refusal echoed every dimension: ~160 kB of status details, past gRPC's metadata limit, so the "
                 "client got RESOURCE_EXHAUSTED 'Stream removed (received metadata size exceeds hard limit)' instead",
      "fix": "spec descriptions capped (names 40 chars, shapes 16 dims, 600 chars per list)"},
-    {"id": "weights-claimed-size-allocated", "status": "fixed", "where": "actor/weight_client.py fetch_into",
+    {"id": "weights-claimed-size-allocated", "status": "fixed", "where": "fleetloop/client/weight_client.py fetch_into",
      "input": "WeightAnnouncement(size_bytes=10**15) with a 120-byte blob",
      "symptom": "bytearray(size_bytes) allocated before any byte arrived: MemoryError (not an IntegrityError: the "
                 "background fetcher thread died with it)",
      "fix": "size_bytes capped (max_weight_bytes), buffer grows only with bytes received"},
-    {"id": "weights-not-safetensors", "status": "fixed", "where": "actor/weight_client.py fetch_now",
+    {"id": "weights-not-safetensors", "status": "fixed", "where": "fleetloop/client/weight_client.py fetch_now",
      "input": "blob b'\\xff'*64 announced with its own (matching) sha256",
      "symptom": "SafetensorError escaped fetch_now: not counted, and it ended the background fetcher thread for good",
      "fix": "a blob that does not parse as safetensors is refused with IntegrityError(field='blob'), counted"},
-    {"id": "weights-chunk-identity-unchecked", "status": "fixed", "where": "actor/weight_client.py fetch_into",
+    {"id": "weights-chunk-identity-unchecked", "status": "fixed", "where": "fleetloop/client/weight_client.py fetch_into",
      "input": "WeightChunk.version / sha256 / total_size differing from the announcement",
      "symptom": "chunks naming another version, digest or size were assembled without notice (only the final digest "
                 "guarded the bytes; a wrong chunk surfaced as a bare digest mismatch)",
      "fix": "every chunk must carry the announced version, sha256 and total_size (IntegrityError naming the field)"},
-    {"id": "weights-endless-empty-chunks", "status": "fixed", "where": "actor/weight_client.py fetch_into",
+    {"id": "weights-endless-empty-chunks", "status": "fixed", "where": "fleetloop/client/weight_client.py fetch_into",
      "input": "FetchWeights stream of empty WeightChunks at offset 0",
      "symptom": "any number of empty chunks was accepted: an endless stream of them held the fetch until its deadline",
      "fix": "an empty chunk is legal only as the end marker (offset == size_bytes), once"},
     {"id": "ingest-zero-step-end-chunk", "status": "fixed", "where": "learner/ingest.py validate",
      "input": "EpisodeChunk with 0 steps (shapes [0], [0,39], [0,4]) and end.outcome=ABORTED, as "
-              "actor.runtime.EpisodeRecorder.end() sends when an episode ends before its first step",
+              "fleetloop.client.runtime.EpisodeRecorder.end() sends when an episode ends before its first step",
      "symptom": "ValueError 'cannot reshape array of size 0 into shape (0,newaxis)' -> gRPC UNKNOWN, not counted; "
                 "the actor's Sender retries UNKNOWN forever, so every later chunk of that actor stalls behind it",
      "test": "tests/fuzz/test_fuzz_chunks.py::test_zero_step_end_chunk_is_valid, "

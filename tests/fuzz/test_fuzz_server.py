@@ -342,7 +342,7 @@ def test_first_step_past_int64_is_invalid_argument(learner, wire):
 
 @pytest.mark.timeout(120)
 def test_episode_ended_before_first_step_does_not_stall_actor(learner, tmp_path):
-    from actor.runtime import FleetClient
+    from fleetloop.client.runtime import FleetClient
 
     client = FleetClient(f"127.0.0.1:{learner.port}", JOB, "zero-step-robot", OBS_SPECS, ACT_SPECS, TASKS, credential=TOKEN,
                          spool_dir=str(tmp_path / "spool"))
@@ -364,7 +364,7 @@ def _record_episode(client, steps: int) -> None:
 
 def test_real_actor_runtime_after_fuzzing(learner, tmp_path):
     """After every fuzz case above, the real actor runtime connects, verifies weights, streams an episode, gets it acked."""
-    from actor.runtime import FleetClient
+    from fleetloop.client.runtime import FleetClient
 
     before = learner.core.audit()["stored_steps"][TASKS[0]]
     client = FleetClient(f"127.0.0.1:{learner.port}", JOB, "after-fuzz-robot", OBS_SPECS, ACT_SPECS, TASKS, credential=TOKEN,

@@ -1,4 +1,4 @@
-"""Fuzz target 3: weight-chunk reassembly and verification on the actor (``actor/weight_client.py``).
+"""Fuzz target 3: weight-chunk reassembly and verification on the actor (``fleetloop/client/weight_client.py``).
 
 The one hand-written server of the suite, and why: the real learner serves chunks straight from its
 content-addressed weight store and cannot be made to send wrong offsets, overlaps, foreign
@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actor.weight_client import WeightClient
+from fleetloop.client.weight_client import WeightClient
 from fleetloop.errors import FleetloopError, IntegrityError
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc

@@ -9,7 +9,7 @@ from actor.main import robot_specs
 from actor.operators import ScriptedExpertOperator
 from actor.policy_runner import PolicyRunner
 from actor.robot_loop import RobotStats, run_robot
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 
 
 class RobotThread(threading.Thread):

@@ -108,7 +108,7 @@ def test_job_lifecycle_over_rest(tmp_path, redis_server, ray_cluster, capfd):
         enr = op.post(f"/v1/jobs/{job_id}/enrollments", json={"name": "outside-robot", "actors": ["outside-*"]}).json()
         target = _job_state(viewer, job_id)["learner"]["target"]
         from actor.main import robot_specs
-        from actor.runtime import FleetClient
+        from fleetloop.client.runtime import FleetClient
         from fleetloop.errors import Unauthenticated
         obs, act = robot_specs()
         ok = FleetClient(target, job_id, "outside-1", obs, act, ["reach-v3"], credential=enr["token"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from actor.policy_runner import PolicyRunner
-from actor.weight_client import VerifiedWeights
+from fleetloop.client.weight_client import VerifiedWeights
 from fleetloop import wire_settings
 from fleetloop.presets import metaworld_specs
 from fleetloop.weights import load_verified

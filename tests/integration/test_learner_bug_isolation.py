@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actor.main import robot_specs
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from learner.config import LearnerConfig
 from learner.process import build_learner
 

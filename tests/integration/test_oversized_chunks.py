@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from actor.metrics import ActorMetrics
-from actor.runtime import FleetClient
-from actor.sender import Sender
-from actor.spool import Spool
+from fleetloop.client.runtime import FleetClient
+from fleetloop.client.sender import Sender
+from fleetloop.client.spool import Spool
 from fleetloop.channels import channel_options
 from fleetloop.codec import encode, make_spec
 from fleetloop.v1 import fleetloop_pb2 as pb

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop import image_codec
 from fleetloop.codec import make_spec
 from fleetloop.errors import FailedPrecondition

@@ -25,7 +25,7 @@ from actor.main import robot_specs
 from actor.operators import ScriptedExpertOperator
 from actor.policy_runner import PolicyRunner
 from actor.robot_loop import RobotStats, run_robot
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from learner.config import LearnerConfig
 from learner.pretrain import pretrain
 from learner.process import build_learner

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.codec import make_spec
 from fleetloop.v1 import fleetloop_pb2_grpc as pb_grpc
 from learner.backpressure import INFLIGHT_MESSAGES

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from actor.main import robot_specs
-from actor.runtime import FleetClient
+from fleetloop.client.runtime import FleetClient
 from fleetloop.errors import FleetloopError
 from fleetloop.tls import init_certs
 from learner.config import LearnerConfig

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from actor.weight_client import WeightClient
+from fleetloop.client.weight_client import WeightClient
 from bench.common import JOB, start_learner_in_process, stop_learner_in_process
 from fleetloop.errors import IntegrityError
 from fleetloop.v1 import fleetloop_pb2 as pb

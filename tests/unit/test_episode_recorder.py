@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from actor.runtime import EpisodeRecorder
-from actor.spool import Spool
+from fleetloop.client.runtime import EpisodeRecorder
+from fleetloop.client.spool import Spool
 from fleetloop.codec import make_spec
 from fleetloop.errors import InvalidArgument
 from fleetloop.v1 import fleetloop_pb2 as pb
@@ -149,7 +149,7 @@ def test_one_array_for_several_observation_tensors_is_refused(tmp_path):
 
 @pytest.mark.parametrize("codec", ["png", "jpeg"])
 def test_image_encoding_compresses_camera_frames_and_the_learner_decodes_them(tmp_path, codec):
-    from actor.runtime import _check_image_encoding
+    from fleetloop.client.runtime import _check_image_encoding
 
     client, _ = _client(tmp_path, chunk_steps=2, images=True)
     client.image_encoding, client.jpeg_quality = _check_image_encoding({"cam": codec}, client.observation_specs, 90), 90
@@ -176,7 +176,7 @@ def test_image_encoding_compresses_camera_frames_and_the_learner_decodes_them(tm
 @pytest.mark.parametrize("enc, field", [({"nope": "jpeg"}, "image_encoding[nope]"), ({"state": "jpeg"}, "image_encoding[state]"),
                                         ({"cam": "gif"}, "encoding")])
 def test_image_encoding_refuses_what_it_cannot_encode(enc, field):
-    from actor.runtime import _check_image_encoding
+    from fleetloop.client.runtime import _check_image_encoding
 
     obs = [make_spec("state", "float32", [3]), make_spec("cam", "uint8", [2, 2, 3])]
     with pytest.raises(InvalidArgument) as err:
@@ -230,7 +230,7 @@ def test_chunks_split_by_steps_to_stay_within_max_message_bytes(tmp_path):
 def test_compressed_frames_are_sized_as_encoded(tmp_path, codec):
     """Frames of very different compressed sizes (flat vs noise): the split uses each frame's real
     encoded length, so the chunks stay within the limit and every step arrives, in order."""
-    from actor.runtime import _check_image_encoding
+    from fleetloop.client.runtime import _check_image_encoding
 
     limit = 6000
     client, _ = _client(tmp_path, chunk_steps=50, images=True, cam_hw=16, max_message_bytes=limit)
@@ -266,7 +266,7 @@ def test_a_lone_oversized_step_is_set_aside_counted_and_logged(tmp_path):
     and in fleetloop_actor_oversized_steps_total, one step_oversized line names episode, seq, size
     and limit; the steps sent stay contiguous and the episode's end is still sent."""
     from actor.metrics import ActorMetrics
-    from actor.runtime import _check_image_encoding
+    from fleetloop.client.runtime import _check_image_encoding
 
     limit = 2048
     metrics = ActorMetrics("a-1")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actor.policy_runner import PolicyRunner
-from actor.weight_client import VerifiedWeights
+from fleetloop.client.weight_client import VerifiedWeights
 from fleetloop.codec import encode as encode_array
 from fleetloop.dataset import DemoEpisode, DemoWriter
 from fleetloop.errors import FailedPrecondition, InvalidArgument

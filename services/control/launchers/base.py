@@ -18,10 +18,42 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Protocol
 
 from fleetloop.logs import event
 from services.control.state import JobRecord
+
+
+#: bytes per piece of a weight stream (the API's response chunks)
+WEIGHT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class WeightStream:
+    """One policy version's weights, open for reading (:meth:`Launcher.open_weights`): ``size_bytes``
+    of the whole blob and ``chunks``, its bytes in order in pieces of at most ``WEIGHT_CHUNK_BYTES``
+    (never the whole blob in memory). The source is released when ``chunks`` is exhausted or
+    :meth:`close` is called."""
+
+    version: int
+    size_bytes: int
+    chunks: Iterator[bytes]
+
+    def close(self) -> None:
+        """Release the source (file or gRPC stream) without reading the rest."""
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def file_chunks(fh: BinaryIO, chunk_bytes: int = WEIGHT_CHUNK_BYTES) -> Iterator[bytes]:
+    """The rest of the open file ``fh`` in pieces of ``chunk_bytes``; closes ``fh`` at the end (or on close)."""
+    try:
+        while piece := fh.read(chunk_bytes):
+            yield piece
+    finally:
+        fh.close()
 
 
 class Launcher(Protocol):
@@ -43,6 +75,12 @@ class Launcher(Protocol):
     def evaluate(self, job_id: str, version: int, trials: int) -> None:
         """Evaluate a version (fixed held-out seeds, no operator) in the background; results go to
         the job's evaluations (``GET /policies``) and an ``evaluated`` event."""
+
+    def open_weights(self, job_id: str, version: int) -> WeightStream:
+        """The weights of a retained ``version`` of the job, open for streaming (from the job's files
+        where this launcher can read them, else fetched from its running learner). NotFound naming the
+        version when they are gone (pruned) or were never published; FailedPrecondition when this
+        launcher cannot reach them (e.g. a stopped job whose weights live only on its learner's volume)."""
 
     def reconcile(self) -> list[str]:
         """After a control-plane restart: re-attach to or relaunch every active job; returns their ids."""

@@ -27,6 +27,10 @@ class HoldLauncher:
         raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher)", field="job_id",
                                  value=job_id)
 
+    def open_weights(self, job_id: str, version: int):
+        raise FailedPrecondition(f"job {job_id!r} is not run by this control plane (hold launcher): its weights are not "
+                                 "reachable from here", field="job_id", value=job_id)
+
     def reconcile(self) -> list[str]:
         return []
 

@@ -17,7 +17,13 @@ client. For a job ``ID`` in namespace ``NS`` it creates (names ``fl-ID-*``, labe
 - ``Deployment fl-ID-robots``: simulated robots (``fleetloop actor``), replicas = fleet size.
 
 The learner talks to the control plane through Redis only (``control_redis_url``), exactly as
-with the local launcher; :meth:`supervise_once` watches the learner's Deployment/RayJob status and
+with the local launcher, except for policy export: :meth:`KubernetesLauncher.open_weights` fetches a
+version from the running learner's gRPC weight service at its in-cluster Service (the API pod does
+not mount the learner's volume) with a credential the control plane enrolls for itself (actor
+``control-plane-export``, one enrollment per job and API process; a previous process's one is revoked
+when a new one is made); with ``tls_secret`` it trusts that Secret's ``ca.crt`` (and presents
+``robot_tls_secret``'s certificate under ``tls_client_auth``), so the learner's certificate must name
+``fl-ID-grpc.NS.svc``; :meth:`supervise_once` watches the learner's Deployment/RayJob status and
 the Redis heartbeat and moves the job between ``starting``, ``running`` and ``failed``.
 
 Verified here against kmock (an in-memory Kubernetes API emulator); no real API server was
@@ -27,6 +33,7 @@ not exercised (stop also deletes every child explicitly, so it does not depend o
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -51,6 +58,8 @@ class KubernetesLauncher(SupervisedLauncher):
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self._export_tokens: dict[str, str] = {}  # job -> this process's weight-fetch credential
+        self._export_lock = threading.Lock()
         super().__init__(log, "k8s-supervisor")
 
     @classmethod
@@ -169,6 +178,50 @@ class KubernetesLauncher(SupervisedLauncher):
     def alive(self, job_id: str) -> bool:
         hb = self.store.heartbeat(job_id)
         return hb is not None and time.time() - hb < 30
+
+    def learner_grpc_target(self, job_id: str) -> str:
+        """The learner's gRPC address inside the cluster (its ClusterIP Service name)."""
+        return f"{object_name(job_id, 'grpc')}.{self.s.namespace}.svc:{GRPC_PORT}"
+
+    def _export_token(self, job_id: str) -> str:
+        from services.control.launchers.grpc_weights import EXPORT_ACTOR
+        with self._export_lock:
+            if job_id not in self._export_tokens:
+                for old in self.store.enrollments(job_id):  # tokens of a previous API process are lost: revoke them
+                    if old.name == EXPORT_ACTOR and old.revoked_at is None:
+                        self.store.revoke_enrollment(job_id, old.id, by="launcher")
+                self._export_tokens[job_id], _ = self.store.enroll(job_id, EXPORT_ACTOR, by="launcher", actors=[EXPORT_ACTOR])
+            return self._export_tokens[job_id]
+
+    def _grpc_credentials(self):
+        """TLS credentials for learners (None: they serve plaintext): ``tls_secret``'s ca.crt, plus
+        ``robot_tls_secret``'s client certificate under ``tls_client_auth``."""
+        if not self.s.tls_secret:
+            return None
+        import base64
+
+        import grpc
+
+        def read(name: str, *keys: str) -> list[bytes | None]:
+            data = self.core.read_namespaced_secret(name, self.s.namespace).data or {}
+            return [base64.b64decode(data[k]) if data.get(k) else None for k in keys]
+        (ca,) = read(self.s.tls_secret, "ca.crt")
+        cert = key = None
+        if self.s.tls_client_auth and self.s.robot_tls_secret:
+            cert, key = read(self.s.robot_tls_secret, "tls.crt", "tls.key")
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def open_weights(self, job_id: str, version: int):
+        """Fetch ``version`` from the job's running learner (:mod:`.grpc_weights`); FailedPrecondition when
+        the job is not running (its weights are on the learner's volume only), NotFound when the learner
+        no longer has the version."""
+        from services.control.launchers.grpc_weights import fetch_weights
+        job = self.store.get_job(job_id)
+        if job.state not in ("running", "paused"):
+            raise FailedPrecondition(f"job {job_id!r} is {job.state}: its weights live on its learner's volume and are "
+                                     "served only while its learner runs", field="state", value=job.state)
+        return fetch_weights(self.learner_grpc_target(job_id), job_id, version, self._export_token(job_id),
+                             self._grpc_credentials())
 
     def evaluate(self, job_id: str, version: int, trials: int) -> None:
         raise FailedPrecondition("evaluation jobs are not available with the Kubernetes launcher yet (local launcher only)",

@@ -4,15 +4,16 @@ simulated fleet as local processes (:mod:`services.harness.sim_fleet`); an offli
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetloop.errors import FailedPrecondition, FleetloopError
+from fleetloop.errors import FailedPrecondition, FleetloopError, NotFound
 from fleetloop.logs import event, get_logger
 from services.control.jobspec import JobSpec, learner_config
-from services.control.launchers.base import SupervisedLauncher
+from services.control.launchers.base import SupervisedLauncher, WeightStream, file_chunks
 from services.control.state import ACTIVE_STATES, JobRecord, LearnerEndpoint, StateStore
 from services.harness.sim_fleet import SimRobot, rotated, spawn_robot, stop_robots
 
@@ -202,7 +203,7 @@ class LocalLauncher(SupervisedLauncher):
             from services.harness.evaluation import evaluate_file
             try:
                 res = evaluate_file(path, job.spec.tasks, trials, workers=1, policy_factory=job.spec.policy_factory,
-                                    policy_kwargs=job.spec.policy_kwargs)
+                                    policy_kwargs=job.spec.policy_kwargs, view=job.spec.fleet.view() if job.spec.fleet else None)
                 mean = sum(r["success_rate"] for r in res.values()) / len(res)
                 self.store.set_evaluation(job_id, version, {"state": "done", "trials": trials, "tasks": res,
                                                             "mean_success": mean, "finished_at": time.time()})
@@ -211,6 +212,18 @@ class LocalLauncher(SupervisedLauncher):
                 self.store.set_evaluation(job_id, version, {"state": "failed", "trials": trials, "error": repr(exc)[:500]})
 
         threading.Thread(target=run, name=f"eval-{job_id}-v{version}", daemon=True).start()
+
+    def open_weights(self, job_id: str, version: int) -> WeightStream:
+        """The version's file in the job's learner state (``learner/weights/v<N>.safetensors``), open:
+        it stays readable to the end even if retention deletes it meanwhile. NotFound when it is not there."""
+        self.store.get_job(job_id)
+        path = self.job_dir(job_id) / "learner" / "weights" / f"v{int(version)}.safetensors"
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"weights of version {version} of job {job_id!r} are not on disk here (pruned or not published)",
+                           field="version", value=version) from None
+        return WeightStream(int(version), os.fstat(fh.fileno()).st_size, file_chunks(fh))
 
     # -- liveness and restarts ---------------------------------------------------------------
     def alive(self, job_id: str) -> bool:

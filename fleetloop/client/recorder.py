@@ -1,5 +1,5 @@
-"""EpisodeRecorder: one episode's steps -> EpisodeChunks in the spool (``from actor.runtime import
-EpisodeRecorder`` keeps working; :class:`~actor.runtime.FleetClient.begin_episode` makes them).
+"""EpisodeRecorder: one episode's steps -> EpisodeChunks in the spool (``from fleetloop.client.runtime import
+EpisodeRecorder`` keeps working; :class:`~fleetloop.client.runtime.FleetClient.begin_episode` makes them).
 
 Size contract: no chunk this recorder seals is larger than the learner's ``max_message_bytes``
 (announced in the handshake's RunConfig; 0 = none announced, no size limit here). See
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from actor.limits import announced_limit, over_limit, report_oversized
+from fleetloop.client.limits import announced_limit, over_limit, report_oversized
 from fleetloop import image_codec
 from fleetloop.codec import encode
 from fleetloop.errors import InvalidArgument
 from fleetloop.v1 import fleetloop_pb2 as pb
 
 if TYPE_CHECKING:
-    from actor.runtime import FleetClient
+    from fleetloop.client.runtime import FleetClient
 
 _OUTCOMES = {"success": pb.SUCCESS, "failure": pb.FAILURE, "timeout": pb.TIMEOUT, "aborted": pb.ABORTED}
 #: Bytes one encoded frame adds beyond its own length (field tag + length varint).

@@ -1,4 +1,4 @@
-"""One actor's connection to its learner: the part the robot runtime (:class:`actor.runtime.FleetClient`)
+"""One actor's connection to its learner: the part the robot runtime (:class:`fleetloop.client.runtime.FleetClient`)
 and the LLM rollout server (:class:`actor.llm.runtime.LlmActor`) share.
 
     conn = LearnerConnection(learner, job_id, actor_id, spool=Spool(folder), credential=token,
@@ -11,8 +11,8 @@ and the LLM rollout server (:class:`actor.llm.runtime.LlmActor`) share.
 
 What it holds: the bearer-token metadata, the spool, one TLS or insecure channel (with
 :func:`fleetloop.channels.channel_options`), the Learner stub, the raw StreamExperience call the
-:class:`~actor.sender.Sender` streams spooled bytes over, the sender, and the
-:class:`~actor.weight_client.WeightClient` once :meth:`LearnerConnection.follow_weights` made it.
+:class:`~fleetloop.client.sender.Sender` streams spooled bytes over, the sender, and the
+:class:`~fleetloop.client.weight_client.WeightClient` once :meth:`LearnerConnection.follow_weights` made it.
 What it leaves to its owner: the handshake request, what to log while the learner is unreachable and
 the error for a connect deadline (the robot and LLM actors word these differently), and what an
 acknowledgement or a set-aside chunk means (``on_ack`` / ``on_reject``).
@@ -31,9 +31,9 @@ from typing import Callable
 
 import grpc
 
-from actor.sender import Sender
-from actor.spool import Spool, SpoolEntry
-from actor.weight_client import WeightClient
+from fleetloop.client.sender import Sender
+from fleetloop.client.spool import Spool, SpoolEntry
+from fleetloop.client.weight_client import WeightClient
 from fleetloop.channels import channel_options
 from fleetloop.errors import FleetloopError, Unavailable
 from fleetloop.v1 import fleetloop_pb2 as pb
@@ -97,7 +97,7 @@ class LearnerConnection:
     owner's control thread (one call at a time, in that order; :meth:`close` may come at any point).
     :meth:`unary`, :meth:`flush` and :attr:`job_stopping` may be called from any thread (gRPC channels
     and the spool are thread-safe). ``on_ack(ack)`` and ``on_reject(entry, label, reason)`` are called
-    from the sender's threads (see :class:`~actor.sender.Sender`)."""
+    from the sender's threads (see :class:`~fleetloop.client.sender.Sender`)."""
 
     def __init__(self, learner: str, job_id: str, actor_id: str, *, spool: Spool, credential: str | None = None,
                  tls_ca_file: str | None = None, tls_cert_file: str | None = None, tls_key_file: str | None = None,
@@ -159,7 +159,7 @@ class LearnerConnection:
     def follow_weights(self, cls: type[WeightClient] = WeightClient, *, zero_copy: bool = True, **kw) -> WeightClient:
         """Make (not start) the weight follower: ``cls(stub, job_id, actor_id, metadata, **kw)``, kept
         as :attr:`weights`. ``zero_copy``: also hand it the channel, so weight chunks are read without
-        copying their payload (:func:`actor.weight_client.raw_fetch_callable`)."""
+        copying their payload (:func:`fleetloop.client.weight_client.raw_fetch_callable`)."""
         if zero_copy:
             kw["channel"] = self.channel
         self.weights = cls(self.stub, self.job_id, self.actor_id, self.metadata, **kw)

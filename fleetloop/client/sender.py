@@ -20,7 +20,7 @@ Behaviour:
 - INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION / OUT_OF_RANGE on a chunk: that chunk can
   never succeed, so it moves to the spool's ``rejected/`` folder (counted, logged) and the stream
   reconnects for the rest;
-- size (:mod:`actor.limits`): a spooled chunk larger than ``max_message_bytes`` (the learner's
+- size (:mod:`fleetloop.client.limits`): a spooled chunk larger than ``max_message_bytes`` (the learner's
   limit from the handshake; e.g. spooled for an earlier learner with a larger one) is never sent:
   it moves to ``rejected/`` before it reaches the wire. A refusal for size is never retried either,
   the learner's own (RESOURCE_EXHAUSTED naming ``max_message_bytes``, pushback -1) or the
@@ -45,8 +45,8 @@ from typing import Callable
 
 import grpc
 
-from actor.limits import over_limit, report_oversized, size_refusal
-from actor.spool import Spool, SpoolEntry
+from fleetloop.client.limits import over_limit, report_oversized, size_refusal
+from fleetloop.client.spool import Spool, SpoolEntry
 from fleetloop.logs import event, get_logger
 
 log = get_logger("actor.sender")

@@ -16,6 +16,8 @@ Contract:
   the previous one exactly; memory grows only with the bytes actually received;
 - every fetch has a deadline (``fetch_timeout_s`` + size at ``min_rate_mb_s``); a stalled transfer
   fails instead of hanging; subscribe reconnects with capped backoff.
+- tensors come as ``torch.Tensor`` s or ``numpy.ndarray`` s (``tensor_format``; ``"auto"``: torch when
+  it is installed, else numpy; see :mod:`fleetloop.weights`): the client itself never needs torch.
 The *swap* is the caller's decision (robots swap only between episodes, see ``FleetClient``).
 """
 
@@ -25,17 +27,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
-import torch
 
 from fleetloop import wire_settings
 from fleetloop.errors import FleetloopError, IntegrityError
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
 from fleetloop.weight_wire import Chunk, parse_chunk
-from fleetloop.weights import BlobAssembler, load_verified, verified_views
+from fleetloop.weights import BlobAssembler, load_verified, resolve_format, verified_views
 
 log = get_logger("actor.weights")
 SERVICE = "fleetloop.v1.Learner"
@@ -43,17 +44,32 @@ SERVICE = "fleetloop.v1.Learner"
 
 @dataclass
 class VerifiedWeights:
-    """A fetched, digest-verified policy version."""
+    """A fetched, digest-verified policy version. ``state_dict``: tensor name -> ``torch.Tensor``
+    (``tensor_format`` "torch") or ``numpy.ndarray`` ("numpy"), views of the one received buffer."""
 
     version: int
     sha256: str
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, Any]
     size_bytes: int
     announced_at: float
     verified_at: float
     #: monotonic times of this fetch: ``fetch_start``, ``downloaded`` (last byte in, digest computed
     #: on the way), ``verified`` (digest compared, tensors parsed); empty when built elsewhere.
     timings: dict[str, float] = field(default_factory=dict)
+    #: "torch" or "numpy": what ``state_dict`` holds.
+    tensor_format: str = "torch"
+
+    def arrays(self) -> dict[str, Any]:
+        """The tensors as numpy arrays (the same objects in format "numpy"; from torch: CPU copies
+        or views, bfloat16 / float8 widened to float32, as numpy has no such dtypes)."""
+        if self.tensor_format == "numpy":
+            return dict(self.state_dict)
+        out = {}
+        for name, t in self.state_dict.items():
+            t = t.detach().cpu()
+            no_numpy_dtype = t.dtype.is_floating_point and (t.element_size() == 1 or str(t.dtype) == "torch.bfloat16")
+            out[name] = (t.float() if no_numpy_dtype else t).numpy()
+        return out
 
 
 #: Largest weight blob an actor accepts by default (a VLA's safetensors are a few GiB); a larger
@@ -132,7 +148,7 @@ def fetch_into(stub, job: str, actor: str, ann: pb.WeightAnnouncement, metadata,
     return sink
 
 
-def _refused_unless_loadable(load: Callable[[], dict[str, torch.Tensor]], size: int, sha256: str) -> dict[str, torch.Tensor]:
+def _refused_unless_loadable(load: Callable[[], dict[str, Any]], size: int, sha256: str) -> dict[str, Any]:
     """``load()``, with anything but an IntegrityError refused as one (field ``blob``): the digest only
     proves the bytes are the ones announced, not that they are weights (garbage published under a
     valid digest)."""
@@ -145,16 +161,16 @@ def _refused_unless_loadable(load: Callable[[], dict[str, torch.Tensor]], size: 
                              f"{str(exc)[:200]}", field="blob", value=size) from None
 
 
-def views_checked(sink: BlobAssembler, sha256: str) -> dict[str, torch.Tensor]:
-    """:func:`fleetloop.weights.verified_views` (digest first, then zero-copy tensor views), refused as
+def views_checked(sink: BlobAssembler, sha256: str, fmt: str = "torch") -> dict[str, Any]:
+    """:func:`fleetloop.weights.verified_views` (digest first, then zero-copy views in ``fmt``), refused
+    as IntegrityError when the bytes are not loadable weights."""
+    return _refused_unless_loadable(lambda: verified_views(sink, sha256, fmt), len(sink), sha256)
+
+
+def load_checked(blob: bytes, sha256: str, fmt: str = "torch") -> dict[str, Any]:
+    """:func:`load_verified` (digest first, whole blob in memory, tensors in ``fmt``), refused as
     IntegrityError when the bytes are not loadable weights."""
-    return _refused_unless_loadable(lambda: verified_views(sink, sha256), len(sink), sha256)
-
-
-def load_checked(blob: bytes, sha256: str) -> dict[str, torch.Tensor]:
-    """:func:`load_verified` (digest first, whole blob in memory), refused as IntegrityError when the
-    bytes are not loadable weights."""
-    return _refused_unless_loadable(lambda: load_verified(blob, sha256), len(blob), sha256)
+    return _refused_unless_loadable(lambda: load_verified(blob, sha256, fmt), len(blob), sha256)
 
 
 class WeightClient:
@@ -163,9 +179,12 @@ class WeightClient:
     def __init__(self, stub, job: str, actor: str, metadata, current_version: int = -1,
                  on_verified: Callable[[VerifiedWeights], None] | None = None,
                  fetch_timeout_s: float = 30.0, min_rate_mb_s: float = 5.0, max_weight_bytes: int = MAX_WEIGHT_BYTES,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, tensor_format: str = "auto") -> None:
         """``channel``: the channel ``stub`` was made from; given, weight chunks are read without
-        copying their payload (:func:`raw_fetch_callable`), else through the generated code."""
+        copying their payload (:func:`raw_fetch_callable`), else through the generated code.
+        ``tensor_format``: "torch", "numpy" or "auto" (torch when installed; resolved here, once:
+        :func:`fleetloop.weights.resolve_format`); InvalidArgument for anything else."""
+        self.tensor_format = resolve_format(tensor_format)
         self.stub, self.job, self.actor, self.metadata = stub, job, actor, metadata
         self._raw_fetch = raw_fetch_callable(channel) if channel is not None else None
         self.on_verified = on_verified
@@ -224,7 +243,7 @@ class WeightClient:
             sink = fetch_into(self.stub, self.job, self.actor, ann, self.metadata, timeout, max_bytes=self.max_weight_bytes,
                               raw_fetch=self._raw_fetch)
             t1 = time.monotonic()
-            state = views_checked(sink, ann.sha256)
+            state = views_checked(sink, ann.sha256, self.tensor_format)
         except IntegrityError as exc:
             with self._lock:
                 self.refused += 1
@@ -236,7 +255,7 @@ class WeightClient:
         self.fetched += 1
         event(log, "weights_verified", job=self.job, actor=self.actor, version=ann.version, bytes=ann.size_bytes, seconds=dt)
         return VerifiedWeights(ann.version, ann.sha256, state, ann.size_bytes, ann.published_at, time.time(),
-                               {"fetch_start": t0, "downloaded": t1, "verified": t2})
+                               {"fetch_start": t0, "downloaded": t1, "verified": t2}, self.tensor_format)
 
     def _run(self) -> None:
         delay = 0.2

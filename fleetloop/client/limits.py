@@ -1,6 +1,6 @@
 """The learner's message-size limit on the actor side: one place for the check, the refusal
-patterns and the log line, shared by the robot recorder (:mod:`actor.recorder`), the
-:class:`~actor.sender.Sender` and the LLM actor (:mod:`actor.llm.runtime`).
+patterns and the log line, shared by the robot recorder (:mod:`fleetloop.client.recorder`), the
+:class:`~fleetloop.client.sender.Sender` and the LLM actor (:mod:`actor.llm.runtime`).
 
 Contract:
 

@@ -26,8 +26,8 @@ Contract:
 - weights are used only after their sha256 was verified;
 - no call blocks on the network: recording writes to the spool, a background sender ships it;
 - no chunk sent is larger than the ``max_message_bytes`` the learner announced at the handshake:
-  the recorder (:mod:`actor.recorder`) splits chunks by steps and sets aside a step that alone is
-  larger; the sender (:mod:`actor.sender`) sets aside a spooled chunk over the limit, or one refused
+  the recorder (:mod:`fleetloop.client.recorder`) splits chunks by steps and sets aside a step that alone is
+  larger; the sender (:mod:`fleetloop.client.sender`) sets aside a spooled chunk over the limit, or one refused
   for size, instead of retrying it (logged, counted; README "Oversized messages").
 """
 
@@ -35,29 +35,37 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import grpc
 import numpy as np
 
-from actor.connection import ConnectionParts, LearnerConnection
-from actor.limits import announced_limit
-from actor.recorder import EpisodeRecorder, _empty_tensors
-from actor.spool import Spool, SpoolEntry
-from actor.weight_client import VerifiedWeights
+from fleetloop.client.connection import ConnectionParts, LearnerConnection
+from fleetloop.client.limits import announced_limit
+from fleetloop.client.recorder import EpisodeRecorder, _empty_tensors
+from fleetloop.client.spool import Spool, SpoolEntry
+from fleetloop.client.weight_client import VerifiedWeights
 from fleetloop.channels import channel_options
 from fleetloop import wire_settings
 from fleetloop.codec import PROTOCOL_VERSION, encode
 from fleetloop.errors import InvalidArgument, Unavailable
 from fleetloop.logs import event, get_logger
 from fleetloop.v1 import fleetloop_pb2 as pb
+from fleetloop.weights import resolve_format
 
-if TYPE_CHECKING:
-    from actor.metrics import ActorMetrics
+
+class ClientMetrics(Protocol):
+    """Where a :class:`FleetClient` counts what it sets aside (``actor.metrics.ActorMetrics`` of the
+    simulated robots is one; any object with these two labelled counters, e.g. prometheus_client
+    ``Counter``s, will do): ``oversized_steps.labels(actor_id, task).inc()`` and
+    ``set_aside_chunks.labels(actor_id, reason).inc()``."""
+
+    oversized_steps: Any
+    set_aside_chunks: Any
 
 log = get_logger("actor")
 # channel_options: re-exported (``bench/ingest_workers.py`` imports it from here)
-__all__ = ["EpisodeRecorder", "FleetClient", "channel_options", "close_interrupted_episodes"]
+__all__ = ["ClientMetrics", "EpisodeRecorder", "FleetClient", "channel_options", "close_interrupted_episodes"]
 
 
 def _check_image_encoding(encodings: Mapping[str, str], obs_specs: Sequence, quality: int) -> dict[str, str]:
@@ -138,20 +146,22 @@ class FleetClient(ConnectionParts):
                  send_experience: bool = True, tls_ca_file: str | None = None, tls_cert_file: str | None = None,
                  tls_key_file: str | None = None, abort_interrupted: bool = False,
                  image_encoding: Mapping[str, str] | None = None, jpeg_quality: int = 90,
-                 metrics: "ActorMetrics | None" = None) -> None:
+                 metrics: ClientMetrics | None = None, weights_format: str = "auto") -> None:
         """``image_encoding``: observation name -> 'jpeg' (lossy, ``jpeg_quality`` 1..95) or 'png'
         (lossless) for uint8 [..., H, W, C] camera tensors, compressed per frame on this actor before
         they are spooled and sent (``Tensor.encoding``; the learner decodes and checks every frame).
         InvalidArgument naming ``image_encoding[name]`` for an unknown name, a non-uint8 or non-image
         spec, or an unknown encoding. ``metrics``: where the runtime counts what it sets aside
         (``fleetloop_actor_oversized_steps_total``, ``fleetloop_actor_set_aside_chunks_total``);
-        None = counted only on the recorder / sender objects.
+        None = counted only on the recorder / sender objects. ``weights_format``: what
+        :attr:`VerifiedWeights.state_dict` holds, "torch" (tensors), "numpy" (arrays; no torch needed)
+        or "auto" (torch when it is installed, else numpy); InvalidArgument for anything else.
 
         Message size: after :meth:`connect` every chunk is kept within the ``max_message_bytes`` the
         learner announced (the recorder splits chunks, a step alone over it is set aside; the
         sender sets aside a spooled chunk over it instead of sending it, and one the learner or the
-        transport refuses for size instead of retrying it): see :mod:`actor.recorder`,
-        :mod:`actor.sender`."""
+        transport refuses for size instead of retrying it): see :mod:`fleetloop.client.recorder`,
+        :mod:`fleetloop.client.sender`."""
         self.learner, self.job_id, self.actor_id = learner, job_id, actor_id
         self.observation_specs, self.action_specs = list(observation_specs), list(action_specs)
         self.image_encoding = _check_image_encoding(image_encoding or {}, self.observation_specs, jpeg_quality)
@@ -160,6 +170,7 @@ class FleetClient(ConnectionParts):
         self.capabilities = dict(capabilities or {})
         self.connect_timeout_s, self.send_experience = connect_timeout_s, send_experience
         self.metrics = metrics
+        self.weights_format = resolve_format(weights_format)
         spool = Spool(spool_dir or f"/tmp/fleetloop-spool-{actor_id}")
         # episodes a killed predecessor on this spool left open: closed as aborted, or left open (module docstring)
         self.interrupted_episodes = close_interrupted_episodes(spool, self.observation_specs, self.action_specs,
@@ -190,7 +201,7 @@ class FleetClient(ConnectionParts):
                                   capabilities=self.capabilities)
         resp = self.connection.handshake(req, self.connect_timeout_s, self._handshake_retry, self._unreachable)
         self.run_config = resp.run_config
-        self.connection.follow_weights(on_verified=self._on_verified)
+        self.connection.follow_weights(on_verified=self._on_verified, tensor_format=self.weights_format)
         if resp.HasField("current_policy"):
             self.weights.job_state = wire_settings.job_state(resp.current_policy)
         if resp.HasField("current_policy") and resp.current_policy.size_bytes:
