@@ -34,23 +34,11 @@ class IngestLog:
 
     def replay(self) -> Iterator[bytes]:
         """Yield every intact payload in order; truncate a torn tail. Call before the first append."""
-        if not self.path.exists():
-            return
         good_end = 0
-        with open(self.path, "rb") as fh:
-            while True:
-                header = fh.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    break
-                magic, length, crc = _HEADER.unpack(header)
-                if magic != _MAGIC:
-                    break
-                payload = fh.read(length)
-                if len(payload) < length or zlib.crc32(payload) != crc:
-                    break
-                good_end = fh.tell()
-                yield payload
-        if good_end < self.path.stat().st_size:
+        for offset, payload in scan_records(self.path):
+            good_end = offset + _HEADER.size + len(payload)
+            yield payload
+        if self.path.exists() and good_end < self.path.stat().st_size:
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
 

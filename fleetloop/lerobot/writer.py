@@ -90,7 +90,9 @@ def _check_extra(extra: Mapping[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
+def progress_bar(enabled: bool, total: int | None, description: str = "lerobot episodes") -> Any:
+    """A started rich progress bar on stderr with one task (``description``, ``total`` steps), or
+    None when not ``enabled``; the caller advances task 0 and stops it."""
     if not enabled:
         return None
     from rich.console import Console
@@ -99,7 +101,7 @@ def _progress(enabled: bool, total: int | None) -> Any:
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(stderr=True))
     bar.start()
-    bar.add_task("lerobot episodes", total=total)
+    bar.add_task(description, total=total)
     return bar
 
 
@@ -126,7 +128,7 @@ def write_dataset(root: Path, episodes: Iterable[LeRobotEpisode], features: Mapp
     rows: list[dict[str, Any]] = []
     per_episode: list[dict[str, dict[str, np.ndarray]]] = []
     total = 0
-    bar = _progress(progress, len(episodes) if hasattr(episodes, "__len__") else None)  # type: ignore[arg-type]
+    bar = progress_bar(progress, len(episodes) if hasattr(episodes, "__len__") else None)  # type: ignore[arg-type]
     try:
         for i, ep in enumerate(episodes):
             t = check_frames(own, ep, i)

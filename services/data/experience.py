@@ -34,26 +34,13 @@ import numpy as np
 
 from fleetloop.codec import WIRE_DTYPES, decode, make_spec
 from fleetloop.errors import FleetloopError, InvalidArgument, NotFound
+from fleetloop.specs import TensorInfo
 from fleetloop.v1 import fleetloop_pb2 as pb
 from learner.ingest import validate
 from learner.ingest_log import RECORD_HEADER_BYTES, read_record, scan_records
 
 LOG_NAME = "ingest.log"
 _ANY_VERSION = 1 << 62  # validate() refuses versions above the learner's; offline, every logged version is fine
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of the job as the log shows it: numpy dtype name and per-step shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def is_camera(self) -> bool:
-        """uint8 ``[H, W, C]`` with C in 1, 3, 4: a camera image."""
-        return self.dtype == "uint8" and len(self.shape) == 3 and self.shape[-1] in (1, 3, 4)
 
 
 @dataclass

@@ -50,7 +50,8 @@ import numpy as np
 
 from fleetloop.dataset import atomic_write
 from fleetloop.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.data.experience import Episode, LogIndex, TensorInfo, index_log, iter_episodes, log_path
+from fleetloop.specs import TensorInfo
+from services.data.experience import Episode, LogIndex, index_log, iter_episodes, log_path
 
 FORMAT = "fleetloop-lerobot-export/v1"
 PROVENANCE = Path("meta") / "fleetloop.json"
@@ -101,8 +102,8 @@ def resolve_state_dir(job: str, data_dir: Path | None = None) -> tuple[str | Non
 def feature_names(idx: LogIndex) -> dict[str, str]:
     """Observation tensor name -> LeRobot feature name (module docstring); InvalidArgument when two
     tensors would share a feature name."""
-    cams = [t for t in idx.observations if t.is_camera]
-    others = [t for t in idx.observations if not t.is_camera]
+    cams = [t for t in idx.observations if t.is_image]
+    others = [t for t in idx.observations if not t.is_image]
     names = {t.name: f"observation.images.{t.name}" for t in cams}
     if len(others) == 1:
         names[others[0].name] = "observation.state"
@@ -154,7 +155,7 @@ def build_features(idx: LogIndex, names: dict[str, str]) -> dict[str, Any]:
 
     feats: dict[str, Any] = {}
     for t in idx.observations:
-        if t.is_camera:
+        if t.is_image:
             feats[names[t.name]] = Feature(names[t.name], visual_dtype(t), t.shape, ["height", "width", "channels"])
         else:
             size = math.prod(t.shape)
@@ -177,7 +178,7 @@ def to_lerobot(ep: Episode, names: dict[str, str], infos: list[TensorInfo]):
     frames: dict[str, np.ndarray] = {}
     for t in infos:
         arr = ep.obs[t.name]
-        frames[names[t.name]] = arr if t.is_camera else arr.reshape(n, -1).astype(_value_dtype(t), copy=False)
+        frames[names[t.name]] = arr if t.is_image else arr.reshape(n, -1).astype(_value_dtype(t), copy=False)
     frames["action"] = ep.actions
     frames["next.reward"] = ep.rewards.reshape(n, 1)
     frames["next.done"] = ep.dones.reshape(n, 1)
@@ -273,7 +274,7 @@ def export_job(job: str, out: Path, data_dir: Path | None = None, vcodec: str = 
 
 
 def _info_json(t: TensorInfo) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "camera": t.is_camera}
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "camera": t.is_image}
 
 
 def _jsonable(value: Any) -> Any:

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from fleetloop.dataset import FORMAT, FORMAT_V2, DemoEpisode, DemoWriter
 from fleetloop.errors import InvalidArgument, NotFound
 from fleetloop.lerobot import FeatureMapping, LeRobotReader
+from fleetloop.lerobot.writer import progress_bar
 from fleetloop.specs import DEFAULT_OBS_NAME, TensorInfo, tensor_info
 from services.control.jobspec import JobSpec
 
@@ -129,19 +130,6 @@ def output_format(observations: Sequence[TensorInfo]) -> str:
     return FORMAT_V2
 
 
-def _progress(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True))
-    bar.start()
-    bar.add_task("import lerobot", total=total)
-    return bar
-
-
 def import_lerobot(path: str | Path, mapping: str | Path | FeatureMapping | None, job_spec: str | Path | JobSpec, out: str | Path,
                    tasks: Sequence[str] | None = None, task_map: str | Path | Mapping[str, str] | None = None,
                    progress: bool = False) -> dict[str, Any]:
@@ -165,7 +153,7 @@ def import_lerobot(path: str | Path, mapping: str | Path | FeatureMapping | None
     writer = DemoWriter(Path(out), obs_arg, act_dim)
     counts = {t: 0 for t in spec.tasks}
     frames = skipped = 0
-    bar = _progress(progress, len(reader))
+    bar = progress_bar(progress, len(reader), "import lerobot")
     try:
         for i, task in enumerate(targets):
             if task is None:
