@@ -96,10 +96,15 @@ def enrollments(job_id: str) -> str:
     return f"{job(job_id)}:enrollments"
 
 
+def releases(job_id: str) -> str:
+    """String: the learner's release snapshot as JSON (issue 21; docs/notes/issue21-plan.md)."""
+    return f"{job(job_id)}:releases"
+
+
 def all_job_keys(job_id: str) -> list[str]:
     """Every key of one job (for deletion)."""
     return [job(job_id), events(job_id), commands(job_id), heartbeat(job_id), status(job_id), final_status(job_id),
-            actors(job_id), versions(job_id), series(job_id), evaluations(job_id), enrollments(job_id)]
+            actors(job_id), versions(job_id), series(job_id), evaluations(job_id), enrollments(job_id), releases(job_id)]
 
 
 def final_report(status: dict[str, Any], stopped_at: float) -> dict[str, Any]:
