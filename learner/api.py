@@ -217,6 +217,12 @@ class Lifecycle(Protocol):
         """Tell the fleet to run ``version`` (None: unpin, the newest again)."""
         ...
 
+    def weights_for(self, actor_id: str) -> tuple[Any, str]:
+        """(VersionInfo announced to ``actor_id``, release channel "stable" / "candidate" / ""): the
+        version of the actor's release channel (robot jobs with ``rollout: canary``, :mod:`learner.releases`),
+        else the fleet version (pin or newest) and "". VersionInfo None before the first publish."""
+        ...
+
     def keep(self, version: int, keep: bool = True) -> None:
         """Mark ``version`` kept (retention never deletes its weights) or release it; NotFound if not retained."""
         ...

@@ -4,8 +4,9 @@ A :class:`LearnerConfig` is a small top-level model (identity, tasks, specs, dev
 groups: ``serving`` (:class:`ServingConfig`: bind, ports, threads, stream caps, keepalive, message
 limits, credentials), ``tls`` (:class:`TlsConfig`), ``flow`` (:class:`FlowControlConfig`: rate
 limits, backoff, memory budget), ``optimisation`` (:class:`OptimisationConfig`: policy, algorithm,
-sampler, schedule), ``episodes`` (:class:`EpisodeConfig`: what actors are told) and ``images``
-(:class:`ImageConfig`: camera frame storage and batch-time decoding; no flat names). The LLM learner
+sampler, schedule), ``episodes`` (:class:`EpisodeConfig`: what actors are told), ``images``
+(:class:`ImageConfig`: camera frame storage and batch-time decoding; no flat names) and ``rollout``
+(:class:`learner.releases_config.RolloutPolicy`: release channels; no flat names). The LLM learner
 (:mod:`learner.llm.config`) reuses ``serving`` and ``tls``.
 
 Old flat names still load: each key of :data:`LEGACY` (``port``, ``tls_cert_file``, ``batch_size``,
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from fleetloop.logs import event, get_logger
 from fleetloop.specs import PolicySpec
+from learner.releases_config import RolloutPolicy
 from learner.sampler import SamplerConfig
 from learner.staleness import StalenessConfig
 
@@ -387,6 +389,9 @@ class LearnerConfig(BaseModel):
                                     "told (EpisodeConfig).")
     images: ImageConfig = Field(default_factory=ImageConfig, description="Camera frames in the replay: storage, "
                                 "batch-time decoding and prefetch (ImageConfig).")
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy, description="Release channels (RolloutPolicy, "
+                                   "learner.releases): strategy all (every robot runs the newest version) or canary "
+                                   "(a canary cohort judges each candidate before the fleet gets it).")
 
     @model_validator(mode="before")
     @classmethod

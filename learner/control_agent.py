@@ -15,8 +15,13 @@ Runs as one background thread inside the learner process (Ray actor or pod). Eac
   intervention rates over the window since the previous point, loss, updates/s, ingest rate,
   buffer sizes, version, staleness);
 
+- the release snapshot (:meth:`learner.releases.ReleaseManager.snapshot`, key ``releases``) of a core
+  with release channels, and one ``release_decided`` event per new history entry (decision, by,
+  reason, candidate, stable, p_not_worse; entries decided before this agent started are not re-sent);
+
 and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``keep``, ``unkeep``,
-``rollback``, ``drain``) from the job's command list and writes each result under ``fl:cmd:{id}``.
+``rollback``, ``drain``, ``release_promote``, ``release_abort``, ``set_rollout``) from the job's command
+list and writes each result under ``fl:cmd:{id}``.
 
 When the learner stops (:meth:`ControlAgent.stop`), a last tick is followed by the final report
 (:meth:`ControlAgent.report_final`): the status is kept without TTL (``fl:job:{id}:final``, ingest
@@ -80,6 +85,8 @@ class ControlAgent:
         self._episode_index = 0
         self._last_point: tuple[float, int, int] | None = None  # (time, learner step, ingested steps)
         self._last_error_log = 0.0
+        releases = getattr(core, "releases", None)
+        self._release_seen = max((h["id"] for h in releases.snapshot()["history"]), default=0) if releases else 0
         self.errors = 0
         self.ticks = 0
 
@@ -192,6 +199,10 @@ class ControlAgent:
             pipe.hset(keys.versions(self.job), mapping=changed)
         for i in range(0, len(gone), 1000):
             pipe.hdel(keys.versions(self.job), *gone[i:i + 1000])
+        releases = getattr(self.core, "releases", None)
+        snapshot = releases.snapshot() if releases is not None else None
+        if snapshot is not None:
+            pipe.set(keys.releases(self.job), json.dumps(snapshot))
         if point:
             pipe.rpush(keys.series(self.job), json.dumps(self.series_point(status, now)))
             pipe.ltrim(keys.series(self.job), -keys.SERIES_MAX, -1)
@@ -201,6 +212,12 @@ class ControlAgent:
             self._reported_version = new_versions[-1].version
             self.emit("published", version=self._reported_version, step=new_versions[-1].learner_step,
                       count=len(new_versions))
+        for h in (snapshot or {}).get("history", []):
+            if h["id"] > self._release_seen:
+                self._release_seen = h["id"]
+                self.emit("release_decided", id=h["id"], decision=h["decision"], by=h["by"], reason=h["reason"],
+                          candidate=h["candidate"], stable=h["stable"], p_not_worse=h["p_not_worse"],
+                          episodes=h["episodes"])
         self.ticks += 1
 
     def report_final(self) -> dict[str, Any]:
@@ -274,6 +291,14 @@ class ControlAgent:
                     raise FailedPrecondition(f"job {self.job!r} ({self.core.kind}) cannot roll back; pin a version instead",
                                              field="op", value=op)
                 result = {"source_version": int(args["version"]), "version": self.core.rollback(int(args["version"]))}
+            elif op in ("release_promote", "release_abort", "set_rollout"):
+                releases = getattr(self.core, "releases", None)
+                if releases is None:
+                    raise FailedPrecondition(f"job {self.job!r} ({self.core.kind}) has no release channels (it runs "
+                                             "strategy all)", field="op", value=op)
+                who = str(cmd.get("by") or "operator")
+                result = releases.promote(who) if op == "release_promote" else releases.abort(who) \
+                    if op == "release_abort" else {"policy": releases.set_policy(args, who)}
             elif op == "drain":
                 self.core.begin_stop()
                 result = {"job_state": JobState.STOPPING.value}

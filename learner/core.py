@@ -25,6 +25,11 @@ demos + online rings (at capacity) + the in-flight ingest limit fit the budget
 (:func:`learner.backpressure.plan_memory`); ``status()["memory"]`` and the
 ``fleetloop_learner_buffer_bytes`` gauge report what is allocated.
 
+Release channels (:mod:`learner.releases`, ``config.rollout``): ``self.releases`` sees every new episode
+end (``ingestor.on_episode_end``) and publish (a weight-store listener), keeps stable and candidate from
+pruning (``weights.retain``), picks each actor's version (:meth:`LearnerCore.weights_for`) and retrains
+from stable on an automatic rollback (:meth:`LearnerCore.rollback`).
+
 Hooks (:class:`learner.api.LearnerHooks`, constructor argument or ``core.hooks`` before
 ``start_training``): ``on_update`` around ``Algorithm.update``, ``on_gate`` after the staleness gate,
 ``on_lock_wait`` for a step's wait on the ingest lock (in the prefetch thread when batches are
@@ -65,6 +70,7 @@ from learner.frames import compressed_names
 from learner.prefetch import BatchSource
 from learner.pretrain import load_initial_weights
 from learner.device import pick_device, precision, prepare_policy, to_device
+from learner.releases import ReleaseManager
 from learner.replay import ReplayStore
 from learner.startup import load_offline, size_buffers, write_policy_file
 from learner.sampler import AdaptiveSampler
@@ -128,6 +134,10 @@ class LearnerCore(CoreLifecycle):
                                  self.ingest_log, self.metrics, flow=self.flow,
                                  interventions_only=bool(self.algorithm.eligible("online").get("interventions_only")),
                                  keep_encoded=bool(compressed))
+        self.releases = ReleaseManager(self.job, state_dir / "releases.json", config.rollout, self.weights, self.metrics,
+                                       retrain=self.rollback)
+        self.weights.retain, self.ingestor.on_episode_end = self.releases.protected, self.releases.on_episode_end
+        self.weights.add_listener(self.releases.on_publish)
         self.batches = BatchSource.build(self._locked_sample, spec.observations, compressed, config.images,
                                          self.metrics.dropped_samples.labels(self.job, "corrupt_frame").inc)
         self.ckpt_dir = state_dir / "checkpoints"
@@ -210,6 +220,11 @@ class LearnerCore(CoreLifecycle):
             new = self.publish()
         event(log, "rolled_back", job=self.job, version=new, source_version=version, step=self.step)
         return new
+
+    def weights_for(self, actor_id: str):
+        """(VersionInfo, channel) announced to ``actor_id``: its release channel's version, the pin, or the newest."""
+        version, channel = self.releases.assignment(actor_id)  # its stable/candidate version is never pruned
+        return (self.weights.info(version), channel) if version is not None else (self.weights.fleet_version(), "")
 
     def refresh_gauges(self) -> None:
         """Update buffer-size and sampler-share gauges and drop idle actors' version series (called on publish
@@ -398,8 +413,12 @@ class LearnerCore(CoreLifecycle):
         event(log, "checkpointed", job=self.job, version=self.version, step=self.step, path=path.name)
         return path
 
+    def _housekeeping(self) -> None:
+        self.releases.flush(due_only=True)  # release evidence at most PERSIST_EVERY_S late
+
     def _shutdown(self, checkpoint: bool) -> None:
-        """Checkpoint (optionally), stop prefetching and close the ingest log."""
+        """Checkpoint (optionally), write release evidence, stop prefetching and close the ingest log."""
+        self.releases.flush()
         if checkpoint:
             self.checkpoint()
         self.batches.close()

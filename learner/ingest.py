@@ -16,6 +16,11 @@ gate's reason). A stored step that the online ring later evicts is counted once 
 backoff) or ``evicted_ineligible`` (frames the algorithm never trains on, e.g. HG-DAgger's autonomous
 frames). So received = live online steps + dropped at ingest + evicted (all three reasons).
 
+Episode ends: every new episode end (not the start-up replay of the log) is appended to ``episodes``
+(an :class:`EpisodeRecord`: outcome, steps, intervention steps, return, behaviour version, actor,
+task) and handed to ``on_episode_end`` (when set: the release channels, :mod:`learner.releases`)
+after the ingest lock is released.
+
 Invariants: every stored step carries its behaviour version; an (actor, episode_id, seq) key is stored
 at most once, also across restarts (the log is replayed through the same path with ``durable=False``);
 every stored action lies within its spec's ``low``/``high`` bounds.
@@ -34,6 +39,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -91,6 +97,7 @@ class EpisodeRecord:
     steps: int
     intervention_steps: int
     behavior_version: int
+    reward: float = 0.0  # the episode's return (sum of its rewards)
 
 
 _MAX_INDEX = 1 << 40  # seq and first_step: far beyond any episode, far below int64 overflow in the replay
@@ -173,6 +180,7 @@ def check_bounds(values: np.ndarray, spec, name: str) -> None:
 class _OpenEpisode:
     steps: int = 0
     interventions: int = 0
+    reward: float = 0.0
 
 
 @dataclass
@@ -232,6 +240,8 @@ class Ingestor:
         self._actor_series: set[str] = set()   # actors with a live fleetloop_learner_actor_policy_version series
         self._g_actor: dict = {}                # actor -> its resolved version gauge child (a labels() lookup per chunk costs)
         self._c_evicted = {r: m.dropped_samples.labels(j, r) for r in ("evicted", "evicted_unsampled", "evicted_ineligible")}
+        #: called with each new episode end (durable ingest only), outside the lock; must not raise
+        self.on_episode_end: Callable[[EpisodeRecord], None] | None = None
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
         """Validate and store ``chunk``; returns True if it was a duplicate (not stored again).
@@ -262,7 +272,7 @@ class Ingestor:
                       missing=f"{decoded.seq - gap}..{decoded.seq - 1}", first_step=decoded.first_step)
             if durable:
                 self.log.append(raw)
-            evicted, wasted = self._store(decoded, learner_version)
+            evicted, wasted, ended = self._store(decoded, learner_version)
             self.ledger.record(decoded.actor_id, decoded.episode_id, decoded.seq, decoded.first_step, decoded.steps,
                                decoded.outcome is not None, content)
         if durable and self.flow is not None:
@@ -271,6 +281,8 @@ class Ingestor:
         self._c_bytes.inc(nbytes)
         if durable and decoded.produced_at > 0:
             self._c_latency.observe(max(0.0, time.time() - decoded.produced_at))
+        if durable and ended is not None and self.on_episode_end is not None:
+            self.on_episode_end(ended)
         return False
 
     def episode_keys(self) -> dict[tuple[str, str], int]:
@@ -317,9 +329,10 @@ class Ingestor:
         self._c_evicted["evicted_ineligible"].inc(ev.unsampled - wasted)
         return eligible, wasted
 
-    def _store(self, c: DecodedChunk, learner_version: int) -> tuple[int, int]:
+    def _store(self, c: DecodedChunk, learner_version: int) -> tuple[int, int, EpisodeRecord | None]:
         """Store (or drop) one validated new chunk and account for it; returns (eligible steps its
-        append evicted from the online ring, of which never trained on)."""
+        append evicted from the online ring, of which never trained on, the episode's record when
+        the chunk ended it)."""
         evicted = wasted = dropped = 0
         autonomous = bool((~c.interventions).any())
         decision = self.gate.at_ingest(learner_version, c.behavior_version, autonomous,
@@ -352,6 +365,7 @@ class Ingestor:
         ep = self._open.setdefault((c.actor_id, c.episode_id), _OpenEpisode())
         ep.steps += c.steps
         ep.interventions += n_inter
+        ep.reward += float(c.rewards.sum()) if c.steps else 0.0
         tally = self.tally[c.task_id]
         tally.steps += c.steps
         self.steps_total += c.steps
@@ -373,13 +387,15 @@ class Ingestor:
             gauge = self._g_actor[c.actor_id] = self.m.actor_version.labels(self.job_id, c.actor_id)
             self._actor_series.add(c.actor_id)
         gauge.set(c.behavior_version)
+        record = None
         if c.outcome is not None:
             self._open.pop((c.actor_id, c.episode_id), None)
             tally.episodes[c.outcome] = tally.episodes.get(c.outcome, 0) + 1
             at.episodes += 1
             at.successes += c.outcome == "success"
-            self.episodes.append(EpisodeRecord(time.time(), c.actor_id, c.episode_id, c.task_id, c.outcome,
-                                               ep.steps, ep.interventions, c.behavior_version))
+            record = EpisodeRecord(time.time(), c.actor_id, c.episode_id, c.task_id, c.outcome,
+                                   ep.steps, ep.interventions, c.behavior_version, ep.reward)
+            self.episodes.append(record)
             self.episodes_total += 1
             self.m.episodes.labels(self.job_id, c.task_id, c.outcome).inc()
-        return evicted, wasted
+        return evicted, wasted, record

@@ -124,6 +124,12 @@ class CoreLifecycle:
         if not quiet:
             self._published_unlogged = 0
 
+    def weights_for(self, actor_id: str) -> tuple[Any, str]:
+        """(VersionInfo announced to ``actor_id``, release channel): here the fleet version (pin or
+        newest) and "" for every actor; a core with release channels (robot: :mod:`learner.releases`)
+        answers per actor. VersionInfo None before the first publish."""
+        return self.weights.fleet_version(), ""
+
     def _sync_fleet_metric(self) -> None:
         fv = self.weights.fleet_version()
         if fv is not None:

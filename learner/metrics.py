@@ -72,6 +72,16 @@ class LearnerMetrics:
                                      "(no robot_tokens, enrollments or mTLS), 0 when every RPC needs one. Beyond loopback this "
                                      "needs allow_unauthenticated = true.", j + ["host"], registry=r)
 
+        # -- release channels (issue 21, learner.releases) ---------------------------------------
+        self.release_decisions = Counter("fleetloop_release_decisions_total", "Release candidates decided, by decision "
+                                         "(promoted, rolled_back, aborted) and by (auto, operator).",
+                                         j + ["decision", "by"], registry=r)
+        self.release_exposure = Counter("fleetloop_release_exposure_episodes_total", "Robot episodes ended, by the "
+                                        "channel of their behaviour version: candidate, stable, other (neither), all "
+                                        "(strategy all) or pinned (an operator pin held).", j + ["channel"], registry=r)
+        self.release_version = Gauge("fleetloop_release_version", "Version of each release channel (stable, "
+                                     "candidate); -1 when there is none.", j + ["channel"], registry=r)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP server; returns the bound port (0 picks a free one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -29,6 +29,11 @@ Without any credential (no tokens, enrollments or mTLS) every caller is "anonymo
 binds loopback only unless ``allow_unauthenticated`` (see :mod:`learner.exposure`); it is exported as
 ``fleetloop_learner_unauthenticated = 1`` and, beyond loopback, logged as a warning at start.
 
+Weight announcements are per actor: the version of the actor's release channel and the channel
+(``WeightAnnouncement.channel``: "stable" / "candidate" with ``rollout: canary``, "" otherwise or under
+an operator pin), from :meth:`learner.api.Lifecycle.weights_for`; a subscription wakes on every
+publish or pin and re-reads the actor's channel at least once a second (release decisions, job state).
+
 LLM jobs (protocol 2, :mod:`learner.llm`): the same service over an ``LlmLearnerCore``; chunks carry
 one CompletionGroup each, and ``Admit`` hands out rollout tickets (staleness by admission). The
 servicer never switches on the kind of job: it asks the core (:class:`learner.api.LearnerCore`).
@@ -80,11 +85,12 @@ def _reason(exc: FleetloopError) -> str:
     return f"{exc.code.lower()}:{top}"
 
 
-def announcement(info, pinned: int | None, job_state: str = "running") -> pb.WeightAnnouncement:
-    """Wire form of a weight store VersionInfo (plus the job's state)."""
+def announcement(info, pinned: int | None, job_state: str = "running", channel: str = "") -> pb.WeightAnnouncement:
+    """Wire form of a weight store VersionInfo (plus the job's state and the actor's release channel)."""
     return pb.WeightAnnouncement(version=info.version, sha256=info.sha256, size_bytes=info.size_bytes,
                                  learner_step=info.learner_step, published_at=info.published_at,
-                                 pinned=pinned == info.version, format="safetensors", **wire_settings.job_state_fields(job_state))
+                                 pinned=pinned == info.version, format="safetensors", channel=channel,
+                                 **wire_settings.job_state_fields(job_state))
 
 
 class LearnerServicer:
@@ -193,11 +199,11 @@ class LearnerServicer:
         self.sessions[session] = {"actor_id": req.actor_id, "tasks": list(req.tasks), "since": time.time(),
                                   "kind": pb.ActorKind.Name(req.kind).lower(),
                                   "capabilities": dict(req.capabilities), "principal": principal}
-        fv = self.core.weights.fleet_version()
+        fv, channel = self.core.weights_for(req.actor_id)  # the version of the actor's release channel
         event(log, "handshake", job=req.job_id, actor=req.actor_id, version=fv.version if fv else -1, principal=principal)
         return pb.HandshakeResponse(protocol_version=PROTOCOL_VERSION, session_id=session, run_config=self.core.run_config(),
-                                    current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state) if fv else None,
-                                    learner_id=self.learner_id)
+                                    current_policy=announcement(fv, self.core.weights.pinned, self.core.job_state, channel)
+                                    if fv else None, learner_id=self.learner_id)
 
     # -- Experience --------------------------------------------------------------------------
     def StreamExperience(self, request_iterator, context: grpc.ServicerContext):
@@ -261,17 +267,22 @@ class LearnerServicer:
             _abort(context, exc)
         lease.actor = req.actor_id[:128]
         store = self.core.weights
-        known = None
+        fleet = announced = None
         try:
             while context.is_active():
                 lease.touch()  # progress = the loop turns; a send blocked on a peer that stopped reading stops it
-                info = store.wait_for_change(known[:2] if known else None, timeout=1.0)  # job_state: seen within 1 s
+                # wakes on a publish or pin; job_state and release decisions are seen within the 1 s timeout
+                fv = store.wait_for_change(fleet, timeout=1.0)
+                if fv is None:
+                    continue
+                fleet = (fv.version, store.pinned is not None)
+                info, channel = self.core.weights_for(req.actor_id)  # the actor's release channel (or the fleet version)
                 if info is None:
                     continue
-                current = (info.version, store.pinned is not None, self.core.job_state)
-                if current != known:
-                    known = current
-                    yield announcement(info, store.pinned, self.core.job_state)
+                current = (info.version, store.pinned is not None, self.core.job_state, channel)
+                if current != announced:
+                    announced = current
+                    yield announcement(info, store.pinned, self.core.job_state, channel)
         finally:
             lease.close()
 

@@ -13,6 +13,11 @@ Invariants:
 
 Subscribers block in :meth:`wait_for_change` with a timeout (never unbounded), so a server stream
 notices cancellation promptly.
+
+Hooks (issue 21, :mod:`learner.releases`): ``retain`` (a lock-free callable returning versions that
+retention must also keep: the release channels' stable and candidate) and publish listeners
+(:meth:`WeightStore.add_listener`: called with the new VersionInfo after every publish, in the
+publisher's thread, with the store's lock released).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from fleetloop.dataset import atomic_write
 from fleetloop.errors import NotFound
@@ -57,6 +63,9 @@ class WeightStore:
         self._kept: set[int] = set()
         #: seconds of the last publish's sha256 and durable write (they run at the same time)
         self.last_publish_timings: dict[str, float] = {}
+        #: versions retention must keep besides its own rules; called under the store's lock, so it must take none
+        self.retain: Callable[[], frozenset[int]] | None = None
+        self._listeners: list[Callable[[VersionInfo], None]] = []
         self._load_index()
 
     # -- persistence -------------------------------------------------------------------------
@@ -82,7 +91,20 @@ class WeightStore:
         atomic_write(self._index_path(), json.dumps(data).encode())
 
     # -- publishing --------------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[VersionInfo], None]) -> None:
+        """Call ``fn(info)`` after every publish (publisher's thread, store lock released; its
+        exceptions propagate to the publisher)."""
+        self._listeners.append(fn)
+
     def publish(self, blob: bytes, learner_step: int) -> VersionInfo:
+        """Store ``blob`` as the next version, wake subscribers, then tell the listeners. Returns its
+        metadata (see :meth:`_publish`)."""
+        info = self._publish(blob, learner_step)
+        for fn in list(self._listeners):
+            fn(info)
+        return info
+
+    def _publish(self, blob: bytes, learner_step: int) -> VersionInfo:
         """Store ``blob`` as the next version and wake subscribers. Returns its metadata.
 
         The sha256 and the durable write (write, fsync, rename) run at the same time, in two
@@ -132,10 +154,12 @@ class WeightStore:
             self._keep_disk = int(n)
 
     def _prune(self) -> None:
-        """Keep version 0, the pinned version, the kept versions and the newest ``keep_on_disk`` versions on disk."""
+        """Keep version 0, the pinned version, the kept versions, the ``retain()`` versions and the newest
+        ``keep_on_disk`` versions on disk."""
         old = sorted(self._index)[:-self._keep_disk]
+        retained = self.retain() if self.retain is not None else frozenset()
         for v in old:
-            if v in (0, self._pinned) or v in self._kept:
+            if v in (0, self._pinned) or v in self._kept or v in retained:
                 continue
             del self._index[v]
             (self.root / f"v{v}.safetensors").unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from fleetloop.errors import InvalidArgument
 from fleetloop.presets import (DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, METAWORLD_CAMERAS, MIN_IMAGE_SIZE,
                                metaworld_specs)
 from learner.config import FlowControlConfig, LearnerConfig, OptimisationConfig, ServingConfig, SpecModel
+from learner.releases_config import RolloutPolicy
 from learner.staleness import StalenessConfig
 from services.control.algorithm_params import AlgorithmParamsSchema, check_algorithm_params
 
@@ -142,6 +143,10 @@ class JobSpec(BaseModel):
     memory_budget_mb: float | None = Field(
         None, ge=MIN_MEMORY_BUDGET_MB, le=16 << 20, description="Memory budget (MiB) of the learner's replay buffers plus "
         f"in-flight ingest (the learner's flow.memory_budget_mb); at least {MIN_MEMORY_BUDGET_MB:g}. None = no budget.")
+    rollout: RolloutPolicy | None = Field(
+        None, description="Release channels (learner.releases_config.RolloutPolicy): strategy 'all' (every robot runs "
+        "the newest version) or 'canary' (a canary cohort judges each candidate; automatic promotion and rollback). "
+        "None = the learner default (strategy all).")
 
     @field_validator("tasks")
     @classmethod
@@ -263,7 +268,8 @@ def learner_config(spec: JobSpec, job_id: str, state_dir: Path, control_redis_ur
                    initial_weights: Path | None = None, offline_dataset: Path | None = None) -> LearnerConfig:
     """The learner configuration of a job (bootstrap outputs override the spec's paths). The tensor
     specs are always written (:meth:`JobSpec.tensor_specs`; the state preset is the learner's old
-    default 39 / 4), and ``memory_budget_mb`` becomes ``flow.memory_budget_mb``."""
+    default 39 / 4), ``memory_budget_mb`` becomes ``flow.memory_budget_mb`` and ``rollout`` (when set) the
+    learner's ``rollout``."""
     weights = initial_weights or (Path(spec.initial_weights) if spec.initial_weights else None)
     dataset = offline_dataset or (Path(spec.offline_dataset) if spec.offline_dataset else None)
     obs, act = spec.tensor_specs()
@@ -276,4 +282,5 @@ def learner_config(spec: JobSpec, job_id: str, state_dir: Path, control_redis_ur
             algorithm=spec.algorithm, algorithm_params=spec.algorithm_params,
             staleness=StalenessConfig(bound=spec.staleness_bound) if spec.staleness_bound is not None else None,
             offline_dataset=dataset, batch_size=spec.batch_size, publish_every=spec.publish_every,
-            max_updates_per_s=spec.max_updates_per_s))
+            max_updates_per_s=spec.max_updates_per_s),
+        **({"rollout": spec.rollout} if spec.rollout is not None else {}))

@@ -78,7 +78,8 @@ OLD_FULL_DUMP = json.loads(
 def _flat(cfg: LearnerConfig) -> dict:
     """The new nested dump, flattened back to the old names through LEGACY (``kind`` left out)."""
     dump = cfg.model_dump(mode="json")
-    out = {k: v for k, v in dump.items() if k not in ("kind", "serving", "tls", "flow", "optimisation", "episodes", "images")}
+    out = {k: v for k, v in dump.items() if k not in ("kind", "serving", "tls", "flow", "optimisation", "episodes", "images",
+                                                        "rollout")}
     for old, (group, name) in LEGACY.items():
         out[old] = dump[group][name]
     return out
@@ -126,7 +127,7 @@ def test_samples_cover_every_old_name():
     assert set(LEGACY) | set(LLM_LEGACY) == set(SAMPLES)
     assert len(LEGACY) == 43 and set(LLM_LEGACY) - set(LEGACY) == {"keep_versions_on_disk"}
     # the old flat model's fields are the top-level fields plus LEGACY, each once
-    top = set(LearnerConfig.model_fields) - {"kind", "serving", "tls", "flow", "optimisation", "episodes", "images"}
+    top = set(LearnerConfig.model_fields) - {"kind", "serving", "tls", "flow", "optimisation", "episodes", "images", "rollout"}
     assert top | set(LEGACY) == set(OLD_DEFAULT_DUMP) and not top & set(LEGACY)
 
 
