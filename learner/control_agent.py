@@ -15,8 +15,8 @@ Runs as one background thread inside the learner process (Ray actor or pod). Eac
   intervention rates over the window since the previous point, loss, updates/s, ingest rate,
   buffer sizes, version, staleness);
 
-- the release snapshot (:meth:`learner.releases.ReleaseManager.snapshot`, key ``releases``) of a core
-  with release channels, and one ``release_decided`` event per new history entry (decision, by,
+- the release snapshot (:meth:`learner.releases.ReleaseManager.snapshot`, key ``releases``, plus
+  ``time``: when it was written) of a core with release channels, and one ``release_decided`` event per new history entry (decision, by,
   reason, candidate, stable, p_not_worse; entries decided before this agent started are not re-sent);
 
 and then pops operator commands (``pause``, ``resume``, ``pin``, ``unpin``, ``keep``, ``unkeep``,
@@ -202,7 +202,7 @@ class ControlAgent:
         releases = getattr(self.core, "releases", None)
         snapshot = releases.snapshot() if releases is not None else None
         if snapshot is not None:
-            pipe.set(keys.releases(self.job), json.dumps(snapshot))
+            pipe.set(keys.releases(self.job), json.dumps({**snapshot, "time": now}))  # + when it was written
         if point:
             pipe.rpush(keys.series(self.job), json.dumps(self.series_point(status, now)))
             pipe.ltrim(keys.series(self.job), -keys.SERIES_MAX, -1)

@@ -202,20 +202,22 @@ def judge(cand: Mapping[str, Tally], stable: Mapping[str, Tally], metrics: Itera
             per[m] = round(p, 4)
     if not per:
         return Judgement(None, "no task with episodes of both cohorts to compare", episodes=eps)
-    worst_metric = min(per, key=per.get)
-    p_min = per[worst_metric]
-    detail = ", ".join(f"P({m} not worse by > margin) = {p:.3f}" for m, p in per.items())
+    worst = min(per, key=per.get)
+    p_min = per[worst]
+    detail = ", ".join(f"{m} {p:.3f}" for m, p in per.items())
+    after = f"after {n_c} canary / {n_s} stable episodes"
     if p_min <= 1 - confidence:
-        return Judgement("rollback", f"{worst_metric} regressed: {detail} <= {1 - confidence:.3f} after "
-                         f"{n_c} canary / {n_s} stable episodes", p_min, per, episodes=eps)
+        return Judgement("rollback", f"{worst} regressed: P(not worse by more than {max_regression:g}) = {p_min:.3f} "
+                         f"<= {1 - confidence:.3f} ({detail}) {after}", p_min, per, episodes=eps)
     if p_min >= confidence:
-        return Judgement("promote", f"not worse: {detail} >= {confidence:.3f} after {n_c} canary / {n_s} stable "
-                         "episodes", p_min, per, episodes=eps)
+        return Judgement("promote", f"not worse: P(not worse by more than {max_regression:g}) >= {confidence:.3f} on "
+                         f"every metric ({detail}) {after}", p_min, per, episodes=eps)
     if n_c >= max_episodes:
         decision = "promote" if p_min >= 0.5 else "rollback"
-        return Judgement(decision, f"forced at max_episodes {max_episodes}: {detail} "
-                         f"({'>=' if decision == 'promote' else '<'} 0.5)", p_min, per, forced=True, episodes=eps)
-    return Judgement(None, f"undecided: {detail}", p_min, per, episodes=eps)
+        return Judgement(decision, f"forced at max_episodes {max_episodes}: min P(not worse by more than "
+                         f"{max_regression:g}) = {p_min:.3f} {'>=' if decision == 'promote' else '<'} 0.5 ({detail}) "
+                         f"{after}", p_min, per, forced=True, episodes=eps)
+    return Judgement(None, f"undecided: P(not worse by more than {max_regression:g}): {detail}", p_min, per, episodes=eps)
 
 
 def simulate(p_stable: float, p_cand: float, runs: int, seed: int = 0, min_episodes: int = 10, max_episodes: int = 60,
