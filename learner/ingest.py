@@ -240,7 +240,7 @@ class Ingestor:
         self._actor_series: set[str] = set()   # actors with a live fleetloop_learner_actor_policy_version series
         self._g_actor: dict = {}                # actor -> its resolved version gauge child (a labels() lookup per chunk costs)
         self._c_evicted = {r: m.dropped_samples.labels(j, r) for r in ("evicted", "evicted_unsampled", "evicted_ineligible")}
-        #: called with each new episode end (durable ingest only), outside the lock; must not raise
+        #: called with each new episode end (durable ingest only), outside the lock; an exception is logged
         self.on_episode_end: Callable[[EpisodeRecord], None] | None = None
 
     def ingest(self, chunk, nbytes: int, learner_version: int, raw: bytes | None = None, durable: bool = True) -> bool:
@@ -282,7 +282,11 @@ class Ingestor:
         if durable and decoded.produced_at > 0:
             self._c_latency.observe(max(0.0, time.time() - decoded.produced_at))
         if durable and ended is not None and self.on_episode_end is not None:
-            self.on_episode_end(ended)
+            try:  # the chunk is stored and will be acked: a failing hook must not turn that into an error
+                self.on_episode_end(ended)
+            except Exception as exc:
+                event(log, "episode_end_hook_failed", level=40, job=self.job_id, actor=ended.actor_id,
+                      episode=ended.episode_id, error=repr(exc)[:300])
         return False
 
     def episode_keys(self) -> dict[tuple[str, str], int]:
