@@ -1,4 +1,5 @@
 """Control-plane subcommands of ``fleetloop``: ``up``, ``api``, ``job ...``, ``certs init``, ``admin create-key``.
+Release commands (``job releases|promote|abort-release|rollout``) live in :mod:`services.cli.releases`.
 
 ``job`` commands talk to the REST API (``--api``, default ``$FLEETLOOP_API`` or
 http://127.0.0.1:8000) with the key from ``--key``, ``$FLEETLOOP_API_KEY`` or the local
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from fleetloop.errors import FleetloopError
+from services.cli import releases
 
 DEFAULT_DATA = Path("runs/controlplane")
 
@@ -153,6 +155,8 @@ def _cmd_job(args: argparse.Namespace) -> int:
             _print(api.call("POST", f"/v1/jobs/{args.job_id}/policies/{args.version}/evaluate", params={"trials": args.trials}))
         elif args.job_cmd == "unpin":
             _print(api.policy_action(args.job_id, None, "unpin"))
+        elif args.job_cmd in releases.COMMANDS:
+            return releases.run(api, args, as_json, _print)
         elif args.job_cmd == "enroll":
             e = api.enroll(args.job_id, args.name, args.actors.split(",") if args.actors else None)
             if as_json:
@@ -254,6 +258,7 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     en.add_argument("name")
     en.add_argument("--actors", default=None, help="comma-separated actor ids (glob patterns) the token may act as "
                     "(default: exactly NAME)")
+    releases.add_release_commands(jsub)
     for c in jsub.choices.values():
         c.add_argument("--output", "-o", choices=["text", "json"], default=argparse.SUPPRESS, help=output_help)
         c.set_defaults(func=_cmd_job)

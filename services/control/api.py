@@ -6,7 +6,7 @@ the FleetloopError hierarchy is mapped to HTTP there and only there, as ``{"erro
 "message", "field", "value"}}``; request validation errors are FastAPI's 422 with the field paths;
 the key is checked before a body that cannot be parsed is reported; 405 lists every allowed method.
 
-Operator commands on a running learner (pause, resume, pin, unpin, keep, rollback) are queued in Redis
+Operator commands on a running learner (pause, resume, pin, unpin, keep, rollback, releases) are queued in Redis
 for the learner's control agent; the API waits up to ``command_timeout_s`` for the result (200),
 else answers 202 with the queued command's id (the learner runs it when it next polls).
 """
@@ -33,6 +33,7 @@ from services.control.job_views import ActorRow, learner_report
 from services.control.jobspec import JobSpec
 from services.control.launchers.base import Launcher
 from services.control.policy_routes import install_policy_routes
+from services.control.release_routes import install_release_routes, releases_view
 from services.control.state import TERMINAL_STATES, ApiKey, Enrollment, JobRecord, Role, StateStore
 
 log = get_logger("services.api")
@@ -318,6 +319,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
 
     install_policy_routes(app, store, launcher, viewer=viewer, operator=operator, active_job=active_job, command=command,
                           reply=reply, command_model=CommandResult)  # export (metadata, weights, tar) and keep
+    install_release_routes(app, store, viewer=viewer, operator=operator, active_job=active_job, command=command, reply=reply,
+                           command_model=CommandResult)  # releases: snapshot, promote, abort, rollout policy
 
     # -- fleet ---------------------------------------------------------------------------
     @app.get("/v1/jobs/{job_id}/actors", response_model=list[ActorRow], responses=ERRORS, tags=["fleet"])
@@ -361,8 +364,8 @@ def create_app(store: StateStore, launcher: Launcher, command_timeout_s: float =
                    key: ApiKey = viewer) -> StreamingResponse:
         """Server-sent events: one ``snapshot`` event per ``interval`` until the client goes away:
         the job, the actors, the policy summary with the versions published since the previous
-        snapshot (and evaluated ones), new series points, new events (the first snapshot carries
-        the whole series and the newest 500 events). Read it with fetch() so the key
+        snapshot (and evaluated ones), the releases (as GET .../releases), new series points, new
+        events (the first snapshot carries the whole series and the newest 500 events). Read it with fetch() so the key
         travels in the Authorization header, never in the URL."""
         store.get_job(job_id)
 
@@ -417,8 +420,8 @@ def _snapshot(store: StateStore, job_view, policies, key: ApiKey, job_id: str, s
     pols = policies(job_id, key).model_dump()
     newest = pols["versions"][-1]["version"] if pols["versions"] else last_version
     pols["versions"] = [v for v in pols["versions"] if v["version"] > last_version or v["evaluation"]]
-    snap = {"job": job, "actors": store.actors(job_id), "policies": pols,
-            "series": points, "events": evs, "role": key.role, "time": time.time()}
+    snap = {"job": job, "actors": store.actors(job_id), "policies": pols, "series": points, "events": evs, "role": key.role,
+            "releases": releases_view(store, store.get_job(job_id)).model_dump(mode="json"), "time": time.time()}
     return snap, (points[-1]["t"] if points else since), (evs[-1]["id"] if evs else after), newest
 
 

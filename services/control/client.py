@@ -121,6 +121,16 @@ class ApiClient:
         path = f"/v1/jobs/{job_id}/policies/unpin" if action == "unpin" else f"/v1/jobs/{job_id}/policies/{version}/{action}"
         return self.call("POST", path)
 
+    def releases(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/jobs/{job_id}/releases")
+
+    def release_action(self, job_id: str, action: str) -> dict[str, Any]:
+        """``action`` promote or abort the job's open release candidate."""
+        return self.call("POST", f"/v1/jobs/{job_id}/releases/{action}")
+
+    def set_rollout(self, job_id: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return self.call("PUT", f"/v1/jobs/{job_id}/rollout", json=policy)
+
     def enroll(self, job_id: str, name: str, actors: list[str] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name} if actors is None else {"name": name, "actors": actors}
         return self.call("POST", f"/v1/jobs/{job_id}/enrollments", json=body)

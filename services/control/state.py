@@ -238,6 +238,11 @@ class StateStore:
             return final
         return self._guard(_do)
 
+    def release_snapshot(self, job_id: str) -> str | None:
+        """The learner's release snapshot as its control agent wrote it (a JSON string; issue 21,
+        docs/notes/issue21-plan.md), None before it wrote one."""
+        return self._guard(self.r.get, keys.releases(job_id))
+
     def actors(self, job_id: str) -> list[dict[str, Any]]:
         rows = self._guard(self.r.hgetall, keys.actors(job_id))
         return sorted((json.loads(v) for v in rows.values()), key=lambda r: r["actor_id"])

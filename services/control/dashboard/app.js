@@ -26,6 +26,7 @@
     abort: null,         // AbortController of the live stream
     jobId: null,
     job: null, actors: [], policies: null, series: [], events: [], now: 0,
+    releases: null,      // GET /v1/jobs/<id>/releases, carried by every live snapshot
     range: 0,            // chart window in seconds (0 = everything)
     busy: false,
   };
@@ -261,8 +262,12 @@
   }
 
   function resetJobData(jobId) {
-    Object.assign(state, { jobId, job: null, actors: [], policies: null, series: [], events: [], now: 0 });
+    Object.assign(state, { jobId, job: null, actors: [], policies: null, series: [], events: [], now: 0, releases: null });
     $("fleet-table").tBodies[0].replaceChildren();
+    $("release-evidence").tBodies[0].replaceChildren();
+    for (const b of [...$("release-history").tBodies]) b.remove();
+    $("release-controls-slot").replaceChildren();
+    $("releases-card").hidden = true;
     $("tasks-table").tBodies[0].replaceChildren();
     $("events-list").replaceChildren();
     for (const id of ["chart-success", "chart-intervention", "chart-loss", "chart-ingest", "chart-versions"]) $(id).replaceChildren();
@@ -364,6 +369,7 @@
       if (merged.length > VERSIONS_MAX) merged = merged.slice(merged.length - VERSIONS_MAX);
       state.policies = { ...snap.policies, versions: merged };
     }
+    if (snap.releases) state.releases = snap.releases;
     state.now = snap.time || Date.now() / 1000;
     if (snap.role && state.me && snap.role !== state.me.role) { state.me.role = snap.role; renderIdentity(); }
     const lastT = state.series.length ? state.series[state.series.length - 1].t : -Infinity;
@@ -393,6 +399,7 @@
     if (!state.job) return;
     renderHeader();
     renderControls();
+    renderReleases();
     renderFleet();
     renderTasks();
     renderEvaluations();
@@ -529,27 +536,182 @@
     return Number(raw);
   }
 
-  async function control(label, path, confirmText) {
+  /** POST `path`; the outcome goes to the status line `statusId` (a release command also refreshes the panel). */
+  async function control(label, path, confirmText, statusId = "control-status") {
     if (confirmText && !window.confirm(confirmText)) return;
     const gen = state.gen;
     state.busy = true;
     renderControls();
-    setText("control-status", `${label}…`);
+    renderReleaseControls();
+    setText(statusId, `${label}…`);
     try {
       const res = await api("POST", path);
       clearError("control");
       const queued = res.status === 202 && res.body && res.body.status === "queued";
-      setText("control-status", queued ? `${label}: queued – the learner runs it when it next polls` : `${label}: done`);
+      const el = $(statusId);
+      if (el) { el.dataset.status = queued ? "queued" : "done"; el.dataset.commandId = (res.body && res.body.command_id) || ""; }
+      setText(statusId, queued ? `${label}: queued – the learner runs it when it next polls` : `${label}: done`);
       // show the effect now rather than at the next snapshot
       const job = (await api("GET", `/v1/jobs/${encodeURIComponent(state.jobId)}`)).body;
       if (gen === state.gen && state.job) { state.job = job; renderHeader(); }
+      if (statusId === "release-control-status") {
+        const rel = (await api("GET", `/v1/jobs/${encodeURIComponent(state.jobId)}/releases`)).body;
+        if (gen === state.gen) { state.releases = rel; renderReleases(); }
+      }
     } catch (e) {
-      setText("control-status", `${label}: failed`);
+      setText(statusId, `${label}: failed`);
+      if ($(statusId)) $(statusId).dataset.status = "failed";
       showError(`${label} failed: ${e.message}`, "control");
     } finally {
       state.busy = false;
-      if (gen === state.gen) renderControls();
+      if (gen === state.gen) { renderControls(); renderReleaseControls(); }
     }
+  }
+
+
+  // -- releases (canary cohorts, automatic promotion and rollback) ------------------------------
+  const PCT_METRICS = new Set(["autonomous_success", "intervention_rate"]);
+  /** "canary" when the actor runs the open candidate, "stable" when it is in the stable cohort, else "". */
+  function releaseChannel(actorId) {
+    const rel = state.releases;
+    if (!rel || rel.strategy !== "canary" || !rel.cohorts) return "";
+    if (isNum(rel.candidate) && (rel.cohorts.canary || []).includes(actorId)) return "canary";
+    return (rel.cohorts.stable || []).includes(actorId) ? "stable" : "";
+  }
+  const fmtVersion = (v) => (isNum(v) ? `v${v}` : "–");
+  const fmtMetric = (k, v) => (PCT_METRICS.has(k) ? fmtPct(v) : fmtNum(v));
+
+  function policyText(rel) {
+    const p = rel.policy || {};
+    if (rel.strategy !== "canary") return "strategy all: every robot runs the newest version";
+    const cohort = (p.canary_actors || []).length ? `canary robots ${p.canary_actors.join(", ")}` : `canary ${isNum(p.canary_fraction) ? Number((p.canary_fraction * 100).toFixed(1)) : "–"}% of the robots`;
+    return `strategy canary · ${cohort} · decide after ${p.min_episodes} episodes per cohort (forced at ${p.max_episodes}) on ` +
+      `${(p.metrics || []).join(", ")} · max regression ${p.max_regression} · confidence ${p.confidence}`;
+  }
+
+  function releaseStateText(rel) {
+    if (isNum(rel.pinned)) return `pinned to v${rel.pinned}: the pin overrides releases`;
+    if (rel.strategy !== "canary") return "every robot runs the newest version";
+    if (!isNum(rel.candidate)) return "no candidate open: the next published version becomes one";
+    const p = rel.policy || {}, ev = rel.evidence || {};
+    const nc = (ev.candidate && ev.candidate.episodes) || 0, ns = (ev.stable && ev.stable.episodes) || 0;
+    if (nc < p.min_episodes || ns < p.min_episodes) {
+      return `collecting evidence: ${nc} canary / ${ns} stable episodes of ${p.min_episodes} each`;
+    }
+    return `deciding: ${nc} canary / ${ns} stable episodes (a decision is forced at ${p.max_episodes})`;
+  }
+
+  function renderReleases() {
+    const rel = state.releases;
+    $("releases-card").hidden = !rel;
+    if (!rel) return;
+    $("releases-card").dataset.strategy = rel.strategy;
+    setText("releases-policy", policyText(rel));
+    setText("release-stable", fmtVersion(rel.stable));
+    setText("release-candidate", isNum(rel.candidate) ? `v${rel.candidate}` : "none");
+    $("release-candidate").className = isNum(rel.candidate) ? "candidate" : "";
+    const sizes = rel.cohort_sizes || { canary: 0, stable: 0 };
+    setText("release-canary-size", rel.strategy === "canary" ? `${sizes.canary} of ${sizes.canary + sizes.stable}` : "–");
+    setText("release-state", releaseStateText(rel));
+    let note = !rel.reported ? "The learner has reported no release yet." : rel.problem || "";
+    if (!note && rel.strategy !== "canary") {
+      note = `New versions reach every robot at once. To try them on a canary cohort first: fleetloop job rollout ${rel.job_id} --strategy canary`;
+    }
+    setText("release-note", note);
+    $("release-note").hidden = !note;
+    $("release-note").className = rel.problem ? "bad small" : "muted small";
+    renderReleaseControls();
+    renderReleaseEvidence(rel);
+    renderReleaseHistory(rel);
+  }
+
+  function evidenceCells(m, names) {
+    m = m || {};
+    return names.map((k) => h("td", { class: "num", "data-col": k, text: k === "episodes" ? fmtInt(m.episodes) : fmtMetric(k, m[k]) }));
+  }
+  const EVIDENCE_COLS = ["episodes", "autonomous_success", "intervention_rate", "episode_length", "reward"];
+
+  function renderReleaseEvidence(rel) {
+    const ev = rel.evidence || {}, cohorts = rel.cohorts || {};
+    const show = rel.strategy === "canary" || isNum(rel.candidate);
+    $("release-evidence-box").hidden = !show;
+    if (!show) { $("release-evidence").tBodies[0].replaceChildren(); return; }
+    const rows = [];
+    for (const [cohort, version, ids, m] of [["canary", rel.candidate, cohorts.canary || [], ev.candidate],
+                                             ["stable", rel.stable, cohorts.stable || [], ev.stable]]) {
+      const robots = ids.length ? ids.map((id) => h("span", { class: `pill robot robot-${cohort}`, text: id })) : [h("span", { class: "muted", text: "none" })];
+      rows.push(h("tr", { "data-cohort": cohort, "data-testid": "release-cohort" },
+        h("td", {}, h("span", { class: `pill cohort-${cohort}`, text: cohort === "canary" ? (isNum(rel.candidate) ? "canary (candidate)" : "canary") : "stable" })),
+        h("td", { class: "num", text: fmtVersion(version) }),
+        h("td", { class: "robots", "data-col": "robots" }, ...robots),
+        ...evidenceCells(m, EVIDENCE_COLS)));
+      for (const [task, tm] of Object.entries((m && m.per_task) || {}).sort()) {
+        rows.push(h("tr", { class: "subrow", "data-cohort": cohort, "data-task": task },
+          h("td", { class: "muted", text: `  ${task}` }), h("td", {}), h("td", {}), ...evidenceCells(tm, EVIDENCE_COLS)));
+      }
+    }
+    $("release-evidence").tBodies[0].replaceChildren(...rows);
+  }
+
+  function renderReleaseHistory(rel) {
+    const hist = rel.history || [];
+    $("release-history-box").hidden = !hist.length;
+    const pair = (k, mc, ms) => `${fmtMetric(k, (mc || {})[k])} / ${fmtMetric(k, (ms || {})[k])}`;
+    // one <tbody> per decision: its numbers, then its reason across the whole table
+    const bodies = hist.slice().reverse().map((d) => {
+      const m = d.metrics || {}, eps = d.episodes || {};
+      const sizes = d.cohort_sizes ? ` (${d.cohort_sizes.canary} / ${d.cohort_sizes.stable} robots)` : "";
+      return h("tbody", { "data-testid": "release-decision", "data-decision": d.decision, "data-release": String(d.id) },
+        h("tr", {},
+          h("td", { text: String(d.id) }),
+          h("td", { class: "muted", title: isNum(d.decided_at) ? new Date(d.decided_at * 1000).toISOString() : "",
+            text: isNum(d.decided_at) ? `${fmtClock(d.decided_at)} (${fmtAgo(state.now - d.decided_at)})` : "–" }),
+          h("td", { text: fmtVersion(d.candidate) }), h("td", { text: fmtVersion(d.stable) }),
+          h("td", {}, h("span", { class: `pill decision-${d.decision}`, text: d.decision.replace("_", " ") })),
+          h("td", { text: d.by }),
+          h("td", { class: "num", text: `${fmtInt(eps.canary)} / ${fmtInt(eps.stable)}${sizes}` }),
+          h("td", { class: "num", text: pair("autonomous_success", m.candidate, m.stable) }),
+          h("td", { class: "num", text: pair("intervention_rate", m.candidate, m.stable) }),
+          h("td", { class: "num", text: isNum(d.p_not_worse) ? d.p_not_worse.toFixed(3) : "–" })),
+        h("tr", { class: "reason-row" },
+          h("td", {}), h("td", { colspan: "9", class: "reason" }, h("span", { class: "muted", text: "reason: " }),
+            h("span", { "data-testid": "release-reason", text: d.reason || "–" }))));
+    });
+    const table = $("release-history");
+    for (const b of [...table.tBodies]) b.remove();
+    table.append(...bodies);
+  }
+
+  function renderReleaseControls() {
+    const slot = $("release-controls-slot");
+    const rel = state.releases;
+    if (!canOperate() || !rel || (rel.strategy !== "canary" && !isNum(rel.candidate))) {
+      if (slot.firstChild) slot.replaceChildren();
+      return;
+    }
+    if (!$("release-controls")) {
+      slot.replaceChildren($("release-controls-template").content.cloneNode(true));
+      const base = () => `/v1/jobs/${encodeURIComponent(state.jobId)}/releases`;
+      $("btn-promote").addEventListener("click", () => {
+        const rel = state.releases || {};
+        control(`Promote v${rel.candidate}`, `${base()}/promote`,
+          `Promote v${rel.candidate} to stable now, without waiting for the evidence? Every robot runs it from its next episode.`,
+          "release-control-status");
+      });
+      $("btn-abort-release").addEventListener("click", () => {
+        const rel = state.releases || {};
+        control(`Abort v${rel.candidate}`, `${base()}/abort`,
+          `Abort the release of v${rel.candidate}? Every robot runs the stable version v${rel.stable} again from its next episode.`,
+          "release-control-status");
+      });
+    }
+    const s = state.job ? state.job.state : null;
+    const open = (s === "running" || s === "paused") && isNum(state.releases.candidate);
+    $("btn-promote").disabled = state.busy || !open;
+    $("btn-abort-release").disabled = state.busy || !open;
+    const why = open ? "" : isNum(state.releases.candidate) ? "the job is not running" : "no release candidate is open";
+    $("btn-promote").title = why || `make v${state.releases.candidate} stable now: every robot runs it from its next episode`;
+    $("btn-abort-release").title = why || `every robot runs the stable v${state.releases.stable} again`;
   }
 
   // -- fleet and task tables -----------------------------------------------------------------
@@ -573,6 +735,14 @@
       const cell = (c) => row.querySelector(`[data-col="${c}"]`);
       const actor = cell("actor");
       if (!actor.firstChild) actor.append(h("b", { text: a.actor_id }), " ", h("span", { class: "muted small", text: a.kind }));
+      const channel = releaseChannel(a.actor_id);
+      if ((row.dataset.channel || "") !== channel) {
+        row.dataset.channel = channel;
+        const old = actor.querySelector(".channel");
+        if (old) old.remove();
+        if (channel === "canary") actor.append(h("span", { class: "pill channel channel-canary", "data-testid": "canary-pill", text: "canary",
+          title: `runs the release candidate v${state.releases && state.releases.candidate}` }));
+      }
       const st = cell("status");
       if (st.textContent !== a.status) st.replaceChildren(h("span", { class: `pill status-${a.status}`, text: a.status }));
       setCell(cell("task"), a.task || "–", (a.tasks || []).length ? `tasks: ${a.tasks.join(", ")}` : "");
