@@ -146,6 +146,12 @@ class ReleaseManager:
         """The channel announced to ``actor_id`` ("candidate", "stable" or "")."""
         return self.assignment(actor_id)[1]
 
+    @property
+    def retraining(self) -> bool:
+        """True while an automatic rollback's retrain from stable is pending (nothing is offered until
+        its copy of stable is published)."""
+        return self._holding
+
     def protected(self) -> frozenset[int]:
         """Versions retention must keep (stable, candidate). Lock-free: the weight store calls it while
         holding its own lock."""

@@ -136,7 +136,7 @@ def test_canary_rolls_back_a_broken_version_and_promotes_the_next_good_one(tmp_p
         _wait("a first promotion", lambda: any(h["decision"] == "promoted" for h in history()), 120, robots)
         # 2. the broken candidate: no window open, then the perturbed training weights published
         core.set_paused(True)
-        _wait("no open window", lambda: rm.candidate is None, 120, robots)
+        _wait("no open window", lambda: rm.candidate is None and not rm.retraining, 120, robots)
         with core._train_lock:
             with torch.no_grad():
                 core.algorithm.policy.state_dict()["net.4.bias"].add_(50.0)

@@ -129,7 +129,7 @@ def test_metaworld_canary_rolls_back_a_broken_version(start_policy, tmp_path, ca
         _wait("a first promotion", lambda: any(h["decision"] == "promoted" for h in history()), 120, robots)
         # 2. the broken candidate: no window open, then the learner's training weights, output layer negated, published
         core.set_paused(True)  # no open window and no retrain pending (a rollback's copy of stable would hide it)
-        _wait("no open window", lambda: rm.candidate is None and not rm._holding, 60, robots)
+        _wait("no open window", lambda: rm.candidate is None and not rm.retraining, 60, robots)
         with core._train_lock:
             with torch.no_grad():
                 for name, t in core.algorithm.policy.state_dict().items():

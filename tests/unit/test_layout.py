@@ -70,3 +70,15 @@ def test_the_private_import_check_sees_the_pattern():
               "def f():\n    from learner.checkpoint import _load_one, load\n")
     assert private_imports("services/harness/probe.py", source) == {
         ("services/harness/probe.py", "learner.checkpoint", "_load_one")}
+
+
+def test_test_module_names_are_unique():
+    """tests/unit and tests/integration have no __init__.py, so pytest imports test modules by their
+    base name: two files with one name in different folders break collection of the whole suite."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen and not (path.parent / "__init__.py").exists():
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, clashes
