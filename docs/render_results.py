@@ -2,8 +2,9 @@
 
     .venv/bin/python docs/render_results.py [--results docs/results/experiments] [--out docs/RESULTS.md]
 
-Reads ``RESULTS/<experiment>/summary.json`` for experiment in main, sampler, scaling (those present)
-and the pixel-demo reports ``RESULTS/pixels/seed*/report.json`` (docs/render_pixels.py),
+Reads ``RESULTS/<experiment>/summary.json`` for experiment in main, sampler, scaling (those present),
+the pixel-demo reports ``RESULTS/pixels/seed*/report.json`` (docs/render_pixels.py) and the releases
+experiment ``RESULTS/../releases/releases.json`` (docs/render_releases.py: its section and plot),
 writes the tables (mean ± std over seeds), the checks of issue 3's "done when" evaluated on the
 numbers, and the plots ``RESULTS/main_success.png``, ``sampler_success.png``, ``scaling_success.png``,
 ``scaling_time_to_target.png``. Each section states the command, the machine and the wall time
@@ -257,18 +258,25 @@ def render(results: Path, out: Path) -> str:
         _plot_curves(s, results / f"{name}_success.png")
         md += [f"![{name}: success over time]({rel}/{name}_success.png)", "", *_errors(s)]
     md += _pixels_section(results, rel)
+    releases = results.parent / "releases"
+    md += _load("render_releases").section(releases, os.path.relpath(releases, out.parent))
     text = "\n".join(md)
     out.write_text(text)
     return text
 
 
-def _pixels_section(results: Path, rel: str) -> list[str]:
-    """The pixel-demo section (docs/render_pixels.py), loaded beside this file."""
+def _load(name: str):
+    """A sibling render module (docs/render_pixels.py, docs/render_releases.py), loaded beside this file."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("render_pixels", Path(__file__).with_name("render_pixels.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.section(results, rel)
+    return module
+
+
+def _pixels_section(results: Path, rel: str) -> list[str]:
+    """The pixel-demo section (docs/render_pixels.py)."""
+    return _load("render_pixels").section(results, rel)
 
 
 def main() -> None:

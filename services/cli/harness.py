@@ -74,7 +74,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         intervention_budget=args.intervention_budget, rounds=args.rounds, max_updates_per_s=args.max_updates_per_s,
         pretrain_steps=args.pretrain_steps, demos_per_task=args.demos_per_task, eval_workers=args.eval_workers,
         only=args.only.split(",") if args.only else None, eval_guidance_beta=args.guidance_beta,
-        recap_params=json.loads(args.recap_params) if args.recap_params else {}, reuse=not args.no_reuse)
+        recap_params=json.loads(args.recap_params) if args.recap_params else {}, reuse=not args.no_reuse,
+        rollout=json.loads(args.rollout) if args.rollout else {})
     summary = run_experiment(opts, command=" ".join(["fleetloop", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"]
                              else f"fleetloop experiment {args.name}")
     return 0 if summary["ok"] == summary["runs"] else 1
@@ -136,16 +137,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def add_experiment(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("experiment", help="run an experiment of issue 3 (main, sampler, scaling): every "
-                                           "configuration x seed, one JSON per run and a summary")
-    ex.add_argument("name", choices=["main", "sampler", "scaling"])
+    ex = sub.add_parser("experiment", help="run an experiment of issue 3 (main, sampler, scaling) or issue 21 "
+                                           "(releases: strategy all vs canary): every configuration x seed, one JSON "
+                                           "per run and a summary")
+    ex.add_argument("name", choices=["main", "sampler", "scaling", "releases"])
     ex.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per configuration (default 3; --tiny: 1)")
     ex.add_argument("--out", default=None, help="output folder (default runs/experiments/NAME)")
     ex.add_argument("--minutes", type=float, default=None,
-                    help="budget per run: robot minutes per robot (main, sampler: default 10) or wall minutes (scaling: 20)")
+                    help="budget per run: robot minutes per robot (main, sampler: default 10; releases: 5) or wall "
+                         "minutes (scaling: 20)")
     ex.add_argument("--robots", default=None, help="robots (main/sampler: default 4; scaling: list, default 1,2,4,8)")
     ex.add_argument("--tasks", default=None, help="comma-separated tasks (default reach, push, pick-place, drawer-open, "
-                                                 "window-open)")
+                                                 "window-open; releases: reach, push, drawer-open)")
     ex.add_argument("--tiny", action="store_true", help="CI preset: 2 tasks, 2 robots, seconds-long budgets")
     ex.add_argument("--hz", type=float, default=None, help="robot pacing (default 30)")
     ex.add_argument("--parallel", type=int, default=1, help="runs at once (each its own process)")
@@ -159,7 +162,8 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--eval-stride", type=int, default=None,
                     help="deferred evaluation: every k-th snapshot until one reaches 0.8, then the gap before it (default 3)")
     ex.add_argument("--intervention-budget", type=float, default=None,
-                    help="fleet-wide operator-step cap as a share of the robot-step budget (default 0.25; 0 = none)")
+                    help="fleet-wide operator-step cap as a share of the robot-step budget (default 0.25; releases: "
+                         "0 = none)")
     ex.add_argument("--rounds", type=int, default=None, help="offline rounds of the baseline (default 5)")
     ex.add_argument("--max-updates-per-s", type=float, default=None, help="learner step rate cap (default 50)")
     ex.add_argument("--pretrain-steps", type=int, default=None, help="behaviour-cloning steps (default 3000)")
@@ -168,5 +172,7 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--only", default=None, help="comma-separated configuration ids to run")
     ex.add_argument("--guidance-beta", type=float, default=None, help="CFG beta of RECAP evaluations (default 1.0)")
     ex.add_argument("--recap-params", default=None, help="JSON algorithm_params of the RECAP runs")
+    ex.add_argument("--rollout", default=None, help="releases: JSON RolloutPolicy fields of the canary runs (default "
+                    "min_episodes 6, max_episodes 20, canary_actors: the first half of the robots)")
     ex.add_argument("--no-reuse", action="store_true", help="rerun finished runs even when their spec is unchanged")
     ex.set_defaults(func=_cmd_experiment)

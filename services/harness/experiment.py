@@ -9,6 +9,9 @@
 3. ``DIR/summary.json``: per configuration mean and std over seeds of every number (failed runs
    counted, not averaged), mean success curves over wall-clock and robot time, the scaling speed-ups,
    the command, the machine and the wall time. ``docs/render_results.py`` turns it into RESULTS.md.
+   The releases experiment writes ``DIR/releases.json`` instead (the same, plus a ``releases`` block:
+   :func:`services.harness.experiment_releases.summarize_releases`) and a copy of each run record as
+   ``DIR/per-run/<config>-seed<s>.json`` (``runs/`` holds learner state and spools: not for git).
 
 Exit status: 0 when every run is ok, 1 otherwise (the summary is written either way).
 """
@@ -29,6 +32,7 @@ from fleetloop.logs import event, get_logger
 from services.harness import experiment_metrics as M
 from services.harness.experiment_config import MLP_FACTORY, ExperimentOptions, RunSpec, plan, resolved
 from services.harness.experiment_run import machine
+from services.harness.machine import machine_info
 
 log = get_logger("experiment")
 SUMMARY_FORMAT = "fleetloop-experiment-summary/v1"
@@ -219,14 +223,24 @@ def summarize(name: str, records: list[dict[str, Any]], tasks: list[str], option
            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "options": options,
            "tasks": tasks, "target": M.TARGET, "runs": len(records), "ok": sum(r.get("status") == "ok" for r in records),
            "configs": configs}
+    if name == "releases":
+        from services.harness.experiment_releases import summarize_releases
+        out["machine_facts"] = machine_info()
+        out["releases"] = summarize_releases(records)
     if name == "scaling":
         out["scaling"] = M.scaling_speedups(configs, {int(configs[c]["robots"]): runs for c, runs in by_config.items()
                                                       if configs[c].get("robots") is not None})
     return out
 
 
+def summary_file(name: str) -> str:
+    """File name of an experiment's summary in its output folder."""
+    return "releases.json" if name == "releases" else "summary.json"
+
+
 def run_experiment(o: ExperimentOptions, command: str = "", progress: bool = True) -> dict[str, Any]:
-    """Run the experiment ``o.name``; returns the summary (also written to ``o.out/summary.json``)."""
+    """Run the experiment ``o.name``; returns the summary (also written to ``o.out/summary.json``, or
+    ``releases.json``: :func:`summary_file`)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -269,7 +283,11 @@ def run_experiment(o: ExperimentOptions, command: str = "", progress: bool = Tru
     ordered = [records[s.run_id] for s in specs if s.run_id in records]
     options = {**o.model_dump(mode="json"), "resolved": r}
     summary = summarize(o.name, ordered, r["tasks"], options, command, time.time() - t0, reused=len(ordered) - len(todo))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / summary_file(o.name)).write_text(json.dumps(summary, indent=1, default=str))
+    if o.name == "releases":
+        (out / "per-run").mkdir(exist_ok=True)
+        for rec in ordered:
+            (out / "per-run" / f"{rec['config']}-seed{rec['seed']}.json").write_text(json.dumps(rec, indent=1, default=str))
     event(log, "experiment_done", experiment=o.name, runs=len(ordered), ok=summary["ok"], seconds=round(summary["wall_seconds"], 1))
     if progress:
         print_summary(summary, console)

@@ -9,6 +9,11 @@ Experiments (issue 3):
 * ``sampler``: SOP + HG-DAgger with the adaptive sampler vs fixed 50/50 vs online only (same budgets).
 * ``scaling``: SOP + HG-DAgger with 1, 2, 4, 8 robots paced at ``hz``, the same *wall-clock* budget
   (``minutes``) for every fleet size, no intervention cap.
+* ``releases`` (issue 21): SOP + HG-DAgger, the same job twice per seed at equal robot time: ``strategy:
+  all`` (every robot runs the newest version) and ``strategy: canary`` (half the robots, ``robot-0`` ..,
+  run the candidate, the rest the stable version; :data:`RELEASES_ROLLOUT`, overridable with
+  ``rollout``); no intervention cap, 3 tasks; the final evaluation is of the version the stable fleet
+  runs at the end (:mod:`services.harness.experiment_releases`).
 
 ``--tiny`` shrinks everything for CI (2 tasks, 2 robots, seconds of robot time, a few evaluation
 trials); explicit options still win over the tiny presets.
@@ -21,9 +26,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EXPERIMENTS = ("main", "sampler", "scaling")
+EXPERIMENTS = ("main", "sampler", "scaling", "releases")
 DEFAULT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "window-open-v3"]
 TINY_TASKS = ["reach-v3", "drawer-open-v3"]
+RELEASES_TASKS = ["reach-v3", "push-v3", "drawer-open-v3"]
+#: the canary job's rollout policy (RolloutPolicy fields; ``canary_actors``: the first half of the robots unless given)
+RELEASES_ROLLOUT = {"strategy": "canary", "min_episodes": 6, "max_episodes": 20}
+TINY_RELEASES_ROLLOUT = {"strategy": "canary", "min_episodes": 1, "max_episodes": 2}
 RECAP_FACTORY = "fleetloop.policies:recap_mlp_policy"
 MLP_FACTORY = "fleetloop.policies:mlp_policy"
 
@@ -33,7 +42,7 @@ class RunSpec(BaseModel):
     copied into the run's JSON."""
 
     model_config = ConfigDict(extra="forbid")
-    experiment: str = Field(description="Experiment name (main, sampler, scaling).")
+    experiment: str = Field(description="Experiment name (main, sampler, scaling, releases).")
     config: str = Field(description="Configuration id inside the experiment, e.g. 'sop_hg_dagger'.")
     label: str = Field(description="Human-readable name used in tables and plots.")
     method: Literal["pretrained", "sop", "rounds"] = Field(
@@ -54,6 +63,8 @@ class RunSpec(BaseModel):
     policy_factory: str = Field(MLP_FACTORY, description="Policy plug-in 'module:function'.")
     policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the policy factory.")
     sampler: dict[str, Any] = Field(default_factory=dict, description="LearnerConfig.sampler fields (mode, fixed_online_share...).")
+    rollout: dict[str, Any] | None = Field(None, description="LearnerConfig.rollout (RolloutPolicy fields); None = the "
+                                           "learner default (strategy all).")
     rounds: int = Field(5, ge=1, description="Offline rounds (method rounds): the robot-step budget is split evenly.")
     round_train_steps: int | None = Field(
         None, ge=1, description="Learner steps after each round; None = what the closed loop's learner would make in "
@@ -96,7 +107,7 @@ class ExperimentOptions(BaseModel):
     """Options of ``fleetloop experiment NAME`` (None = the experiment's default or the tiny preset)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["main", "sampler", "scaling"] = Field(description="Which experiment.")
+    name: Literal["main", "sampler", "scaling", "releases"] = Field(description="Which experiment.")
     seeds: int | None = Field(None, ge=1, le=100, description="Seeds 0..seeds-1 per configuration (default 3; tiny: 1).")
     out: Path = Field(description="Output folder: runs/, offline/, summary.json.")
     minutes: float | None = Field(None, gt=0, description="Budget per run (robot minutes per robot; scaling: wall minutes).")
@@ -121,18 +132,23 @@ class ExperimentOptions(BaseModel):
     eval_workers: int = Field(1, ge=1, description="Evaluation processes per run.")
     only: list[str] | None = Field(None, description="Run only these configuration ids.")
     recap_params: dict[str, Any] = Field(default_factory=dict, description="algorithm_params of the RECAP runs.")
+    rollout: dict[str, Any] = Field(default_factory=dict, description="releases: RolloutPolicy fields of the canary "
+                                    "runs, over RELEASES_ROLLOUT (strategy canary is forced).")
     eval_guidance_beta: float | None = Field(None, ge=0, description="CFG beta of RECAP evaluations (None = 1.0).")
     reuse: bool = Field(True, description="Reuse a finished run whose spec is unchanged (resume an interrupted experiment).")
 
 
-_EVAL_MODE = {"main": "live", "sampler": "live", "scaling": "deferred"}
-_DEFAULTS = {"minutes": {"main": 10.0, "sampler": 10.0, "scaling": 20.0}, "robots": {"main": [4], "sampler": [4],
-             "scaling": [1, 2, 4, 8]}, "hz": 30.0, "eval_trials": 50, "curve_trials": 20, "eval_interval_s": 30.0,
-             "eval_mode": _EVAL_MODE, "eval_coarse_stride": 3, "intervention_budget": 0.25, "rounds": 5,
+_EVAL_MODE = {"main": "live", "sampler": "live", "scaling": "deferred", "releases": "live"}
+_CAP = {"main": 0.25, "sampler": 0.25, "scaling": 0.25, "releases": 0}  # releases: the operator stays on (no cap)
+_DEFAULTS = {"minutes": {"main": 10.0, "sampler": 10.0, "scaling": 20.0, "releases": 5.0},
+             "robots": {"main": [4], "sampler": [4], "scaling": [1, 2, 4, 8], "releases": [4]}, "hz": 30.0,
+             "eval_trials": 50, "curve_trials": 20, "eval_interval_s": 30.0,
+             "eval_mode": _EVAL_MODE, "eval_coarse_stride": 3, "intervention_budget": _CAP, "rounds": 5,
              "max_updates_per_s": 50.0, "pretrain_steps": 3000, "demos_per_task": 2, "seeds": 3}
-_TINY = {"minutes": {"main": 0.3, "sampler": 0.3, "scaling": 0.3}, "robots": {"main": [2], "sampler": [2], "scaling": [1, 2]},
+_TINY = {"minutes": {"main": 0.3, "sampler": 0.3, "scaling": 0.3, "releases": 0.5},
+         "robots": {"main": [2], "sampler": [2], "scaling": [1, 2], "releases": [2]},
          "hz": 30.0, "eval_trials": 3, "curve_trials": 2, "eval_interval_s": 6.0, "eval_mode": _EVAL_MODE,
-         "eval_coarse_stride": 1, "intervention_budget": 0.25, "rounds": 2, "max_updates_per_s": 20.0,
+         "eval_coarse_stride": 1, "intervention_budget": _CAP, "rounds": 2, "max_updates_per_s": 20.0,
          "pretrain_steps": 100, "demos_per_task": 1, "seeds": 1}
 
 
@@ -145,7 +161,7 @@ def resolved(o: ExperimentOptions) -> dict[str, Any]:
         if value is None:
             value = default[o.name] if isinstance(default, dict) else default
         out[key] = value
-    out["tasks"] = o.tasks or (TINY_TASKS if o.tiny else DEFAULT_TASKS)
+    out["tasks"] = o.tasks or (TINY_TASKS if o.tiny else RELEASES_TASKS if o.name == "releases" else DEFAULT_TASKS)
     if out["intervention_budget"] == 0:
         out["intervention_budget"] = None
     return out
@@ -187,21 +203,34 @@ def _configs(name: str, r: dict[str, Any], o: ExperimentOptions) -> list[dict[st
             {"config": "online_only", "label": "online only", "method": "sop", "intervention_budget": cap,
              "sampler": {"mode": "online_only"}},
         ]
+    if name == "releases":
+        return [{"config": "all", "label": "strategy: all", "method": "sop", "rollout": {"strategy": "all"}},
+                {"config": "canary", "label": "strategy: canary", "method": "sop", "rollout": canary_rollout(o, r)}]
     return [{"config": f"robots_{n}", "label": f"{n} robot{'s' if n > 1 else ''}", "method": "sop", "robots": n,
              "budget_kind": "wall"} for n in r["robots"]]
 
 
+def canary_rollout(o: ExperimentOptions, r: dict[str, Any]) -> dict[str, Any]:
+    """The canary runs' rollout policy: the preset (tiny or not), the first half of the robots as the canary
+    cohort (unless the options name a cohort or a fraction), then ``o.rollout``; validated here."""
+    from learner.releases_config import RolloutPolicy
+    base = dict(TINY_RELEASES_ROLLOUT if o.tiny else RELEASES_ROLLOUT)
+    if "canary_actors" not in o.rollout and "canary_fraction" not in o.rollout:
+        base["canary_actors"] = [f"robot-{i}" for i in range(max(1, r["robots"][0] // 2))]
+    return RolloutPolicy.model_validate({**base, **o.rollout, "strategy": "canary"}).model_dump(mode="json")
+
+
 def plan(o: ExperimentOptions) -> list[RunSpec]:
     """Every run of the experiment, seeds innermost (so a partial experiment has every configuration);
-    scaling: seeds outermost, so runs started together (``parallel``) are one seed's fleet sizes side
-    by side, meeting the same machine load."""
+    scaling and releases: seeds outermost, so runs started together (``parallel``) are one seed's
+    configurations side by side, meeting the same machine load."""
     r = resolved(o)
     common = {"experiment": o.name, "tasks": r["tasks"], "robots": r["robots"][0], "hz": r["hz"], "minutes": r["minutes"],
               "rounds": r["rounds"], "max_updates_per_s": r["max_updates_per_s"], "eval_interval_s": r["eval_interval_s"],
               "eval_mode": r["eval_mode"], "eval_coarse_stride": r["eval_coarse_stride"], "curve_trials": r["curve_trials"],
               "eval_trials": r["eval_trials"], "eval_workers": o.eval_workers}
     configs = [cfg for cfg in _configs(o.name, r, o) if not o.only or cfg["config"] in o.only]
-    pairs = ([(cfg, seed) for seed in range(r["seeds"]) for cfg in configs] if o.name == "scaling"
+    pairs = ([(cfg, seed) for seed in range(r["seeds"]) for cfg in configs] if o.name in ("scaling", "releases")
              else [(cfg, seed) for cfg in configs for seed in range(r["seeds"])])
     specs = []
     for cfg, seed in pairs:

@@ -71,7 +71,8 @@ def _learner_config(spec: RunSpec, state_dir: Path, token: str, method: str):
         sampler=SamplerConfig(**spec.sampler), batch_size=spec.batch_size,
         publish_every=spec.publish_every if method == "sop" else 1_000_000_000, min_publish_interval_s=1.0,
         max_updates_per_s=spec.max_updates_per_s, robot_tokens=[token], metrics_port=None, seed=spec.seed,
-        max_episode_steps=spec.max_episode_steps, checkpoint_every_s=600.0)
+        max_episode_steps=spec.max_episode_steps, checkpoint_every_s=600.0,
+        **({"rollout": spec.rollout} if spec.rollout is not None else {}))
 
 
 class Run:
@@ -142,8 +143,17 @@ class Run:
                                    f"{[r.proc.returncode for r in self.fleet.robots]} (see {self.run_dir / 'logs'})")
             time.sleep(self.spec.poll_s)
         at_stop = self.learner.counts()
+        extra = self.at_stop()
         version = self.learner.freeze()
-        return {"stop_t": self.now(), "at_stop": at_stop, "final_version": version}
+        return {"stop_t": self.now(), "at_stop": at_stop, "final_version": version, **extra}
+
+    def at_stop(self) -> dict[str, Any]:
+        """Hook: what a subclass records at the budget, before training stops (added to the stop dict)."""
+        return {}
+
+    def eval_snapshot(self) -> tuple[int, bytes]:
+        """Hook: (version, blob) the periodic evaluation takes (default: the newest published version)."""
+        return self.learner.snapshot()
 
     def offline_rounds(self) -> dict[str, Any]:
         spec = self.spec
@@ -201,7 +211,7 @@ class Run:
         eval_kwargs = {"policy_factory": spec.policy_factory, "policy_kwargs": spec.policy_kwargs, "hz": spec.hz,
                        "max_steps": spec.max_episode_steps, "guidance_beta": spec.eval_guidance_beta}
         pool = EvalPool(spec.eval_workers, nice=10)
-        self.evaluator = PeriodicEvaluator(pool, self.learner.snapshot, self.run_dir / "eval-snapshots", spec.tasks,
+        self.evaluator = PeriodicEvaluator(pool, self.eval_snapshot, self.run_dir / "eval-snapshots", spec.tasks,
                                            spec.curve_trials, spec.eval_interval_s, eval_kwargs,
                                            deferred=spec.eval_mode == "deferred", target=M.TARGET,
                                            coarse_stride=spec.eval_coarse_stride)
@@ -322,7 +332,11 @@ def run_spec(spec: RunSpec, progress_path: Path | None = None) -> dict[str, Any]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
-        record = Run(spec, _Progress(progress_path)).execute()
+        if spec.experiment == "releases":
+            from services.harness.experiment_releases import ReleaseRun
+            record = ReleaseRun(spec, _Progress(progress_path)).execute()
+        else:
+            record = Run(spec, _Progress(progress_path)).execute()
     except Exception as exc:  # the experiment goes on; the run says why it failed
         record = {"format": FORMAT, "experiment": spec.experiment, "config": spec.config, "label": spec.label,
                   "seed": spec.seed, "status": "failed", "error": f"{exc!r}"[:2000], "traceback": traceback.format_exc()[-4000:],

@@ -82,10 +82,16 @@ def spawn_robot(*, target: str, job: str, actor_id: str, tasks: list[str], token
     cmd += view_args(view, jpeg_quality)
     fh = open(log_path, "a")
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                preexec_fn=lambda: os.nice(10))
+        # no preexec_fn (os.nice in the forked child): Python code between fork and exec in a process whose gRPC
+        # threads are running could crash the child ("epoll_wait error: Bad file descriptor", a robot that never
+        # connects); the niceness is set from here right after the start instead
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd())
     finally:
         fh.close()  # the child holds its own descriptor
+    try:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+    except (OSError, AttributeError):  # already gone, or not POSIX: it runs at our priority
+        pass
     return SimRobot(actor_id, proc, log_path)
 
 
