@@ -24,15 +24,12 @@ import pytest
 from services.control.api import create_app
 from services.control.launchers.local import LocalLauncher
 from services.control.state import StateStore
+from tests.helpers.browser import launch_browser, new_page
 from tests.helpers.control_plane import ApiServer, client, start_redis, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 REPO = Path(__file__).resolve().parents[2]
-VIEWPORT = {"width": 1400, "height": 900}
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +71,10 @@ def stack(tmp_path_factory, ray_cluster):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    yield from launch_browser()
 
 
-def _page(browser, errors: list[str]):
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    # refused requests the test provokes (401, 404) are logged by the browser itself: not page errors
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}")
-            if m.type == "error" and "Failed to load resource" not in m.text else None)
-    return context, page
+_page = new_page
 
 
 def _sign_in(page, url: str, key: str, role: str) -> None:

@@ -27,16 +27,13 @@ from fleetloop import redis_keys as keys
 from services.control.api import create_app
 from services.control.launchers.hold import HoldLauncher
 from services.control.state import StateStore
+from tests.helpers.browser import launch_browser, new_page
 from tests.helpers.control_plane import ApiServer, client, start_redis
 from tests.helpers.releases import CANARY, PROMOTE_REASON, ROLLBACK_REASON, STABLE, snapshot, write_snapshot
 
 pytestmark = pytest.mark.timeout(300)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 REPO = Path(__file__).resolve().parents[2]
-VIEWPORT = {"width": 1400, "height": 900}
 TASKS = ["reach-v3", "push-v3"]
 
 
@@ -100,24 +97,10 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    yield from launch_browser()
 
 
-def _page(browser, errors: list[str]):
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}")
-            if m.type == "error" and "Failed to load resource" not in m.text else None)
-    return context, page
+_page = new_page
 
 
 NO_OVERFLOW = """() => [...document.querySelectorAll('#releases-card .scroll')]

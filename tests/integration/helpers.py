@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from actor.envs import make_env
 from actor.main import robot_specs
@@ -34,3 +35,14 @@ class RobotThread(threading.Thread):
                                    max_episodes=self.episodes, should_stop=self.stop_flag.is_set)
         except BaseException as exc:  # surfaced by the test
             self.error = exc
+
+
+def wait_until(what: str, cond, timeout: float, robots=(), poll_s: float = 0.05) -> None:
+    """Poll ``cond`` until true; fail naming ``what`` on timeout, or at once when a robot thread
+    (anything with an ``error`` attribute) has failed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        errors = [r.error for r in robots if r.error is not None]
+        assert not errors, f"robot failed while waiting for {what}: {errors[0]!r}"
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(poll_s)

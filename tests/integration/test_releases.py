@@ -32,6 +32,7 @@ from learner.config import LearnerConfig
 from learner.process import build_learner
 from learner.specs import to_proto_specs
 from tests.helpers.chunks import robot_chunk
+from tests.integration.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -105,12 +106,7 @@ class FakeRobot(threading.Thread):
 
 
 def _wait(what: str, cond, timeout: float, robots=()) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        errors = [r.error for r in robots if r.error is not None]
-        assert not errors, f"robot failed while waiting for {what}: {errors[0]!r}"
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
+    wait_until(what, cond, timeout, robots, poll_s=0.1)
 
 
 def _config(tmp_path) -> LearnerConfig:

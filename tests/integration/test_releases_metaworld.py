@@ -41,7 +41,7 @@ from fleetloop.weights import load_verified
 from learner.config import LearnerConfig
 from learner.pretrain import pretrain
 from learner.process import build_learner
-from tests.integration.helpers import RobotThread
+from tests.integration.helpers import RobotThread, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -68,12 +68,7 @@ def _version_state(core, version: int) -> dict:
 
 
 def _wait(what: str, cond, timeout: float, robots=()) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        errors = [r.error for r in robots if r.error is not None]
-        assert not errors, f"robot failed while waiting for {what}: {errors[0]!r}"
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
+    wait_until(what, cond, timeout, robots, poll_s=0.05)
 
 
 @pytest.fixture(scope="module")
